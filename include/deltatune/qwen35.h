@@ -1,0 +1,79 @@
+/* The Qwen3.5 text decoder on the CPU: fp32 arithmetic over weights kept in their
+ * stored dtype. Knows nothing of files or tokens-as-text. */
+#ifndef DELTATUNE_QWEN35_H
+#define DELTATUNE_QWEN35_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "deltatune/config.h"
+#include "deltatune/weights.h"
+
+/* A frozen linear and its optional LoRA (not owned). */
+typedef struct {
+    dt_weight w;          /* [out, in] */
+    const dt_lora *lora;
+} dt_linear;
+
+typedef struct {
+    /* both kinds */
+    dt_linear mlp_gate, mlp_up, mlp_down;
+    float *input_norm, *post_norm;          /* [H], fp32 copies */
+    /* Gated DeltaNet */
+    dt_linear lin_qkv, lin_z, lin_b, lin_a, lin_out;
+    float *conv;                            /* [conv_dim, K] */
+    float *dt_bias, *a_log;                 /* [Hv] */
+    float *lin_norm;                        /* [Dv] */
+    /* gated attention */
+    dt_linear att_q, att_k, att_v, att_o;
+    float *q_norm, *k_norm;                 /* [head_dim] */
+} qwen35_layer;
+
+typedef struct qwen35_workspace qwen35_workspace;
+
+typedef struct {
+    qwen35_config cfg;
+    dt_weight embed, lm_head;               /* lm_head = embed when tied */
+    float *final_norm;
+    qwen35_layer *layers;
+    float *small;                           /* owns every fp32 vector above */
+    qwen35_workspace *ws;
+} qwen35_model;
+
+/* A batch of sequences packed back to back, no padding: sequence i holds
+ * seq_lens[i] tokens. labels (may be NULL) follow the Hugging Face convention. */
+typedef struct {
+    const int32_t *ids;
+    const int32_t *labels;
+    const int *seq_lens;
+    int n_seqs;
+    int n_tokens;
+} qwen35_batch;
+
+/* weights[i] belongs to specs[i] (as produced by qwen35_tensor_specs). */
+int qwen35_model_init(qwen35_model *m, const qwen35_config *cfg,
+                      const qwen35_tensor_spec *specs, const dt_weight *weights, int n);
+void qwen35_model_free(qwen35_model *m);
+/* Attaches a LoRA to the linear (kind, layer); its shapes must match. NULL detaches. */
+int qwen35_model_set_lora(qwen35_model *m, qwen35_wkind kind, int layer, const dt_lora *lora);
+
+/* Sum of the cross-entropy over the counted targets (label of the next position,
+ * not -100, within the same sequence) and their count. The LM head runs in chunks:
+ * full [tokens x vocab] logits never exist. */
+int qwen35_eval_loss(qwen35_model *m, const qwen35_batch *b, double *loss_sum, int64_t *n_targets);
+/* Every position's logits, [n_tokens, vocab] (for tests and small vocabularies). */
+int qwen35_forward_logits(qwen35_model *m, const qwen35_batch *b, float *logits);
+
+/* Bytes a run needs beyond the weights, planned from the shapes. */
+typedef struct {
+    int64_t weights;            /* as stored */
+    int64_t activations;        /* forward (eval) working set */
+    int64_t lora_params;        /* fp32 LoRA A and B */
+    int64_t optimizer;          /* AdamW moments + gradients of LoRA */
+    int64_t train_activations;  /* saved for backward (per-layer checkpointing if enabled) */
+    int64_t total_train;
+} qwen35_memory;
+void qwen35_memory_estimate(const qwen35_config *c, int64_t weight_bytes, int batch, int seq_len,
+                            int lora_rank, int grad_checkpoint, qwen35_memory *out);
+
+#endif

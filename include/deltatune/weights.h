@@ -1,0 +1,56 @@
+/* The tensors a Qwen3.5 text decoder needs, by name and shape, from its config.
+ * Names are relative to the text model ("layers.3.self_attn.q_proj.weight",
+ * "embed_tokens.weight", "norm.weight"), except "lm_head.weight" which is top-level. */
+#ifndef DELTATUNE_WEIGHTS_H
+#define DELTATUNE_WEIGHTS_H
+
+#include <stdint.h>
+
+#include "deltatune/config.h"
+#include "deltatune/dtype.h"
+
+typedef enum {
+    W_EMBED, W_FINAL_NORM, W_LM_HEAD,
+    W_INPUT_NORM, W_POST_NORM, W_MLP_GATE, W_MLP_UP, W_MLP_DOWN,
+    W_LIN_QKV, W_LIN_Z, W_LIN_B, W_LIN_A, W_LIN_CONV, W_LIN_DT_BIAS, W_LIN_A_LOG, W_LIN_NORM, W_LIN_OUT,
+    W_ATT_Q, W_ATT_K, W_ATT_V, W_ATT_O, W_ATT_QNORM, W_ATT_KNORM,
+    W_KIND_COUNT
+} qwen35_wkind;
+
+typedef struct {
+    char name[96];
+    qwen35_wkind kind;
+    int layer;           /* -1 for embed, final norm, lm_head */
+    int ndim;
+    int64_t shape[3];
+} qwen35_tensor_spec;
+
+/* A read-only weight in its stored dtype (mapped from disk or owned elsewhere). */
+typedef struct {
+    dt_dtype dtype;
+    const void *data;
+    int64_t rows, cols;  /* 1-D tensors: rows = 1, cols = length; conv1d [C,1,K]: rows = C, cols = K */
+} dt_weight;
+
+/* Fills specs (caller-owned array of at least qwen35_tensor_count()) in a fixed order;
+ * lm_head is included only when the config is untied. Returns the count. */
+/* A LoRA pair on one frozen linear W [out, in]: y += scale * (x A^T) B^T. fp32. */
+typedef struct {
+    int rank;
+    float scale;      /* alpha / rank, or alpha / sqrt(rank) with rsLoRA */
+    int64_t in, out;
+    float *A;         /* [rank, in] */
+    float *B;         /* [out, rank] */
+} dt_lora;
+
+/* Which kinds are linears LoRA can target, and their PEFT module names
+ * ("q_proj", "in_proj_qkv", ...); NULL for the other kinds. */
+const char *qwen35_lora_module_name(qwen35_wkind kind);
+/* The module path under the text model: "layers.3.self_attn.q_proj". */
+void qwen35_module_path(char *buf, size_t cap, qwen35_wkind kind, int layer);
+
+int qwen35_tensor_count(const qwen35_config *c);
+int qwen35_tensor_specs(const qwen35_config *c, qwen35_tensor_spec *specs);
+int64_t qwen35_spec_numel(const qwen35_tensor_spec *s);
+
+#endif

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs the unit tests and the command-line tests of one build folder and prints
+# one total line, "N passed, N failed".
+set -uo pipefail
+build=${1:-build}
+here=$(cd "$(dirname "$0")" && pwd)
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+status=0
+"$build/deltatune_tests" | tee -a "$log" || status=1
+DT=$(cd "$build" && pwd)/deltatune "$here/cli.sh" | tee -a "$log" || status=1
+
+passed=$(grep -Eo '^[a-z]+: [0-9]+ passed' "$log" | awk '{s+=$2} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed$' "$log" | awk '{s+=$1} END {print s+0}')
+echo "$passed passed, $failed failed"
+[[ $status -eq 0 && $failed -eq 0 ]]
