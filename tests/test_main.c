@@ -8,17 +8,19 @@
 #define MAX_TESTS 1024
 static struct { const char *name; test_fn fn; } tests[MAX_TESTS];
 static int n_tests, current_failed;
+static char messages[8192];  /* failures of the running test, printed after its status line */
 
 void test_register(const char *name, test_fn fn) {
     if (n_tests < MAX_TESTS) tests[n_tests++] = (typeof(tests[0])){name, fn};
 }
 
 void test_fail(const char *file, int line, const char *fmt, ...) {
+    size_t used = strlen(messages);
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stdout, "    %s:%d: ", file, line);
-    vfprintf(stdout, fmt, ap);
-    fputc('\n', stdout);
+    used += snprintf(messages + used, sizeof messages - used, "    %s:%d: ", file, line);
+    if (used < sizeof messages) used += vsnprintf(messages + used, sizeof messages - used, fmt, ap);
+    if (used < sizeof messages - 1) strcat(messages, "\n");
     va_end(ap);
     current_failed = 1;
 }
@@ -47,12 +49,13 @@ int main(int argc, char **argv) {
     for (int i = 0; i < n_tests; i++) {
         if (filter && !strstr(tests[i].name, filter)) continue;
         current_failed = 0;
+        messages[0] = 0;
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
         tests[i].fn();
         clock_gettime(CLOCK_MONOTONIC, &t1);
         double ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
-        printf("%s %s (%.0f ms)\n", current_failed ? "FAIL" : "ok  ", tests[i].name, ms);
+        printf("%s %s (%.0f ms)\n%s", current_failed ? "FAIL" : "ok  ", tests[i].name, ms, messages);
         fflush(stdout);
         if (current_failed) failed++; else passed++;
     }

@@ -5,6 +5,7 @@
 #include <stdbool.h>
 
 #include "deltatune/checkpoint.h"
+#include "deltatune/ops.h"
 #include "deltatune/weights.h"
 
 typedef struct {

@@ -27,6 +27,8 @@ typedef struct {
     int n_skipped;               /* model.visual.* and mtp.* tensors */
     int n_unexpected;            /* other tensors, not used */
     int64_t weight_bytes;        /* bytes of the tensors used */
+    int n_copies;
+    void **copies;               /* aligned copies of tensors the file stored misaligned */
 } checkpoint;
 
 /* Reads config.json, opens every shard, finds every expected tensor and checks its
@@ -46,5 +48,8 @@ int qwen35_config_load(qwen35_config *c, const char *path);
 /* Writes config.json atomically in the given layout (multimodal: Qwen3_5ForConditionalGeneration
  * with text_config, no vision tensors needed; text: Qwen3_5ForCausalLM, flat). */
 int qwen35_config_save(const qwen35_config *c, qwen35_layout layout, const char *path);
+/* The same, recording the dtype the weights are stored in ("dtype": "float32", ...);
+ * qwen35_config_save writes bfloat16. */
+int qwen35_config_save_dtype(const qwen35_config *c, qwen35_layout layout, dt_dtype dtype, const char *path);
 
 #endif

@@ -7,13 +7,8 @@
 #include <stdint.h>
 
 #include "deltatune/config.h"
+#include "deltatune/ops.h"
 #include "deltatune/weights.h"
-
-/* A frozen linear and its optional LoRA (not owned). */
-typedef struct {
-    dt_weight w;          /* [out, in] */
-    const dt_lora *lora;
-} dt_linear;
 
 typedef struct {
     /* both kinds */

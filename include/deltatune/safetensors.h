@@ -48,9 +48,11 @@ typedef struct {
  * order given to st_writer_open, into "<path>.tmp", renamed on close. */
 typedef struct st_writer st_writer;
 int st_writer_open(st_writer **w, const char *path, const st_entry *entries, int n);
+/* On failure the temp file is already removed; w must still be released with
+ * st_writer_abort (or st_writer_close, which then fails). */
 int st_writer_write(st_writer *w, const void *data, size_t nbytes);
-int st_writer_close(st_writer *w);  /* checks every byte was written, then renames */
-void st_writer_abort(st_writer *w); /* removes the temp file */
+int st_writer_close(st_writer *w);  /* checks every byte was written, fsyncs, renames; frees w */
+void st_writer_abort(st_writer *w); /* removes the temp file; frees w */
 
 /* Writes all entries at once (entries[i].data must be set). Atomic. */
 int st_write(const char *path, const st_entry *entries, int n);

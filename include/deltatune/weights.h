@@ -34,15 +34,6 @@ typedef struct {
 
 /* Fills specs (caller-owned array of at least qwen35_tensor_count()) in a fixed order;
  * lm_head is included only when the config is untied. Returns the count. */
-/* A LoRA pair on one frozen linear W [out, in]: y += scale * (x A^T) B^T. fp32. */
-typedef struct {
-    int rank;
-    float scale;      /* alpha / rank, or alpha / sqrt(rank) with rsLoRA */
-    int64_t in, out;
-    float *A;         /* [rank, in] */
-    float *B;         /* [out, rank] */
-} dt_lora;
-
 /* Which kinds are linears LoRA can target, and their PEFT module names
  * ("q_proj", "in_proj_qkv", ...); NULL for the other kinds. */
 const char *qwen35_lora_module_name(qwen35_wkind kind);

@@ -22,7 +22,16 @@ int dt_err_wrap(const char *fmt, ...) {
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, err_buf, sizeof old);
-    snprintf(err_buf, sizeof err_buf, "%s: %s", prefix, old[0] ? old : "unknown error");
+    /* keep as much of both as fits: prefix, ": ", the old message */
+    size_t n = strlen(prefix);
+    if (n > DT_ERR_CAP - 3) n = DT_ERR_CAP - 3;
+    memcpy(err_buf, prefix, n);
+    memcpy(err_buf + n, ": ", 2);
+    const char *rest = old[0] ? old : "unknown error";
+    size_t m = strlen(rest), room = DT_ERR_CAP - n - 3;
+    if (m > room) m = room;
+    memcpy(err_buf + n + 2, rest, m);
+    err_buf[n + 2 + m] = 0;
     return -1;
 }
 

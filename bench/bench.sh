@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# CPU benchmark: forward (eval) tokens/s and peak memory on a random 0.8B-shaped
+# checkpoint that the bench writes itself (no downloads). Cached in bench/out/.
+#   bench/bench.sh [build-dir]      env: BENCH_PRESET (0.8b), BENCH_SEQ (512), BENCH_ROWS (4)
+set -euo pipefail
+build=${1:-build}
+here=$(cd "$(dirname "$0")" && pwd)
+dt="$build/deltatune"
+preset=${BENCH_PRESET:-0.8b}
+seq=${BENCH_SEQ:-512}
+rows=${BENCH_ROWS:-4}
+out="$here/out"
+model="$out/qwen35-$preset-bf16"
+data="$out/tokens-$rows-x-$seq.jsonl"
+mkdir -p "$out"
+
+if [[ ! -f "$model/model.safetensors" ]]; then
+  echo "bench: writing a random $preset checkpoint to $model" >&2
+  "$dt" init-model --preset "$preset" --out "$model" --seed 1 --dtype bf16 --force
+fi
+vocab=$("$dt" info --model "$model" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["vocab_size"])')
+python3 - "$data" "$rows" "$seq" "$vocab" <<'PY'
+import json, random, sys
+path, rows, seq, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(0)
+with open(path, "w") as f:
+    for _ in range(rows):
+        ids = [rng.randrange(vocab) for _ in range(seq)]
+        f.write(json.dumps({"input_ids": ids, "labels": ids}) + "\n")
+PY
+
+echo "bench: $(uname -m), $(nproc) cores, $(date -u +%Y-%m-%d)" >&2
+for bs in 1 "$rows"; do
+  line=$("$dt" eval --model "$model" --data "$data" --batch-size "$bs" 2>/dev/null | tail -n 1)
+  python3 - "$preset" "$bs" "$seq" "$line" <<'PY'
+import json, sys
+preset, bs, seq, r = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+print(f"forward {preset} bf16  batch {bs} x {seq}:  {r['tok_per_s']:.1f} tok/s  "
+      f"peak {r['peak_mem_mb']:.0f} MiB  (loss {r['loss']:.3f} over {r['tokens']} tokens)")
+PY
+done

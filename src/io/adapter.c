@@ -1,0 +1,336 @@
+#include "io/fs.h"
+#include "deltatune/adapter.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "deltatune/error.h"
+
+#define PEFT_PREFIX "base_model.model."
+#define PREFIX_MM "model.language_model."
+#define PREFIX_TEXT "model."
+
+/* ---------------------------------------------------------------- adapter_config.json */
+
+static const char *json_type_name(const json_t *v) {
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: return "an object";
+    case JSON_ARRAY: return "an array";
+    case JSON_STRING: return "a string";
+    case JSON_INTEGER: case JSON_REAL: return "a number";
+    case JSON_TRUE: case JSON_FALSE: return "a boolean";
+    default: return "null";
+    }
+}
+
+static json_t *field(json_t *o, const char *key) {
+    json_t *v = json_object_get(o, key);
+    return json_is_null(v) ? NULL : v;
+}
+
+static int get_number(json_t *o, const char *key, double def, double *out) {
+    json_t *v = field(o, key);
+    *out = def;
+    if (!v) return 0;
+    if (!json_is_number(v)) return dt_err("field %s: expected a number, found %s", key, json_type_name(v));
+    *out = json_number_value(v);
+    return 0;
+}
+
+static int get_flag(json_t *o, const char *key, bool *out) {
+    json_t *v = field(o, key);
+    *out = false;
+    if (!v) return 0;
+    if (!json_is_boolean(v)) return dt_err("field %s: expected true or false, found %s", key, json_type_name(v));
+    *out = json_is_true(v);
+    return 0;
+}
+
+/* Empty containers and null mean "not used", as PEFT writes them. */
+static int is_set(json_t *v) {
+    if (!v) return 0;
+    if (json_is_object(v)) return json_object_size(v) > 0;
+    if (json_is_array(v)) return json_array_size(v) > 0;
+    return 1;
+}
+
+/* Options that change what the tensors mean; loading them as plain LoRA would be wrong. */
+static int reject_unsupported(json_t *o) {
+    const char *flags[][2] = {
+        {"use_dora", "DoRA adapters are not supported"},
+        {"fan_in_fan_out", "fan_in_fan_out (transposed weights) is not supported"},
+        {"lora_bias", "a bias on lora_B is not supported"},
+    };
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
+        bool b;
+        if (get_flag(o, flags[i][0], &b) != 0) return -1;
+        if (b) return dt_err("field %s: %s", flags[i][0], flags[i][1]);
+    }
+    const char *maps[] = {"rank_pattern", "alpha_pattern", "modules_to_save"};
+    for (size_t i = 0; i < sizeof maps / sizeof maps[0]; i++)
+        if (is_set(field(o, maps[i])))
+            return dt_err("field %s: per-module overrides and saved modules are not supported", maps[i]);
+    json_t *bias = field(o, "bias");
+    if (bias && (!json_is_string(bias) || strcmp(json_string_value(bias), "none") != 0))
+        return dt_err("field bias: only \"none\" is supported");
+    return 0;
+}
+
+static int parse_targets(lora_adapter *a, json_t *o) {
+    json_t *t = field(o, "target_modules");
+    /* A string is a regex over full module names; the tensors say what it matched. */
+    if (!t || json_is_string(t)) return 0;
+    if (!json_is_array(t))
+        return dt_err("field target_modules: expected a list or a string, found %s", json_type_name(t));
+    size_t n = json_array_size(t);
+    a->targets = calloc(n + 1, sizeof *a->targets);
+    if (!a->targets) return dt_err("out of memory");
+    for (size_t i = 0; i < n; i++) {
+        const char *s = json_string_value(json_array_get(t, i));
+        if (!s) return dt_err("field target_modules[%zu]: expected a string", i);
+        if (!(a->targets[a->n_targets] = strdup(s))) return dt_err("out of memory");
+        a->n_targets++;
+    }
+    return 0;
+}
+
+static int parse_adapter_config(lora_adapter *a, json_t *o) {
+    if (!json_is_object(o)) return dt_err("expected a JSON object");
+    json_t *pt = field(o, "peft_type");
+    if (!pt) return dt_err("missing required field peft_type");
+    if (!json_is_string(pt) || strcmp(json_string_value(pt), "LORA") != 0)
+        return dt_err("field peft_type: %s%s%s is not supported (LORA expected)", json_is_string(pt) ? "\"" : "",
+                      json_is_string(pt) ? json_string_value(pt) : json_type_name(pt), json_is_string(pt) ? "\"" : "");
+    if (reject_unsupported(o) != 0) return -1;
+    double r;
+    if (get_number(o, "r", 8, &r) != 0) return -1;
+    if (!(r >= 1 && r <= 1 << 20 && r == floor(r))) return dt_err("field r: %g is not a positive integer", r);
+    a->rank = (int)r;
+    if (get_number(o, "lora_alpha", 8, &a->alpha) != 0) return -1;
+    if (!isfinite(a->alpha)) return dt_err("field lora_alpha: not a finite number");
+    if (get_number(o, "lora_dropout", 0, &a->dropout) != 0) return -1;
+    if (!(a->dropout >= 0 && a->dropout < 1)) return dt_err("field lora_dropout: %g is outside [0, 1)", a->dropout);
+    if (get_flag(o, "use_rslora", &a->rslora) != 0) return -1;
+    return parse_targets(a, o);
+}
+
+static int load_config(lora_adapter *a, const char *dir) {
+    char *path = io_path_join(dir, "adapter_config.json");
+    if (!path) return dt_err("out of memory");
+    int rc = -1;
+    FILE *fp = fopen(path, "rb");
+    if (!fp) {
+        dt_err("%s: cannot open: %s", path, strerror(errno));
+        free(path);
+        return -1;
+    }
+    json_error_t jerr;
+    json_t *o = json_loadf(fp, 0, &jerr);
+    fclose(fp);
+    if (!o) dt_err("%s: invalid JSON at line %d, column %d: %s", path, jerr.line, jerr.column, jerr.text);
+    else if (parse_adapter_config(a, o) != 0) dt_err_wrap("%s", path);
+    else rc = 0;
+    json_decref(o);
+    free(path);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- tensors */
+
+typedef struct {
+    const char *key;   /* the full safetensors name */
+    qwen35_wkind kind;
+    int layer;
+    int is_b;
+} lora_key;
+
+/* The (kind, layer) of a module path like "layers.3.self_attn.q_proj", among the
+ * linears this model has: a q_proj on a Gated DeltaNet layer names nothing. */
+static int resolve_module(const char *path, size_t len, const checkpoint *ck, qwen35_wkind *kind, int *layer) {
+    if (strncmp(path, "layers.", 7) != 0) return -1;
+    char *end;
+    long l = strtol(path + 7, &end, 10);
+    if (end == path + 7 || l < 0 || l >= ck->cfg.n_layers) return -1;
+    for (int k = 0; k < W_KIND_COUNT; k++) {
+        if (!qwen35_lora_module_name((qwen35_wkind)k)) continue;
+        char want[96];
+        qwen35_module_path(want, sizeof want, (qwen35_wkind)k, (int)l);
+        if (strlen(want) == len && strncmp(want, path, len) == 0 && checkpoint_weight(ck, (qwen35_wkind)k, (int)l)) {
+            *kind = (qwen35_wkind)k;
+            *layer = (int)l;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static int ends_with(const char *s, size_t n, const char *suffix) {
+    size_t k = strlen(suffix);
+    return n >= k && memcmp(s + n - k, suffix, k) == 0;
+}
+
+/* Key layout (PEFT save_and_load): base_model.model. + model prefix + module path +
+ * .lora_A.weight / .lora_B.weight. Both model prefixes are accepted: the tensors are
+ * the same whichever class PEFT wrapped. */
+static int parse_key(lora_key *k, const char *key, const checkpoint *ck) {
+    k->key = key;
+    if (strncmp(key, PEFT_PREFIX, strlen(PEFT_PREFIX)) != 0)
+        return dt_err("tensor %s: expected a name starting with " PEFT_PREFIX, key);
+    const char *p = key + strlen(PEFT_PREFIX);
+    if (strncmp(p, PREFIX_MM, strlen(PREFIX_MM)) == 0) p += strlen(PREFIX_MM);
+    else if (strncmp(p, PREFIX_TEXT, strlen(PREFIX_TEXT)) == 0) p += strlen(PREFIX_TEXT);
+    else return dt_err("tensor %s: names no module of this model", key);
+    size_t n = strlen(p);
+    if (ends_with(p, n, ".lora_A.weight")) k->is_b = 0;
+    else if (ends_with(p, n, ".lora_B.weight")) k->is_b = 1;
+    else return dt_err("tensor %s: not a lora_A or lora_B weight (unsupported adapter tensor)", key);
+    if (resolve_module(p, n - strlen(".lora_A.weight"), ck, &k->kind, &k->layer) != 0)
+        return dt_err("tensor %s: names no LoRA-targetable module of this model", key);
+    return 0;
+}
+
+static lora_module *module_for(lora_adapter *a, qwen35_wkind kind, int layer) {
+    for (int i = 0; i < a->n_modules; i++)
+        if (a->modules[i].kind == kind && a->modules[i].layer == layer) return &a->modules[i];
+    lora_module *m = &a->modules[a->n_modules++];
+    memset(m, 0, sizeof *m);
+    m->kind = kind;
+    m->layer = layer;
+    return m;
+}
+
+/* fp32 copy of a mapped tensor; goes through an aligned buffer because the map
+ * only guarantees the alignment the file happens to give. */
+static float *to_f32(const st_tensor *t) {
+    float *out = malloc((size_t)t->numel * sizeof *out + 1);
+    if (!out) return NULL;
+    const void *src = t->data;
+    void *tmp = NULL;
+    if ((uintptr_t)src % dt_dtype_size(t->dtype) != 0) {
+        if (!(tmp = malloc(t->nbytes + 1))) {
+            free(out);
+            return NULL;
+        }
+        memcpy(tmp, src, t->nbytes);
+        src = tmp;
+    }
+    dt_to_f32(out, src, t->dtype, (size_t)t->numel);
+    free(tmp);
+    return out;
+}
+
+static int load_tensor(lora_adapter *a, const st_tensor *t, const checkpoint *ck) {
+    lora_key k = {0};
+    if (parse_key(&k, t->name, ck) != 0) return -1;
+    const dt_weight *w = checkpoint_weight(ck, k.kind, k.layer);
+    int64_t want0 = k.is_b ? w->rows : a->rank, want1 = k.is_b ? a->rank : w->cols;
+    if (t->ndim != 2 || t->shape[0] != want0 || t->shape[1] != want1) {
+        char got[96] = "[";
+        for (int d = 0; d < t->ndim; d++)
+            snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? ", " : "", (long long)t->shape[d]);
+        snprintf(got + strlen(got), sizeof got - strlen(got), "]");
+        return dt_err("tensor %s has shape %s, expected [%lld, %lld] (rank %d, base weight [%lld, %lld])", t->name,
+                      got, (long long)want0, (long long)want1, a->rank, (long long)w->rows, (long long)w->cols);
+    }
+    if (!dt_dtype_is_float(t->dtype))
+        return dt_err("tensor %s has dtype %s; F32, F16 or BF16 expected", t->name, dt_dtype_name(t->dtype));
+    lora_module *m = module_for(a, k.kind, k.layer);
+    float **slot = k.is_b ? &m->lora.B : &m->lora.A;
+    if (*slot) return dt_err("tensor %s: a second lora_%c for the same module", t->name, k.is_b ? 'B' : 'A');
+    if (!(*slot = to_f32(t))) return dt_err("out of memory");
+    m->lora.rank = a->rank;
+    m->lora.in = w->cols;
+    m->lora.out = w->rows;
+    m->lora.scale = (float)(a->rslora ? a->alpha / sqrt((double)a->rank) : a->alpha / a->rank);
+    return 0;
+}
+
+static int by_position(const void *x, const void *y) {
+    const lora_module *a = x, *b = y;
+    if (a->layer != b->layer) return a->layer < b->layer ? -1 : 1;
+    return (int)a->kind - (int)b->kind;
+}
+
+/* With a regex (or no) target_modules, the names of the modules actually present. */
+static int targets_from_modules(lora_adapter *a) {
+    a->targets = calloc(W_KIND_COUNT, sizeof *a->targets);
+    if (!a->targets) return dt_err("out of memory");
+    for (int k = 0; k < W_KIND_COUNT; k++) {
+        int present = 0;
+        for (int i = 0; i < a->n_modules && !present; i++) present = a->modules[i].kind == (qwen35_wkind)k;
+        if (!present) continue;
+        if (!(a->targets[a->n_targets] = strdup(qwen35_lora_module_name((qwen35_wkind)k)))) return dt_err("out of memory");
+        a->n_targets++;
+    }
+    return 0;
+}
+
+static int load_tensors(lora_adapter *a, const st_file *f, const checkpoint *ck) {
+    if (f->n == 0) return dt_err("no LoRA tensors");
+    a->modules = calloc((size_t)f->n, sizeof *a->modules);
+    if (!a->modules) return dt_err("out of memory");
+    for (int i = 0; i < f->n; i++)
+        if (load_tensor(a, &f->tensors[i], ck) != 0) return -1;
+    for (int i = 0; i < a->n_modules; i++) {
+        const lora_module *m = &a->modules[i];
+        if (!m->lora.A || !m->lora.B) {
+            char path[96];
+            qwen35_module_path(path, sizeof path, m->kind, m->layer);
+            return dt_err("module %s has lora_%c but no lora_%c", path, m->lora.A ? 'A' : 'B', m->lora.A ? 'B' : 'A');
+        }
+    }
+    qsort(a->modules, (size_t)a->n_modules, sizeof *a->modules, by_position);
+    return a->targets ? 0 : targets_from_modules(a);
+}
+
+static int load_weights(lora_adapter *a, const char *dir, const checkpoint *ck) {
+    char *path = io_path_join(dir, "adapter_model.safetensors");
+    if (!path) return dt_err("out of memory");
+    if (!io_file_exists(path)) {
+        char *bin = io_path_join(dir, "adapter_model.bin");
+        int has_bin = bin && io_file_exists(bin);
+        free(bin);
+        if (has_bin) {
+            dt_err("%s: missing; adapter_model.bin (PyTorch pickle) is not supported, save with "
+                   "safe_serialization=True", path);
+            free(path);
+            return -1;
+        }
+    }
+    st_file f;
+    int rc = st_open(&f, path);
+    if (rc == 0) {
+        rc = load_tensors(a, &f, ck);
+        if (rc != 0) dt_err_wrap("%s", path);
+        st_close(&f);
+    }
+    free(path);
+    return rc;
+}
+
+int adapter_load(lora_adapter *a, const char *dir, const checkpoint *ck) {
+    memset(a, 0, sizeof *a);
+    if (load_config(a, dir) != 0 || load_weights(a, dir, ck) != 0) {
+        adapter_free(a);
+        return -1;
+    }
+    return 0;
+}
+
+void adapter_free(lora_adapter *a) {
+    if (!a) return;
+    for (int i = 0; i < a->n_targets; i++) free(a->targets[i]);
+    free(a->targets);
+    for (int i = 0; i < a->n_modules; i++) {
+        free(a->modules[i].lora.A);
+        free(a->modules[i].lora.B);
+    }
+    free(a->modules);
+    memset(a, 0, sizeof *a);
+}

@@ -1,0 +1,49 @@
+/* The scalar type of the ops. The product builds them with real = float; the
+ * gradient-check test builds the same sources again with real = double
+ * (-DDT_OPS_DOUBLE), so finite differences run in double precision on the very
+ * code that ships. <tgmath.h> picks expf or exp from the argument's type. */
+#ifndef DT_OPS_REAL_H
+#define DT_OPS_REAL_H
+
+#include <string.h>
+#include <tgmath.h>
+
+#include "deltatune/ops.h"
+#include "ops/blas.h"
+
+#ifdef DT_OPS_DOUBLE
+#define REAL_DTYPE DT_F64
+#define GEMM cblas_dgemm
+#else
+#define REAL_DTYPE DT_F32
+#define GEMM cblas_sgemm
+#endif
+
+/* Stored weights to real: any float dtype (and F64 in the double build). */
+static inline void to_real(real *dst, const void *src, dt_dtype t, size_t n) {
+#ifdef DT_OPS_DOUBLE
+    if (t == DT_F64) {
+        memcpy(dst, src, n * sizeof(double));
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        float f;
+        dt_to_f32(&f, (const char *)src + i * dt_dtype_size(t), t, 1);
+        dst[i] = f;
+    }
+#else
+    dt_to_f32(dst, src, t, n);
+#endif
+}
+
+static inline real sigmoid_r(real x) { return 1 / (1 + exp(-x)); }
+static inline real silu_r(real x) { return x / (1 + exp(-x)); }
+/* d silu / dx = s (1 + x (1 - s)), s = sigmoid(x) */
+static inline real silu_grad_r(real x) {
+    real s = sigmoid_r(x);
+    return s * (1 + x * (1 - s));
+}
+/* torch's softplus: x above 20 */
+static inline real softplus_r(real x) { return x > 20 ? x : log1p(exp(x)); }
+
+#endif

@@ -1,0 +1,306 @@
+#!/usr/bin/env bash
+# Command-line tests of the deltatune binary ($DT): one line per test, "ok name" or
+# "FAIL name: why", then "cli: N passed, M failed". Bad input must fail with a non-zero exit
+# and a message naming what is wrong. Uses only bash, coreutils and python3's standard library.
+set -u
+DT=${DT:?set DT to the deltatune binary}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cd "$tmp" || exit 1
+
+passed=0
+failed=0
+ok() { echo "ok $1"; passed=$((passed + 1)); }
+# The reason is flattened to one line; run.sh counts lines ending in "N failed".
+fail() { echo "FAIL $1: $(printf '%s' "$2" | tr '\n' ' ' | head -c 400)"; failed=$((failed + 1)); }
+
+# run CMD...: runs it with stdout/stderr captured in $tmp/out, $tmp/err; exit code in $rc.
+# A sanitizer report (a leak on an error path exits 1 like the error itself) counts as a crash.
+run() {
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    rc=$?
+    if grep -qE 'Sanitizer|runtime error:' "$tmp/err"; then rc=134; fi
+}
+
+# expect_ok NAME CMD...
+expect_ok() {
+    local name=$1; shift
+    run "$@"
+    if [[ $rc -ne 0 ]]; then fail "$name" "exit $rc: $(cat "$tmp/err")"; return 1; fi
+    ok "$name"
+}
+
+# expect_fail NAME CODE NEEDLE CMD...: exit CODE (any non-zero for "x") and NEEDLE in stderr.
+expect_fail() {
+    local name=$1 code=$2 needle=$3; shift 3
+    run "$@"
+    if [[ $rc -eq 0 ]]; then fail "$name" "exit 0, expected an error"
+    elif [[ $rc -ge 128 ]]; then fail "$name" "crashed (exit $rc): $(cat "$tmp/err")"
+    elif [[ $code != x && $rc -ne $code ]]; then fail "$name" "exit $rc, expected $code: $(cat "$tmp/err")"
+    elif ! grep -qF -- "$needle" "$tmp/err"; then fail "$name" "stderr lacks '$needle': $(cat "$tmp/err")"
+    else ok "$name"; fi
+}
+
+# py CODE ARGS...: python3 with the standard library only.
+py() { python3 -c "$@"; }
+
+# ---------------------------------------------------------------- dispatch and flags
+run "$DT" --version
+if [[ $rc -eq 0 ]] && grep -q '^deltatune [0-9]' "$tmp/out"; then ok version; else fail version "exit $rc: $(cat "$tmp/out")"; fi
+run "$DT" --help
+if [[ $rc -eq 0 ]] && grep -q 'init-model' "$tmp/out" && grep -q 'eval' "$tmp/out"; then ok help_lists_commands
+else fail help_lists_commands "exit $rc"; fi
+for c in eval info init-model; do
+    run "$DT" "$c" --help
+    if [[ $rc -eq 0 ]] && grep -q -- '--' "$tmp/out" && grep -q "usage: deltatune $c" "$tmp/out"; then ok "help_$c"
+    else fail "help_$c" "exit $rc: $(cat "$tmp/out" "$tmp/err")"; fi
+done
+run "$DT" eval -h
+if [[ $rc -eq 0 ]] && grep -q -- '--batch-size N' "$tmp/out"; then ok help_short_flag; else fail help_short_flag "exit $rc"; fi
+run "$DT" help init-model
+if [[ $rc -eq 0 ]] && grep -q -- '--preset' "$tmp/out"; then ok help_subcommand; else fail help_subcommand "exit $rc"; fi
+expect_fail no_command 2 "usage: deltatune <command>" "$DT"
+expect_fail unknown_command 2 "unknown command 'frobnicate'" "$DT" frobnicate --model x
+expect_fail unknown_flag 2 "deltatune eval: unknown flag --foo" "$DT" eval --model m --data d --foo 3
+expect_fail unknown_flag_with_value 2 "unknown flag --bogus" "$DT" info --bogus=1
+expect_fail non_numeric_value 2 "--batch-size: 'abc' is not an integer" "$DT" eval --model m --data d --batch-size abc
+expect_fail out_of_range_value 2 "--batch-size: 0 is out of range" "$DT" eval --model m --data d --batch-size=0
+expect_fail partly_numeric_value 2 "'12x'" "$DT" info --model m --seq-len 12x
+expect_fail missing_value 2 "--data needs a value" "$DT" eval --model m --data
+expect_fail value_is_next_flag 2 "--model needs a value" "$DT" eval --model --data d
+expect_fail missing_required_flag 2 "missing required flag --data" "$DT" eval --model m
+expect_fail stray_argument 2 "unexpected argument 'extra'" "$DT" eval --model m --data d extra
+expect_fail unknown_preset 2 "'huge' is not one of tiny" "$DT" init-model --preset huge --out m
+expect_fail unknown_dtype 2 "--dtype: 'f8' is not one of" "$DT" init-model --preset tiny --out m --dtype f8
+expect_fail info_needs_model 2 "--model" "$DT" info
+
+# ---------------------------------------------------------------- init-model
+expect_ok init_tiny "$DT" init-model --preset tiny --out m --seed 1
+if [[ -f m/config.json && -f m/model.safetensors ]] && ! ls m | grep -q tmp; then ok init_files_written
+else fail init_files_written "$(ls -la m 2>&1)"; fi
+if grep -q "params" "$tmp/err"; then ok init_reports_params; else fail init_reports_params "$(cat "$tmp/err")"; fi
+expect_ok init_same_seed "$DT" init-model --preset tiny --out m_again --seed 1
+if cmp -s m/model.safetensors m_again/model.safetensors; then ok init_deterministic
+else fail init_deterministic "same seed, different files"; fi
+expect_ok init_other_seed "$DT" init-model --preset tiny --out m_seed2 --seed 2
+if [[ -s m_seed2/model.safetensors ]] && ! cmp -s m/model.safetensors m_seed2/model.safetensors; then ok init_seed_changes_weights
+else fail init_seed_changes_weights "seeds 1 and 2 gave the same file"; fi
+expect_fail init_refuses_existing 1 "--force" "$DT" init-model --preset tiny --out m
+expect_ok init_force_overwrites "$DT" init-model --preset tiny --out m_again --seed 1 --force
+expect_ok init_text_f32 "$DT" init-model --preset tiny --out m_text --layout text --dtype f32 --seed 1
+touch not_a_dir
+expect_fail init_parent_is_file 1 "not_a_dir" "$DT" init-model --preset tiny --out not_a_dir/sub/model
+if [[ -f not_a_dir && ! -s not_a_dir ]] && [[ -z $(find . -name '*.tmp') ]]; then ok init_failure_leaves_nothing
+else fail init_failure_leaves_nothing "$(find . -newer not_a_dir)"; fi
+expect_fail init_out_is_file 1 "not a directory" "$DT" init-model --preset tiny --out not_a_dir
+mkdir parents
+expect_ok init_creates_parents "$DT" init-model --preset tiny --out parents/a/b
+# The init rules, read back from the file: norms 0 (zero-centred), gated norm and dt_bias 1,
+# A_log F32 in [0, ln 16), conv within 1/sqrt(4), linears with std near 0.02.
+check_init=$(py '
+import json, math, struct, sys
+f = open(sys.argv[1], "rb"); n = struct.unpack("<Q", f.read(8))[0]; h = json.loads(f.read(n)); base = 8 + n
+def vals(name):
+    e = h[name]; f.seek(base + e["data_offsets"][0]); raw = f.read(e["data_offsets"][1] - e["data_offsets"][0])
+    if e["dtype"] == "F32": return list(struct.unpack("<%df" % (len(raw) // 4), raw))
+    if e["dtype"] == "BF16": return [struct.unpack("<f", b"\0\0" + raw[i:i+2])[0] for i in range(0, len(raw), 2)]
+    raise SystemExit("dtype " + e["dtype"])
+p = "model.language_model."
+def need(cond, what):
+    if not cond: raise SystemExit(what)
+need(all(v == 0 for v in vals(p + "norm.weight")), "final norm not 0")
+need(all(v == 0 for v in vals(p + "layers.0.input_layernorm.weight")), "input norm not 0")
+need(all(v == 0 for v in vals(p + "layers.3.self_attn.q_norm.weight")), "q_norm not 0")
+need(all(v == 1 for v in vals(p + "layers.0.linear_attn.norm.weight")), "gated norm not 1")
+need(all(v == 1 for v in vals(p + "layers.0.linear_attn.dt_bias")), "dt_bias not 1")
+need(h[p + "layers.0.linear_attn.A_log"]["dtype"] == "F32", "A_log not F32")
+a = vals(p + "layers.0.linear_attn.A_log")
+need(all(0 <= v < math.log(16) + 1e-6 for v in a) and len(set(a)) > 1, "A_log range")
+c = vals(p + "layers.0.linear_attn.conv1d.weight")
+need(all(abs(v) <= 0.5 for v in c) and max(c) > 0.3, "conv range")
+w = vals(p + "layers.0.mlp.up_proj.weight"); m = sum(w) / len(w); s = math.sqrt(sum((v - m) ** 2 for v in w) / len(w))
+need(abs(m) < 0.002 and abs(s - 0.02) < 0.001, "linear mean %g std %g" % (m, s))
+need(h[p + "embed_tokens.weight"]["dtype"] == "BF16", "embed dtype")
+print("ok")
+' m/model.safetensors 2>&1)
+if [[ $check_init == ok ]]; then ok init_values_follow_hf_rules; else fail init_values_follow_hf_rules "$check_init"; fi
+
+# ---------------------------------------------------------------- info
+expect_ok info_text "$DT" info --model m
+if grep -Eq '^parameters +[0-9.]+[KMB]? \([0-9]+\)' "$tmp/out" && grep -q 'Gated DeltaNet' "$tmp/out"; then ok info_prints_params
+else fail info_prints_params "$(cat "$tmp/out")"; fi
+expect_ok info_json "$DT" info --model m --json --batch-size 1 --seq-len 64 --lora-rank 4
+# The parameter count must equal the elements stored in the (tied) file.
+check=$(py '
+import json, struct, sys
+info = json.load(open(sys.argv[1]))
+f = open(sys.argv[2], "rb"); n = struct.unpack("<Q", f.read(8))[0]; h = json.loads(f.read(n))
+numel = 0
+for k, v in h.items():
+    if k == "__metadata__": continue
+    p = 1
+    for d in v["shape"]: p *= d
+    numel += p
+m = info["memory"]
+assert info["params"] == numel, (info["params"], numel)
+assert m["seq_len"] == 64 and m["lora_rank"] == 4 and m["total_train"] > 0 and m["weights"] > 0
+assert info["layout"] == "multimodal" and info["weights"]["skipped"] == 0
+print(info["config"]["vocab_size"])
+' "$tmp/out" m/model.safetensors 2>&1)
+if [[ $check =~ ^[0-9]+$ ]]; then ok info_json_matches_file; vocab=$check
+else fail info_json_matches_file "$check"; vocab=0; fi
+expect_ok info_preset "$DT" info --preset 0.8b
+if grep -q 'parameters' "$tmp/out" && grep -q '24 layers: 18 Gated DeltaNet + 6 full attention (every 4th)' "$tmp/out"
+then ok info_preset_summary; else fail info_preset_summary "$(cat "$tmp/out")"; fi
+run "$DT" info --model m_text
+if [[ $rc -eq 0 ]] && grep -q 'layout *text' "$tmp/out" && grep -q 'F32' "$tmp/out"; then ok info_text_layout
+else fail info_text_layout "exit $rc: $(cat "$tmp/out" "$tmp/err")"; fi
+
+# ---------------------------------------------------------------- eval
+# 6 rows of random ids (varied lengths), some labels masked with -100.
+py '
+import json, random, sys
+random.seed(5); V = int(sys.argv[1])
+with open("data.jsonl", "w") as f:
+    for n in (17, 5, 32, 9, 24, 12):
+        ids = [random.randrange(V) for _ in range(n)]
+        row = {"input_ids": ids}
+        if n == 32: row["labels"] = [-100] * 10 + ids[10:]
+        f.write(json.dumps(row) + "\n")
+' "$vocab"
+targets=$(( (17 - 1) + (5 - 1) + (32 - 10) + (9 - 1) + (24 - 1) + (12 - 1) ))
+# eval_json NAME FILE: checks the last stdout line is the result object; prints its loss.
+eval_json() {
+    py '
+import json, math, sys
+last = open(sys.argv[1]).read().strip().splitlines()[-1]
+r = json.loads(last)
+for k in ("loss", "ppl", "tokens", "rows", "input_tokens", "seconds", "tok_per_s", "peak_mem_mb"):
+    assert k in r, "missing " + k
+assert math.isfinite(r["loss"]) and r["tokens"] == int(sys.argv[2]) and r["rows"] == 6, r
+assert r["input_tokens"] == 99 and abs(r["ppl"] - math.exp(r["loss"])) < 1e-6 * r["ppl"], r
+assert r["peak_mem_mb"] > 0, r
+print(repr(r["loss"]))
+' "$1" "$targets" 2>&1
+}
+loss4=x
+if expect_ok eval_tiny "$DT" eval --model m --data data.jsonl; then
+    loss4=$(eval_json "$tmp/out")
+    if py 'import math, sys; l = float(sys.argv[1]); sys.exit(0 if abs(l - math.log(int(sys.argv[2]))) < 0.3 else 1)' \
+        "$loss4" "$vocab" 2>/dev/null; then ok eval_loss_near_ln_vocab
+    else fail eval_loss_near_ln_vocab "loss $loss4, vocab $vocab"; fi
+    if grep -q '^eval: loss .*, ppl .* targets, .* tok/s, peak .* MiB' "$tmp/err"; then ok eval_summary_line
+    else fail eval_summary_line "$(cat "$tmp/err")"; fi
+fi
+# Packing must keep sequences apart: one row per batch gives the same loss as four.
+if expect_ok eval_batch1 "$DT" eval --model m --data data.jsonl --batch-size 1; then
+    loss1=$(eval_json "$tmp/out")
+    if py 'import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); sys.exit(0 if abs(a - b) <= 1e-4 * abs(b) else 1)' \
+        "$loss1" "$loss4" 2>/dev/null; then ok eval_packing_independent
+    else fail eval_packing_independent "batch 1: $loss1, batch 4: $loss4"; fi
+fi
+if expect_ok eval_max_tokens "$DT" eval --model m --data data.jsonl --batch-size 6 --max-tokens-per-batch 30; then
+    lossm=$(eval_json "$tmp/out")
+    if py 'import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); sys.exit(0 if abs(a - b) <= 1e-4 * abs(b) else 1)' \
+        "$lossm" "$loss4" 2>/dev/null; then ok eval_max_tokens_same_loss
+    else fail eval_max_tokens_same_loss "$lossm vs $loss4"; fi
+fi
+if expect_ok eval_text_layout "$DT" eval --model m_text --data data.jsonl; then
+    losst=$(eval_json "$tmp/out")
+    # Same seed, f32 instead of bf16: close, not equal.
+    if py 'import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); sys.exit(0 if abs(a - b) <= 1e-2 else 1)' \
+        "$losst" "$loss4" 2>/dev/null; then ok eval_f32_close_to_bf16
+    else fail eval_f32_close_to_bf16 "f32 $losst, bf16 $loss4"; fi
+fi
+
+# A PEFT adapter on up_proj of layer 0: B = 0 leaves the loss as it is, B != 0 changes it.
+write_adapter() {
+    py '
+import json, random, struct, sys, os
+out, scale_b, info = sys.argv[1], float(sys.argv[2]), json.load(open(sys.argv[3]))
+c = info["config"]; H, I, r = c["hidden_size"], c["intermediate_size"], 4
+random.seed(3)
+A = [random.uniform(-0.1, 0.1) for _ in range(r * H)]
+B = [scale_b * random.uniform(-1, 1) for _ in range(I * r)]
+key = "base_model.model.model.language_model.layers.0.mlp.up_proj."
+tensors = [(key + "lora_A.weight", [r, H], A), (key + "lora_B.weight", [I, r], B)]
+hdr, data, off = {}, b"", 0
+for name, shape, vals in tensors:
+    raw = struct.pack("<%df" % len(vals), *vals)
+    hdr[name] = {"dtype": "F32", "shape": shape, "data_offsets": [off, off + len(raw)]}
+    data += raw; off += len(raw)
+h = json.dumps(hdr).encode(); h += b" " * (-len(h) % 8)
+os.makedirs(out, exist_ok=True)
+open(os.path.join(out, "adapter_model.safetensors"), "wb").write(struct.pack("<Q", len(h)) + h + data)
+json.dump({"peft_type": "LORA", "r": r, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["up_proj"],
+           "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False},
+          open(os.path.join(out, "adapter_config.json"), "w"))
+' "$@"
+}
+"$DT" info --model m --json >info.json 2>/dev/null
+write_adapter ad_zero 0 info.json && write_adapter ad_rand 1 info.json
+if expect_ok eval_adapter_zero "$DT" eval --model m --data data.jsonl --adapter ad_zero; then
+    lossz=$(eval_json "$tmp/out")
+    if py 'import sys; sys.exit(0 if abs(float(sys.argv[1]) - float(sys.argv[2])) < 1e-6 else 1)' \
+        "$lossz" "$loss4" 2>/dev/null; then ok eval_adapter_zero_b_is_identity
+    else fail eval_adapter_zero_b_is_identity "$lossz vs $loss4"; fi
+fi
+if expect_ok eval_adapter_random "$DT" eval --model m --data data.jsonl --adapter ad_rand; then
+    lossr=$(eval_json "$tmp/out")
+    if py 'import sys; sys.exit(0 if abs(float(sys.argv[1]) - float(sys.argv[2])) > 1e-5 else 1)' "$lossr" "$loss4" 2>/dev/null
+    then ok eval_adapter_changes_loss; else fail eval_adapter_changes_loss "$lossr vs $loss4"; fi
+fi
+expect_fail eval_adapter_missing 1 "no_adapter" "$DT" eval --model m --data data.jsonl --adapter no_adapter
+
+# ---------------------------------------------------------------- eval: broken models
+mkdir no_config && cp m/model.safetensors no_config/
+expect_fail eval_missing_config 1 "config.json" "$DT" eval --model no_config --data data.jsonl
+expect_fail eval_missing_model_dir 1 "does_not_exist" "$DT" eval --model does_not_exist --data data.jsonl
+# (head -c rather than truncate -s: macOS has no truncate.)
+mkdir truncated && cp m/config.json truncated/
+size=$(wc -c <m/model.safetensors 2>/dev/null || echo 0)
+head -c $((size / 2)) m/model.safetensors >truncated/model.safetensors
+expect_fail eval_truncated_weights 1 "model.safetensors" "$DT" eval --model truncated --data data.jsonl
+mkdir header_only && cp m/config.json header_only/ && head -c 6 m/model.safetensors >header_only/model.safetensors
+expect_fail eval_tiny_weights_file 1 "model.safetensors" "$DT" eval --model header_only --data data.jsonl
+# A well-formed file that lacks one tensor: the message must name it.
+mkdir missing_tensor && cp m/config.json missing_tensor/
+py '
+import json, struct, sys
+src, dst, drop = sys.argv[1:4]
+f = open(src, "rb"); n = struct.unpack("<Q", f.read(8))[0]; h = json.loads(f.read(n)); data = f.read()
+out, buf, off = {}, b"", 0
+for k, v in sorted(h.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__" else -1):
+    if k == "__metadata__": out[k] = v; continue
+    if k == drop: continue
+    b, e = v["data_offsets"]; chunk = data[b:e]
+    out[k] = {"dtype": v["dtype"], "shape": v["shape"], "data_offsets": [off, off + len(chunk)]}
+    buf += chunk; off += len(chunk)
+assert drop in h
+hb = json.dumps(out).encode(); hb += b" " * (-len(hb) % 8)
+open(dst, "wb").write(struct.pack("<Q", len(hb)) + hb + buf)
+' m/model.safetensors missing_tensor/model.safetensors model.language_model.layers.1.mlp.down_proj.weight
+expect_fail eval_missing_tensor 1 "layers.1.mlp.down_proj.weight" "$DT" eval --model missing_tensor --data data.jsonl
+
+# ---------------------------------------------------------------- eval: broken data
+printf '{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2,\n' >bad_json.jsonl
+expect_fail eval_malformed_jsonl 1 "bad_json.jsonl:2: invalid JSON" "$DT" eval --model m --data bad_json.jsonl
+printf '{"input_ids": [1, 2, 3]}\n\n{"input_ids": [1, 2, 3, 4, 5, 6], "labels": [1, 2, 3, 4, 5]}\n' >bad_labels.jsonl
+expect_fail eval_labels_mismatch 1 "bad_labels.jsonl:3: labels has 5 entries, input_ids has 6" \
+    "$DT" eval --model m --data bad_labels.jsonl
+printf '{"input_ids": [1, %d, 3]}\n' "$vocab" >bad_id.jsonl
+expect_fail eval_id_out_of_vocab 1 "bad_id.jsonl:1: input_ids[1] = $vocab is outside the vocabulary [0, $vocab)" \
+    "$DT" eval --model m --data bad_id.jsonl
+printf '{"input_ids": [1, 2.5]}\n' >bad_float.jsonl
+expect_fail eval_non_integer_id 1 "bad_float.jsonl:1: input_ids[1] is not an integer" \
+    "$DT" eval --model m --data bad_float.jsonl
+printf '{"input_ids": []}\n' >empty_row.jsonl
+expect_fail eval_empty_row 1 "empty_row.jsonl:1: input_ids is empty" "$DT" eval --model m --data empty_row.jsonl
+: >empty.jsonl
+expect_fail eval_empty_dataset 1 "empty.jsonl: no rows" "$DT" eval --model m --data empty.jsonl
+printf '{"input_ids": [5]}\n{"input_ids": [1, 2], "labels": [1, -100]}\n' >no_targets.jsonl
+expect_fail eval_no_targets 1 "no targets" "$DT" eval --model m --data no_targets.jsonl
+expect_fail eval_missing_data 1 "nothing.jsonl" "$DT" eval --model m --data nothing.jsonl
+
+echo "cli: $passed passed, $failed failed"
+[[ $failed -eq 0 ]]

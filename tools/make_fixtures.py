@@ -1,0 +1,883 @@
+#!/usr/bin/env python3
+"""Reference fixtures for deltatune's golden tests.
+
+    python3 tools/make_fixtures.py --out tests/fixtures     # needs torch, transformers >= 5.2, peft
+    python3 tools/make_fixtures.py --verify tests/fixtures  # plain Python: checks the files only
+
+Builds tiny random Qwen3.5 checkpoints with transformers, moves every weight away from its
+initial value, saves them with save_pretrained, and writes the expected logits and losses of a
+few pre-tokenized rows. The reference runs on the CPU (pure-torch Gated DeltaNet path) in
+float64, each row alone (batch of 1, no padding). An independent float64 implementation of the
+forward, written from docs/qwen35.md and reading only the saved files, is checked against
+transformers for every row. See tools/README.md for the cases and the file formats.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import traceback
+
+CASES = ("text_tied", "mm_untied_sharded", "text_bf16")
+ROW_LENGTHS = (1, 7, 63, 64, 65, 130)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"]
+LORA_R, LORA_ALPHA = 4, 8
+# HF computes some parts in fp32 even in a float64 model (RMSNorm, GDN kernel, RoPE angles, loss),
+# so transformers and the float64 spec implementation agree to about 1e-6, not 1e-12.
+SPEC_TOL = 1e-4
+LOSS_TOL = 1e-5
+
+problems = []
+
+
+def problem(msg):
+    print("PROBLEM: " + msg, flush=True)
+    problems.append(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# case definitions
+# --------------------------------------------------------------------------------------------
+
+def text_fields(vocab, tie, layer_types, hk, hv, intermediate):
+    return dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=intermediate,
+        num_hidden_layers=len(layer_types), layer_types=list(layer_types),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        linear_num_key_heads=hk, linear_num_value_heads=hv,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=4096,
+        attention_bias=False, attention_dropout=0.0, tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000,
+                         "partial_rotary_factor": 0.25, "mrope_interleaved": True,
+                         "mrope_section": [2, 1, 1]},
+    )
+
+
+L, F = "linear_attention", "full_attention"
+CASE_DEFS = {
+    "text_tied": dict(seed=1001, layout="text", dtype="f32",
+                      text=text_fields(384, True, [L, L, L, F], 2, 4, 128), adapter=True),
+    "mm_untied_sharded": dict(seed=2002, layout="mm", dtype="f32",
+                              text=text_fields(384, False, [L, L, L, F, L, L, L, F], 2, 2, 96),
+                              adapter=False),
+    "text_bf16": dict(seed=3003, layout="text", dtype="bf16",
+                      text=text_fields(320, False, [L, L, L, F], 2, 4, 128), adapter=False),
+}
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+              patch_size=4, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+              num_position_embeddings=16)
+
+
+def make_rows(vocab, seed):
+    """Six rows around the 64-token chunk boundary; masks: none, leading prompt, sparse, hole."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, n in enumerate(ROW_LENGTHS):
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        if i == 5:
+            ids[0], ids[-1] = 0, vocab - 1  # extreme ids
+        labels = list(ids)
+        if i == 2:
+            labels[:20] = [-100] * 20  # masked prompt
+        elif i == 4:
+            keep = {10, 40, n - 1}  # all -100 except three targets
+            labels = [ids[t] if t in keep else -100 for t in range(n)]
+        elif i == 5:
+            labels[:50] = [-100] * 50  # masked prompt ...
+            labels[90:100] = [-100] * 10  # ... and a masked hole (a second user turn)
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------------
+
+def new_value(name, shape, g):
+    import torch
+    f64 = torch.float64
+
+    def normal(std, mean=0.0):
+        return torch.randn(shape, generator=g, dtype=f64) * std + mean
+
+    if ".visual." in name or name.startswith("model.visual"):
+        return normal(0.05)
+    if name.endswith("linear_attn.norm.weight"):  # plain-w gated RMSNorm, init 1
+        return normal(0.1, 1.0)
+    if name.endswith("A_log"):  # A = exp(A_log) log-uniform in [0.05, 2]
+        lo, hi = math.log(0.05), math.log(2.0)
+        return torch.rand(shape, generator=g, dtype=f64) * (hi - lo) + lo
+    if name.endswith("dt_bias"):
+        return normal(0.5, -1.0)
+    if name.endswith("conv1d.weight"):
+        return normal(0.4)
+    if name.endswith("norm.weight"):  # (1 + w) RMSNorms, init 0
+        return normal(0.1)
+    if "embed_tokens" in name or name.startswith("lm_head"):
+        return normal(0.2)
+    if len(shape) == 2:
+        return normal(0.08)
+    raise ValueError("no rule for parameter %s %s" % (name, tuple(shape)))
+
+
+def perturb(model, seed):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    names = []
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            p.copy_(new_value(name, p.shape, g).to(p.dtype))
+            names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# independent float64 forward, from docs/qwen35.md, reading only the saved files
+# --------------------------------------------------------------------------------------------
+
+def load_tensors(case_dir):
+    from safetensors.torch import load_file
+    idx = os.path.join(case_dir, "model.safetensors.index.json")
+    if os.path.exists(idx):
+        with open(idx) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    out = {}
+    for s in shards:
+        out.update(load_file(os.path.join(case_dir, s)))
+    return out
+
+
+def spec_forward(T, cfg, ids, lora=None, dtype=None):
+    """T: name -> tensor (any dtype, converted here); cfg: text config dict; ids: list of ints.
+    lora: module name -> (A, B, scale). Returns logits [len, vocab] computed in `dtype`
+    (float64 by default; float32 emulates a plain fp32 implementation)."""
+    import torch
+    import torch.nn.functional as Fn
+    f64 = dtype or torch.float64
+    pre = "model.language_model." if "model.language_model.embed_tokens.weight" in T else "model."
+    eps = cfg["rms_norm_eps"]
+
+    def W(name):
+        return T[name].to(f64)
+
+    def lin(x, mod):
+        y = x @ W(mod + ".weight").T
+        if lora and mod in lora:
+            A, B, s = lora[mod]
+            y = y + s * ((x @ A.to(f64).T) @ B.to(f64).T)
+        return y
+
+    def rms1p(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * (1.0 + w)
+
+    n = len(ids)
+    E = W(pre + "embed_tokens.weight")
+    h = E[torch.tensor(ids)]
+    H = cfg["hidden_size"]
+    nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    Hk, Hv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    Dk, Dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    K = cfg["linear_conv_kernel_dim"]
+    rp = cfg.get("rope_parameters") or {}
+    rot = int(hd * rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25)))
+    half = rot // 2
+    theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000000)))
+    inv = theta ** (-torch.arange(0, rot, 2, dtype=f64) / rot)
+    ang = torch.arange(n, dtype=f64)[:, None] * inv[None, :]  # [n, half]
+    cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
+
+    def rope(x):  # x [n, heads, hd], NeoX half split on the first `rot` dims
+        x1, x2 = x[..., :half], x[..., half:rot]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rot:]], -1)
+
+    for l, typ in enumerate(cfg["layer_types"]):
+        p = "%slayers.%d." % (pre, l)
+        x = rms1p(h, W(p + "input_layernorm.weight"))
+        if typ == "linear_attention":
+            m = p + "linear_attn."
+            kd, vd = Hk * Dk, Hv * Dv
+            mixed = lin(x, m + "in_proj_qkv")  # [n, 2kd+vd]
+            z = lin(x, m + "in_proj_z").view(n, Hv, Dv)
+            b = lin(x, m + "in_proj_b")
+            a = lin(x, m + "in_proj_a")
+            cw = W(m + "conv1d.weight")[:, 0, :]  # [C, K]
+            padded = torch.cat([torch.zeros(K - 1, mixed.shape[1], dtype=f64), mixed], 0)
+            u = sum(cw[:, j][None, :] * padded[j:j + n] for j in range(K))
+            y = u * torch.sigmoid(u)
+            q = y[:, :kd].reshape(n, Hk, Dk)
+            k = y[:, kd:2 * kd].reshape(n, Hk, Dk)
+            v = y[:, 2 * kd:].reshape(n, Hv, Dv)
+            q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) * Dk ** -0.5
+            k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+            rep = Hv // Hk
+            q, k = q.repeat_interleave(rep, 1), k.repeat_interleave(rep, 1)  # value head j -> key head j // rep
+            beta = torch.sigmoid(b)
+            gdecay = -torch.exp(W(m + "A_log")) * Fn.softplus(a + W(m + "dt_bias"))
+            S = torch.zeros(Hv, Dk, Dv, dtype=f64)
+            o = torch.zeros(n, Hv, Dv, dtype=f64)
+            for t in range(n):
+                S = S * torch.exp(gdecay[t])[:, None, None]
+                kv = torch.einsum("hkv,hk->hv", S, k[t])
+                delta = beta[t][:, None] * (v[t] - kv)
+                S = S + k[t][:, :, None] * delta[:, None, :]
+                o[t] = torch.einsum("hkv,hk->hv", S, q[t])
+            o = o / torch.sqrt((o * o).mean(-1, keepdim=True) + eps) * W(m + "norm.weight")
+            o = o * (z * torch.sigmoid(z))
+            h = h + lin(o.reshape(n, Hv * Dv), m + "out_proj")
+        else:
+            m = p + "self_attn."
+            qg = lin(x, m + "q_proj").view(n, nh, 2 * hd)
+            q, gate = qg[..., :hd], qg[..., hd:].reshape(n, nh * hd)
+            k = lin(x, m + "k_proj").view(n, nkv, hd)
+            v = lin(x, m + "v_proj").view(n, nkv, hd)
+            q = rope(rms1p(q, W(m + "q_norm.weight")))
+            k = rope(rms1p(k, W(m + "k_norm.weight")))
+            mask = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+            outs = []
+            for hh in range(nh):
+                kvh = hh // (nh // nkv)
+                sc = (q[:, hh] @ k[:, kvh].T) * hd ** -0.5
+                sc = sc.masked_fill(mask, float("-inf"))
+                outs.append(torch.softmax(sc, -1) @ v[:, kvh])
+            att = torch.stack(outs, 1).reshape(n, nh * hd) * torch.sigmoid(gate)
+            h = h + lin(att, m + "o_proj")
+        x = rms1p(h, W(p + "post_attention_layernorm.weight"))
+        gp = lin(x, p + "mlp.gate_proj")
+        h = h + lin(gp * torch.sigmoid(gp) * lin(x, p + "mlp.up_proj"), p + "mlp.down_proj")
+    h = rms1p(h, W(pre + "norm.weight"))
+    out = W("lm_head.weight") if "lm_head.weight" in T else E
+    return h @ out.T
+
+
+# --------------------------------------------------------------------------------------------
+# reference evaluation
+# --------------------------------------------------------------------------------------------
+
+def row_losses(logits, labels):
+    import torch
+    lp = torch.log_softmax(logits.to(torch.float64), -1)
+    s, c = 0.0, 0
+    for t in range(len(labels) - 1):
+        y = labels[t + 1]
+        if y != -100:
+            s += -lp[t, y].item()
+            c += 1
+    return s, c
+
+
+def evaluate(tag, model, rows, tensors, cfg, lora=None):
+    """HF logits of each row alone, checked against HF's own loss and the spec forward."""
+    import torch
+    logits_all, sums, counts = [], [], []
+    hf_checked = 0
+    max_spec = 0.0
+    for i, r in enumerate(rows):
+        ids = torch.tensor([r["input_ids"]])
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=torch.tensor([r["labels"]]), use_cache=False)
+        lg = out.logits[0].to(torch.float64)
+        if lg.shape != (len(r["input_ids"]), cfg["vocab_size"]):
+            problem("%s row %d: logits shape %s" % (tag, i, tuple(lg.shape)))
+        s, c = row_losses(lg, r["labels"])
+        if c:
+            hf = out.loss.item()
+            mine = s / c
+            if abs(hf - mine) > LOSS_TOL * max(1.0, abs(mine)):
+                problem("%s row %d: HF loss %.10f != %.10f" % (tag, i, hf, mine))
+            hf_checked += 1
+        ref = spec_forward(tensors, cfg, r["input_ids"], lora)
+        d = (ref - lg).abs().max().item()
+        max_spec = max(max_spec, d)
+        if d > SPEC_TOL:
+            problem("%s row %d: spec forward differs from transformers by %.3g" % (tag, i, d))
+        logits_all.append(lg)
+        sums.append(s)
+        counts.append(c)
+    tokens = sum(counts)
+    loss = sum(sums) / tokens
+    print("  %s: loss %.6f over %d tokens (ln V = %.4f); HF loss agrees on %d rows; "
+          "spec forward max |diff| %.3g" % (tag, loss, tokens, math.log(cfg["vocab_size"]),
+                                           hf_checked, max_spec), flush=True)
+    return logits_all, sums, counts, max_spec
+
+
+def write_expected(case_dir, stem, logits_all, sums, counts, extra=None):
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+    tokens = sum(counts)
+    exp = {"loss": sum(sums) / tokens, "tokens": tokens, "row_loss_sum": sums,
+           "row_tokens": counts, "transformers_version": transformers.__version__,
+           "torch_version": torch.__version__}
+    if extra:
+        exp.update(extra)
+    with open(os.path.join(case_dir, "expected%s.json" % stem), "w") as f:
+        json.dump(exp, f, indent=1)
+        f.write("\n")
+    save_file({"logits.%d" % i: t.to(torch.float32).contiguous() for i, t in enumerate(logits_all)},
+              os.path.join(case_dir, "expected%s_logits.safetensors" % stem),
+              metadata={"format": "pt"})
+    return exp
+
+
+def check_loaded_equals_files(tag, model, tensors, skip_prefixes=("mtp.",)):
+    """Every tensor of the files is what the model holds, upcast exactly."""
+    import torch
+    sd = model.state_dict()
+    for name, t in tensors.items():
+        if name.startswith(skip_prefixes):
+            if name in sd:
+                problem("%s: %s was loaded" % (tag, name))
+            continue
+        if name not in sd:
+            problem("%s: file tensor %s not in the model" % (tag, name))
+            continue
+        if not torch.equal(sd[name].to(torch.float64), t.to(torch.float64)):
+            problem("%s: %s differs after loading" % (tag, name))
+
+
+# --------------------------------------------------------------------------------------------
+# building one case
+# --------------------------------------------------------------------------------------------
+
+def build_case(name, out_root, manifest):
+    import torch
+    from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration,
+                              Qwen3_5TextConfig)
+    d = CASE_DEFS[name]
+    case_dir = os.path.join(out_root, name)
+    shutil.rmtree(case_dir, ignore_errors=True)
+    os.makedirs(case_dir)
+    torch.manual_seed(d["seed"])
+    print("== %s" % name, flush=True)
+
+    if d["layout"] == "text":
+        cls = Qwen3_5ForCausalLM
+        config = Qwen3_5TextConfig(**d["text"])
+    else:
+        cls = Qwen3_5ForConditionalGeneration
+        config = Qwen3_5Config(text_config=dict(d["text"]), vision_config=dict(VISION),
+                               tie_word_embeddings=d["text"]["tie_word_embeddings"])
+    model = cls(config).to(torch.float32)
+    names = perturb(model, d["seed"])
+    tie = d["text"]["tie_word_embeddings"]
+    if tie and model.get_output_embeddings().weight.data_ptr() != \
+            model.get_input_embeddings().weight.data_ptr():
+        problem("%s: lm_head is not tied to embed_tokens in memory" % name)
+    print("  %d parameters perturbed" % len(names), flush=True)
+
+    if d["dtype"] == "bf16":
+        a_logs = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("A_log")}
+        model = model.to(torch.bfloat16)
+        for n, p in model.named_parameters():
+            if n in a_logs:
+                p.data = a_logs[n]  # official files keep A_log in F32
+    if d["layout"] == "mm":
+        model.save_pretrained(case_dir, max_shard_size="500KB")
+    else:
+        model.save_pretrained(case_dir)
+
+    # config.json: make the bf16 case say bfloat16 like the official files
+    cfg_path = os.path.join(case_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg_json = json.load(f)
+    if d["dtype"] == "bf16":
+        if cfg_json.get("dtype") != "bfloat16":
+            print("  config.json dtype was %r; set to bfloat16" % cfg_json.get("dtype"))
+            cfg_json["dtype"] = "bfloat16"
+            with open(cfg_path, "w") as f:
+                json.dump(cfg_json, f, indent=2, sort_keys=True)
+                f.write("\n")
+
+    # MTP tensors, as official checkpoints carry them, into the last shard and the index
+    idx_path = os.path.join(case_dir, "model.safetensors.index.json")
+    if d["layout"] == "mm":
+        from safetensors.torch import load_file, save_file
+        with open(idx_path) as f:
+            index = json.load(f)
+        shards = sorted(set(index["weight_map"].values()))
+        if len(shards) < 2:
+            problem("%s: only %d shard(s)" % (name, len(shards)))
+        last = os.path.join(case_dir, shards[-1])
+        content = load_file(last)
+        H = d["text"]["hidden_size"]
+        g = torch.Generator().manual_seed(d["seed"] + 7)
+        mtp = {"mtp.fc.weight": (H, 2 * H), "mtp.norm.weight": (H,),
+               "mtp.pre_fc_norm_embedding.weight": (H,), "mtp.pre_fc_norm_hidden.weight": (H,),
+               "mtp.layers.0.input_layernorm.weight": (H,)}
+        for k, shp in mtp.items():
+            content[k] = (torch.randn(shp, generator=g) * 0.05).to(torch.float32)
+            index["weight_map"][k] = shards[-1]
+            index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + \
+                content[k].numel() * 4
+            if "total_parameters" in index["metadata"]:
+                index["metadata"]["total_parameters"] += content[k].numel()
+        save_file(content, last, metadata={"format": "pt"})
+        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        with open(idx_path, "w") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+
+    # the saved files, as a loader sees them
+    tensors = load_tensors(case_dir)
+    dtypes = {}
+    for k, t in tensors.items():
+        dtypes.setdefault(str(t.dtype).replace("torch.", ""), []).append(k)
+    print("  saved: %d tensors, dtypes %s" % (len(tensors), {k: len(v) for k, v in dtypes.items()}))
+    if tie and "lm_head.weight" in tensors:
+        problem("%s: tied checkpoint holds lm_head.weight" % name)
+    if not tie and "lm_head.weight" not in tensors:
+        problem("%s: untied checkpoint lacks lm_head.weight" % name)
+    if d["dtype"] == "bf16":
+        for k, t in tensors.items():
+            want = torch.float32 if k.endswith("A_log") else torch.bfloat16
+            if t.dtype != want:
+                problem("%s: %s saved as %s" % (name, k, t.dtype))
+    else:
+        for k, t in tensors.items():
+            if t.dtype != torch.float32:
+                problem("%s: %s saved as %s" % (name, k, t.dtype))
+    if d["layout"] == "mm" and not any(k.startswith("model.visual.") for k in tensors):
+        problem("%s: no model.visual.* tensors" % name)
+    want_prefix = "model.language_model." if d["layout"] == "mm" else "model.layers."
+    if not any(k.startswith(want_prefix) for k in tensors):
+        problem("%s: no tensor starts with %s" % (name, want_prefix))
+
+    # reload in float64 from the files: the reference uses exactly what was saved
+    ref, info = cls.from_pretrained(case_dir, dtype=torch.float64, output_loading_info=True)
+    ref.eval()
+    print("  loading info: %s" % str(info)[:400], flush=True)
+    if info.get("missing_keys"):
+        problem("%s: missing keys on reload %s" % (name, sorted(info["missing_keys"])[:5]))
+    check_loaded_equals_files(name, ref, tensors)
+    print("  attn implementation: %s" % getattr(ref.config, "_attn_implementation", None))
+
+    text_cfg = cfg_json.get("text_config", cfg_json)
+    rows = make_rows(d["text"]["vocab_size"], d["seed"] + 1)
+    with open(os.path.join(case_dir, "data.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, separators=(",", ":")) + "\n")
+    logits, sums, counts, spec_diff = evaluate(name, ref, rows, tensors, text_cfg)
+    exp = write_expected(case_dir, "", logits, sums, counts)
+    if abs(exp["loss"] - math.log(text_cfg["vocab_size"])) < 0.25:
+        problem("%s: loss %.4f too close to ln(vocab)" % (name, exp["loss"]))
+
+    entry = {
+        "class": cls.__name__, "seed": d["seed"], "weights_dtype": d["dtype"],
+        "tie_word_embeddings": tie, "text_config": {k: v for k, v in d["text"].items()},
+        "files": sorted(os.listdir(case_dir)), "row_lengths": [len(r["input_ids"]) for r in rows],
+        "loss": exp["loss"], "tokens": exp["tokens"], "spec_forward_max_abs_diff": spec_diff,
+        "n_tensors": len(tensors),
+    }
+    if d["layout"] == "mm":
+        entry["vision_config"] = dict(VISION)
+        entry["mtp_tensors_added"] = sorted(k for k in tensors if k.startswith("mtp."))
+
+    if d["adapter"]:
+        entry["adapter"] = build_adapter(name, model, case_dir, cls, rows, text_cfg, tensors, exp)
+        entry["files"] = sorted(os.listdir(case_dir))
+    manifest["cases"][name] = entry
+
+
+def canonical_adapter_config(path):
+    """PEFT writes target_modules from a set (order varies with the string hash seed): sort it."""
+    with open(path) as f:
+        cfg = json.load(f)
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def build_adapter(name, model, case_dir, cls, rows, text_cfg, tensors, base_exp):
+    import peft
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    d = CASE_DEFS[name]
+    ad_dir = os.path.join(case_dir, "adapter")
+    lcfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                      target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM", bias="none")
+    pm = get_peft_model(model, lcfg)
+    g = torch.Generator().manual_seed(d["seed"] + 100)
+    n_lora = 0
+    with torch.no_grad():
+        for n, p in sorted(pm.named_parameters(), key=lambda kv: kv[0]):
+            if ".lora_A." in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.1)
+                n_lora += 1
+            elif ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.05)
+                n_lora += 1
+    pm.peft_config["default"].base_model_name_or_path = ".."
+    pm.save_pretrained(ad_dir)
+    for extra in os.listdir(ad_dir):
+        if extra not in ("adapter_config.json", "adapter_model.safetensors"):
+            os.remove(os.path.join(ad_dir, extra))  # PEFT's README.md model card
+    canonical_adapter_config(os.path.join(ad_dir, "adapter_config.json"))
+    ad = load_file(os.path.join(ad_dir, "adapter_model.safetensors"))
+    print("  adapter: %d lora tensors in memory, %d in the file (%s)" % (
+        n_lora, len(ad), sorted({str(t.dtype) for t in ad.values()})), flush=True)
+    if len(ad) != n_lora or any(t.dtype != torch.float32 for t in ad.values()):
+        problem("%s adapter: %d tensors saved, %d expected, dtypes %s" % (
+            name, len(ad), n_lora, sorted({str(t.dtype) for t in ad.values()})))
+    for k in ad:
+        if not k.startswith("base_model.model.model.layers."):
+            problem("%s adapter: unexpected key %s" % (name, k))
+
+    base = cls.from_pretrained(case_dir, dtype=torch.float64)
+    pref = PeftModel.from_pretrained(base, ad_dir)
+    pref = pref.double().eval()
+    scale = LORA_ALPHA / LORA_R
+    lora = {}
+    for k, t in ad.items():
+        if k.endswith(".lora_A.weight"):
+            mod = k[len("base_model.model."):-len(".lora_A.weight")]
+            lora[mod] = (t, ad[k.replace(".lora_A.", ".lora_B.")], scale)
+    logits, sums, counts, spec_diff = evaluate(name + "+adapter", pref, rows, tensors, text_cfg, lora)
+    exp = write_expected(case_dir, "_adapter", logits, sums, counts,
+                         {"peft_version": peft.__version__})
+    if abs(exp["loss"] - base_exp["loss"]) < 0.02:
+        problem("%s: the adapter barely changes the loss (%.5f vs %.5f)" % (
+            name, exp["loss"], base_exp["loss"]))
+    with open(os.path.join(ad_dir, "adapter_config.json")) as f:
+        acfg = json.load(f)
+    return {"r": LORA_R, "lora_alpha": LORA_ALPHA, "scaling": scale,
+            "target_modules": acfg.get("target_modules"), "n_modules": len(lora),
+            "loss": exp["loss"], "tokens": exp["tokens"], "peft_version": peft.__version__,
+            "spec_forward_max_abs_diff": spec_diff}
+
+
+# --------------------------------------------------------------------------------------------
+# --diagnose: transformers with its fp32 casts removed, against the spec forward
+# --------------------------------------------------------------------------------------------
+
+def strict_fp64_patches():
+    """Remove the fp32 casts of transformers' Qwen3.5 code (RMSNorms, gated norm, GDN kernel,
+    decay, RoPE angles) so that a float64 model computes everything in float64."""
+    import inspect
+    import textwrap
+    import torch
+    import transformers.models.qwen3_5.modeling_qwen3_5 as M
+
+    def rms_forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+    def gated_forward(self, x, gate):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x * (gate * torch.sigmoid(gate))
+
+    def recurrent(query, key, value, g, beta, initial_state=None, output_final_state=False,
+                  use_qk_l2norm_in_kernel=False, **kw):
+        B, n, Hk, Dk = key.shape
+        Hv, Dv = value.shape[-2:]
+        if Hk != Hv:
+            query, key = (x.repeat_interleave(Hv // Hk, dim=2) for x in (query, key))
+        if use_qk_l2norm_in_kernel:
+            query = query * torch.rsqrt((query * query).sum(-1, keepdim=True) + 1e-6)
+            key = key * torch.rsqrt((key * key).sum(-1, keepdim=True) + 1e-6)
+        query = query * Dk ** -0.5
+        S = torch.zeros(B, Hv, Dk, Dv, dtype=value.dtype)
+        out = torch.zeros(B, n, Hv, Dv, dtype=value.dtype)
+        for t in range(n):
+            S = S * g[:, t].exp()[..., None, None]
+            kv = (S * key[:, t, :, :, None]).sum(-2)
+            delta = (value[:, t] - kv) * beta[:, t, :, None]
+            S = S + key[:, t, :, :, None] * delta[:, :, None, :]
+            out[:, t] = (S * query[:, t, :, :, None]).sum(-2)
+        return out, (S if output_final_state else None)
+
+    def rotary_forward(self, x, position_ids):
+        rp = self.config.rope_parameters
+        dim = self.inv_freq.numel() * 2
+        inv = 1.0 / (float(rp["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        freqs = position_ids[0].to(torch.float64)[..., None] * inv  # text: the 3 rows are equal
+        emb = torch.cat([freqs, freqs], -1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    src = textwrap.dedent(inspect.getsource(M.Qwen3_5GatedDeltaNet.forward))
+    src = "\n".join(l for l in src.split("\n") if not l.lstrip().startswith("@"))
+    n1, n2 = src.count("self.A_log.float().exp()"), src.count("a.float()")
+    assert n1 == 1 and n2 == 1, (n1, n2)
+    src = src.replace("self.A_log.float().exp()", "self.A_log.exp()").replace("a.float()", "a")
+    ns = {}
+    exec(compile(src, M.__file__, "exec"), M.__dict__, ns)
+    M.Qwen3_5GatedDeltaNet.forward = ns["forward"]
+    M.Qwen3_5RMSNorm.forward = rms_forward
+    M.Qwen3_5RMSNormGated.forward = gated_forward
+    M.torch_chunk_gated_delta_rule = recurrent
+    M.Qwen3_5TextRotaryEmbedding.forward = rotary_forward
+
+
+def c_rel_err(a, b):
+    """tests/test_main.c rel_err: max |a - b| / max |b|."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def diagnose(root):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration
+    from peft import PeftModel
+    strict_fp64_patches()
+    for name in CASES:
+        case_dir = os.path.join(root, name)
+        with open(os.path.join(case_dir, "config.json")) as f:
+            cfg_json = json.load(f)
+        tcfg = cfg_json.get("text_config", cfg_json)
+        cls = Qwen3_5ForConditionalGeneration if "text_config" in cfg_json else Qwen3_5ForCausalLM
+        with open(os.path.join(case_dir, "data.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        tensors = load_tensors(case_dir)
+        variants = [("", None)]
+        if os.path.isdir(os.path.join(case_dir, "adapter")):
+            ad = load_file(os.path.join(case_dir, "adapter", "adapter_model.safetensors"))
+            lora = {k[len("base_model.model."):-len(".lora_A.weight")]:
+                    (t, ad[k.replace(".lora_A.", ".lora_B.")], LORA_ALPHA / LORA_R)
+                    for k, t in ad.items() if k.endswith(".lora_A.weight")}
+            variants.append(("_adapter", lora))
+        for stem, lora in variants:
+            model = cls.from_pretrained(case_dir, dtype=torch.float64)
+            if lora:
+                model = PeftModel.from_pretrained(model, os.path.join(case_dir, "adapter")).double()
+            model.eval()
+            want = load_file(os.path.join(case_dir, "expected%s_logits.safetensors" % stem))
+            with open(os.path.join(case_dir, "expected%s.json" % stem)) as f:
+                exp = json.load(f)
+            d_spec = d_exp = e32 = e32_strict = 0.0
+            s_strict = 0.0
+            for i, r in enumerate(rows):
+                with torch.no_grad():
+                    lg = model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False).logits[0]
+                ref = spec_forward(tensors, tcfg, r["input_ids"], lora)
+                f32 = spec_forward(tensors, tcfg, r["input_ids"], lora, torch.float32).double()
+                w = want["logits.%d" % i].double()
+                d_spec = max(d_spec, (lg - ref).abs().max().item())
+                d_exp = max(d_exp, c_rel_err(lg, w))
+                e32 = max(e32, c_rel_err(f32, w))
+                e32_strict = max(e32_strict, c_rel_err(f32, lg))
+                s_strict += row_losses(lg, r["labels"])[0]
+            print("%-18s%-9s strict-fp64 HF vs spec |diff| %.2e; expected (HF as shipped) vs strict "
+                  "rel_err %.2e; fp32 spec forward vs expected rel_err %.2e (vs strict %.2e); "
+                  "loss shipped %.9f strict %.9f" % (
+                      name, stem, d_spec, d_exp, e32, e32_strict, exp["loss"],
+                      s_strict / exp["tokens"]), flush=True)
+
+
+def generate(out_root):
+    import torch
+    import transformers
+    try:
+        import peft
+        peft_version = peft.__version__
+    except Exception as e:  # noqa: BLE001
+        peft_version = "missing: %s" % e
+    torch.set_num_threads(min(8, os.cpu_count() or 1))
+    print("torch %s, transformers %s, peft %s, python %s" % (
+        torch.__version__, transformers.__version__, peft_version, sys.version.split()[0]))
+    try:
+        from transformers.utils import is_flash_linear_attention_available
+        print("fla available: %s" % is_flash_linear_attention_available())
+    except Exception as e:  # noqa: BLE001
+        print("fla check: %s" % e)
+    os.makedirs(out_root, exist_ok=True)
+    manifest = {"generator": "tools/make_fixtures.py", "torch_version": torch.__version__,
+                "transformers_version": transformers.__version__, "peft_version": peft_version,
+                "row_lengths": list(ROW_LENGTHS), "cases": {}}
+    for name in CASES:
+        try:
+            build_case(name, out_root, manifest)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            problem("%s: exception" % name)
+    manifest["problems"] = problems
+    with open(os.path.join(out_root, "MANIFEST.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    if not verify(out_root):
+        problem("verify failed")
+
+
+# --------------------------------------------------------------------------------------------
+# --verify: plain Python, no torch
+# --------------------------------------------------------------------------------------------
+
+DT_SIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4}
+
+
+def st_header(path):
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        assert 8 + n <= size, path
+        raw = f.read(n)
+    h = json.loads(raw)
+    meta = h.pop("__metadata__", None)
+    spans = []
+    for k, e in h.items():
+        numel = 1
+        for s in e["shape"]:
+            numel *= s
+        b, en = e["data_offsets"]
+        assert en - b == numel * DT_SIZE[e["dtype"]], (path, k)
+        spans.append((b, en))
+    spans.sort()
+    pos = 0
+    for b, en in spans:
+        assert b == pos, (path, "hole or overlap", b, pos)
+        pos = en
+    assert 8 + n + pos == size, (path, "buffer size", 8 + n + pos, size)
+    return h, meta, 8 + n
+
+
+def read_f32(path, off, e):
+    import array
+    b, en = e["data_offsets"]
+    with open(path, "rb") as f:
+        f.seek(off + b)
+        a = array.array("f")
+        a.frombytes(f.read(en - b))
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
+def verify_expected(case_dir, stem, rows, V):
+    with open(os.path.join(case_dir, "expected%s.json" % stem)) as f:
+        exp = json.load(f)
+    for k in ("loss", "tokens", "row_loss_sum", "row_tokens", "transformers_version",
+              "torch_version"):
+        assert k in exp, (case_dir, stem, k)
+    want_counts = [sum(1 for t in range(len(r["labels"]) - 1) if r["labels"][t + 1] != -100)
+                   for r in rows]
+    assert exp["row_tokens"] == want_counts, (case_dir, exp["row_tokens"], want_counts)
+    assert exp["tokens"] == sum(want_counts)
+    assert abs(exp["loss"] - sum(exp["row_loss_sum"]) / exp["tokens"]) < 1e-12
+    path = os.path.join(case_dir, "expected%s_logits.safetensors" % stem)
+    h, _, off = st_header(path)
+    assert sorted(h) == sorted("logits.%d" % i for i in range(len(rows))), sorted(h)
+    for i, r in enumerate(rows):
+        e = h["logits.%d" % i]
+        assert e["dtype"] == "F32" and e["shape"] == [len(r["input_ids"]), V], (i, e)
+        lg = read_f32(path, off, e)
+        s = 0.0
+        for t in range(len(r["labels"]) - 1):
+            y = r["labels"][t + 1]
+            if y == -100:
+                continue
+            row = lg[t * V:(t + 1) * V]
+            m = max(row)
+            lse = m + math.log(sum(math.exp(x - m) for x in row))
+            s += lse - row[y]
+        # the logits file is F32, the sums came from float64 logits
+        assert abs(s - exp["row_loss_sum"][i]) <= 1e-4 * max(1.0, abs(s)), (case_dir, stem, i, s)
+    return exp
+
+
+def verify(root):
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for fn in files:
+            total += os.path.getsize(os.path.join(dirpath, fn))
+    print("verify %s (%.2f MB)" % (root, total / 1e6))
+    ok = True
+    for name in CASES:
+        case_dir = os.path.join(root, name)
+        try:
+            with open(os.path.join(case_dir, "config.json")) as f:
+                cfg = json.load(f)
+            tc = cfg.get("text_config", cfg)
+            V = tc["vocab_size"]
+            idx = os.path.join(case_dir, "model.safetensors.index.json")
+            names = {}
+            if os.path.exists(idx):
+                with open(idx) as f:
+                    index = json.load(f)
+                shards = sorted(set(index["weight_map"].values()))
+                total_size = 0
+                for s in shards:
+                    h, meta, _ = st_header(os.path.join(case_dir, s))
+                    for k, e in h.items():
+                        assert index["weight_map"].get(k) == s, (k, s)
+                        names[k] = e
+                        b, en = e["data_offsets"]
+                        total_size += en - b
+                assert set(index["weight_map"]) == set(names)
+                assert index["metadata"]["total_size"] == total_size, (
+                    index["metadata"]["total_size"], total_size)
+            else:
+                shards = ["model.safetensors"]
+                names, meta, _ = st_header(os.path.join(case_dir, "model.safetensors"))
+            dts = {}
+            for k, e in names.items():
+                dts[e["dtype"]] = dts.get(e["dtype"], 0) + 1
+            with open(os.path.join(case_dir, "data.jsonl")) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            for r in rows:
+                assert len(r["input_ids"]) == len(r["labels"])
+                assert all(0 <= t < V for t in r["input_ids"])
+                assert all(t == -100 or 0 <= t < V for t in r["labels"])
+            exp = verify_expected(case_dir, "", rows, V)
+            line = "  %-18s %d shard(s), %d tensors %s, lm_head %s, mtp %d, visual %d; rows %s; " \
+                   "loss %.6f over %d tokens" % (
+                       name, len(shards), len(names), dts, "lm_head.weight" in names,
+                       sum(k.startswith("mtp.") for k in names),
+                       sum(k.startswith("model.visual.") for k in names),
+                       [len(r["input_ids"]) for r in rows], exp["loss"], exp["tokens"])
+            print(line)
+            ad_dir = os.path.join(case_dir, "adapter")
+            if os.path.isdir(ad_dir):
+                with open(os.path.join(ad_dir, "adapter_config.json")) as f:
+                    acfg = json.load(f)
+                h, _, _ = st_header(os.path.join(ad_dir, "adapter_model.safetensors"))
+                assert all(e["dtype"] == "F32" for e in h.values())
+                mods = {k.rsplit(".lora_", 1)[0] for k in h}
+                for m in mods:
+                    a, b = h[m + ".lora_A.weight"], h[m + ".lora_B.weight"]
+                    assert a["shape"][0] == acfg["r"] and b["shape"][1] == acfg["r"], m
+                    w = names[m[len("base_model.model."):] + ".weight"]
+                    assert [b["shape"][0], a["shape"][1]] == w["shape"], m
+                exp_a = verify_expected(case_dir, "_adapter", rows, V)
+                print("  %-18s adapter r=%d alpha=%s, %d modules; loss %.6f over %d tokens" % (
+                    "", acfg["r"], acfg["lora_alpha"], len(mods), exp_a["loss"], exp_a["tokens"]))
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            ok = False
+            print("  %s: FAILED" % name)
+    print("verify: %s" % ("ok" if ok else "FAILED"))
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="folder to write the fixtures into (one subfolder per case)")
+    ap.add_argument("--verify", help="check an existing fixtures folder (no torch needed)")
+    ap.add_argument("--diagnose", help="compare an existing fixtures folder with transformers run "
+                    "strictly in float64 and with the spec forward in float64 and float32")
+    a = ap.parse_args()
+    if a.diagnose:
+        diagnose(a.diagnose)
+        return
+    if a.verify:
+        sys.exit(0 if verify(a.verify) else 1)
+    if not a.out:
+        ap.error("--out or --verify")
+    generate(a.out)
+    if problems:
+        print("%d problem(s):" % len(problems))
+        for p in problems:
+            print("  " + p)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
