@@ -18,7 +18,7 @@ if [[ ! -f "$model/model.safetensors" ]]; then
   echo "bench: writing a random $preset checkpoint to $model" >&2
   "$dt" init-model --preset "$preset" --out "$model" --seed 1 --dtype bf16 --force
 fi
-vocab=$("$dt" info --model "$model" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["vocab_size"])')
+vocab=$("$dt" info --model "$model" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["config"]["vocab_size"])')
 python3 - "$data" "$rows" "$seq" "$vocab" <<'PY'
 import json, random, sys
 path, rows, seq, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

@@ -40,7 +40,7 @@ TEST(ops_linear_lora_matches_naive) {
     int64_t T = 4, in = 9, out = 7;
     int r = 3;
     float *x = rand_vec(T * in, 1), *w = rand_vec(out * in, 1), *A = rand_vec(r * in, 1), *B = rand_vec(out * r, 1);
-    dt_lora lo = {r, 0.75f, in, out, A, B};
+    dt_lora lo = {.rank = r, .scale = 0.75f, .in = in, .out = out, .A = A, .B = B};
     dt_linear l = {{DT_F32, w, out, in}, &lo};
     float y[4 * 7], ref[4 * 7];
     linear_forward(y, x, &l, T);

@@ -32,4 +32,16 @@ typedef struct {
 int adapter_load(lora_adapter *a, const char *dir, const checkpoint *ck);
 void adapter_free(lora_adapter *a);
 
+/* A new adapter on every linear of the model whose PEFT module name is in targets:
+ * A Kaiming-uniform (uniform in +-1/sqrt(in), PEFT's default init) from seed, B zero.
+ * Unknown target names are refused by name. */
+int adapter_init(lora_adapter *a, const checkpoint *ck, int rank, double alpha, bool rslora,
+                 double dropout, const char *const *targets, int n_targets, uint64_t seed);
+/* Allocates (zeroed) dA/dB for every module, for training. */
+int adapter_alloc_grads(lora_adapter *a);
+/* Writes dir/adapter_config.json and dir/adapter_model.safetensors in PEFT's format, with
+ * keys for the checkpoint's own layout ("base_model.model." + prefix + module path +
+ * ".lora_A.weight"), F32; each file via a temp file and a rename. Creates dir if missing. */
+int adapter_save(const lora_adapter *a, const checkpoint *ck, const char *dir);
+
 #endif

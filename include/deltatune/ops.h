@@ -16,13 +16,18 @@ typedef double real;
 typedef float real;
 #endif
 
-/* A LoRA pair on one frozen linear W [out, in]: y += scale * (x A^T) B^T. */
+/* A LoRA pair on one frozen linear W [out, in]: y += scale * (drop(x) A^T) B^T,
+ * PEFT's semantics (dropout on the input of the A branch only). */
 typedef struct {
     int rank;
     real scale;       /* alpha / rank, or alpha / sqrt(rank) with rsLoRA */
     int64_t in, out;
     real *A;          /* [rank, in] */
     real *B;          /* [out, rank] */
+    real *dA, *dB;    /* gradients, accumulated by the backward; NULL when not training */
+    real dropout;     /* probability of dropping an input element; 0 = off */
+    uint64_t dropout_seed;  /* the mask is a hash of (seed, row, column): the recompute of
+                               gradient checkpointing sees the same mask with nothing stored */
 } dt_lora;
 
 /* A frozen linear W [out, in] (any stored float dtype) and its optional LoRA. */

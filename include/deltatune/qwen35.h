@@ -3,6 +3,7 @@
 #ifndef DELTATUNE_QWEN35_H
 #define DELTATUNE_QWEN35_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -56,6 +57,14 @@ int qwen35_model_set_lora(qwen35_model *m, qwen35_wkind kind, int layer, const d
  * not -100, within the same sequence) and their count. The LM head runs in chunks:
  * full [tokens x vocab] logits never exist. */
 int qwen35_eval_loss(qwen35_model *m, const qwen35_batch *b, double *loss_sum, int64_t *n_targets);
+/* Forward and backward of one micro-batch for LoRA training: adds
+ * grad_scale * d(loss_sum)/d(A, B) into the dA and dB of every attached LoRA, and returns the
+ * batch's loss sum and target count (as qwen35_eval_loss). The trainer passes
+ * grad_scale = 1 / (targets in the whole optimiser step), so accumulated micro-batches give the
+ * gradient of the step's token-mean loss. With grad_checkpoint each layer keeps only its input
+ * and is recomputed during the backward; without, every layer's activations are kept. */
+int qwen35_forward_backward(qwen35_model *m, const qwen35_batch *b, double grad_scale,
+                            bool grad_checkpoint, double *loss_sum, int64_t *n_targets);
 /* Every position's logits, [n_tokens, vocab] (for tests and small vocabularies). */
 int qwen35_forward_logits(qwen35_model *m, const qwen35_batch *b, float *logits);
 
