@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the unit tests and the command-line tests of one build folder and prints
+# Runs the unit tests, the gradient checks and the command-line tests of one build folder and prints
 # one total line, "N passed, N failed".
 set -uo pipefail
 build=${1:-build}
@@ -9,6 +9,7 @@ trap 'rm -f "$log"' EXIT
 
 status=0
 "$build/deltatune_tests" | tee -a "$log" || status=1
+"$build/deltatune_gradcheck" | tee -a "$log" || status=1
 DT=$(cd "$build" && pwd)/deltatune "$here/cli.sh" | tee -a "$log" || status=1
 
 passed=$(grep -Eo '^[a-z]+: [0-9]+ passed' "$log" | awk '{s+=$2} END {print s+0}')

@@ -1,9 +1,15 @@
+/* Token embedding lookup. */
 #include "ops/real.h"
 
 void embedding_forward(real *out, const int32_t *ids, int64_t T, const dt_weight *E) {
     int64_t H = E->cols;
     size_t es = dt_dtype_size(E->dtype);
 #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; t++) to_real(out + t * H, (const char *)E->data + (size_t)ids[t] * H * es, E->dtype, H);
+}
+
+void embedding_backward(real *dE, const real *dout, const int32_t *ids, int64_t T, int64_t H) {
+    /* serial: repeated ids add into the same row */
     for (int64_t t = 0; t < T; t++)
-        to_real(out + t * H, (const char *)E->data + (size_t)ids[t] * H * es, E->dtype, H);
+        for (int64_t i = 0; i < H; i++) dE[(int64_t)ids[t] * H + i] += dout[t * H + i];
 }

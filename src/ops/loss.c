@@ -1,14 +1,25 @@
-/* The LM head fused with cross-entropy: the vocabulary is walked in blocks, each
- * block's logits for all tokens are made, folded into a running max and sum of
- * exponentials per token, then dropped. */
+/* The LM head fused with cross-entropy (qwen35.md §2.5, §4): the [tokens x vocab]
+ * logits never exist in full. Evaluation walks the vocabulary in blocks with an
+ * online log-sum-exp; training walks the tokens in chunks, each chunk's logits row
+ * becoming its gradient in place. */
 #include <stdlib.h>
 
 #include "ops/real.h"
 
-void lmhead_ce_forward(double *loss_sum, int64_t *count, const real *h, const int32_t *targets,
-                       int64_t T, const dt_weight *E, real *scratch) {
-    int64_t V = E->rows, H = E->cols;
+/* Rows [v0, v0 + nv) of E as real: E itself or converted into buf. */
+static const real *vocab_block(const dt_weight *E, int64_t v0, int64_t nv, real *buf) {
+    int64_t H = E->cols;
+    if (E->dtype == REAL_DTYPE) return (const real *)E->data + v0 * H;
     size_t es = dt_dtype_size(E->dtype);
+    const char *src = (const char *)E->data + (size_t)v0 * H * es;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < nv; r++) to_real(buf + r * H, src + (size_t)r * H * es, E->dtype, H);
+    return buf;
+}
+
+void lmhead_ce_forward(double *loss_sum, int64_t *count, const real *h, const int32_t *targets, int64_t T,
+                       const dt_weight *E, real *scratch) {
+    int64_t V = E->rows, H = E->cols;
     real *run_max = malloc(sizeof(real) * T), *target_logit = malloc(sizeof(real) * T);
     double *run_sum = malloc(sizeof(double) * T);
     real *wbuf = E->dtype == REAL_DTYPE ? NULL : malloc(sizeof(real) * LMHEAD_VOCAB_BLOCK * H);
@@ -19,17 +30,9 @@ void lmhead_ce_forward(double *loss_sum, int64_t *count, const real *h, const in
     }
     for (int64_t v0 = 0; v0 < V; v0 += LMHEAD_VOCAB_BLOCK) {
         int64_t nv = V - v0 < LMHEAD_VOCAB_BLOCK ? V - v0 : LMHEAD_VOCAB_BLOCK;
-        const real *W;
-        if (wbuf) {
-            const char *src = (const char *)E->data + (size_t)v0 * H * es;
-#pragma omp parallel for schedule(static)
-            for (int64_t r = 0; r < nv; r++) to_real(wbuf + r * H, src + (size_t)r * H * es, E->dtype, H);
-            W = wbuf;
-        } else {
-            W = (const real *)E->data + v0 * H;
-        }
-        GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)nv, (int)H, 1.0, h, (int)H, W,
-                    (int)H, 0.0, scratch, (int)nv);
+        const real *W = vocab_block(E, v0, nv, wbuf);
+        GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)nv, (int)H, 1, h, (int)H, W, (int)H, 0, scratch,
+             (int)nv);
 #pragma omp parallel for schedule(static)
         for (int64_t t = 0; t < T; t++) {
             if (targets[t] < 0) continue;
@@ -38,9 +41,8 @@ void lmhead_ce_forward(double *loss_sum, int64_t *count, const real *h, const in
             for (int64_t j = 0; j < nv; j++) mx = row[j] > mx ? row[j] : mx;
             real block_sum = 0;
             for (int64_t j = 0; j < nv; j++) block_sum += exp(row[j] - mx);
-            double s = run_sum[t] * exp((double)run_max[t] - mx) + block_sum;
+            run_sum[t] = run_sum[t] * exp((double)run_max[t] - mx) + block_sum;
             run_max[t] = mx;
-            run_sum[t] = s;
             if (targets[t] >= v0 && targets[t] < v0 + nv) target_logit[t] = row[targets[t] - v0];
         }
     }
@@ -56,5 +58,55 @@ void lmhead_ce_forward(double *loss_sum, int64_t *count, const real *h, const in
     free(run_max);
     free(target_logit);
     free(run_sum);
+    free(wbuf);
+}
+
+void lmhead_ce_forward_backward(double *loss_sum, int64_t *count, real *dh, const real *h, const int32_t *targets,
+                                int64_t T, const dt_weight *E, real grad_scale, real *scratch) {
+    int64_t V = E->rows, H = E->cols;
+    real *wbuf = E->dtype == REAL_DTYPE ? NULL : malloc(sizeof(real) * LMHEAD_VOCAB_BLOCK * H);
+    for (int64_t t0 = 0; t0 < T; t0 += LMHEAD_TOKEN_CHUNK) {
+        int64_t nt = T - t0 < LMHEAD_TOKEN_CHUNK ? T - t0 : LMHEAD_TOKEN_CHUNK;
+        const int32_t *tg = targets + t0;
+        int any = 0;
+        for (int64_t t = 0; t < nt; t++) any |= tg[t] >= 0;
+        if (!any) continue;
+        /* logits [nt, V] of the chunk, a vocabulary block at a time */
+        for (int64_t v0 = 0; v0 < V; v0 += LMHEAD_VOCAB_BLOCK) {
+            int64_t nv = V - v0 < LMHEAD_VOCAB_BLOCK ? V - v0 : LMHEAD_VOCAB_BLOCK;
+            const real *W = vocab_block(E, v0, nv, wbuf);
+            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nt, (int)nv, (int)H, 1, h + t0 * H, (int)H, W, (int)H,
+                 0, scratch + v0, (int)V);
+        }
+        /* loss, then dlogits = grad_scale (softmax - onehot) in place; ignored rows zero */
+        double chunk_loss = 0;
+        int64_t chunk_count = 0;
+#pragma omp parallel for schedule(static) reduction(+ : chunk_loss, chunk_count)
+        for (int64_t t = 0; t < nt; t++) {
+            real *row = scratch + t * V;
+            if (tg[t] < 0) {
+                for (int64_t j = 0; j < V; j++) row[j] = 0;
+                continue;
+            }
+            real mx = -INFINITY;
+            for (int64_t j = 0; j < V; j++) mx = row[j] > mx ? row[j] : mx;
+            double sum = 0;
+            for (int64_t j = 0; j < V; j++) sum += exp(row[j] - mx);
+            double lse = mx + log(sum);
+            chunk_loss += lse - row[tg[t]];
+            chunk_count++;
+            for (int64_t j = 0; j < V; j++) row[j] = grad_scale * (real)exp(row[j] - lse);
+            row[tg[t]] -= grad_scale;
+        }
+        *loss_sum += chunk_loss;
+        *count += chunk_count;
+        /* dh += dlogits E, a vocabulary block at a time */
+        for (int64_t v0 = 0; v0 < V; v0 += LMHEAD_VOCAB_BLOCK) {
+            int64_t nv = V - v0 < LMHEAD_VOCAB_BLOCK ? V - v0 : LMHEAD_VOCAB_BLOCK;
+            const real *W = vocab_block(E, v0, nv, wbuf);
+            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nt, (int)H, (int)nv, 1, scratch + v0, (int)V, W,
+                 (int)H, 1, dh + t0 * H, (int)H);
+        }
+    }
     free(wbuf);
 }
