@@ -9,7 +9,12 @@ initial value, saves them with save_pretrained, and writes the expected logits a
 few pre-tokenized rows. The reference runs on the CPU (pure-torch Gated DeltaNet path) in
 float64, each row alone (batch of 1, no padding). An independent float64 implementation of the
 forward, written from docs/qwen35.md and reading only the saved files, is checked against
-transformers for every row. See tools/README.md for the cases and the file formats.
+transformers for every row.
+
+Two more cases: train_tied (a LoRA training run on text_tied with an explicit float64 loop, the
+specification of deltatune's trainer: steps, losses, lrs, gradient norms, the trained adapter) and
+optim (learning-rate schedules, AdamW and clip_grad_norm_ reference values). --only builds a
+subset. See tools/README.md for the cases and the file formats.
 """
 
 import argparse
@@ -21,7 +26,10 @@ import struct
 import sys
 import traceback
 
-CASES = ("text_tied", "mm_untied_sharded", "text_bf16")
+CASES = ("text_tied", "mm_untied_sharded", "text_bf16")  # checkpoints with expected logits
+ALL_CASES = CASES + ("train_tied", "optim")  # + a training run on text_tied, optimiser pieces
+DEFAULT_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                "fixtures")
 ROW_LENGTHS = (1, 7, 63, 64, 65, 130)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                 "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"]
@@ -558,6 +566,377 @@ def build_adapter(name, model, case_dir, cls, rows, text_cfg, tensors, base_exp)
 
 
 # --------------------------------------------------------------------------------------------
+# train_tied: a LoRA training run on text_tied, the specification of the C trainer
+# --------------------------------------------------------------------------------------------
+
+TRAIN_SEED = 4004
+TRAIN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                 "in_proj_qkv", "in_proj_z", "out_proj"]  # deltatune's ten default targets
+TRAIN_CFG = dict(r=4, lora_alpha=8, lora_dropout=0.0, batch_size=2, grad_accum=2, epochs=2,
+                 lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.01, schedule="linear",
+                 warmup_steps=1, max_grad_norm=None, init_A_std=0.1, init_B_std=0.05)
+
+
+def train_plan(n_rows, batch_size, grad_accum, epochs):
+    """Rows in file order, the same order every epoch. A micro-batch is batch_size consecutive
+    rows, an optimiser step is grad_accum consecutive micro-batches; the last micro-batch and the
+    last step of an epoch take what is left. Returns [(epoch, [micro-batch row lists])]."""
+    mbs = [list(range(i, min(i + batch_size, n_rows))) for i in range(0, n_rows, batch_size)]
+    per_epoch = [mbs[i:i + grad_accum] for i in range(0, len(mbs), grad_accum)]
+    return [(e, s) for e in range(epochs) for s in per_epoch]
+
+
+def row_targets(labels):
+    return sum(1 for t in range(len(labels) - 1) if labels[t + 1] != -100)
+
+
+def lora_params(pm):
+    """name in the file (adapter name removed) -> Parameter, sorted by name."""
+    out = {}
+    for n, p in pm.named_parameters():
+        if ".lora_A." in n or ".lora_B." in n:
+            out[n.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = p
+    return dict(sorted(out.items()))
+
+
+def save_adapter_f32(pm, ad_dir, base_rel):
+    """save_pretrained with the LoRA tensors as F32 (the training copy stays float64)."""
+    import torch
+    params = lora_params(pm)
+    keep = {k: p.data for k, p in params.items()}
+    for p in params.values():
+        p.data = p.data.to(torch.float32)
+    pm.peft_config["default"].base_model_name_or_path = base_rel
+    try:
+        pm.save_pretrained(ad_dir)
+    finally:
+        for k, p in params.items():
+            p.data = keep[k]
+    for extra in os.listdir(ad_dir):
+        if extra not in ("adapter_config.json", "adapter_model.safetensors"):
+            os.remove(os.path.join(ad_dir, extra))  # PEFT's README.md model card
+    canonical_adapter_config(os.path.join(ad_dir, "adapter_config.json"))
+
+
+def versions():
+    import torch
+    import transformers
+    import peft
+    return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "peft_version": peft.__version__, "python_version": sys.version.split()[0]}
+
+
+def token_loss_sum(logits, labels):
+    """Sum of -log_softmax(logits[t])[labels[t+1]] over counted targets (a differentiable
+    float64 scalar) and their count."""
+    import torch
+    lab = torch.tensor(labels[1:], dtype=torch.long)
+    keep = lab != -100
+    lp = torch.log_softmax(logits[:-1].to(torch.float64), -1)
+    picked = lp[keep].gather(1, lab[keep][:, None])
+    return -picked.sum(), int(keep.sum().item())
+
+
+def build_train_tied(out_root, base_dir, manifest):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3_5ForCausalLM, get_linear_schedule_with_warmup
+    c = TRAIN_CFG
+    case_dir = os.path.join(out_root, "train_tied")
+    shutil.rmtree(case_dir, ignore_errors=True)
+    os.makedirs(case_dir)
+    print("== train_tied (base %s)" % base_dir, flush=True)
+    with open(os.path.join(base_dir, "data.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(base_dir, "config.json")) as f:
+        text_cfg = json.load(f)
+    tensors = load_tensors(base_dir)
+    base_rel = "../../text_tied"  # from train_tied/<adapter>/ to the base checkpoint
+
+    model = Qwen3_5ForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
+    lcfg = LoraConfig(r=c["r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"],
+                      target_modules=list(TRAIN_TARGETS), task_type="CAUSAL_LM", bias="none")
+    pm = get_peft_model(model, lcfg).double()
+    params = lora_params(pm)
+    g = torch.Generator().manual_seed(TRAIN_SEED)
+    with torch.no_grad():
+        for k, p in params.items():  # sorted names: the draw order is fixed
+            std = c["init_A_std"] if ".lora_A." in k else c["init_B_std"]
+            # rounded to F32, so that training starts exactly from what init_adapter/ holds
+            p.copy_((torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+                    .to(torch.float32).to(torch.float64))
+    for n, p in pm.named_parameters():
+        if p.requires_grad != (".lora_" in n):
+            problem("train_tied: %s requires_grad=%s" % (n, p.requires_grad))
+    init = {k: p.detach().clone() for k, p in params.items()}
+    init_dir = os.path.join(case_dir, "init_adapter")
+    save_adapter_f32(pm, init_dir, base_rel)
+    ad = load_file(os.path.join(init_dir, "adapter_model.safetensors"))
+    if sorted(ad) != sorted(init) or any(t.dtype != torch.float32 for t in ad.values()):
+        problem("train_tied: init_adapter holds %s" % sorted({str(t.dtype) for t in ad.values()}))
+    elif any(not torch.equal(ad[k].double(), init[k]) for k in init):
+        problem("train_tied: init_adapter differs from the training start")
+    n_mod = len(init) // 2
+    print("  init adapter: %d modules, %d parameters" % (
+        n_mod, sum(t.numel() for t in init.values())), flush=True)
+
+    def lora_of(sd):
+        return {k[len("base_model.model."):-len(".lora_A.weight")]:
+                (t, sd[k.replace(".lora_A.", ".lora_B.")], c["lora_alpha"] / c["r"])
+                for k, t in sd.items() if k.endswith(".lora_A.weight")}
+
+    # the init adapter through the usual evaluation (HF loss + spec forward checks)
+    pm.eval()
+    _, init_sums, init_counts, _ = evaluate("train_tied init", pm, rows, tensors, text_cfg,
+                                            lora_of(ad))
+
+    opt = torch.optim.AdamW(list(params.values()), lr=c["lr"], betas=tuple(c["betas"]),
+                            eps=c["eps"], weight_decay=c["weight_decay"], foreach=False)
+    plan = train_plan(len(rows), c["batch_size"], c["grad_accum"], c["epochs"])
+    total = len(plan)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=c["warmup_steps"],
+                                            num_training_steps=total)
+    pm.train()
+    steps = []
+    grads1 = None
+    for si, (epoch, mbs) in enumerate(plan):
+        step_rows = [i for mb in mbs for i in mb]
+        n_tok = sum(row_targets(rows[i]["labels"]) for i in step_rows)
+        lr = opt.param_groups[0]["lr"]
+        loss_sum, rsums, rtoks = 0.0, [], []
+        for i in step_rows:
+            r = rows[i]
+            if row_targets(r["labels"]) == 0:
+                rsums.append(0.0)
+                rtoks.append(0)
+                continue  # no target: contributes nothing (not even a forward)
+            out = pm(input_ids=torch.tensor([r["input_ids"]]), use_cache=False)
+            s, cnt = token_loss_sum(out.logits[0], r["labels"])
+            (s / n_tok).backward()  # gradient = sum of token-loss gradients / step targets
+            rsums.append(s.item())
+            rtoks.append(cnt)
+            loss_sum += s.item()
+        gn = math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in params.values()
+                           if p.grad is not None))
+        if si == 0:
+            grads1 = {k: p.grad.detach().clone() for k, p in params.items()}
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        st = {"step": si + 1, "epoch": epoch + 1, "rows": step_rows, "micro_batches": mbs,
+              "loss": loss_sum / n_tok, "tokens": n_tok, "lr": lr, "grad_norm": gn,
+              "row_loss_sum": rsums, "row_tokens": rtoks}
+        steps.append(st)
+        print("  step %d (epoch %d) rows %s micro-batches %s: loss %.10f over %d tokens, "
+              "lr %.6g, grad_norm %.10g" % (st["step"], st["epoch"], step_rows, mbs, st["loss"],
+                                              n_tok, lr, gn), flush=True)
+
+    # checks: step 1 against the init evaluation, the loss moves, the adapter moved
+    s1 = steps[0]
+    want1 = sum(init_sums[i] for i in s1["rows"]) / s1["tokens"]
+    if abs(s1["loss"] - want1) > 1e-12 * abs(want1):
+        problem("train_tied: step 1 loss %.15f != eval of the init adapter %.15f" % (
+            s1["loss"], want1))
+    for a, b in zip(steps, steps[1:]):
+        if abs(a["loss"] - b["loss"]) < 1e-4:
+            problem("train_tied: loss barely changes from step %d to %d" % (a["step"], b["step"]))
+    same_rows = [(a, b) for a in steps for b in steps if a["step"] < b["step"] and a["rows"] == b["rows"]]
+    for a, b in same_rows:
+        print("  rows %s: loss %.8f at step %d, %.8f at step %d" % (
+            a["rows"], a["loss"], a["step"], b["loss"], b["step"]))
+        if abs(a["loss"] - b["loss"]) < 1e-4:
+            problem("train_tied: training did not change the loss of rows %s" % a["rows"])
+    moved = {k: (p.detach() - init[k]).abs().max().item() for k, p in params.items()}
+    rel = math.sqrt(sum(((p.detach() - init[k]) ** 2).sum().item() for k, p in params.items()) /
+                    sum((init[k] ** 2).sum().item() for k in init))
+    print("  adapter moved: max |delta| %.3g, min over tensors of max |delta| %.3g, "
+          "relative L2 %.3g" % (max(moved.values()), min(moved.values()), rel), flush=True)
+    if min(moved.values()) < 1e-4 or rel < 1e-3:
+        problem("train_tied: the adapter barely moved (min %.3g, rel %.3g)" % (
+            min(moved.values()), rel))
+
+    exp_dir = os.path.join(case_dir, "expected_adapter")
+    save_adapter_f32(pm, exp_dir, base_rel)
+    ad2 = load_file(os.path.join(exp_dir, "adapter_model.safetensors"))
+    r32 = max((ad2[k].double() - p.detach()).abs().max().item() for k, p in params.items())
+    print("  expected_adapter: F32 rounding of the float64 result max |diff| %.3g" % r32)
+    if sorted(ad2) != sorted(params) or any(t.dtype != torch.float32 for t in ad2.values()) or \
+            r32 > 1e-6:
+        problem("train_tied: expected_adapter does not hold the trained values")
+    save_file({k: t.to(torch.float32).contiguous() for k, t in grads1.items()},
+              os.path.join(case_dir, "expected_grads_step1.safetensors"),
+              metadata={"format": "pt"})
+
+    # the trained adapter, as saved (F32), evaluated on the float64 base
+    base = Qwen3_5ForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
+    pref = PeftModel.from_pretrained(base, exp_dir).double().eval()
+    _, sums, counts, spec_diff = evaluate("train_tied trained", pref, rows, tensors, text_cfg,
+                                          lora_of(ad2))
+    tokens = sum(counts)
+    v = versions()
+    ev = {"loss": sum(sums) / tokens, "tokens": tokens, "row_loss_sum": sums, "row_tokens": counts}
+    ev.update(v)
+    with open(os.path.join(case_dir, "expected_adapter_eval.json"), "w") as f:
+        json.dump(ev, f, indent=1)
+        f.write("\n")
+    init_loss = sum(init_sums) / sum(init_counts)
+    print("  eval: init adapter %.10f, trained adapter %.10f over %d tokens" % (
+        init_loss, ev["loss"], tokens), flush=True)
+    if not ev["loss"] < init_loss - 1e-4:
+        problem("train_tied: training did not lower the eval loss (%.6f -> %.6f)" % (
+            init_loss, ev["loss"]))
+
+    config = dict(c)
+    config.update({
+        "base": "text_tied", "data": "text_tied/data.jsonl", "n_rows": len(rows),
+        "target_modules": sorted(TRAIN_TARGETS), "scaling": c["lora_alpha"] / c["r"],
+        "use_rslora": False, "use_dora": False, "bias": "none", "seed": TRAIN_SEED,
+        "optimizer": "torch.optim.AdamW(foreach=False), LoRA parameters only",
+        "scheduler": "transformers.get_linear_schedule_with_warmup",
+        "num_training_steps": total, "steps_per_epoch": total // c["epochs"],
+        "shuffle": False, "row_order": "file order, the same every epoch",
+        "loss": "sum of token cross-entropies of the step / counted targets of the step",
+        "grad_norm": "L2 norm over all LoRA gradients before optimizer.step(), no clipping",
+        "lr_of_step": "optimizer.param_groups[0]['lr'] before optimizer.step(); scheduler.step() after",
+        "precision": "float64 on the CPU; transformers as shipped (with its internal fp32 casts)",
+        "rows_without_targets": "skipped (no forward), they count in the step's rows only",
+        "lora_init": "A ~ N(0, init_A_std), B ~ N(0, init_B_std), rounded to F32, "
+                     "drawn in sorted key order from torch.Generator().manual_seed(seed)",
+    })
+    out = {"steps": steps, "config": config,
+           "init_eval": {"loss": init_loss, "tokens": sum(init_counts), "row_loss_sum": init_sums,
+                         "row_tokens": init_counts}}
+    out.update(v)
+    with open(os.path.join(case_dir, "expected_train.json"), "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+    files = sorted(os.path.relpath(os.path.join(dp, fn), case_dir)
+                   for dp, _, fns in os.walk(case_dir) for fn in fns)
+    manifest["cases"]["train_tied"] = {
+        "kind": "training", "base": "text_tied", "files": files, "config": config,
+        "steps": [{k: s[k] for k in ("step", "rows", "loss", "tokens", "lr", "grad_norm")}
+                  for s in steps],
+        "n_modules": n_mod, "init_eval_loss": init_loss, "eval_loss": ev["loss"],
+        "eval_tokens": tokens, "spec_forward_max_abs_diff": spec_diff,
+        "expected_adapter_f32_rounding": r32, "versions": v}
+
+
+# --------------------------------------------------------------------------------------------
+# optim: learning-rate schedules, AdamW and gradient clipping
+# --------------------------------------------------------------------------------------------
+
+OPTIM_SEED = 5005
+SCHEDULE_PAIRS = [(0, 10), (1, 4), (3, 10), (5, 7), (10, 10), (0, 1)]
+
+
+def build_optim(out_root, manifest):
+    import torch
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+    case_dir = os.path.join(out_root, "optim")
+    shutil.rmtree(case_dir, ignore_errors=True)
+    os.makedirs(case_dir)
+    print("== optim", flush=True)
+    v = versions()
+    f64 = torch.float64
+
+    # schedules: the lr each optimiser step runs with
+    base_lr = 2e-4
+    cases = []
+    for kind in ("linear", "cosine", "constant"):
+        for warmup, total in SCHEDULE_PAIRS:
+            p = torch.nn.Parameter(torch.zeros(1, dtype=f64))
+            opt = torch.optim.SGD([p], lr=base_lr)
+            if kind == "linear":
+                sch = get_linear_schedule_with_warmup(opt, warmup, total)
+            elif kind == "cosine":
+                sch = get_cosine_schedule_with_warmup(opt, warmup, total)
+            else:
+                sch = get_constant_schedule_with_warmup(opt, warmup)
+            lrs = []
+            for _ in range(total):
+                lrs.append(opt.param_groups[0]["lr"])
+                p.grad = torch.zeros_like(p)
+                opt.step()
+                sch.step()
+            cases.append({"schedule": kind, "warmup": warmup, "total": total, "lrs": lrs})
+            print("  %-8s warmup %2d total %2d: %s" % (kind, warmup, total,
+                                                     " ".join("%.4g" % x for x in lrs)))
+    sj = {"base_lr": base_lr, "cosine_num_cycles": 0.5,
+          "lr_of_step": "optimizer.param_groups[0]['lr'] before each optimizer.step(); "
+                        "scheduler.step() after it; steps 0..total-1",
+          "cases": cases}
+    sj.update(v)
+    with open(os.path.join(case_dir, "schedules.json"), "w") as f:
+        json.dump(sj, f, indent=1)
+        f.write("\n")
+
+    # AdamW on 7 parameters, float64, given gradients
+    g = torch.Generator().manual_seed(OPTIM_SEED)
+    p0 = torch.randn(7, generator=g, dtype=f64)
+    grads = [torch.randn(7, generator=g, dtype=f64) * 0.5 for _ in range(5)]
+    hp = dict(lr=1e-2, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.1)
+    runs = []
+    for name, lrs in (("constant_lr", [1e-2] * 5),
+                      ("changing_lr", [0.0, 1e-2, 2.0 / 3.0 * 1e-2, 1.0 / 3.0 * 1e-2, 0.0])):
+        p = torch.nn.Parameter(p0.clone())
+        opt = torch.optim.AdamW([p], lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"],
+                                weight_decay=hp["weight_decay"], foreach=False)
+        steps = []
+        for t, gr in enumerate(grads):
+            opt.param_groups[0]["lr"] = lrs[t]
+            p.grad = gr.clone()
+            opt.step()
+            st = opt.state[p]
+            steps.append({"step": t + 1, "lr": lrs[t], "grad": gr.tolist(),
+                          "params": p.detach().tolist(), "exp_avg": st["exp_avg"].tolist(),
+                          "exp_avg_sq": st["exp_avg_sq"].tolist()})
+        runs.append({"name": name, "params_init": p0.tolist(), "steps": steps})
+        print("  adamw %s: params after 5 steps %s" % (name, ["%.6f" % x for x in p.tolist()]))
+    aj = dict(hp)
+    aj.update({"optimizer": "torch.optim.AdamW(foreach=False, amsgrad=False, maximize=False), "
+                            "float64; m, v start at 0; step t is 1-based",
+               "runs": runs})
+    aj.update(v)
+    with open(os.path.join(case_dir, "adamw.json"), "w") as f:
+        json.dump(aj, f, indent=1)
+        f.write("\n")
+
+    # clip_grad_norm_: several gradient tensors, one global norm
+    sets = [[torch.randn(3, generator=g, dtype=f64), torch.randn(5, generator=g, dtype=f64),
+             torch.randn(2, 2, generator=g, dtype=f64)],
+            [torch.randn(6, generator=g, dtype=f64) * 0.01, torch.randn(1, generator=g, dtype=f64)
+             * 0.01]]
+    clips = []
+    for gi, gs in enumerate(sets):
+        norm = math.sqrt(sum((t ** 2).sum().item() for t in gs))
+        for mx in (0.5 * norm, 2.0 * norm, 1.0):
+            ps = [torch.nn.Parameter(torch.zeros_like(t)) for t in gs]
+            for pp, t in zip(ps, gs):
+                pp.grad = t.clone()
+            ret = torch.nn.utils.clip_grad_norm_(ps, max_norm=mx, norm_type=2.0, foreach=False)
+            clips.append({"set": gi, "max_norm": mx, "grads": [t.flatten().tolist() for t in gs],
+                          "norm": ret.item(), "clipped": [pp.grad.flatten().tolist() for pp in ps],
+                          "clipped_expected": ret.item() > mx})
+            print("  clip set %d max_norm %.6g: norm %.10g%s" % (
+                gi, mx, ret.item(), " (clipped)" if ret.item() > mx else ""))
+    cj = {"rule": "torch.nn.utils.clip_grad_norm_(norm_type=2, foreach=False): total = L2 norm of "
+                  "all gradients together; every gradient *= min(1, max_norm / (total + 1e-6)); "
+                  "returns total", "cases": clips}
+    cj.update(v)
+    with open(os.path.join(case_dir, "clip_grad_norm.json"), "w") as f:
+        json.dump(cj, f, indent=1)
+        f.write("\n")
+    manifest["cases"]["optim"] = {
+        "kind": "optimizer", "files": sorted(os.listdir(case_dir)), "seed": OPTIM_SEED,
+        "schedules": {"base_lr": base_lr, "kinds": ["linear", "cosine", "constant"],
+                      "warmup_total": [list(x) for x in SCHEDULE_PAIRS]},
+        "adamw": dict(hp, n=7, steps=5, runs=[r["name"] for r in runs]),
+        "clip_cases": len(clips), "versions": v}
+
+
+# --------------------------------------------------------------------------------------------
 # --diagnose: transformers with its fp32 casts removed, against the spec forward
 # --------------------------------------------------------------------------------------------
 
@@ -673,7 +1052,11 @@ def diagnose(root):
                       s_strict / exp["tokens"]), flush=True)
 
 
-def generate(out_root):
+def generate(out_root, only=None, fixtures=None):
+    """Build the cases named in `only` (all of ALL_CASES by default) into out_root. With `only`,
+    MANIFEST.json starts from the one in `fixtures` (the committed folder) and gains or replaces
+    the entries built here; train_tied trains on out_root/text_tied when text_tied is built in
+    this run, else on fixtures/text_tied."""
     import torch
     import transformers
     try:
@@ -689,13 +1072,27 @@ def generate(out_root):
         print("fla available: %s" % is_flash_linear_attention_available())
     except Exception as e:  # noqa: BLE001
         print("fla check: %s" % e)
+    names = list(only) if only else list(ALL_CASES)
+    fixtures = fixtures or DEFAULT_FIXTURES
     os.makedirs(out_root, exist_ok=True)
-    manifest = {"generator": "tools/make_fixtures.py", "torch_version": torch.__version__,
-                "transformers_version": transformers.__version__, "peft_version": peft_version,
-                "row_lengths": list(ROW_LENGTHS), "cases": {}}
-    for name in CASES:
+    old_manifest = os.path.join(fixtures, "MANIFEST.json")
+    if only and os.path.exists(old_manifest):
+        with open(old_manifest) as f:
+            manifest = json.load(f)
+        print("manifest: starting from %s" % old_manifest)
+    else:
+        manifest = {"generator": "tools/make_fixtures.py", "torch_version": torch.__version__,
+                    "transformers_version": transformers.__version__, "peft_version": peft_version,
+                    "row_lengths": list(ROW_LENGTHS), "cases": {}}
+    for name in names:
         try:
-            build_case(name, out_root, manifest)
+            if name in CASES:
+                build_case(name, out_root, manifest)
+            elif name == "train_tied":
+                base = os.path.join(out_root if "text_tied" in names else fixtures, "text_tied")
+                build_train_tied(out_root, base, manifest)
+            elif name == "optim":
+                build_optim(out_root, manifest)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
             problem("%s: exception" % name)
@@ -703,7 +1100,8 @@ def generate(out_root):
     with open(os.path.join(out_root, "MANIFEST.json"), "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
-    if not verify(out_root):
+    base_root = out_root if "text_tied" in names else fixtures
+    if not verify(out_root, names, base_root):
         problem("verify failed")
 
 
@@ -783,14 +1181,164 @@ def verify_expected(case_dir, stem, rows, V):
     return exp
 
 
-def verify(root):
+def close(a, b, rel, what):
+    assert abs(a - b) <= rel * max(abs(a), abs(b), 1e-300), (what, a, b)
+
+
+def hf_schedule_lr(kind, base_lr, step, warmup, total, num_cycles=0.5):
+    """transformers' get_{linear,cosine,constant}_schedule_with_warmup lr_lambda, times base_lr."""
+    if step < warmup:
+        return base_lr * (float(step) / float(max(1, warmup)))
+    if kind == "constant":
+        return base_lr * 1.0
+    if kind == "linear":
+        return base_lr * max(0.0, float(total - step) / float(max(1, total - warmup)))
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress)))
+
+
+def adamw_reference(p, grads, lrs, beta1, beta2, eps, wd):
+    """torch.optim.AdamW, single-tensor path, in plain Python. Returns [(p, m, v)] per step."""
+    p = list(p)
+    m = [0.0] * len(p)
+    v = [0.0] * len(p)
+    out = []
+    for t, (g, lr) in enumerate(zip(grads, lrs), 1):
+        bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+        for i in range(len(p)):
+            p[i] *= 1 - lr * wd
+            m[i] += (g[i] - m[i]) * (1 - beta1)
+            v[i] = v[i] * beta2 + (1 - beta2) * g[i] * g[i]
+            p[i] -= lr / bc1 * m[i] / (math.sqrt(v[i]) / math.sqrt(bc2) + eps)
+        out.append((list(p), list(m), list(v)))
+    return out
+
+
+def verify_optim(case_dir):
+    with open(os.path.join(case_dir, "schedules.json")) as f:
+        sj = json.load(f)
+    n = 0
+    kinds = set()
+    for c in sj["cases"]:
+        assert len(c["lrs"]) == c["total"], c
+        for s, lr in enumerate(c["lrs"]):
+            want = hf_schedule_lr(c["schedule"], sj["base_lr"], s, c["warmup"], c["total"],
+                                  sj["cosine_num_cycles"])
+            assert abs(lr - want) <= 1e-15 * sj["base_lr"], (c["schedule"], c["warmup"],
+                                                              c["total"], s, lr, want)
+            n += 1
+        kinds.add(c["schedule"])
+    assert kinds == {"linear", "cosine", "constant"}, kinds
+    with open(os.path.join(case_dir, "adamw.json")) as f:
+        aj = json.load(f)
+    worst = 0.0
+    for run in aj["runs"]:
+        ref = adamw_reference(run["params_init"], [s["grad"] for s in run["steps"]],
+                              [s["lr"] for s in run["steps"]], aj["betas"][0], aj["betas"][1],
+                              aj["eps"], aj["weight_decay"])
+        for s, (p, m, v) in zip(run["steps"], ref):
+            for key, want in (("params", p), ("exp_avg", m), ("exp_avg_sq", v)):
+                for a, b in zip(s[key], want):
+                    worst = max(worst, abs(a - b) / max(abs(b), 1e-12))
+                    close(a, b, 1e-10, (run["name"], s["step"], key))
+    with open(os.path.join(case_dir, "clip_grad_norm.json")) as f:
+        cj = json.load(f)
+    for c in cj["cases"]:
+        norm = math.sqrt(sum(x * x for g in c["grads"] for x in g))
+        close(c["norm"], norm, 1e-13, "clip norm")
+        coef = min(1.0, c["max_norm"] / (norm + 1e-6))
+        assert c["clipped_expected"] == (norm > c["max_norm"])
+        for g, h in zip(c["grads"], c["clipped"]):
+            for a, b in zip(g, h):
+                close(b, a * coef, 1e-13, "clipped grad")
+    print("  %-18s %d schedule lrs, %d AdamW runs (max rel diff to the plain-Python AdamW %.2g), "
+          "%d clip cases" % ("optim", n, len(aj["runs"]), worst, len(cj["cases"])))
+
+
+def verify_train(case_dir, base_dir):
+    with open(os.path.join(case_dir, "expected_train.json")) as f:
+        ej = json.load(f)
+    c = ej["config"]
+    with open(os.path.join(base_dir, "data.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    counts = [row_targets(r["labels"]) for r in rows]
+    plan = train_plan(len(rows), c["batch_size"], c["grad_accum"], c["epochs"])
+    assert len(ej["steps"]) == len(plan) == c["num_training_steps"]
+    for s, (epoch, mbs) in zip(ej["steps"], plan):
+        assert s["epoch"] == epoch + 1 and s["micro_batches"] == mbs, (s["step"], mbs)
+        assert s["rows"] == [i for mb in mbs for i in mb]
+        assert s["row_tokens"] == [counts[i] for i in s["rows"]]
+        assert s["tokens"] == sum(s["row_tokens"])
+        close(s["loss"], sum(s["row_loss_sum"]) / s["tokens"], 1e-13, "step loss")
+        want = hf_schedule_lr(c["schedule"], c["lr"], s["step"] - 1, c["warmup_steps"],
+                              c["num_training_steps"])
+        assert abs(s["lr"] - want) <= 1e-15 * c["lr"], (s["step"], s["lr"], want)
+        assert math.isfinite(s["grad_norm"]) and s["grad_norm"] > 0
+    ie = ej["init_eval"]
+    assert ie["row_tokens"] == counts and ie["tokens"] == sum(counts)
+    s1 = ej["steps"][0]
+    close(s1["loss"], sum(ie["row_loss_sum"][i] for i in s1["rows"]) / s1["tokens"], 1e-10,
+          "step 1 vs init eval")
+    with open(os.path.join(case_dir, "expected_adapter_eval.json")) as f:
+        ev = json.load(f)
+    assert ev["row_tokens"] == counts and ev["tokens"] == sum(counts)
+    close(ev["loss"], sum(ev["row_loss_sum"]) / ev["tokens"], 1e-13, "eval loss")
+
+    base, _, _ = st_header(os.path.join(base_dir, "model.safetensors"))
+    want_mods = sorted("base_model.model." + k[:-len(".weight")] for k in base
+                       if k.endswith(".weight") and k.split(".")[-2] in c["target_modules"])
+    vals = {}
+    for sub in ("init_adapter", "expected_adapter"):
+        ad_dir = os.path.join(case_dir, sub)
+        assert sorted(os.listdir(ad_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+        with open(os.path.join(ad_dir, "adapter_config.json")) as f:
+            acfg = json.load(f)
+        assert acfg["peft_type"] == "LORA" and acfg["r"] == c["r"], sub
+        assert acfg["lora_alpha"] == c["lora_alpha"] and acfg["lora_dropout"] == c["lora_dropout"]
+        assert acfg["target_modules"] == sorted(c["target_modules"]), acfg["target_modules"]
+        assert not acfg.get("use_rslora") and not acfg.get("use_dora")
+        path = os.path.join(ad_dir, "adapter_model.safetensors")
+        h, _, off = st_header(path)
+        assert sorted({k.rsplit(".lora_", 1)[0] for k in h}) == want_mods, sub
+        assert len(h) == 2 * len(want_mods)
+        vals[sub] = {}
+        for m in want_mods:
+            a, b = h[m + ".lora_A.weight"], h[m + ".lora_B.weight"]
+            w = base[m[len("base_model.model."):] + ".weight"]
+            assert a["dtype"] == b["dtype"] == "F32", m
+            assert a["shape"] == [c["r"], w["shape"][1]] and b["shape"] == [w["shape"][0], c["r"]], m
+            for k, e in ((m + ".lora_A.weight", a), (m + ".lora_B.weight", b)):
+                vals[sub][k] = read_f32(path, off, e)
+    moved = []
+    for k, x in vals["init_adapter"].items():
+        assert max(abs(t) for t in x) > 0, ("zero init tensor", k)
+        y = vals["expected_adapter"][k]
+        moved.append(max(abs(p - q) for p, q in zip(x, y)))
+    assert min(moved) > 1e-5, min(moved)
+    path = os.path.join(case_dir, "expected_grads_step1.safetensors")
+    h, _, off = st_header(path)
+    assert sorted(h) == sorted(vals["init_adapter"])
+    gn = math.sqrt(sum(x * x for k, e in h.items() for x in read_f32(path, off, e)))
+    close(gn, s1["grad_norm"], 1e-6, "step-1 grad norm vs expected_grads_step1")
+    print("  %-18s %d steps, rows %s, losses %s, lrs %s; %d modules, min tensor move %.2g; "
+          "eval %.6f (init %.6f) over %d tokens" % (
+              "train_tied", len(ej["steps"]), [s["rows"] for s in ej["steps"]],
+              ["%.6f" % s["loss"] for s in ej["steps"]], ["%.3g" % s["lr"] for s in ej["steps"]],
+              len(want_mods), min(moved), ev["loss"], ie["loss"], ev["tokens"]))
+
+
+def verify(root, cases=None, base_root=None):
+    """Check the cases named in `cases` (default: all) under root. train_tied reads the text_tied
+    checkpoint and data from base_root (default root)."""
+    cases = list(cases) if cases else list(ALL_CASES)
+    base_root = base_root or root
     total = 0
     for dirpath, _, files in os.walk(root):
         for fn in files:
             total += os.path.getsize(os.path.join(dirpath, fn))
     print("verify %s (%.2f MB)" % (root, total / 1e6))
     ok = True
-    for name in CASES:
+    for name in [n for n in cases if n in CASES]:
         case_dir = os.path.join(root, name)
         try:
             with open(os.path.join(case_dir, "config.json")) as f:
@@ -853,6 +1401,16 @@ def verify(root):
             traceback.print_exc()
             ok = False
             print("  %s: FAILED" % name)
+    for name in [n for n in cases if n not in CASES]:
+        try:
+            if name == "train_tied":
+                verify_train(os.path.join(root, name), os.path.join(base_root, "text_tied"))
+            else:
+                verify_optim(os.path.join(root, name))
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            ok = False
+            print("  %s: FAILED" % name)
     print("verify: %s" % ("ok" if ok else "FAILED"))
     return ok
 
@@ -860,6 +1418,12 @@ def verify(root):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="folder to write the fixtures into (one subfolder per case)")
+    ap.add_argument("--only", help="comma-separated cases to build (default: all of %s)" %
+                    ",".join(ALL_CASES))
+    ap.add_argument("--fixtures", default=DEFAULT_FIXTURES,
+                    help="the committed fixtures folder: the text_tied checkpoint that train_tied "
+                    "trains on (unless text_tied is built too) and the MANIFEST.json that --only "
+                    "updates (default: tests/fixtures next to this script)")
     ap.add_argument("--verify", help="check an existing fixtures folder (no torch needed)")
     ap.add_argument("--diagnose", help="compare an existing fixtures folder with transformers run "
                     "strictly in float64 and with the spec forward in float64 and float32")
@@ -871,7 +1435,13 @@ def main():
         sys.exit(0 if verify(a.verify) else 1)
     if not a.out:
         ap.error("--out or --verify")
-    generate(a.out)
+    only = None
+    if a.only:
+        only = [x.strip() for x in a.only.split(",") if x.strip()]
+        bad = [x for x in only if x not in ALL_CASES]
+        if bad:
+            ap.error("unknown case(s) %s; known: %s" % (bad, ",".join(ALL_CASES)))
+    generate(a.out, only, a.fixtures)
     if problems:
         print("%d problem(s):" % len(problems))
         for p in problems:

@@ -10,20 +10,36 @@
 
 #include "deltatune/error.h"
 
-/* Activation buffers sized for a number of tokens and a longest sequence. */
+/* The activations of one decoder layer for N packed tokens. The two mixer kinds
+ * share one region (a layer is one or the other). The same struct, zeroed, holds
+ * the gradients of these activations in the backward. */
+typedef struct {
+    float *xn1, *h_mid, *xn2;                        /* [N, H] */
+    float *gate, *up, *m;                            /* [N, I] */
+    /* Gated DeltaNet */
+    float *mixed, *conv, *qkv;                       /* [N, conv_dim]: projection, conv+SiLU, L2-normed */
+    float *z, *o_raw, *o_norm;                       /* [N, value_dim] */
+    float *b, *a, *beta, *g;                         /* [N, Hv] */
+    /* gated attention */
+    float *qg;                                       /* [N, 2 q_dim]: per head [query | gate] */
+    float *q_pre, *q, *att, *gate_a, *att_g;         /* [N, q_dim] */
+    float *k_pre, *k, *v;                            /* [N, kv_dim] */
+    float *block;                                    /* owns all of the above */
+} layer_acts;
+
+/* Buffers for one call, grown on demand: the eval path uses one layer_acts; training
+ * adds the residual stream at every layer boundary, per-layer activations (one when
+ * checkpointing, else one per layer) and their gradients. */
 struct qwen35_workspace {
     int64_t cap_tokens, cap_seq;
-    float *h, *x;            /* [N, H] residual stream and normed input */
-    float *proj, *mix;       /* [N, wide]: projections in, mixed activations */
-    float *z, *o;            /* [N, narrow]: GDN gate and output / attention gate and output */
-    float *b, *a, *beta, *g; /* [N, Hv] */
-    float *up;               /* [N, I] */
-    float *scores;           /* [T, T] attention scores of one head */
-    float *ce;               /* [N, LMHEAD_VOCAB_BLOCK] */
-    int32_t *pos, *targets;  /* [N] */
+    int n_acts;                 /* layer_acts allocated in acts[] */
+    layer_acts *acts, grads;
+    float *hs;                  /* training: [n_layers + 1, N, H] residual stream */
+    float *dh, *dh2;            /* training: [N, H] residual gradients */
+    float *scores;              /* [2 T, T] attention probabilities and their gradient */
+    float *ce;                  /* loss scratch */
+    int32_t *pos, *targets;     /* [N] */
 };
-
-static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
 typedef struct {
     int64_t key_dim, value_dim, conv_dim, q_dim, kv_dim;
@@ -39,73 +55,103 @@ static layer_dims dims_of(const qwen35_config *c) {
     return d;
 }
 
-/* Floats per token in each buffer, so the estimate and the allocation agree. */
-typedef struct {
-    int64_t h, proj, mix, narrow, gates, up;
-} ws_widths;
-
-static ws_widths widths_of(const qwen35_config *c) {
+/* Floats per token of a layer_acts: the common part and the larger mixer. */
+static int64_t acts_floats_per_token(const qwen35_config *c) {
     layer_dims d = dims_of(c);
-    ws_widths w;
-    w.h = c->hidden_size;
-    w.proj = max3(d.conv_dim, 2 * d.q_dim, c->intermediate_size);
-    w.mix = max3(d.conv_dim, d.q_dim + 2 * d.kv_dim, c->intermediate_size);
-    w.narrow = d.value_dim > d.q_dim ? d.value_dim : d.q_dim;
-    w.gates = c->lin_n_v_heads;
-    w.up = c->intermediate_size;
-    return w;
+    int64_t common = 3 * (int64_t)c->hidden_size + 3 * (int64_t)c->intermediate_size;
+    int64_t gdn = 3 * d.conv_dim + 3 * d.value_dim + 4 * (int64_t)c->lin_n_v_heads;
+    int64_t att = 2 * d.q_dim + 5 * d.q_dim + 3 * d.kv_dim;
+    return common + (gdn > att ? gdn : att);
 }
 
-static int64_t ws_floats(const qwen35_config *c, int64_t N, int64_t T) {
-    ws_widths w = widths_of(c);
-    return N * (2 * w.h + w.proj + w.mix + 2 * w.narrow + 4 * w.gates + w.up + LMHEAD_VOCAB_BLOCK) + T * T;
+static int acts_alloc(layer_acts *a, const qwen35_config *c, int64_t N) {
+    layer_dims d = dims_of(c);
+    int64_t H = c->hidden_size, I = c->intermediate_size, Hv = c->lin_n_v_heads;
+    memset(a, 0, sizeof *a);
+    float *p = a->block = malloc(sizeof(float) * N * acts_floats_per_token(c));
+    if (!p) return dt_err("out of memory for the activations of %lld tokens", (long long)N);
+    a->xn1 = p, p += N * H;
+    a->h_mid = p, p += N * H;
+    a->xn2 = p, p += N * H;
+    a->gate = p, p += N * I;
+    a->up = p, p += N * I;
+    a->m = p, p += N * I;
+    float *mixer = p;
+    a->mixed = p, p += N * d.conv_dim;
+    a->conv = p, p += N * d.conv_dim;
+    a->qkv = p, p += N * d.conv_dim;
+    a->z = p, p += N * d.value_dim;
+    a->o_raw = p, p += N * d.value_dim;
+    a->o_norm = p, p += N * d.value_dim;
+    a->b = p, p += N * Hv;
+    a->a = p, p += N * Hv;
+    a->beta = p, p += N * Hv;
+    a->g = p;
+    p = mixer;
+    a->qg = p, p += N * 2 * d.q_dim;
+    a->q_pre = p, p += N * d.q_dim;
+    a->q = p, p += N * d.q_dim;
+    a->att = p, p += N * d.q_dim;
+    a->gate_a = p, p += N * d.q_dim;
+    a->att_g = p, p += N * d.q_dim;
+    a->k_pre = p, p += N * d.kv_dim;
+    a->k = p, p += N * d.kv_dim;
+    a->v = p;
+    return 0;
 }
 
 static void ws_free(qwen35_workspace *ws) {
     if (!ws) return;
-    free(ws->h);  /* one allocation holds every float buffer */
+    for (int i = 0; i < ws->n_acts; i++) free(ws->acts[i].block);
+    free(ws->acts);
+    free(ws->grads.block);
+    free(ws->hs);
+    free(ws->dh);
+    free(ws->dh2);
+    free(ws->scores);
+    free(ws->ce);
     free(ws->pos);
     free(ws);
 }
 
-static int ws_reserve(qwen35_model *m, int64_t N, int64_t T) {
+/* Sizes the workspace for N tokens, a longest sequence T, and the mode: n_acts layer
+ * activations (1 for eval and checkpointed training), and training buffers or not. */
+static int ws_reserve(qwen35_model *m, int64_t N, int64_t T, int n_acts, bool training) {
     qwen35_workspace *ws = m->ws;
-    if (ws && ws->cap_tokens >= N && ws->cap_seq >= T) return 0;
+    if (ws && ws->cap_tokens >= N && ws->cap_seq >= T && ws->n_acts >= n_acts && (!training || ws->hs)) return 0;
     if (ws) {
         N = N > ws->cap_tokens ? N : ws->cap_tokens;
         T = T > ws->cap_seq ? T : ws->cap_seq;
+        n_acts = n_acts > ws->n_acts ? n_acts : ws->n_acts;
+        training = training || ws->hs;
     }
     ws_free(ws);
     m->ws = ws = calloc(1, sizeof *ws);
-    int64_t total = ws_floats(&m->cfg, N, T);
-    float *p = ws ? malloc(sizeof(float) * total) : NULL;
-    int32_t *ip = ws ? malloc(sizeof(int32_t) * 2 * N) : NULL;
-    if (!p || !ip) {
-        free(p);
-        free(ip);
-        free(ws);
-        m->ws = NULL;
-        return dt_err("out of memory for activations of %lld tokens (%.1f MiB)", (long long)N,
-                      total * 4.0 / (1 << 20));
-    }
-    ws_widths w = widths_of(&m->cfg);
+    if (!ws) return dt_err("out of memory");
+    const qwen35_config *c = &m->cfg;
+    int64_t H = c->hidden_size, V = c->vocab_size;
+    int64_t ce = training ? (int64_t)LMHEAD_TOKEN_CHUNK * V : 0;
+    ce = N * LMHEAD_VOCAB_BLOCK > ce ? N * LMHEAD_VOCAB_BLOCK : ce;
     ws->cap_tokens = N;
     ws->cap_seq = T;
-    ws->h = p, p += N * w.h;
-    ws->x = p, p += N * w.h;
-    ws->proj = p, p += N * w.proj;
-    ws->mix = p, p += N * w.mix;
-    ws->z = p, p += N * w.narrow;
-    ws->o = p, p += N * w.narrow;
-    ws->b = p, p += N * w.gates;
-    ws->a = p, p += N * w.gates;
-    ws->beta = p, p += N * w.gates;
-    ws->g = p, p += N * w.gates;
-    ws->up = p, p += N * w.up;
-    ws->ce = p, p += N * LMHEAD_VOCAB_BLOCK;
-    ws->scores = p;
-    ws->pos = ip;
-    ws->targets = ip + N;
+    ws->acts = calloc(n_acts, sizeof *ws->acts);
+    ws->scores = malloc(sizeof(float) * 2 * T * T);
+    ws->ce = malloc(sizeof(float) * ce);
+    ws->pos = malloc(sizeof(int32_t) * 2 * N);
+    int ok = ws->acts && ws->scores && ws->ce && ws->pos;
+    for (int i = 0; ok && i < n_acts; i++, ws->n_acts++) ok = acts_alloc(&ws->acts[i], c, N) == 0;
+    if (ok && training) {
+        ws->hs = malloc(sizeof(float) * (c->n_layers + 1) * N * H);
+        ws->dh = malloc(sizeof(float) * N * H);
+        ws->dh2 = malloc(sizeof(float) * N * H);
+        ok = ws->hs && ws->dh && ws->dh2 && acts_alloc(&ws->grads, c, N) == 0;
+    }
+    if (!ok) {
+        ws_free(ws);
+        m->ws = NULL;
+        return dt_err("out of memory for the activations of %lld tokens", (long long)N);
+    }
+    ws->targets = ws->pos + N;
     return 0;
 }
 
@@ -216,168 +262,300 @@ int qwen35_model_set_lora(qwen35_model *m, qwen35_wkind kind, int layer, const d
 
 /* ---------------------------------------------------------------- forward */
 
-static void deltanet_layer_forward(qwen35_model *m, qwen35_layer *L, const qwen35_batch *b) {
-    const qwen35_config *c = &m->cfg;
-    qwen35_workspace *ws = m->ws;
-    layer_dims d = dims_of(c);
-    int64_t N = b->n_tokens;
-    int Hv = c->lin_n_v_heads;
-    linear_forward(ws->proj, ws->x, &L->lin_qkv, N);   /* mixed q|k|v before the conv */
-    linear_forward(ws->z, ws->x, &L->lin_z, N);
-    linear_forward(ws->b, ws->x, &L->lin_b, N);
-    linear_forward(ws->a, ws->x, &L->lin_a, N);
-    for (int64_t s = 0, off = 0; s < b->n_seqs; off += b->seq_lens[s++])
-        conv1d_silu_forward(ws->mix + off * d.conv_dim, ws->proj + off * d.conv_dim, L->conv,
-                            b->seq_lens[s], (int)d.conv_dim, c->conv_kernel);
-    float *q = ws->mix, *k = ws->mix + d.key_dim, *v = ws->mix + 2 * d.key_dim;
-    l2norm_forward(q, N, c->lin_n_k_heads, c->lin_k_head_dim, d.conv_dim, 1e-6f,
-                   1.0f / sqrtf((float)c->lin_k_head_dim));
-    l2norm_forward(k, N, c->lin_n_k_heads, c->lin_k_head_dim, d.conv_dim, 1e-6f, 1.0f);
-    deltanet_gates_forward(ws->beta, ws->g, ws->b, ws->a, L->a_log, L->dt_bias, N, Hv);
-    deltanet_dims dd = {c->lin_n_k_heads, Hv, c->lin_k_head_dim, c->lin_v_head_dim};
-    for (int64_t s = 0, off = 0; s < b->n_seqs; off += b->seq_lens[s++])
-        deltanet_forward(ws->o + off * d.value_dim, q + off * d.conv_dim, k + off * d.conv_dim, d.conv_dim,
-                         v + off * d.conv_dim, d.conv_dim, ws->beta + off * Hv, ws->g + off * Hv,
-                         b->seq_lens[s], dd);
-    rmsnorm_gated_forward(ws->o, ws->o, ws->z, L->lin_norm, N * Hv, c->lin_v_head_dim, (float)c->rms_eps);
-    linear_forward(ws->x, ws->o, &L->lin_out, N);
-}
-
-static void attention_layer_forward(qwen35_model *m, qwen35_layer *L, const qwen35_batch *b) {
-    const qwen35_config *c = &m->cfg;
-    qwen35_workspace *ws = m->ws;
-    layer_dims d = dims_of(c);
-    int64_t N = b->n_tokens;
-    int hd = c->head_dim;
-    float *q = ws->mix, *k = q + N * d.q_dim, *v = k + N * d.kv_dim, *gate = ws->z, *att = ws->o;
-    linear_forward(ws->proj, ws->x, &L->att_q, N);  /* per head [query | gate] */
-    for (int64_t t = 0; t < N; t++) {
-        for (int h = 0; h < c->n_heads; h++) {
-            const float *src = ws->proj + t * 2 * d.q_dim + (int64_t)h * 2 * hd;
-            memcpy(q + t * d.q_dim + (int64_t)h * hd, src, sizeof(float) * hd);
-            memcpy(gate + t * d.q_dim + (int64_t)h * hd, src + hd, sizeof(float) * hd);
-        }
-    }
-    linear_forward(k, ws->x, &L->att_k, N);
-    linear_forward(v, ws->x, &L->att_v, N);
-    rmsnorm1p_forward(q, q, L->q_norm, N * c->n_heads, hd, (float)c->rms_eps);
-    rmsnorm1p_forward(k, k, L->k_norm, N * c->n_kv_heads, hd, (float)c->rms_eps);
-    rope_forward(q, ws->pos, N, c->n_heads, hd, c->rotary_dim, c->rope_theta);
-    rope_forward(k, ws->pos, N, c->n_kv_heads, hd, c->rotary_dim, c->rope_theta);
-    for (int64_t s = 0, off = 0; s < b->n_seqs; off += b->seq_lens[s++])
-        attention_forward(att + off * d.q_dim, q + off * d.q_dim, k + off * d.kv_dim, v + off * d.kv_dim,
-                          b->seq_lens[s], c->n_heads, c->n_kv_heads, hd, 1.0f / sqrtf((float)hd),
-                          ws->scores);
-    sigmoid_gate_forward(att, gate, N * d.q_dim);
-    linear_forward(ws->x, att, &L->att_o, N);
-}
-
-static void mlp_forward(qwen35_model *m, qwen35_layer *L, int64_t N) {
-    qwen35_workspace *ws = m->ws;
-    int64_t I = m->cfg.intermediate_size;
-    linear_forward(ws->proj, ws->x, &L->mlp_gate, N);
-    linear_forward(ws->up, ws->x, &L->mlp_up, N);
-    swiglu_forward(ws->mix, ws->proj, ws->up, N * I);
-    linear_forward(ws->x, ws->mix, &L->mlp_down, N);
-}
+#define FOR_SEQS(b, s, off) for (int64_t s = 0, off = 0; s < (b)->n_seqs; off += (b)->seq_lens[s++])
 
 static void add_inplace(float *h, const float *x, int64_t n) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) h[i] += x[i];
 }
 
-static int check_batch(const qwen35_model *m, const qwen35_batch *b, int64_t *longest) {
-    int64_t total = 0, mx = 0;
+/* out = the Gated DeltaNet mixer of a->xn1 (qwen35.md §2.2). */
+static void deltanet_mixer_forward(const qwen35_config *c, const qwen35_layer *L, const qwen35_batch *b,
+                                   layer_acts *a, float *out) {
+    layer_dims d = dims_of(c);
+    int64_t N = b->n_tokens, cd = d.conv_dim;
+    int Hv = c->lin_n_v_heads, dk = c->lin_k_head_dim;
+    linear_forward(a->mixed, a->xn1, &L->lin_qkv, N);
+    linear_forward(a->z, a->xn1, &L->lin_z, N);
+    linear_forward(a->b, a->xn1, &L->lin_b, N);
+    linear_forward(a->a, a->xn1, &L->lin_a, N);
+    FOR_SEQS(b, s, off)
+    conv1d_silu_forward(a->conv + off * cd, a->mixed + off * cd, L->conv, b->seq_lens[s], (int)cd, c->conv_kernel);
+    memcpy(a->qkv, a->conv, sizeof(float) * N * cd);
+    l2norm_forward(a->qkv, N, c->lin_n_k_heads, dk, cd, 1e-6f, 1.0f / sqrtf((float)dk));
+    l2norm_forward(a->qkv + d.key_dim, N, c->lin_n_k_heads, dk, cd, 1e-6f, 1.0f);
+    deltanet_gates_forward(a->beta, a->g, a->b, a->a, L->a_log, L->dt_bias, N, Hv);
+    deltanet_dims dd = {c->lin_n_k_heads, Hv, dk, c->lin_v_head_dim};
+    FOR_SEQS(b, s, off) {
+        const float *q = a->qkv + off * cd;
+        deltanet_forward(a->o_raw + off * d.value_dim, q, q + d.key_dim, cd, q + 2 * d.key_dim, cd, a->beta + off * Hv,
+                         a->g + off * Hv, b->seq_lens[s], dd);
+    }
+    rmsnorm_gated_forward(a->o_norm, a->o_raw, a->z, L->lin_norm, N * Hv, c->lin_v_head_dim, (float)c->rms_eps);
+    linear_forward(out, a->o_norm, &L->lin_out, N);
+}
+
+/* q_proj gives per head [query | gate]; split and join them. */
+static void split_query_gate(float *q, float *gate, const float *qg, int64_t N, int nh, int hd) {
+    for (int64_t t = 0; t < N; t++)
+        for (int h = 0; h < nh; h++) {
+            const float *src = qg + (t * nh + h) * 2 * (int64_t)hd;
+            memcpy(q + (t * nh + h) * (int64_t)hd, src, sizeof(float) * hd);
+            memcpy(gate + (t * nh + h) * (int64_t)hd, src + hd, sizeof(float) * hd);
+        }
+}
+
+static void join_query_gate(float *qg, const float *q, const float *gate, int64_t N, int nh, int hd) {
+    for (int64_t t = 0; t < N; t++)
+        for (int h = 0; h < nh; h++) {
+            float *dst = qg + (t * nh + h) * 2 * (int64_t)hd;
+            memcpy(dst, q + (t * nh + h) * (int64_t)hd, sizeof(float) * hd);
+            memcpy(dst + hd, gate + (t * nh + h) * (int64_t)hd, sizeof(float) * hd);
+        }
+}
+
+/* out = the gated attention mixer of a->xn1 (qwen35.md §2.3). */
+static void attention_mixer_forward(const qwen35_config *c, const qwen35_layer *L, const qwen35_batch *b,
+                                    const int32_t *pos, float *scores, layer_acts *a, float *out) {
+    layer_dims d = dims_of(c);
+    int64_t N = b->n_tokens;
+    int hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
+    linear_forward(a->qg, a->xn1, &L->att_q, N);
+    split_query_gate(a->q_pre, a->gate_a, a->qg, N, nh, hd);
+    linear_forward(a->k_pre, a->xn1, &L->att_k, N);
+    linear_forward(a->v, a->xn1, &L->att_v, N);
+    rmsnorm1p_forward(a->q, a->q_pre, L->q_norm, N * nh, hd, (float)c->rms_eps);
+    rmsnorm1p_forward(a->k, a->k_pre, L->k_norm, N * nkv, hd, (float)c->rms_eps);
+    rope_forward(a->q, pos, N, nh, hd, c->rotary_dim, c->rope_theta);
+    rope_forward(a->k, pos, N, nkv, hd, c->rotary_dim, c->rope_theta);
+    FOR_SEQS(b, s, off)
+    attention_forward(a->att + off * d.q_dim, a->q + off * d.q_dim, a->k + off * d.kv_dim, a->v + off * d.kv_dim,
+                      b->seq_lens[s], nh, nkv, hd, 1.0f / sqrtf((float)hd), scores);
+    memcpy(a->att_g, a->att, sizeof(float) * N * d.q_dim);
+    sigmoid_gate_forward(a->att_g, a->gate_a, N * d.q_dim);
+    linear_forward(out, a->att_g, &L->att_o, N);
+}
+
+/* h_out = the decoder layer of h_in (h_out may be h_in); every intermediate lands in a. */
+static void layer_forward(qwen35_model *m, int l, const qwen35_batch *b, const float *h_in, float *h_out,
+                          layer_acts *a) {
+    const qwen35_config *c = &m->cfg;
+    const qwen35_layer *L = &m->layers[l];
+    int64_t N = b->n_tokens, H = c->hidden_size, I = c->intermediate_size;
+    float eps = (float)c->rms_eps;
+    rmsnorm1p_forward(a->xn1, h_in, L->input_norm, N, (int)H, eps);
+    if (c->layer_is_full[l]) attention_mixer_forward(c, L, b, m->ws->pos, m->ws->scores, a, a->h_mid);
+    else deltanet_mixer_forward(c, L, b, a, a->h_mid);
+    add_inplace(a->h_mid, h_in, N * H);
+    rmsnorm1p_forward(a->xn2, a->h_mid, L->post_norm, N, (int)H, eps);
+    linear_forward(a->gate, a->xn2, &L->mlp_gate, N);
+    linear_forward(a->up, a->xn2, &L->mlp_up, N);
+    swiglu_forward(a->m, a->gate, a->up, N * I);
+    linear_forward(h_out, a->m, &L->mlp_down, N);
+    add_inplace(h_out, a->h_mid, N * H);
+}
+
+/* ---------------------------------------------------------------- backward */
+
+/* Adds to g->xn1 the gradient of the Gated DeltaNet mixer, given dout. */
+static void deltanet_mixer_backward(const qwen35_config *c, const qwen35_layer *L, const qwen35_batch *b,
+                                    const layer_acts *a, layer_acts *g, const float *dout) {
+    layer_dims d = dims_of(c);
+    int64_t N = b->n_tokens, cd = d.conv_dim, kd = d.key_dim;
+    int Hv = c->lin_n_v_heads, dk = c->lin_k_head_dim;
+    linear_backward(g->o_norm, dout, a->o_norm, &L->lin_out, N);
+    rmsnorm_gated_backward(g->o_raw, g->z, NULL, g->o_norm, a->o_raw, a->z, L->lin_norm, N * Hv, c->lin_v_head_dim,
+                           (float)c->rms_eps);
+    deltanet_dims dd = {c->lin_n_k_heads, Hv, dk, c->lin_v_head_dim};
+    FOR_SEQS(b, s, off) {
+        const float *q = a->qkv + off * cd;
+        float *dq = g->qkv + off * cd;
+        deltanet_backward(dq, dq + kd, dq + 2 * kd, g->beta + off * Hv, g->g + off * Hv, g->o_raw + off * d.value_dim,
+                          q, q + kd, cd, q + 2 * kd, cd, a->beta + off * Hv, a->g + off * Hv, b->seq_lens[s], dd);
+    }
+    deltanet_gates_backward(g->b, g->a, NULL, NULL, g->beta, g->g, a->b, a->a, L->a_log, L->dt_bias, N, Hv);
+    /* q and k went through the L2 norm; v went straight from the conv */
+    l2norm_backward(g->conv, g->qkv, a->conv, N, c->lin_n_k_heads, dk, cd, 1e-6f, 1.0f / sqrtf((float)dk));
+    l2norm_backward(g->conv + kd, g->qkv + kd, a->conv + kd, N, c->lin_n_k_heads, dk, cd, 1e-6f, 1.0f);
+    for (int64_t t = 0; t < N; t++) add_inplace(g->conv + t * cd + 2 * kd, g->qkv + t * cd + 2 * kd, d.value_dim);
+    FOR_SEQS(b, s, off)
+    conv1d_silu_backward(g->mixed + off * cd, NULL, g->conv + off * cd, a->mixed + off * cd, L->conv, b->seq_lens[s],
+                         (int)cd, c->conv_kernel);
+    linear_backward(g->xn1, g->mixed, a->xn1, &L->lin_qkv, N);
+    linear_backward(g->xn1, g->z, a->xn1, &L->lin_z, N);
+    linear_backward(g->xn1, g->b, a->xn1, &L->lin_b, N);
+    linear_backward(g->xn1, g->a, a->xn1, &L->lin_a, N);
+}
+
+/* Adds to g->xn1 the gradient of the gated attention mixer, given dout. */
+static void attention_mixer_backward(const qwen35_config *c, const qwen35_layer *L, const qwen35_batch *b,
+                                     const int32_t *pos, float *scores, const layer_acts *a, layer_acts *g,
+                                     const float *dout) {
+    layer_dims d = dims_of(c);
+    int64_t N = b->n_tokens;
+    int hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
+    float eps = (float)c->rms_eps;
+    linear_backward(g->att_g, dout, a->att_g, &L->att_o, N);
+    sigmoid_gate_backward(g->att, g->gate_a, g->att_g, a->att, a->gate_a, N * d.q_dim);
+    FOR_SEQS(b, s, off)
+    attention_backward(g->q + off * d.q_dim, g->k + off * d.kv_dim, g->v + off * d.kv_dim, g->att + off * d.q_dim,
+                       a->q + off * d.q_dim, a->k + off * d.kv_dim, a->v + off * d.kv_dim, b->seq_lens[s], nh, nkv, hd,
+                       1.0f / sqrtf((float)hd), scores);
+    rope_backward(g->q, pos, N, nh, hd, c->rotary_dim, c->rope_theta);
+    rope_backward(g->k, pos, N, nkv, hd, c->rotary_dim, c->rope_theta);
+    rmsnorm1p_backward(g->q_pre, NULL, g->q, a->q_pre, L->q_norm, N * nh, hd, eps);
+    rmsnorm1p_backward(g->k_pre, NULL, g->k, a->k_pre, L->k_norm, N * nkv, hd, eps);
+    join_query_gate(g->qg, g->q_pre, g->gate_a, N, nh, hd);
+    linear_backward(g->xn1, g->qg, a->xn1, &L->att_q, N);
+    linear_backward(g->xn1, g->k_pre, a->xn1, &L->att_k, N);
+    linear_backward(g->xn1, g->v, a->xn1, &L->att_v, N);
+}
+
+/* dh_in = d loss / d h_in given dh_out, from the layer's saved activations a; LoRA
+ * gradients accumulate in the linears' dA/dB. g is scratch of the same shape as a. */
+static void layer_backward(qwen35_model *m, int l, const qwen35_batch *b, const float *h_in, const layer_acts *a,
+                           layer_acts *g, const float *dh_out, float *dh_in) {
+    const qwen35_config *c = &m->cfg;
+    const qwen35_layer *L = &m->layers[l];
+    int64_t N = b->n_tokens, H = c->hidden_size, I = c->intermediate_size;
+    float eps = (float)c->rms_eps;
+    memset(g->block, 0, sizeof(float) * N * acts_floats_per_token(c));
+    linear_backward(g->m, dh_out, a->m, &L->mlp_down, N);
+    swiglu_backward(g->gate, g->up, g->m, a->gate, a->up, N * I);
+    linear_backward(g->xn2, g->gate, a->xn2, &L->mlp_gate, N);
+    linear_backward(g->xn2, g->up, a->xn2, &L->mlp_up, N);
+    memcpy(g->h_mid, dh_out, sizeof(float) * N * H);
+    rmsnorm1p_backward(g->h_mid, NULL, g->xn2, a->h_mid, L->post_norm, N, (int)H, eps);
+    if (c->layer_is_full[l]) attention_mixer_backward(c, L, b, m->ws->pos, m->ws->scores, a, g, g->h_mid);
+    else deltanet_mixer_backward(c, L, b, a, g, g->h_mid);
+    memcpy(dh_in, g->h_mid, sizeof(float) * N * H);
+    rmsnorm1p_backward(dh_in, NULL, g->xn1, h_in, L->input_norm, N, (int)H, eps);
+}
+
+/* ---------------------------------------------------------------- batches */
+
+/* Checks the batch and fills positions (from 0 in every sequence) and targets (the
+ * next position's label within the same sequence, -1 when ignored). */
+static int prepare_batch(qwen35_model *m, const qwen35_batch *b, int n_acts, bool training) {
+    int64_t total = 0, longest = 0;
     for (int s = 0; s < b->n_seqs; s++) {
         if (b->seq_lens[s] <= 0) return dt_err("sequence %d of the batch is empty", s);
         total += b->seq_lens[s];
-        mx = b->seq_lens[s] > mx ? b->seq_lens[s] : mx;
+        longest = b->seq_lens[s] > longest ? b->seq_lens[s] : longest;
     }
     if (total != b->n_tokens) return dt_err("batch lengths add to %lld, not %d tokens", (long long)total, b->n_tokens);
-    for (int64_t t = 0; t < total; t++)
-        if (b->ids[t] < 0 || b->ids[t] >= m->cfg.vocab_size)
-            return dt_err("token id %d at position %lld is outside the vocabulary [0, %d)", b->ids[t],
-                          (long long)t, m->cfg.vocab_size);
-    *longest = mx;
+    int V = m->cfg.vocab_size;
+    const int32_t *labels = b->labels ? b->labels : b->ids;
+    for (int64_t t = 0; t < total; t++) {
+        if (b->ids[t] < 0 || b->ids[t] >= V)
+            return dt_err("token id %d at position %lld is outside the vocabulary [0, %d)", b->ids[t], (long long)t, V);
+        if (labels[t] >= V)
+            return dt_err("label %d at position %lld is outside the vocabulary [0, %d)", labels[t], (long long)t, V);
+    }
+    if (ws_reserve(m, total, longest, n_acts, training)) return -1;
+    qwen35_workspace *ws = m->ws;
+    FOR_SEQS(b, s, off)
+    for (int t = 0; t < b->seq_lens[s]; t++) {
+        ws->pos[off + t] = t;
+        int32_t y = t + 1 < b->seq_lens[s] ? labels[off + t + 1] : -1;
+        ws->targets[off + t] = y < 0 ? -1 : y;
+    }
     return 0;
 }
 
-/* Runs the decoder over the batch and leaves the final-normed hidden states in ws->x. */
-static int decoder_forward(qwen35_model *m, const qwen35_batch *b) {
-    int64_t longest = 0;
-    if (check_batch(m, b, &longest) || ws_reserve(m, b->n_tokens, longest)) return -1;
+/* Runs the decoder over a prepared batch (eval) and leaves the final-normed hidden
+ * states in the first layer_acts' xn1. */
+static float *decoder_forward(qwen35_model *m, const qwen35_batch *b) {
     const qwen35_config *c = &m->cfg;
     qwen35_workspace *ws = m->ws;
     int64_t N = b->n_tokens, H = c->hidden_size;
-    for (int64_t s = 0, off = 0; s < b->n_seqs; off += b->seq_lens[s++])
-        for (int t = 0; t < b->seq_lens[s]; t++) ws->pos[off + t] = t;
-    embedding_forward(ws->h, b->ids, N, &m->embed);
-    for (int l = 0; l < c->n_layers; l++) {
-        qwen35_layer *L = &m->layers[l];
-        rmsnorm1p_forward(ws->x, ws->h, L->input_norm, N, (int)H, (float)c->rms_eps);
-        if (c->layer_is_full[l]) attention_layer_forward(m, L, b);
-        else deltanet_layer_forward(m, L, b);
-        add_inplace(ws->h, ws->x, N * H);
-        rmsnorm1p_forward(ws->x, ws->h, L->post_norm, N, (int)H, (float)c->rms_eps);
-        mlp_forward(m, L, N);
-        add_inplace(ws->h, ws->x, N * H);
-    }
-    rmsnorm1p_forward(ws->x, ws->h, m->final_norm, N, (int)H, (float)c->rms_eps);
-    return 0;
+    layer_acts *a = &ws->acts[0];
+    float *h = ws->ce;  /* the residual stream borrows the loss scratch until the head */
+    float *hf = a->xn2;
+    if (N * LMHEAD_VOCAB_BLOCK < 2 * N * H) h = malloc(sizeof(float) * N * H);  /* never for real vocabularies */
+    embedding_forward(h, b->ids, N, &m->embed);
+    for (int l = 0; l < c->n_layers; l++) layer_forward(m, l, b, h, h, a);
+    rmsnorm1p_forward(hf, h, m->final_norm, N, (int)H, (float)c->rms_eps);
+    if (h != ws->ce) free(h);
+    return hf;
 }
 
 int qwen35_eval_loss(qwen35_model *m, const qwen35_batch *b, double *loss_sum, int64_t *n_targets) {
     *loss_sum = 0;
     *n_targets = 0;
-    if (decoder_forward(m, b)) return -1;
-    qwen35_workspace *ws = m->ws;
-    const int32_t *labels = b->labels ? b->labels : b->ids;
-    /* position t predicts the label of t + 1 within its own sequence */
-    for (int64_t s = 0, off = 0; s < b->n_seqs; off += b->seq_lens[s++]) {
-        for (int t = 0; t < b->seq_lens[s]; t++) {
-            int32_t y = t + 1 < b->seq_lens[s] ? labels[off + t + 1] : -1;
-            if (y >= m->cfg.vocab_size) return dt_err("label %d at position %lld is outside the vocabulary", y, (long long)(off + t + 1));
-            ws->targets[off + t] = y < 0 ? -1 : y;
-        }
-    }
-    lmhead_ce_forward(loss_sum, n_targets, ws->x, ws->targets, b->n_tokens, &m->lm_head, ws->ce);
+    if (prepare_batch(m, b, 1, false)) return -1;
+    float *hf = decoder_forward(m, b);
+    lmhead_ce_forward(loss_sum, n_targets, hf, m->ws->targets, b->n_tokens, &m->lm_head, m->ws->ce);
     return 0;
 }
 
 int qwen35_forward_logits(qwen35_model *m, const qwen35_batch *b, float *logits) {
-    if (decoder_forward(m, b)) return -1;
+    if (prepare_batch(m, b, 1, false)) return -1;
+    float *hf = decoder_forward(m, b);
     dt_linear head = {m->lm_head, NULL};
-    linear_forward(logits, m->ws->x, &head, b->n_tokens);
+    linear_forward(logits, hf, &head, b->n_tokens);
+    return 0;
+}
+
+int qwen35_forward_backward(qwen35_model *m, const qwen35_batch *b, double grad_scale, bool grad_checkpoint,
+                            double *loss_sum, int64_t *n_targets) {
+    *loss_sum = 0;
+    *n_targets = 0;
+    const qwen35_config *c = &m->cfg;
+    int n_layers = c->n_layers;
+    if (prepare_batch(m, b, grad_checkpoint ? 1 : n_layers, true)) return -1;
+    qwen35_workspace *ws = m->ws;
+    int64_t N = b->n_tokens, H = c->hidden_size, NH = N * H;
+    float eps = (float)c->rms_eps;
+    /* forward, keeping the residual stream at every layer boundary */
+    embedding_forward(ws->hs, b->ids, N, &m->embed);
+    for (int l = 0; l < n_layers; l++)
+        layer_forward(m, l, b, ws->hs + l * NH, ws->hs + (l + 1) * NH, &ws->acts[grad_checkpoint ? 0 : l]);
+    float *hf = ws->grads.xn1;  /* the gradient block is free until the first layer's backward */
+    rmsnorm1p_forward(hf, ws->hs + n_layers * NH, m->final_norm, N, (int)H, eps);
+    memset(ws->dh2, 0, sizeof(float) * NH);
+    lmhead_ce_forward_backward(loss_sum, n_targets, ws->dh2, hf, ws->targets, N, &m->lm_head, (float)grad_scale,
+                               ws->ce);
+    memset(ws->dh, 0, sizeof(float) * NH);
+    rmsnorm1p_backward(ws->dh, NULL, ws->dh2, ws->hs + n_layers * NH, m->final_norm, N, (int)H, eps);
+    /* backward, layer by layer; with checkpointing each layer is first recomputed from its input
+     * (the recompute rewrites hs[l + 1] with the same values, no longer needed) */
+    for (int l = n_layers - 1; l >= 0; l--) {
+        layer_acts *a = &ws->acts[grad_checkpoint ? 0 : l];
+        if (grad_checkpoint) layer_forward(m, l, b, ws->hs + l * NH, ws->hs + (l + 1) * NH, a);
+        layer_backward(m, l, b, ws->hs + l * NH, a, &ws->grads, ws->dh, ws->dh2);
+        float *t = ws->dh;
+        ws->dh = ws->dh2;
+        ws->dh2 = t;
+    }
     return 0;
 }
 
 /* ---------------------------------------------------------------- memory plan */
 
-void qwen35_memory_estimate(const qwen35_config *c, int64_t weight_bytes, int batch, int seq_len,
-                            int lora_rank, int grad_checkpoint, qwen35_memory *out) {
+void qwen35_memory_estimate(const qwen35_config *c, int64_t weight_bytes, int batch, int seq_len, int lora_rank,
+                            int grad_checkpoint, qwen35_memory *out) {
     memset(out, 0, sizeof *out);
-    int64_t N = (int64_t)batch * seq_len, H = c->hidden_size;
-    layer_dims d = dims_of(c);
+    int64_t N = (int64_t)batch * seq_len, H = c->hidden_size, T = seq_len;
+    int64_t acts = 4 * N * acts_floats_per_token(c);
+    int64_t scratch = 4 * (2 * T * T + 2 * N);
     out->weights = weight_bytes;
-    out->activations = 4 * ws_floats(c, N, seq_len);
+    out->activations = acts + scratch + 4 * N * LMHEAD_VOCAB_BLOCK;
     /* LoRA on the ten default targets: r * (in + out) per linear */
+    layer_dims d = dims_of(c);
     int64_t lora = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        if (c->layer_is_full[l])
-            lora += (H + 2 * d.q_dim) + 2 * (H + d.kv_dim) + (d.q_dim + H);
-        else
-            lora += (H + d.conv_dim) + (H + d.value_dim) + (d.value_dim + H);
+        if (c->layer_is_full[l]) lora += (H + 2 * d.q_dim) + 2 * (H + d.kv_dim) + (d.q_dim + H);
+        else lora += (H + d.conv_dim) + (H + d.value_dim) + (d.value_dim + H);
         lora += 2 * (H + c->intermediate_size) + (c->intermediate_size + H);
     }
     out->lora_params = 4 * lora * lora_rank;
     out->optimizer = 3 * out->lora_params;  /* gradient + two AdamW moments */
-    /* Saved for backward: with checkpointing, each layer's input (the residual stream)
-     * plus one layer's full activations while it is recomputed; without, every layer's. */
-    int64_t per_layer = 4 * N * (2 * H + 2 * d.conv_dim + 3 * d.value_dim + 3 * c->intermediate_size);
-    int64_t dn_states = 4 * (int64_t)batch * c->lin_n_v_heads * c->lin_k_head_dim * c->lin_v_head_dim *
-                        ((seq_len + 63) / 64);
-    out->train_activations = grad_checkpoint ? 4 * N * H * c->n_layers + per_layer + dn_states
-                                             : (per_layer + dn_states) * c->n_layers;
-    out->total_train = out->weights + out->activations + out->lora_params + out->optimizer +
-                       out->train_activations;
+    /* the residual stream at every layer boundary, the layer activations (one when
+     * checkpointing) and their gradients, two residual gradients, the loss chunk */
+    int64_t ce = 4 * (int64_t)LMHEAD_TOKEN_CHUNK * c->vocab_size;
+    int64_t ce_eval = 4 * N * LMHEAD_VOCAB_BLOCK;
+    out->train_activations = 4 * N * H * (c->n_layers + 1) + acts * (grad_checkpoint ? 2 : c->n_layers + 1) +
+                             2 * 4 * N * H + (ce > ce_eval ? ce : ce_eval) + scratch;
+    out->total_train = out->weights + out->lora_params + out->optimizer + out->train_activations;
 }
