@@ -143,11 +143,11 @@ void sigmoid_gate_backward(real *dx, real *dgate, const real *dy, const real *x,
 #define LMHEAD_VOCAB_BLOCK 4096
 void lmhead_ce_forward(double *loss_sum, int64_t *count, const real *h, const int32_t *targets,
                        int64_t T, const dt_weight *E, real *scratch);
-/* Training: the same loss, and dh += grad_scale * d(loss_sum)/dh, tokens a chunk at a time.
- * scratch holds LMHEAD_TOKEN_CHUNK * V reals. */
+/* Training: the same loss, and dh += grad_scale * d(loss_sum)/dh, `chunk` tokens at a time
+ * (their [chunk, V] logits become their gradient in place). scratch holds chunk * V reals. */
 #define LMHEAD_TOKEN_CHUNK 64
 void lmhead_ce_forward_backward(double *loss_sum, int64_t *count, real *dh, const real *h,
                                 const int32_t *targets, int64_t T, const dt_weight *E, real grad_scale,
-                                real *scratch);
+                                int64_t chunk, real *scratch);
 
 #endif

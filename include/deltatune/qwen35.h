@@ -33,6 +33,8 @@ typedef struct {
     float *final_norm;
     qwen35_layer *layers;
     float *small;                           /* owns every fp32 vector above */
+    int64_t ce_chunk;                       /* training loss: tokens per LM-head chunk; 0 = all at
+                                               once (the full logits: only to measure what chunking saves) */
     qwen35_workspace *ws;
 } qwen35_model;
 

@@ -34,6 +34,7 @@ struct qwen35_workspace {
     int64_t cap_tokens, cap_seq;
     int n_acts;                 /* layer_acts allocated in acts[] */
     layer_acts *acts, grads;
+    float *h;                   /* eval: [N, H] residual stream */
     float *hs;                  /* training: [n_layers + 1, N, H] residual stream */
     float *dh, *dh2;            /* training: [N, H] residual gradients */
     float *scores;              /* [2 T, T] attention probabilities and their gradient */
@@ -105,6 +106,7 @@ static void ws_free(qwen35_workspace *ws) {
     for (int i = 0; i < ws->n_acts; i++) free(ws->acts[i].block);
     free(ws->acts);
     free(ws->grads.block);
+    free(ws->h);
     free(ws->hs);
     free(ws->dh);
     free(ws->dh2);
@@ -112,6 +114,10 @@ static void ws_free(qwen35_workspace *ws) {
     free(ws->ce);
     free(ws->pos);
     free(ws);
+}
+
+static int64_t ce_chunk_of(const qwen35_model *m, int64_t N) {
+    return m->ce_chunk > 0 && m->ce_chunk < N ? m->ce_chunk : N;
 }
 
 /* Sizes the workspace for N tokens, a longest sequence T, and the mode: n_acts layer
@@ -130,7 +136,7 @@ static int ws_reserve(qwen35_model *m, int64_t N, int64_t T, int n_acts, bool tr
     if (!ws) return dt_err("out of memory");
     const qwen35_config *c = &m->cfg;
     int64_t H = c->hidden_size, V = c->vocab_size;
-    int64_t ce = training ? (int64_t)LMHEAD_TOKEN_CHUNK * V : 0;
+    int64_t ce = training ? ce_chunk_of(m, N) * V : 0;
     ce = N * LMHEAD_VOCAB_BLOCK > ce ? N * LMHEAD_VOCAB_BLOCK : ce;
     ws->cap_tokens = N;
     ws->cap_seq = T;
@@ -138,7 +144,8 @@ static int ws_reserve(qwen35_model *m, int64_t N, int64_t T, int n_acts, bool tr
     ws->scores = malloc(sizeof(float) * 2 * T * T);
     ws->ce = malloc(sizeof(float) * ce);
     ws->pos = malloc(sizeof(int32_t) * 2 * N);
-    int ok = ws->acts && ws->scores && ws->ce && ws->pos;
+    ws->h = malloc(sizeof(float) * N * H);
+    int ok = ws->acts && ws->scores && ws->ce && ws->pos && ws->h;
     for (int i = 0; ok && i < n_acts; i++, ws->n_acts++) ok = acts_alloc(&ws->acts[i], c, N) == 0;
     if (ok && training) {
         ws->hs = malloc(sizeof(float) * (c->n_layers + 1) * N * H);
@@ -221,6 +228,7 @@ int qwen35_model_init(qwen35_model *m, const qwen35_config *cfg, const qwen35_te
         return -1;
     }
     if (!have_lm_head) m->lm_head = m->embed;
+    m->ce_chunk = LMHEAD_TOKEN_CHUNK;
     return 0;
 }
 
@@ -463,20 +471,16 @@ static int prepare_batch(qwen35_model *m, const qwen35_batch *b, int n_acts, boo
     return 0;
 }
 
-/* Runs the decoder over a prepared batch (eval) and leaves the final-normed hidden
- * states in the first layer_acts' xn1. */
+/* Runs the decoder over a prepared batch (eval); returns the final-normed hidden states. */
 static float *decoder_forward(qwen35_model *m, const qwen35_batch *b) {
     const qwen35_config *c = &m->cfg;
     qwen35_workspace *ws = m->ws;
     int64_t N = b->n_tokens, H = c->hidden_size;
     layer_acts *a = &ws->acts[0];
-    float *h = ws->ce;  /* the residual stream borrows the loss scratch until the head */
-    float *hf = a->xn2;
-    if (N * LMHEAD_VOCAB_BLOCK < 2 * N * H) h = malloc(sizeof(float) * N * H);  /* never for real vocabularies */
-    embedding_forward(h, b->ids, N, &m->embed);
-    for (int l = 0; l < c->n_layers; l++) layer_forward(m, l, b, h, h, a);
-    rmsnorm1p_forward(hf, h, m->final_norm, N, (int)H, (float)c->rms_eps);
-    if (h != ws->ce) free(h);
+    float *hf = a->xn2;  /* free once the last layer is done */
+    embedding_forward(ws->h, b->ids, N, &m->embed);
+    for (int l = 0; l < c->n_layers; l++) layer_forward(m, l, b, ws->h, ws->h, a);
+    rmsnorm1p_forward(hf, ws->h, m->final_norm, N, (int)H, (float)c->rms_eps);
     return hf;
 }
 
@@ -515,7 +519,7 @@ int qwen35_forward_backward(qwen35_model *m, const qwen35_batch *b, double grad_
     rmsnorm1p_forward(hf, ws->hs + n_layers * NH, m->final_norm, N, (int)H, eps);
     memset(ws->dh2, 0, sizeof(float) * NH);
     lmhead_ce_forward_backward(loss_sum, n_targets, ws->dh2, hf, ws->targets, N, &m->lm_head, (float)grad_scale,
-                               ws->ce);
+                               ce_chunk_of(m, N), ws->ce);
     memset(ws->dh, 0, sizeof(float) * NH);
     rmsnorm1p_backward(ws->dh, NULL, ws->dh2, ws->hs + n_layers * NH, m->final_norm, N, (int)H, eps);
     /* backward, layer by layer; with checkpointing each layer is first recomputed from its input
@@ -540,7 +544,7 @@ void qwen35_memory_estimate(const qwen35_config *c, int64_t weight_bytes, int ba
     int64_t acts = 4 * N * acts_floats_per_token(c);
     int64_t scratch = 4 * (2 * T * T + 2 * N);
     out->weights = weight_bytes;
-    out->activations = acts + scratch + 4 * N * LMHEAD_VOCAB_BLOCK;
+    out->activations = acts + scratch + 4 * N * (H + LMHEAD_VOCAB_BLOCK);
     /* LoRA on the ten default targets: r * (in + out) per linear */
     layer_dims d = dims_of(c);
     int64_t lora = 0;

@@ -62,11 +62,11 @@ void lmhead_ce_forward(double *loss_sum, int64_t *count, const real *h, const in
 }
 
 void lmhead_ce_forward_backward(double *loss_sum, int64_t *count, real *dh, const real *h, const int32_t *targets,
-                                int64_t T, const dt_weight *E, real grad_scale, real *scratch) {
+                                int64_t T, const dt_weight *E, real grad_scale, int64_t chunk, real *scratch) {
     int64_t V = E->rows, H = E->cols;
     real *wbuf = E->dtype == REAL_DTYPE ? NULL : malloc(sizeof(real) * LMHEAD_VOCAB_BLOCK * H);
-    for (int64_t t0 = 0; t0 < T; t0 += LMHEAD_TOKEN_CHUNK) {
-        int64_t nt = T - t0 < LMHEAD_TOKEN_CHUNK ? T - t0 : LMHEAD_TOKEN_CHUNK;
+    for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+        int64_t nt = T - t0 < chunk ? T - t0 : chunk;
         const int32_t *tg = targets + t0;
         int any = 0;
         for (int64_t t = 0; t < nt; t++) any |= tg[t] >= 0;

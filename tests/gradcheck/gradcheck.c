@@ -455,7 +455,7 @@ static double ce_loss(void *p) {
     lmhead_ce_forward(&s, &n, c->h, c->targets, c->T, &w, c->scratch);
     /* the training path must report the same loss; its gradient is checked below */
     double *junk = calloc(c->T * c->H, sizeof(double));
-    lmhead_ce_forward_backward(&s2, &n2, junk, c->h, c->targets, c->T, &w, c->scale, c->scratch);
+    lmhead_ce_forward_backward(&s2, &n2, junk, c->h, c->targets, c->T, &w, c->scale, LMHEAD_TOKEN_CHUNK, c->scratch);
     free(junk);
     if (n != n2 || fabs(s - s2) > 1e-10 * fabs(s)) return NAN;
     return c->scale * s;
@@ -465,7 +465,7 @@ static void ce_bw(void *p) {
     dt_weight w = {DT_F64, c->E, c->V, c->H};
     double s = 0;
     int64_t n = 0;
-    lmhead_ce_forward_backward(&s, &n, c->dh, c->h, c->targets, c->T, &w, c->scale, c->scratch);
+    lmhead_ce_forward_backward(&s, &n, c->dh, c->h, c->targets, c->T, &w, c->scale, LMHEAD_TOKEN_CHUNK, c->scratch);
 }
 static void check_lmhead_ce(void) {
     /* vocabulary of two blocks plus a partial one; 70 tokens: two token chunks */
