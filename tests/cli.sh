@@ -4,6 +4,7 @@
 # and a message naming what is wrong. Uses only bash, coreutils and python3's standard library.
 set -u
 DT=${DT:?set DT to the deltatune binary}
+fixtures=$(cd "$(dirname "$0")" && pwd)/fixtures
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cd "$tmp" || exit 1
@@ -73,6 +74,26 @@ expect_fail stray_argument 2 "unexpected argument 'extra'" "$DT" eval --model m 
 expect_fail unknown_preset 2 "'huge' is not one of tiny" "$DT" init-model --preset huge --out m
 expect_fail unknown_dtype 2 "--dtype: 'f8' is not one of" "$DT" init-model --preset tiny --out m --dtype f8
 expect_fail info_needs_model 2 "--model" "$DT" info
+
+# ---------------------------------------------------------------- eval reproduces transformers
+# expected.json holds the loss transformers computed for the fixture (tools/make_fixtures.py)
+golden_eval() {
+    local name=$1 dir=$2 expected=$3; shift 3
+    run "$DT" eval --model "$fixtures/$dir" --data "$fixtures/$dir/data.jsonl" "$@"
+    if [[ $rc -ne 0 ]]; then fail "$name" "exit $rc: $(cat "$tmp/err")"; return; fi
+    local why
+    why=$(py 'import json,sys
+got = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+ref = json.load(open(sys.argv[2]))
+if got["tokens"] != ref["tokens"] or abs(got["loss"] - ref["loss"]) > 1e-5 * abs(ref["loss"]):
+    print("loss %r over %d tokens, transformers %r over %d" % (got["loss"], got["tokens"], ref["loss"], ref["tokens"]))' \
+        "$tmp/out" "$fixtures/$dir/$expected")
+    if [[ -z $why ]]; then ok "$name"; else fail "$name" "$why"; fi
+}
+golden_eval eval_golden_text_tied text_tied expected.json
+golden_eval eval_golden_text_tied_adapter text_tied expected_adapter.json --adapter "$fixtures/text_tied/adapter"
+golden_eval eval_golden_mm_untied_sharded mm_untied_sharded expected.json --batch-size 6
+golden_eval eval_golden_text_bf16 text_bf16 expected.json --batch-size 1
 
 # ---------------------------------------------------------------- init-model
 expect_ok init_tiny "$DT" init-model --preset tiny --out m --seed 1
@@ -301,6 +322,86 @@ expect_fail eval_empty_dataset 1 "empty.jsonl: no rows" "$DT" eval --model m --d
 printf '{"input_ids": [5]}\n{"input_ids": [1, 2], "labels": [1, -100]}\n' >no_targets.jsonl
 expect_fail eval_no_targets 1 "no targets" "$DT" eval --model m --data no_targets.jsonl
 expect_fail eval_missing_data 1 "nothing.jsonl" "$DT" eval --model m --data nothing.jsonl
+
+# ---------------------------------------------------------------- train
+# log_check DIR STEPS: train_log.jsonl holds one object per step with the documented fields.
+log_check() {
+    py '
+import json, math, sys
+rows = [json.loads(l) for l in open(sys.argv[1] + "/train_log.jsonl")]
+steps = [r for r in rows if "loss" in r]
+assert [r["step"] for r in steps] == list(range(1, int(sys.argv[2]) + 1)), [r["step"] for r in steps]
+for r in steps:
+    for k in ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "peak_mem_mb"):
+        assert k in r, "missing " + k
+    assert math.isfinite(r["loss"]) and r["tokens"] > 0 and r["grad_norm"] > 0, r
+print("ok")
+' "$@" 2>&1
+}
+run "$DT" train --help
+if [[ $rc -eq 0 ]] && grep -q 'usage: deltatune train --model DIR --data FILE --out DIR' "$tmp/out" \
+    && grep -q -- '--lora-rank N' "$tmp/out" && grep -q -- '--resume DIR' "$tmp/out"; then ok help_train
+else fail help_train "exit $rc: $(cat "$tmp/out" "$tmp/err")"; fi
+run "$DT" --help
+if grep -q '^  train ' "$tmp/out"; then ok help_lists_train; else fail help_lists_train "$(cat "$tmp/out")"; fi
+train_flags=(--model m --data data.jsonl --steps 3 --batch-size 2 --grad-accum 1 --lora-rank 4 --save-every 2)
+if expect_ok train_tiny "$DT" train "${train_flags[@]}" --out run1 --valid data.jsonl; then
+    if [[ -f run1/adapter_model.safetensors && -f run1/adapter_config.json && -f run1/checkpoint-2/trainer_state.json \
+          && -f run1/checkpoint-2/optimizer.safetensors && -z $(find run1 -name '*.tmp') ]]; then ok train_files_written
+    else fail train_files_written "$(find run1)"; fi
+    check=$(log_check run1 3)
+    if [[ $check == ok ]] && grep -q '"eval_loss"' run1/train_log.jsonl; then ok train_log_one_line_per_step
+    else fail train_log_one_line_per_step "$check"; fi
+    if grep -Eq '^step 3/3 \| loss [0-9.]+ \| lr [0-9.e+-]+ \| grad [0-9.]+ \| [0-9]+ tok/s \| peak [0-9.]+ [KMG]iB$' "$tmp/err" \
+        && grep -q 'gradient checkpointing on' "$tmp/err" && grep -q 'trainable params' "$tmp/err" \
+        && grep -q 'adapter saved to run1' "$tmp/err"; then ok train_terminal_lines
+    else fail train_terminal_lines "$(cat "$tmp/err")"; fi
+    if py 'import json, sys; r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); assert r["steps"] == 3 and r["adapter"] == "run1"' \
+        "$tmp/out" 2>/dev/null; then ok train_result_json; else fail train_result_json "$(cat "$tmp/out")"; fi
+    if grep -q '"r": 4' run1/adapter_config.json && grep -q '"peft_type": "LORA"' run1/adapter_config.json \
+        && grep -q '"model.language_model.layers.0.linear_attn.in_proj_qkv.lora_A.weight' run1/adapter_model.safetensors 2>/dev/null \
+        || grep -q 'base_model.model.model.language_model.layers.0.linear_attn.in_proj_qkv.lora_A.weight' run1/adapter_model.safetensors
+    then ok train_adapter_peft_layout; else fail train_adapter_peft_layout "$(head -c 300 run1/adapter_model.safetensors | tr -c '[:print:]' .)"; fi
+    if expect_ok train_adapter_evaluates "$DT" eval --model m --data data.jsonl --adapter run1; then
+        losst=$(eval_json "$tmp/out")
+        if py 'import sys; sys.exit(0 if abs(float(sys.argv[1]) - float(sys.argv[2])) > 1e-7 else 1)' "$losst" "$loss4" 2>/dev/null
+        then ok train_changed_the_loss; else fail train_changed_the_loss "$losst vs $loss4"; fi
+    fi
+    # From checkpoint-2, the third step and the adapter come out the same as in the straight run.
+    if expect_ok train_resume "$DT" train "${train_flags[@]}" --out run2 --resume run1/checkpoint-2 --valid data.jsonl; then
+        if grep -q 'resuming from run1/checkpoint-2 at step 2/3' "$tmp/err" && cmp -s run1/adapter_model.safetensors run2/adapter_model.safetensors \
+            && [[ $(grep '"step": 3, "epoch": [0-9.]*, "loss"' run1/train_log.jsonl | cut -d, -f1-5) == \
+                  $(grep '"step": 3, "epoch": [0-9.]*, "loss"' run2/train_log.jsonl | cut -d, -f1-5) ]]
+        then ok train_resume_identical; else fail train_resume_identical "$(cat run1/train_log.jsonl run2/train_log.jsonl)"; fi
+    fi
+fi
+expect_fail train_resume_other_settings 1 "--lr is 0.001 here but 0.0002 in the checkpoint" \
+    "$DT" train "${train_flags[@]}" --out run3 --resume run1/checkpoint-2 --lr 1e-3
+expect_fail train_bad_rank 2 "--lora-rank: 0 is out of range" "$DT" train --model m --data data.jsonl --out x --lora-rank 0
+expect_fail train_bad_schedule 2 "--schedule: 'foo' is not one of linear, cosine, constant" \
+    "$DT" train --model m --data data.jsonl --out x --schedule foo
+expect_fail train_bad_target 2 "--lora-targets: unknown module 'qkv_proj'" \
+    "$DT" train --model m --data data.jsonl --out x --lora-targets q_proj,qkv_proj
+expect_fail train_eval_every_needs_valid 2 "--eval-every needs --valid" "$DT" train --model m --data data.jsonl --out x --eval-every 2
+expect_fail train_resume_missing 1 "--resume no_such_checkpoint" \
+    "$DT" train --model m --data data.jsonl --out x --resume no_such_checkpoint
+expect_fail train_resume_not_checkpoint 1 "not a training checkpoint" "$DT" train --model m --data data.jsonl --out x --resume ad_rand
+expect_fail train_no_targets 1 "nothing to train on" "$DT" train --model m --data no_targets.jsonl --out x
+# text_tied's adapter has hidden 64; the tiny model's is 128: refused naming the tensor.
+expect_fail train_adapter_other_model 1 "lora_A.weight has shape [4, 64], expected [4, 128]" \
+    "$DT" train --model m --data data.jsonl --out x --adapter "$fixtures/text_tied/adapter"
+if [[ ! -e x ]] || [[ -z $(ls x 2>/dev/null) ]]; then ok train_failure_writes_nothing; else fail train_failure_writes_nothing "$(ls -R x)"; fi
+# Ctrl-C: the current step finishes, a checkpoint and the adapter are saved, exit 130.
+"$DT" train --model m --data data.jsonl --out run_int --steps 1000000 --lora-rank 2 >"$tmp/out" 2>"$tmp/err" &
+pid=$!
+for _ in $(seq 1 300); do [[ -s run_int/train_log.jsonl ]] && break; sleep 0.1; done
+kill -INT $pid 2>/dev/null
+wait $pid
+rc=$?
+saved=$(ls -d run_int/checkpoint-* 2>/dev/null | head -n 1)
+if [[ $rc -eq 130 ]] && grep -q "interrupted after step" "$tmp/err" && grep -q -- "--resume $saved" "$tmp/err" \
+    && [[ -f $saved/trainer_state.json && -f run_int/adapter_model.safetensors ]]; then ok train_interrupt_saves
+else fail train_interrupt_saves "exit $rc, $saved: $(cat "$tmp/err")"; fi
 
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -25,7 +25,7 @@ static qwen35_batch pack_rows(const dt_dataset *d, int r0, int r1, int *lens) {
     return (qwen35_batch){ids, labels, lens, r1 - r0, total};
 }
 
-static void check_step1_grads(bool grad_checkpoint) {
+static void check_step1_grads(bool grad_checkpoint, bool warm_up_larger) {
     checkpoint ck = {0};
     qwen35_model m = {0};
     dt_dataset data = {0};
@@ -43,11 +43,23 @@ static void check_step1_grads(bool grad_checkpoint) {
     json_t *step = json_array_get(json_object_get(spec, "steps"), 0);
     double want_loss = json_number_value(json_object_get(step, "loss"));
     int64_t want_tokens = json_integer_value(json_object_get(step, "tokens"));
-    for (int i = 0; i < ad.n_modules; i++) {
-        dt_lora *l = &ad.modules[i].lora;
-        l->dA = calloc(l->rank * l->in, sizeof(float));
-        l->dB = calloc(l->out * l->rank, sizeof(float));
-        CHECK_OK(qwen35_model_set_lora(&m, ad.modules[i].kind, ad.modules[i].layer, l));
+    CHECK_OK(adapter_alloc_grads(&ad));
+    for (int i = 0; i < ad.n_modules; i++)
+        CHECK_OK(qwen35_model_set_lora(&m, ad.modules[i].kind, ad.modules[i].layer, &ad.modules[i].lora));
+    if (warm_up_larger) {  /* a bigger batch first grows the workspace; the gradients must not care */
+        int lens[2];
+        qwen35_batch b = pack_rows(&data, 4, 6, lens);
+        double s;
+        int64_t n;
+        int rc = qwen35_forward_backward(&m, &b, 1.0, grad_checkpoint, &s, &n);
+        free((void *)b.ids);
+        free((void *)b.labels);
+        CHECK_OK(rc);
+        for (int i = 0; i < ad.n_modules; i++) {
+            dt_lora *l = &ad.modules[i].lora;
+            memset(l->dA, 0, sizeof(float) * l->rank * l->in);
+            memset(l->dB, 0, sizeof(float) * l->out * l->rank);
+        }
     }
     /* step 1: micro-batches of rows [0, 1] and [2, 3], loss normalised by the step's targets */
     double loss = 0;
@@ -85,11 +97,6 @@ static void check_step1_grads(bool grad_checkpoint) {
         }
     }
     CHECKF(worst <= 1e-4, "LoRA gradient rel err %.3g at %s", worst, worst_key);
-    for (int i = 0; i < ad.n_modules; i++) {
-        free(ad.modules[i].lora.dA);
-        free(ad.modules[i].lora.dB);
-        ad.modules[i].lora.dA = ad.modules[i].lora.dB = NULL;
-    }
     json_decref(spec);
     st_close(&ref);
     adapter_free(&ad);
@@ -98,5 +105,6 @@ static void check_step1_grads(bool grad_checkpoint) {
     checkpoint_close(&ck);
 }
 
-TEST(backward_lora_grads_match_peft_checkpointed) { check_step1_grads(true); }
-TEST(backward_lora_grads_match_peft_stored) { check_step1_grads(false); }
+TEST(backward_lora_grads_match_peft_checkpointed) { check_step1_grads(true, false); }
+TEST(backward_lora_grads_match_peft_stored) { check_step1_grads(false, false); }
+TEST(backward_lora_grads_after_a_larger_batch) { check_step1_grads(true, true); }

@@ -26,7 +26,7 @@ double schedule_lr(schedule_kind k, double base_lr, int64_t step, int64_t warmup
 
 /* sqrt of the sum of squares over several gradient arrays (in double). */
 double grad_global_norm(real *const *grads, const int64_t *sizes, int n);
-/* Scales every gradient by max_norm / (norm + 1e-6) when norm > max_norm (torch's
+/* Scales every gradient by max_norm / (norm + 1e-6) when that is below 1 (torch's
  * clip_grad_norm_); max_norm <= 0 does nothing. Returns the norm before clipping. */
 double grad_clip(real *const *grads, const int64_t *sizes, int n, double max_norm);
 

@@ -4,6 +4,7 @@
 #ifndef DELTATUNE_WEIGHTS_H
 #define DELTATUNE_WEIGHTS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "deltatune/config.h"
@@ -37,6 +38,8 @@ typedef struct {
 /* Which kinds are linears LoRA can target, and their PEFT module names
  * ("q_proj", "in_proj_qkv", ...); NULL for the other kinds. */
 const char *qwen35_lora_module_name(qwen35_wkind kind);
+/* "q_proj, k_proj, ..." : the names qwen35_lora_module_name knows, for messages. */
+void qwen35_lora_module_names(char *buf, size_t cap);
 /* The module path under the text model: "layers.3.self_attn.q_proj". */
 void qwen35_module_path(char *buf, size_t cap, qwen35_wkind kind, int layer);
 

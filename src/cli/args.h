@@ -69,5 +69,6 @@ extern const char *const cli_presets[];
 int cmd_eval(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_init_model(int argc, char **argv);
+int cmd_train(int argc, char **argv);
 
 #endif

@@ -16,6 +16,7 @@ static const struct {
     {"eval", cmd_eval, "loss and perplexity of a model (and adapter) on a tokenized JSONL file"},
     {"info", cmd_info, "a model's config, parameters, weights and memory estimate"},
     {"init-model", cmd_init_model, "write a randomly initialised model of a preset size"},
+    {"train", cmd_train, "train a LoRA adapter on a tokenized JSONL file (PEFT format out)"},
 };
 #define N_COMMANDS (int)(sizeof commands / sizeof commands[0])
 

@@ -1,4 +1,4 @@
-#include "io/fs.h"
+#include "deltatune/files.h"
 #include "deltatune/adapter.h"
 
 #include <errno.h>
@@ -9,8 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "deltatune/error.h"
+#include "deltatune/rng.h"
 
 #define PEFT_PREFIX "base_model.model."
 #define PREFIX_MM "model.language_model."
@@ -330,7 +332,232 @@ void adapter_free(lora_adapter *a) {
     for (int i = 0; i < a->n_modules; i++) {
         free(a->modules[i].lora.A);
         free(a->modules[i].lora.B);
+        free(a->modules[i].lora.dA);
+        free(a->modules[i].lora.dB);
     }
     free(a->modules);
     memset(a, 0, sizeof *a);
+}
+
+/* ---------------------------------------------------------------- new adapters */
+
+/* The kind whose PEFT module name is `name`; -1 if no LoRA-targetable linear has it. */
+static int kind_of_target(const char *name) {
+    for (int k = 0; k < W_KIND_COUNT; k++) {
+        const char *m = qwen35_lora_module_name((qwen35_wkind)k);
+        if (m && strcmp(m, name) == 0) return k;
+    }
+    return -1;
+}
+
+static int unknown_target(const char *name) {
+    char known[256];
+    qwen35_lora_module_names(known, sizeof known);
+    return dt_err("unknown LoRA target '%s' (known: %s)", name, known);
+}
+
+static int by_name(const void *x, const void *y) { return strcmp(*(char *const *)x, *(char *const *)y); }
+
+/* a->targets: the names given, without repeats, sorted as adapter_config.json lists them. */
+static int set_targets(lora_adapter *a, const char *const *targets, int n, bool wanted[W_KIND_COUNT]) {
+    a->targets = calloc((size_t)n + 1, sizeof *a->targets);
+    if (!a->targets) return dt_err("out of memory");
+    for (int i = 0; i < n; i++) {
+        int k = targets[i] ? kind_of_target(targets[i]) : -1;
+        if (k < 0) return unknown_target(targets[i] ? targets[i] : "");
+        if (wanted[k]) continue;
+        wanted[k] = true;
+        if (!(a->targets[a->n_targets] = strdup(targets[i]))) return dt_err("out of memory");
+        a->n_targets++;
+    }
+    qsort(a->targets, (size_t)a->n_targets, sizeof *a->targets, by_name);
+    return 0;
+}
+
+static float lora_scale(const lora_adapter *a) {
+    return (float)(a->rslora ? a->alpha / sqrt((double)a->rank) : a->alpha / a->rank);
+}
+
+/* PEFT's default init: A Kaiming-uniform with a = sqrt(5), which is uniform in +-1/sqrt(in);
+ * B zero, so the adapter starts as the identity. Each module draws from its own stream
+ * (layer, kind), so adding a target leaves the other modules' A as they were. */
+static int init_module(lora_module *m, const lora_adapter *a, const dt_weight *w, uint64_t seed) {
+    dt_lora *l = &m->lora;
+    l->rank = a->rank;
+    l->in = w->cols;
+    l->out = w->rows;
+    l->scale = lora_scale(a);
+    l->A = malloc((size_t)(a->rank * w->cols) * sizeof *l->A);
+    l->B = calloc((size_t)(w->rows * a->rank), sizeof *l->B);
+    if (!l->A || !l->B) return dt_err("out of memory");
+    dt_rng r;
+    dt_rng_seed2(&r, seed, (uint64_t)m->layer * W_KIND_COUNT + (uint64_t)m->kind);
+    float bound = (float)(1.0 / sqrt((double)w->cols));
+    dt_rng_fill_uniform(&r, l->A, (size_t)(a->rank * w->cols), -bound, bound);
+    return 0;
+}
+
+static int init_modules(lora_adapter *a, const checkpoint *ck, const bool wanted[W_KIND_COUNT], uint64_t seed) {
+    int n = 0;
+    for (int l = 0; l < ck->cfg.n_layers; l++)
+        for (int k = 0; k < W_KIND_COUNT; k++) n += wanted[k] && checkpoint_weight(ck, (qwen35_wkind)k, l);
+    if (n == 0) return dt_err("none of the LoRA targets names a linear of this model");
+    a->modules = calloc((size_t)n, sizeof *a->modules);
+    if (!a->modules) return dt_err("out of memory");
+    /* layer-major, then kind: the order adapter_load sorts into */
+    for (int l = 0; l < ck->cfg.n_layers; l++)
+        for (int k = 0; k < W_KIND_COUNT; k++) {
+            const dt_weight *w = wanted[k] ? checkpoint_weight(ck, (qwen35_wkind)k, l) : NULL;
+            if (!w) continue;
+            lora_module *m = &a->modules[a->n_modules++];
+            m->kind = (qwen35_wkind)k;
+            m->layer = l;
+            if (init_module(m, a, w, seed) != 0) return -1;
+        }
+    return 0;
+}
+
+int adapter_init(lora_adapter *a, const checkpoint *ck, int rank, double alpha, bool rslora,
+                 double dropout, const char *const *targets, int n_targets, uint64_t seed) {
+    memset(a, 0, sizeof *a);
+    if (rank < 1) return dt_err("LoRA rank %d: must be at least 1", rank);
+    if (!isfinite(alpha)) return dt_err("LoRA alpha is not a finite number");
+    if (!(dropout >= 0 && dropout < 1)) return dt_err("LoRA dropout %g is outside [0, 1)", dropout);
+    if (n_targets < 1) return dt_err("no LoRA target modules given");
+    a->rank = rank;
+    a->alpha = alpha;
+    a->rslora = rslora;
+    a->dropout = dropout;
+    bool wanted[W_KIND_COUNT] = {0};
+    if (set_targets(a, targets, n_targets, wanted) != 0 || init_modules(a, ck, wanted, seed) != 0) {
+        adapter_free(a);
+        return -1;
+    }
+    return 0;
+}
+
+int adapter_alloc_grads(lora_adapter *a) {
+    for (int i = 0; i < a->n_modules; i++) {
+        dt_lora *l = &a->modules[i].lora;
+        if (!l->dA) l->dA = calloc((size_t)(l->rank * l->in), sizeof *l->dA);
+        if (!l->dB) l->dB = calloc((size_t)(l->out * l->rank), sizeof *l->dB);
+        if (!l->dA || !l->dB) return dt_err("out of memory for LoRA gradients");
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- saving */
+
+/* Integers as integers (PEFT writes "lora_alpha": 16), other values as reals. */
+static json_t *json_num(double x) {
+    return x == floor(x) && fabs(x) < 1e15 ? json_integer((json_int_t)x) : json_real(x);
+}
+
+/* The fewest digits (15..17) that read back as the same doubles, so 0.05 is not written
+ * as 0.050000000000000003. */
+static int real_digits(const double *xs, int n) {
+    for (int p = 15; p < 17; p++) {
+        int ok = 1;
+        for (int i = 0; i < n && ok; i++) {
+            char buf[40];
+            snprintf(buf, sizeof buf, "%.*g", p, xs[i]);
+            ok = strtod(buf, NULL) == xs[i];
+        }
+        if (ok) return p;
+    }
+    return 17;
+}
+
+#define DT_PEFT_VERSION "0.19.1"
+
+/* The fields formats.md §8.1 lists as the minimum a writer emits, plus the other LoraConfig
+ * defaults a reader may look at. */
+static json_t *config_json(const lora_adapter *a, const checkpoint *ck) {
+    json_t *o = json_object(), *targets = json_array();
+    if (!o || !targets) {
+        json_decref(o);
+        json_decref(targets);
+        return NULL;
+    }
+    for (int i = 0; i < a->n_targets; i++) json_array_append_new(targets, json_string(a->targets[i]));
+    json_object_set_new(o, "peft_type", json_string("LORA"));
+    json_object_set_new(o, "task_type", json_string("CAUSAL_LM"));
+    json_object_set_new(o, "base_model_name_or_path", json_string(ck->dir ? ck->dir : ""));
+    json_object_set_new(o, "revision", json_null());
+    json_object_set_new(o, "r", json_integer(a->rank));
+    json_object_set_new(o, "lora_alpha", json_num(a->alpha));
+    json_object_set_new(o, "lora_dropout", json_real(a->dropout));
+    json_object_set_new(o, "target_modules", targets);
+    json_object_set_new(o, "exclude_modules", json_null());
+    json_object_set_new(o, "bias", json_string("none"));
+    json_object_set_new(o, "lora_bias", json_false());
+    json_object_set_new(o, "use_rslora", json_boolean(a->rslora));
+    json_object_set_new(o, "use_dora", json_false());
+    json_object_set_new(o, "fan_in_fan_out", json_false());
+    json_object_set_new(o, "inference_mode", json_true());
+    json_object_set_new(o, "init_lora_weights", json_true());
+    json_object_set_new(o, "modules_to_save", json_null());
+    json_object_set_new(o, "layers_to_transform", json_null());
+    json_object_set_new(o, "layers_pattern", json_null());
+    json_object_set_new(o, "rank_pattern", json_object());
+    json_object_set_new(o, "alpha_pattern", json_object());
+    json_object_set_new(o, "auto_mapping", json_null());
+    json_object_set_new(o, "peft_version", json_string(DT_PEFT_VERSION));
+    return o;
+}
+
+static int save_config(const lora_adapter *a, const checkpoint *ck, const char *path) {
+    json_t *o = config_json(a, ck);
+    double reals[2] = {a->alpha, a->dropout};
+    char *text = o ? json_dumps(o, JSON_INDENT(2) | JSON_SORT_KEYS | JSON_REAL_PRECISION(real_digits(reals, 2))) : NULL;
+    json_decref(o);
+    if (!text) return dt_err("%s: out of memory", path);
+    size_t n = strlen(text);
+    char *with_nl = realloc(text, n + 2);
+    if (!with_nl) {
+        free(text);
+        return dt_err("%s: out of memory", path);
+    }
+    memcpy(with_nl + n, "\n", 2);
+    int rc = io_write_file_atomic(path, with_nl, strlen(with_nl));
+    free(with_nl);
+    return rc;
+}
+
+static int save_tensors(const lora_adapter *a, const checkpoint *ck, const char *path) {
+    int n = 2 * a->n_modules;
+    st_entry *e = calloc((size_t)n + 1, sizeof *e);
+    char (*names)[192] = calloc((size_t)n + 1, sizeof *names);
+    int rc = -1;
+    if (!e || !names) {
+        dt_err("%s: out of memory", path);
+        goto out;
+    }
+    for (int i = 0; i < a->n_modules; i++) {
+        const lora_module *m = &a->modules[i];
+        char mod[96];
+        qwen35_module_path(mod, sizeof mod, m->kind, m->layer);
+        for (int b = 0; b < 2; b++) {
+            int j = 2 * i + b;
+            snprintf(names[j], sizeof names[j], PEFT_PREFIX "%s%s.lora_%c.weight", ck->prefix, mod, b ? 'B' : 'A');
+            e[j] = (st_entry){.name = names[j], .dtype = DT_F32, .ndim = 2,
+                              .shape = {b ? m->lora.out : m->lora.rank, b ? m->lora.rank : m->lora.in},
+                              .data = b ? m->lora.B : m->lora.A};
+        }
+    }
+    rc = st_write(path, e, n);
+out:
+    free(e);
+    free(names);
+    return rc;
+}
+
+int adapter_save(const lora_adapter *a, const checkpoint *ck, const char *dir) {
+    if (a->n_modules == 0) return dt_err("%s: the adapter has no modules to save", dir);
+    if (io_make_dirs(dir) != 0) return -1;
+    char *st = io_path_join(dir, "adapter_model.safetensors"), *cfg = io_path_join(dir, "adapter_config.json");
+    int rc = !st || !cfg ? dt_err("out of memory") : save_tensors(a, ck, st) != 0 ? -1 : save_config(a, ck, cfg);
+    free(st);
+    free(cfg);
+    return rc;
 }

@@ -1,4 +1,4 @@
-#include "io/fs.h"
+#include "deltatune/files.h"
 #include "deltatune/checkpoint.h"
 
 #include <errno.h>
@@ -39,28 +39,6 @@ static json_t *load_json_file(const char *path) {
     free(text);
     if (!root) dt_err_wrap("%s", path);
     return root;
-}
-
-/* tmp + fsync + rename, so a crash leaves the old file or the new one, never half of one. */
-static int write_file_atomic(const char *path, const char *data, size_t len) {
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 5);
-    if (!tmp) return dt_err("%s: out of memory", path);
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp", 5);
-    FILE *fp = fopen(tmp, "wb");
-    if (!fp) {
-        int e = errno;
-        free(tmp);
-        return dt_err("%s.tmp: cannot create: %s", path, strerror(e));
-    }
-    int e = 0;
-    if (fwrite(data, 1, len, fp) != len || fflush(fp) != 0 || fsync(fileno(fp)) != 0) e = errno ? errno : EIO;
-    if (fclose(fp) != 0 && !e) e = errno;
-    if (!e && rename(tmp, path) != 0) e = errno;
-    if (e) unlink(tmp);
-    free(tmp);
-    return e ? dt_err("%s: cannot write: %s", path, strerror(e)) : 0;
 }
 
 /* ---------------------------------------------------------------- config fields */
@@ -440,7 +418,7 @@ int qwen35_config_save_dtype(const qwen35_config *c, qwen35_layout layout, dt_dt
     }
     with_nl[len] = '\n';
     with_nl[len + 1] = 0;
-    int rc = write_file_atomic(path, with_nl, len + 1);
+    int rc = io_write_file_atomic(path, with_nl, len + 1);
     free(with_nl);
     return rc;
 }

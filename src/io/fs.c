@@ -1,5 +1,5 @@
 /* Small file-system and formatting helpers shared by the io/ readers. */
-#include "io/fs.h"
+#include "deltatune/files.h"
 
 #include <errno.h>
 #include <stdint.h>
@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "deltatune/error.h"
 
@@ -66,4 +67,47 @@ void io_format_shape(char *buf, size_t cap, const int64_t *shape, int ndim) {
     for (int d = 0; d < ndim && k < cap; d++)
         k += (size_t)snprintf(buf + k, cap - k, "%s%lld", d ? ", " : "", (long long)shape[d]);
     if (k < cap) snprintf(buf + k, cap - k, "]");
+}
+
+/* tmp + fsync + rename, so a crash leaves the old file or the new one, never half of one. */
+int io_write_file_atomic(const char *path, const char *data, size_t len) {
+    size_t plen = strlen(path);
+    char *tmp = malloc(plen + 5);
+    if (!tmp) return dt_err("%s: out of memory", path);
+    memcpy(tmp, path, plen);
+    memcpy(tmp + plen, ".tmp", 5);
+    FILE *fp = fopen(tmp, "wb");
+    if (!fp) {
+        int e = errno;
+        free(tmp);
+        return dt_err("%s.tmp: cannot create: %s", path, strerror(e));
+    }
+    int e = 0;
+    if (fwrite(data, 1, len, fp) != len || fflush(fp) != 0 || fsync(fileno(fp)) != 0) e = errno ? errno : EIO;
+    if (fclose(fp) != 0 && !e) e = errno;
+    if (!e && rename(tmp, path) != 0) e = errno;
+    if (e) unlink(tmp);
+    free(tmp);
+    return e ? dt_err("%s: cannot write: %s", path, strerror(e)) : 0;
+}
+
+int io_make_dirs(const char *dir) {
+    char *path = strdup(dir);
+    if (!path) return dt_err("out of memory");
+    size_t len = strlen(path);
+    int rc = 0;
+    for (size_t i = 1; i <= len && rc == 0; i++) {
+        if ((path[i] != '/' && path[i] != 0) || path[i - 1] == '/') continue;
+        char c = path[i];
+        path[i] = 0;
+        struct stat st;
+        if (stat(path, &st) == 0) {
+            if (!S_ISDIR(st.st_mode)) rc = dt_err("%s: not a directory", path);
+        } else if (mkdir(path, 0777) != 0 && errno != EEXIST) {
+            rc = dt_err("%s: cannot create: %s", path, strerror(errno));
+        }
+        path[i] = c;
+    }
+    free(path);
+    return rc;
 }

@@ -1,4 +1,4 @@
-#include "io/fs.h"
+#include "deltatune/files.h"
 #include "deltatune/safetensors.h"
 
 #include <errno.h>

@@ -427,7 +427,8 @@ static void layer_backward(qwen35_model *m, int l, const qwen35_batch *b, const 
     const qwen35_layer *L = &m->layers[l];
     int64_t N = b->n_tokens, H = c->hidden_size, I = c->intermediate_size;
     float eps = (float)c->rms_eps;
-    memset(g->block, 0, sizeof(float) * N * acts_floats_per_token(c));
+    /* the fields are laid out for the workspace's capacity, not this batch: clear it all */
+    memset(g->block, 0, sizeof(float) * m->ws->cap_tokens * acts_floats_per_token(c));
     linear_backward(g->m, dh_out, a->m, &L->mlp_down, N);
     swiglu_backward(g->gate, g->up, g->m, a->gate, a->up, N * I);
     linear_backward(g->xn2, g->gate, a->xn2, &L->mlp_gate, N);

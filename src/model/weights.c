@@ -130,3 +130,12 @@ int64_t qwen35_spec_numel(const qwen35_tensor_spec *s) {
     for (int d = 0; d < s->ndim; d++) n *= s->shape[d];
     return n;
 }
+
+void qwen35_lora_module_names(char *buf, size_t cap) {
+    size_t n = 0;
+    buf[0] = 0;
+    for (int k = 0; k < W_KIND_COUNT; k++) {
+        const char *m = qwen35_lora_module_name((qwen35_wkind)k);
+        if (m && n < cap) n += (size_t)snprintf(buf + n, cap - n, "%s%s", n ? ", " : "", m);
+    }
+}

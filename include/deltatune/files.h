@@ -1,6 +1,6 @@
-/* Helpers private to src/io/. */
-#ifndef DT_IO_FS_H
-#define DT_IO_FS_H
+/* File helpers for the readers and writers of io/ and the trainer's checkpoints. */
+#ifndef DELTATUNE_FILES_H
+#define DELTATUNE_FILES_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -12,5 +12,9 @@ int io_file_exists(const char *path);
 int io_read_file(const char *path, char **out, size_t *len);
 /* "[6144, 1, 4]" */
 void io_format_shape(char *buf, size_t cap, const int64_t *shape, int ndim);
+/* path.tmp, fsync, rename: a crash leaves the old file or the new one, never half of one. */
+int io_write_file_atomic(const char *path, const char *data, size_t len);
+/* mkdir -p */
+int io_make_dirs(const char *dir);
 
 #endif
