@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# CPU benchmark: forward (eval) tokens/s and peak memory on a random 0.8B-shaped
-# checkpoint that the bench writes itself (no downloads). Cached in bench/out/.
-#   bench/bench.sh [build-dir]      env: BENCH_PRESET (0.8b), BENCH_SEQ (512), BENCH_ROWS (4)
+# CPU benchmark on a random 0.8B-shaped checkpoint that the bench writes itself (no
+# downloads; cached in bench/out/): forward (eval) tokens/s and peak memory; LoRA training
+# tokens/s and peak memory at batch 1 x BENCH_SEQ with and without gradient checkpointing,
+# and with the LM-head loss unchunked (full logits) to show the memory the chunking saves.
+#   bench/bench.sh [build-dir]
+#   env: BENCH_PRESET (0.8b), BENCH_SEQ (512), BENCH_ROWS (4), BENCH_TRAIN_STEPS (2; the last is timed)
 set -euo pipefail
 build=${1:-build}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -9,6 +12,7 @@ dt="$build/deltatune"
 preset=${BENCH_PRESET:-0.8b}
 seq=${BENCH_SEQ:-512}
 rows=${BENCH_ROWS:-4}
+train_steps=${BENCH_TRAIN_STEPS:-2}
 out="$here/out"
 model="$out/qwen35-$preset-bf16"
 data="$out/tokens-$rows-x-$seq.jsonl"
@@ -39,3 +43,23 @@ print(f"forward {preset} bf16  batch {bs} x {seq}:  {r['tok_per_s']:.1f} tok/s  
       f"peak {r['peak_mem_mb']:.0f} MiB  (loss {r['loss']:.3f} over {r['tokens']} tokens)")
 PY
 done
+
+# LoRA r16 on the 10 default modules, AdamW; one row of $seq tokens per step
+train_case() {
+  local label=$1; shift
+  local dir="$out/train-run"
+  rm -rf "$dir"
+  "$dt" train --model "$model" --data "$data" --out "$dir" --steps "$train_steps" --batch-size 1 --grad-accum 1 \
+      --max-seq-len "$seq" --no-shuffle "$@" >/dev/null 2>"$out/train.err" || { cat "$out/train.err" >&2; exit 1; }
+  python3 - "$dir/train_log.jsonl" "$preset" "$seq" "$label" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
+last, peak = rows[-1], max(r["peak_mem_mb"] for r in rows)
+print(f"train   {sys.argv[2]} bf16  batch 1 x {sys.argv[3]}, {sys.argv[4]:<34} {last['tok_per_s']:.1f} tok/s  "
+      f"peak {peak:.0f} MiB  ({last['seconds']:.1f} s/step)")
+PY
+}
+train_case "gradient checkpointing"
+train_case "no gradient checkpointing" --no-grad-checkpoint
+train_case "checkpointing, unchunked loss (full logits)" --ce-chunk 0
+rm -rf "$out/train-run" "$out/train.err"

@@ -23,7 +23,7 @@
 #define CMD "init-model"
 #define SUMMARY                                                                                        \
     "Writes DIR/config.json and DIR/model.safetensors for a preset size with random weights from the\n"  \
-    "seed, initialised as transformers does: linears and embeddings normal(0, 0.02), RMSNorm weights 0\n" \
+    "seed, initialised as transformers does: linears and embeddings normal(0, --init-std), RMSNorm weights 0\n" \
     "(zero-centred), the gated norm 1, conv1d uniform(+-1/sqrt(K)), dt_bias 1, A_log = log(U(1, 16))\n"  \
     "(kept F32). The same seed gives the same values whatever the dtype or thread count. Files are\n"     \
     "written to temporary names and renamed, so a failed run leaves nothing behind."
@@ -40,6 +40,7 @@ static const char *const layouts[] = {"multimodal", "text", NULL};
 typedef struct {
     const char *preset, *out, *dtype, *layout;
     int seed;
+    double init_std;
     bool force;
 } init_opts;
 
@@ -63,7 +64,7 @@ static init_kind init_of(qwen35_wkind k) {
 
 /* Fills elements [start, start + n) of tensor t, converted to dtype, into out. */
 static void fill_block(void *out, dt_dtype dtype, int64_t start, int64_t n, int t, init_kind kind, int conv_k,
-                       uint64_t seed) {
+                       float std, uint64_t seed) {
     size_t esz = dt_dtype_size(dtype);
     int64_t first = start / STREAM, last = (start + n + STREAM - 1) / STREAM;
     float bound = conv_k > 0 ? 1.0f / sqrtf((float)conv_k) : 0;
@@ -78,7 +79,7 @@ static void fill_block(void *out, dt_dtype dtype, int64_t start, int64_t n, int 
         for (int64_t i = lo; i < hi; i += SUB) {
             int m = (int)(hi - i < SUB ? hi - i : SUB);
             switch (kind) {
-            case INIT_NORMAL: dt_rng_fill_normal(&r, tmp, (size_t)m, 0, 0.02f); break;
+            case INIT_NORMAL: dt_rng_fill_normal(&r, tmp, (size_t)m, 0, std); break;
             case INIT_ZERO: for (int j = 0; j < m; j++) tmp[j] = 0; break;
             case INIT_ONE: for (int j = 0; j < m; j++) tmp[j] = 1; break;
             case INIT_CONV: dt_rng_fill_uniform(&r, tmp, (size_t)m, -bound, bound); break;
@@ -199,7 +200,7 @@ static int write_model(const init_opts *o, const qwen35_config *c, dt_dtype dtyp
                 dt_err("interrupted; nothing written");
                 goto out;
             }
-            fill_block(buf, entries[i].dtype, start, m, i, kind, conv_k, (uint64_t)(uint32_t)o->seed);
+            fill_block(buf, entries[i].dtype, start, m, i, kind, conv_k, (float)o->init_std, (uint64_t)(uint32_t)o->seed);
             if (st_writer_write(w, buf, (size_t)m * esz)) {
                 dt_progress_finish(&prog);
                 goto out;
@@ -285,12 +286,14 @@ static int run(const init_opts *o) {
 }
 
 int cmd_init_model(int argc, char **argv) {
-    init_opts o = {.dtype = "bf16", .layout = "multimodal"};
+    init_opts o = {.dtype = "bf16", .layout = "multimodal", .init_std = 0.02};
     arg_spec specs[] = {
         ARG_CHOICE_REQ("preset", &o.preset, cli_presets, "model size"),
         ARG_STR_REQ("out", &o.out, "DIR", "folder to write (created if missing)"),
         ARG_INT_RANGE("seed", &o.seed, 0, INT_MAX, "N", "random seed"),
         ARG_CHOICE("dtype", &o.dtype, dtypes, "weight dtype (A_log stays F32)"),
+        ARG_FLOAT_RANGE("init-std", &o.init_std, 1e-6, 10, "X",
+                        "std of the normal init of linears and embeddings (transformers: 0.02)"),
         ARG_CHOICE("layout", &o.layout, layouts, "tensor names model.language_model.* (official) or model.*"),
         ARG_FLAG("force", &o.force, "overwrite a model already in DIR"),
     };

@@ -44,6 +44,7 @@ typedef struct {
     int epochs, steps, seed;
     bool no_shuffle, no_grad_checkpoint;
     int eval_every, save_every, log_every;
+    int ce_chunk;
 } train_cli;
 
 static volatile sig_atomic_t interrupted;
@@ -327,6 +328,7 @@ static int open_all(session *s, const train_cli *o, const target_list *tl) {
     if (qwen35_model_init(&s->m, &s->ck.cfg, s->ck.specs, s->ck.weights, s->ck.n_specs) != 0)
         return dt_err_wrap("%s", o->model);
     s->have_m = true;
+    s->m.ce_chunk = o->ce_chunk;
     const char *from;
     if (make_adapter(s, o, tl, &from) != 0) return -1;
     if (dataset_load_tokenized(&s->data, o->data, s->ck.cfg.vocab_size) != 0) return -1;
@@ -410,7 +412,7 @@ int cmd_train(int argc, char **argv) {
     static const char *const schedules[] = {"linear", "cosine", "constant", NULL};
     train_cli o = {.targets = DEFAULT_TARGETS, .schedule = "linear", .rank = 16, .alpha = 16, .batch = 2,
                    .accum = 4, .max_seq_len = 2048, .lr = 2e-4, .weight_decay = 0.01, .max_grad_norm = 1.0,
-                   .epochs = 1, .seed = 3407, .log_every = 1};
+                   .epochs = 1, .seed = 3407, .log_every = 1, .ce_chunk = LMHEAD_TOKEN_CHUNK};
     arg_spec specs[] = {
         ARG_STR_REQ("model", &o.model, "DIR", "model folder (config.json + safetensors)"),
         ARG_STR_REQ("data", &o.data, "FILE", "tokenized JSONL: {\"input_ids\": [...], \"labels\": [...]}"),
@@ -439,6 +441,8 @@ int cmd_train(int argc, char **argv) {
         ARG_STR("resume", &o.resume, "DIR", "continue from a checkpoint-<step> folder (same flags as its run)"),
         ARG_FLAG("no-grad-checkpoint", &o.no_grad_checkpoint, "keep every layer's activations (faster, more memory)"),
         ARG_INT_RANGE("log-every", &o.log_every, 1, 1e9, "N", "print a step line every N steps"),
+        ARG_INT_RANGE("ce-chunk", &o.ce_chunk, 0, 1 << 24, "N",
+                      "tokens per chunk of the fused LM-head loss (0: all at once, the full logits; for measuring)"),
     };
     int rc = args_parse_command(specs, (int)(sizeof specs / sizeof specs[0]), argc, argv, CMD, SUMMARY);
     if (rc >= 0) return rc;
