@@ -103,7 +103,7 @@ TEST(ops_deltanet_matches_closed_form) {
         for (int i = 0; i < dk; i++) k[t * dk + i] /= sqrt(n);
     }
     float *o = malloc(sizeof(float) * T * Hv * dv), *ref = malloc(sizeof(float) * T * Hv * dv);
-    deltanet_forward(o, q, k, dk, v, Hv * dv, beta, g, T, (deltanet_dims){Hk, Hv, dk, dv});
+    deltanet_forward(o, q, k, dk, v, Hv * dv, beta, g, T, (deltanet_dims){Hk, Hv, dk, dv}, NULL);
     for (int h = 0; h < Hv; h++) {
         double S[5][3] = {{0}};
         for (int t = 0; t < T; t++) {
@@ -130,7 +130,7 @@ TEST(ops_attention_matches_naive) {
     float *q = rand_vec(T * nh * hd, 1), *k = rand_vec(T * nkv * hd, 1), *v = rand_vec(T * nkv * hd, 1);
     float *out = malloc(sizeof(float) * T * nh * hd), *ref = malloc(sizeof(float) * T * nh * hd);
     float *scratch = malloc(sizeof(float) * T * T);
-    attention_forward(out, q, k, v, T, nh, nkv, hd, 0.35f, scratch);
+    attention_forward(out, q, k, v, T, T, nh, nkv, hd, 0.35f, scratch);
     for (int h = 0; h < nh; h++) {
         int kh = h / (nh / nkv);
         for (int i = 0; i < T; i++) {

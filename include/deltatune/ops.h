@@ -104,13 +104,14 @@ void deltanet_gates_forward(real *beta, real *g, const real *b, const real *a,
 void deltanet_gates_backward(real *db, real *da, real *da_log, real *ddt_bias, const real *dbeta,
                              const real *dg, const real *b, const real *a, const real *a_log,
                              const real *dt_bias, int64_t T, int Hv);
-/* The gated delta rule over one sequence, from a zero state. q, k: rows of stride
- * q_stride holding Hk heads of dk (already L2-normalised, q also scaled); v: rows of
- * stride v_stride holding Hv heads of dv; o: [T, Hv * dv]. Value head h reads key head
- * h / (Hv / Hk). */
+/* The gated delta rule over one sequence. q, k: rows of stride qk_stride holding Hk heads
+ * of dk (already L2-normalised, q also scaled); v: rows of stride v_stride holding Hv heads
+ * of dv; o: [T, Hv * dv]. Value head h reads key head h / (Hv / Hk). state ([Hv, dk, dv])
+ * is NULL to start from zero, else the state to start from, overwritten with the final one
+ * (incremental decoding). */
 void deltanet_forward(real *o, const real *q, const real *k, int64_t qk_stride, const real *v,
                       int64_t v_stride, const real *beta, const real *g, int64_t T,
-                      deltanet_dims d);
+                      deltanet_dims d, real *state);
 /* Gradients (accumulated, laid out like their inputs) of the gated delta rule given dO.
  * Keeps the state only at every 64th token and replays each chunk. */
 void deltanet_backward(real *dq, real *dk, real *dv, real *dbeta, real *dg, const real *dO,
@@ -118,9 +119,11 @@ void deltanet_backward(real *dq, real *dk, real *dv, real *dbeta, real *dg, cons
                        int64_t v_stride, const real *beta, const real *g, int64_t T, deltanet_dims d);
 
 /* ---- attention.c ---- */
-/* Causal softmax attention over one sequence with GQA. q [T, nh*hd], k, v [T, nkv*hd],
- * out [T, nh*hd]; scores scaled by `scale`. scratch holds T*T reals. */
-void attention_forward(real *out, const real *q, const real *k, const real *v, int64_t T,
+/* Causal softmax attention over one sequence with GQA. k, v [n_kv, nkv*hd] hold every
+ * position so far; q, out [n_q, nh*hd] are the last n_q of them (n_q = n_kv for a whole
+ * sequence; fewer when decoding with a cache). Scores scaled by `scale`. scratch holds
+ * n_q*n_kv reals. */
+void attention_forward(real *out, const real *q, const real *k, const real *v, int64_t n_q, int64_t n_kv,
                        int nh, int nkv, int hd, real scale, real *scratch);
 /* dq, dk, dv += ...; scratch holds 2*T*T reals. */
 void attention_backward(real *dq, real *dk, real *dv, const real *dout, const real *q, const real *k,

@@ -70,6 +70,29 @@ int qwen35_forward_backward(qwen35_model *m, const qwen35_batch *b, double grad_
 /* Every position's logits, [n_tokens, vocab] (for tests and small vocabularies). */
 int qwen35_forward_logits(qwen35_model *m, const qwen35_batch *b, float *logits);
 
+/* Incremental decoding of one sequence: attention layers keep their keys and values, Gated
+ * DeltaNet layers their conv window and recurrent state, so a new token costs O(1) in those
+ * layers and the prompt is never run again. */
+typedef struct {
+    int64_t max_len, n_past;
+    float **k_cache, **v_cache;   /* per attention layer: [max_len, kv_dim], after norm and RoPE */
+    float **conv_hist;            /* per DeltaNet layer: [K - 1, conv_dim], the last projected inputs */
+    float **dn_state;             /* per DeltaNet layer: [Hv, dk, dv] */
+    float *scores;                /* attention scratch, grown on demand */
+    int64_t scores_cap;
+    float *block;                 /* owns the caches */
+    int64_t block_floats;
+} qwen35_state;
+
+int qwen35_state_init(qwen35_state *s, const qwen35_config *c, int64_t max_len);
+void qwen35_state_reset(qwen35_state *s);   /* back to an empty sequence */
+void qwen35_state_free(qwen35_state *s);
+/* Runs n more tokens of the sequence held by s (positions n_past ..). logits receives
+ * [n, vocab] (every new position) or, with last_only, the last position's [vocab]. Refuses
+ * to go past max_len. */
+int qwen35_forward_cached(qwen35_model *m, qwen35_state *s, const int32_t *ids, int n, float *logits,
+                          bool last_only);
+
 /* Bytes a run needs beyond the weights, planned from the shapes. */
 typedef struct {
     int64_t weights;            /* as stored */

@@ -278,8 +278,22 @@ static void add_inplace(float *h, const float *x, int64_t n) {
 }
 
 /* out = the Gated DeltaNet mixer of a->xn1 (qwen35.md §2.2). */
+/* The conv over this call's tokens continuing the held history, which it then advances. */
+static void conv_with_history(const qwen35_config *c, const qwen35_layer *L, float *hist, const float *mixed,
+                              float *conv, int64_t N, int64_t cd) {
+    int K = c->conv_kernel;
+    float *x = malloc(sizeof(float) * (K - 1 + N) * cd), *y = malloc(sizeof(float) * (K - 1 + N) * cd);
+    memcpy(x, hist, sizeof(float) * (K - 1) * cd);
+    memcpy(x + (K - 1) * cd, mixed, sizeof(float) * N * cd);
+    conv1d_silu_forward(y, x, L->conv, K - 1 + N, (int)cd, K);
+    memcpy(conv, y + (K - 1) * cd, sizeof(float) * N * cd);
+    memcpy(hist, x + N * cd, sizeof(float) * (K - 1) * cd);
+    free(x);
+    free(y);
+}
+
 static void deltanet_mixer_forward(const qwen35_config *c, const qwen35_layer *L, const qwen35_batch *b,
-                                   layer_acts *a, float *out) {
+                                   layer_acts *a, float *out, float *conv_hist, float *dn_state) {
     layer_dims d = dims_of(c);
     int64_t N = b->n_tokens, cd = d.conv_dim;
     int Hv = c->lin_n_v_heads, dk = c->lin_k_head_dim;
@@ -287,8 +301,9 @@ static void deltanet_mixer_forward(const qwen35_config *c, const qwen35_layer *L
     linear_forward(a->z, a->xn1, &L->lin_z, N);
     linear_forward(a->b, a->xn1, &L->lin_b, N);
     linear_forward(a->a, a->xn1, &L->lin_a, N);
-    FOR_SEQS(b, s, off)
-    conv1d_silu_forward(a->conv + off * cd, a->mixed + off * cd, L->conv, b->seq_lens[s], (int)cd, c->conv_kernel);
+    if (conv_hist) conv_with_history(c, L, conv_hist, a->mixed, a->conv, N, cd);
+    else FOR_SEQS(b, s, off)
+        conv1d_silu_forward(a->conv + off * cd, a->mixed + off * cd, L->conv, b->seq_lens[s], (int)cd, c->conv_kernel);
     memcpy(a->qkv, a->conv, sizeof(float) * N * cd);
     l2norm_forward(a->qkv, N, c->lin_n_k_heads, dk, cd, 1e-6f, 1.0f / sqrtf((float)dk));
     l2norm_forward(a->qkv + d.key_dim, N, c->lin_n_k_heads, dk, cd, 1e-6f, 1.0f);
@@ -297,7 +312,7 @@ static void deltanet_mixer_forward(const qwen35_config *c, const qwen35_layer *L
     FOR_SEQS(b, s, off) {
         const float *q = a->qkv + off * cd;
         deltanet_forward(a->o_raw + off * d.value_dim, q, q + d.key_dim, cd, q + 2 * d.key_dim, cd, a->beta + off * Hv,
-                         a->g + off * Hv, b->seq_lens[s], dd);
+                         a->g + off * Hv, b->seq_lens[s], dd, dn_state);
     }
     rmsnorm_gated_forward(a->o_norm, a->o_raw, a->z, L->lin_norm, N * Hv, c->lin_v_head_dim, (float)c->rms_eps);
     linear_forward(out, a->o_norm, &L->lin_out, N);
@@ -324,7 +339,8 @@ static void join_query_gate(float *qg, const float *q, const float *gate, int64_
 
 /* out = the gated attention mixer of a->xn1 (qwen35.md §2.3). */
 static void attention_mixer_forward(const qwen35_config *c, const qwen35_layer *L, const qwen35_batch *b,
-                                    const int32_t *pos, float *scores, layer_acts *a, float *out) {
+                                    const int32_t *pos, float *scores, layer_acts *a, float *out, qwen35_state *st,
+                                    int l) {
     layer_dims d = dims_of(c);
     int64_t N = b->n_tokens;
     int hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
@@ -336,24 +352,32 @@ static void attention_mixer_forward(const qwen35_config *c, const qwen35_layer *
     rmsnorm1p_forward(a->k, a->k_pre, L->k_norm, N * nkv, hd, (float)c->rms_eps);
     rope_forward(a->q, pos, N, nh, hd, c->rotary_dim, c->rope_theta);
     rope_forward(a->k, pos, N, nkv, hd, c->rotary_dim, c->rope_theta);
-    FOR_SEQS(b, s, off)
-    attention_forward(a->att + off * d.q_dim, a->q + off * d.q_dim, a->k + off * d.kv_dim, a->v + off * d.kv_dim,
-                      b->seq_lens[s], nh, nkv, hd, 1.0f / sqrtf((float)hd), scores);
+    if (st) {  /* one sequence: append to the cache and attend over all of it */
+        memcpy(st->k_cache[l] + st->n_past * d.kv_dim, a->k, sizeof(float) * N * d.kv_dim);
+        memcpy(st->v_cache[l] + st->n_past * d.kv_dim, a->v, sizeof(float) * N * d.kv_dim);
+        attention_forward(a->att, a->q, st->k_cache[l], st->v_cache[l], N, st->n_past + N, nh, nkv, hd,
+                          1.0f / sqrtf((float)hd), st->scores);
+    } else {
+        FOR_SEQS(b, s, off)
+        attention_forward(a->att + off * d.q_dim, a->q + off * d.q_dim, a->k + off * d.kv_dim, a->v + off * d.kv_dim,
+                          b->seq_lens[s], b->seq_lens[s], nh, nkv, hd, 1.0f / sqrtf((float)hd), scores);
+    }
     memcpy(a->att_g, a->att, sizeof(float) * N * d.q_dim);
     sigmoid_gate_forward(a->att_g, a->gate_a, N * d.q_dim);
     linear_forward(out, a->att_g, &L->att_o, N);
 }
 
-/* h_out = the decoder layer of h_in (h_out may be h_in); every intermediate lands in a. */
+/* h_out = the decoder layer of h_in (h_out may be h_in); every intermediate lands in a.
+ * With a decoding state st (one sequence), the layer continues from and updates its cache. */
 static void layer_forward(qwen35_model *m, int l, const qwen35_batch *b, const float *h_in, float *h_out,
-                          layer_acts *a) {
+                          layer_acts *a, qwen35_state *st) {
     const qwen35_config *c = &m->cfg;
     const qwen35_layer *L = &m->layers[l];
     int64_t N = b->n_tokens, H = c->hidden_size, I = c->intermediate_size;
     float eps = (float)c->rms_eps;
     rmsnorm1p_forward(a->xn1, h_in, L->input_norm, N, (int)H, eps);
-    if (c->layer_is_full[l]) attention_mixer_forward(c, L, b, m->ws->pos, m->ws->scores, a, a->h_mid);
-    else deltanet_mixer_forward(c, L, b, a, a->h_mid);
+    if (c->layer_is_full[l]) attention_mixer_forward(c, L, b, m->ws->pos, m->ws->scores, a, a->h_mid, st, l);
+    else deltanet_mixer_forward(c, L, b, a, a->h_mid, st ? st->conv_hist[l] : NULL, st ? st->dn_state[l] : NULL);
     add_inplace(a->h_mid, h_in, N * H);
     rmsnorm1p_forward(a->xn2, a->h_mid, L->post_norm, N, (int)H, eps);
     linear_forward(a->gate, a->xn2, &L->mlp_gate, N);
@@ -480,7 +504,7 @@ static float *decoder_forward(qwen35_model *m, const qwen35_batch *b) {
     layer_acts *a = &ws->acts[0];
     float *hf = a->xn2;  /* free once the last layer is done */
     embedding_forward(ws->h, b->ids, N, &m->embed);
-    for (int l = 0; l < c->n_layers; l++) layer_forward(m, l, b, ws->h, ws->h, a);
+    for (int l = 0; l < c->n_layers; l++) layer_forward(m, l, b, ws->h, ws->h, a, NULL);
     rmsnorm1p_forward(hf, ws->h, m->final_norm, N, (int)H, (float)c->rms_eps);
     return hf;
 }
@@ -515,7 +539,7 @@ int qwen35_forward_backward(qwen35_model *m, const qwen35_batch *b, double grad_
     /* forward, keeping the residual stream at every layer boundary */
     embedding_forward(ws->hs, b->ids, N, &m->embed);
     for (int l = 0; l < n_layers; l++)
-        layer_forward(m, l, b, ws->hs + l * NH, ws->hs + (l + 1) * NH, &ws->acts[grad_checkpoint ? 0 : l]);
+        layer_forward(m, l, b, ws->hs + l * NH, ws->hs + (l + 1) * NH, &ws->acts[grad_checkpoint ? 0 : l], NULL);
     float *hf = ws->grads.xn1;  /* the gradient block is free until the first layer's backward */
     rmsnorm1p_forward(hf, ws->hs + n_layers * NH, m->final_norm, N, (int)H, eps);
     memset(ws->dh2, 0, sizeof(float) * NH);
@@ -527,12 +551,91 @@ int qwen35_forward_backward(qwen35_model *m, const qwen35_batch *b, double grad_
      * (the recompute rewrites hs[l + 1] with the same values, no longer needed) */
     for (int l = n_layers - 1; l >= 0; l--) {
         layer_acts *a = &ws->acts[grad_checkpoint ? 0 : l];
-        if (grad_checkpoint) layer_forward(m, l, b, ws->hs + l * NH, ws->hs + (l + 1) * NH, a);
+        if (grad_checkpoint) layer_forward(m, l, b, ws->hs + l * NH, ws->hs + (l + 1) * NH, a, NULL);
         layer_backward(m, l, b, ws->hs + l * NH, a, &ws->grads, ws->dh, ws->dh2);
         float *t = ws->dh;
         ws->dh = ws->dh2;
         ws->dh2 = t;
     }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- incremental decoding */
+
+int qwen35_state_init(qwen35_state *s, const qwen35_config *c, int64_t max_len) {
+    memset(s, 0, sizeof *s);
+    layer_dims d = dims_of(c);
+    int64_t per_att = 2 * max_len * d.kv_dim, per_dn = (c->conv_kernel - 1) * d.conv_dim +
+                                                      (int64_t)c->lin_n_v_heads * c->lin_k_head_dim * c->lin_v_head_dim;
+    int64_t total = 0;
+    for (int l = 0; l < c->n_layers; l++) total += c->layer_is_full[l] ? per_att : per_dn;
+    s->max_len = max_len;
+    size_t L = (size_t)(c->n_layers > 0 ? c->n_layers : 1);
+    s->k_cache = calloc(L, sizeof(float *));
+    s->v_cache = calloc(L, sizeof(float *));
+    s->conv_hist = calloc(L, sizeof(float *));
+    s->dn_state = calloc(L, sizeof(float *));
+    s->block = calloc(total > 0 ? total : 1, sizeof(float));
+    if (!s->k_cache || !s->v_cache || !s->conv_hist || !s->dn_state || !s->block) {
+        qwen35_state_free(s);
+        return dt_err("out of memory for a decoding cache of %lld tokens (%.1f MiB)", (long long)max_len,
+                      total * 4.0 / (1 << 20));
+    }
+    float *p = s->block;
+    for (int l = 0; l < c->n_layers; l++) {
+        if (c->layer_is_full[l]) {
+            s->k_cache[l] = p, p += max_len * d.kv_dim;
+            s->v_cache[l] = p, p += max_len * d.kv_dim;
+        } else {
+            s->conv_hist[l] = p, p += (c->conv_kernel - 1) * d.conv_dim;
+            s->dn_state[l] = p, p += (int64_t)c->lin_n_v_heads * c->lin_k_head_dim * c->lin_v_head_dim;
+        }
+    }
+    s->block_floats = total;
+    return 0;
+}
+
+void qwen35_state_reset(qwen35_state *s) {
+    memset(s->block, 0, sizeof(float) * (s->block_floats > 0 ? s->block_floats : 1));
+    s->n_past = 0;
+}
+
+void qwen35_state_free(qwen35_state *s) {
+    free(s->k_cache);
+    free(s->v_cache);
+    free(s->conv_hist);
+    free(s->dn_state);
+    free(s->scores);
+    free(s->block);
+    memset(s, 0, sizeof *s);
+}
+
+int qwen35_forward_cached(qwen35_model *m, qwen35_state *s, const int32_t *ids, int n, float *logits, bool last_only) {
+    if (n <= 0) return dt_err("no tokens to run");
+    if (s->n_past + n > s->max_len)
+        return dt_err("%lld tokens exceed the decoding cache of %lld", (long long)(s->n_past + n), (long long)s->max_len);
+    qwen35_batch b = {ids, NULL, &n, 1, n};
+    if (prepare_batch(m, &b, 1, false)) return -1;
+    int64_t need = (int64_t)n * (s->n_past + n);
+    if (need > s->scores_cap) {
+        float *p = realloc(s->scores, sizeof(float) * need);
+        if (!p) return dt_err("out of memory for attention scores");
+        s->scores = p;
+        s->scores_cap = need;
+    }
+    const qwen35_config *c = &m->cfg;
+    qwen35_workspace *ws = m->ws;
+    int64_t H = c->hidden_size;
+    for (int t = 0; t < n; t++) ws->pos[t] = (int32_t)(s->n_past + t);
+    layer_acts *a = &ws->acts[0];
+    embedding_forward(ws->h, ids, n, &m->embed);
+    for (int l = 0; l < c->n_layers; l++) layer_forward(m, l, &b, ws->h, ws->h, a, s);
+    s->n_past += n;
+    const float *h = last_only ? ws->h + (int64_t)(n - 1) * H : ws->h;
+    int64_t rows = last_only ? 1 : n;
+    rmsnorm1p_forward(a->xn2, h, m->final_norm, rows, (int)H, (float)c->rms_eps);
+    dt_linear head = {m->lm_head, NULL};
+    linear_forward(logits, a->xn2, &head, rows);
     return 0;
 }
 

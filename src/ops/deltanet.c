@@ -78,7 +78,7 @@ static head_in head_view(const real *q, const real *k, int64_t qk_stride, const 
 }
 
 void deltanet_forward(real *o, const real *q, const real *k, int64_t qk_stride, const real *v, int64_t v_stride,
-                      const real *beta, const real *g, int64_t T, deltanet_dims d) {
+                      const real *beta, const real *g, int64_t T, deltanet_dims d, real *state) {
     int group = d.n_v_heads / d.n_k_heads;
     int64_t o_stride = (int64_t)d.n_v_heads * d.dv;
 #pragma omp parallel
@@ -87,7 +87,9 @@ void deltanet_forward(real *o, const real *q, const real *k, int64_t qk_stride, 
 #pragma omp for schedule(dynamic, 1)
         for (int h = 0; h < d.n_v_heads; h++) {
             head_in in = head_view(q, k, qk_stride, v, v_stride, beta, g, h, h / group, d);
-            memset(S, 0, sizeof(real) * d.dk * d.dv);
+            real *start = state ? state + (size_t)h * d.dk * d.dv : NULL;
+            if (start) memcpy(S, start, sizeof(real) * d.dk * d.dv);
+            else memset(S, 0, sizeof(real) * d.dk * d.dv);
             for (int64_t t = 0; t < T; t++) {
                 step_state(S, kv, &in, t);
                 const real *qt = in.q + t * qk_stride;  /* o = S^T q, from the updated state */
@@ -98,6 +100,7 @@ void deltanet_forward(real *o, const real *q, const real *k, int64_t qk_stride, 
                     for (int j = 0; j < d.dv; j++) ot[j] += Si[j] * qt[i];
                 }
             }
+            if (start) memcpy(start, S, sizeof(real) * d.dk * d.dv);
         }
         free(S);
     }

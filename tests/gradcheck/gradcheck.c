@@ -348,7 +348,7 @@ static double dn_loss(void *p) {
     dn_ctx *c = p;
     int64_t n = c->T * c->d.n_v_heads * c->d.dv;
     poison(c->o, n);
-    deltanet_forward(c->o, c->q, c->k, c->qk_stride, c->v, c->v_stride, c->beta, c->g, c->T, c->d);
+    deltanet_forward(c->o, c->q, c->k, c->qk_stride, c->v, c->v_stride, c->beta, c->g, c->T, c->d, NULL);
     return dot(c->G, c->o, n);
 }
 static void dn_bw(void *p) {
@@ -386,7 +386,7 @@ static double att_loss(void *p) {
     att_ctx *c = p;
     int64_t n = c->T * c->nh * c->hd;
     poison(c->o, n);
-    attention_forward(c->o, c->q, c->k, c->v, c->T, c->nh, c->nkv, c->hd, 0.4, c->scratch);
+    attention_forward(c->o, c->q, c->k, c->v, c->T, c->T, c->nh, c->nkv, c->hd, 0.4, c->scratch);
     return dot(c->G, c->o, n);
 }
 static void att_bw(void *p) {
