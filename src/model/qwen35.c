@@ -273,7 +273,7 @@ int qwen35_model_set_lora(qwen35_model *m, qwen35_wkind kind, int layer, const d
 #define FOR_SEQS(b, s, off) for (int64_t s = 0, off = 0; s < (b)->n_seqs; off += (b)->seq_lens[s++])
 
 static void add_inplace(float *h, const float *x, int64_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 32768)
     for (int64_t i = 0; i < n; i++) h[i] += x[i];
 }
 

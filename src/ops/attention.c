@@ -10,7 +10,7 @@ static void head_probs(real *P, const real *qh, int64_t q_ld, const real *kh, in
     GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_q, (int)n_kv, hd, scale, qh, (int)q_ld, kh, (int)kv_ld, 0,
          P, (int)n_kv);
     int64_t past = n_kv - n_q;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n_q * n_kv > PAR_MIN)
     for (int64_t i = 0; i < n_q; i++) {
         real *row = P + i * n_kv, mx = -INFINITY;
         int64_t last = past + i;

@@ -14,7 +14,7 @@ static inline real conv_at(const real *x, const real *w, int64_t t, int c, int C
 }
 
 void conv1d_silu_forward(real *y, const real *x, const real *w, int64_t T, int C, int K) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * C > PAR_MIN)
     for (int64_t t = 0; t < T; t++)
         for (int c = 0; c < C; c++) y[t * C + c] = silu_r(conv_at(x, w, t, c, C, K));
 }

@@ -12,7 +12,7 @@
 
 void deltanet_gates_forward(real *beta, real *g, const real *b, const real *a, const real *a_log,
                             const real *dt_bias, int64_t T, int Hv) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * Hv > PAR_MIN)
     for (int64_t t = 0; t < T; t++) {
         for (int h = 0; h < Hv; h++) {
             int64_t i = t * Hv + h;
@@ -81,7 +81,7 @@ void deltanet_forward(real *o, const real *q, const real *k, int64_t qk_stride, 
                       const real *beta, const real *g, int64_t T, deltanet_dims d, real *state) {
     int group = d.n_v_heads / d.n_k_heads;
     int64_t o_stride = (int64_t)d.n_v_heads * d.dv;
-#pragma omp parallel
+#pragma omp parallel if (T * d.n_v_heads * d.dk * d.dv > PAR_MIN)
     {
         real *S = malloc(sizeof(real) * ((size_t)d.dk * d.dv + d.dv)), *kv = S + (size_t)d.dk * d.dv;
 #pragma omp for schedule(dynamic, 1)

@@ -4,7 +4,7 @@
 void embedding_forward(real *out, const int32_t *ids, int64_t T, const dt_weight *E) {
     int64_t H = E->cols;
     size_t es = dt_dtype_size(E->dtype);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * H > PAR_MIN)
     for (int64_t t = 0; t < T; t++) to_real(out + t * H, (const char *)E->data + (size_t)ids[t] * H * es, E->dtype, H);
 }
 

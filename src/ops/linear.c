@@ -26,7 +26,7 @@ static void for_weight_blocks(const dt_weight *w, block_fn fn, void *ctx) {
     for (int64_t r0 = 0; r0 < out; r0 += br) {
         int64_t nr = out - r0 < br ? out - r0 : br;
         const char *src = (const char *)w->data + (size_t)r0 * in * es;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (nr * in > PAR_MIN)
         for (int64_t r = 0; r < nr; r++) to_real(buf + r * in, src + (size_t)r * in * es, w->dtype, in);
         fn(ctx, buf, r0, nr);
     }

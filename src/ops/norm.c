@@ -25,7 +25,7 @@ static void add_locked(real *dst, const real *src, int D) {
 }
 
 void rmsnorm1p_forward(real *y, const real *x, const real *w, int64_t rows, int D, real eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * D > PAR_MIN)
     for (int64_t r = 0; r < rows; r++) {
         const real *xr = x + r * D;
         real *yr = y + r * D;
@@ -56,7 +56,7 @@ void rmsnorm1p_backward(real *dx, real *dw, const real *dy, const real *x, const
 
 void rmsnorm_gated_forward(real *y, const real *x, const real *z, const real *w, int64_t rows, int D,
                            real eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * D > PAR_MIN)
     for (int64_t r = 0; r < rows; r++) {
         const real *xr = x + r * D, *zr = z + r * D;
         real *yr = y + r * D;
@@ -89,7 +89,7 @@ void rmsnorm_gated_backward(real *dx, real *dz, real *dw, const real *dy, const 
 }
 
 void l2norm_forward(real *x, int64_t rows, int n_heads, int D, int64_t row_stride, real eps, real scale) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * n_heads * D > PAR_MIN)
     for (int64_t r = 0; r < rows; r++) {
         for (int h = 0; h < n_heads; h++) {
             real *v = x + r * row_stride + (int64_t)h * D;

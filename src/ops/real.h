@@ -36,6 +36,10 @@ static inline void to_real(real *dst, const void *src, dt_dtype t, size_t n) {
 #endif
 }
 
+/* Loops over fewer elements than this run on one thread: waking the team costs more than it
+ * saves, and a lot more when the cores are busy (decoding runs one token at a time). */
+#define PAR_MIN 32768
+
 static inline real sigmoid_r(real x) { return 1 / (1 + exp(-x)); }
 static inline real silu_r(real x) { return x / (1 + exp(-x)); }
 /* d silu / dx = s (1 + x (1 - s)), s = sigmoid(x) */

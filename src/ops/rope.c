@@ -5,7 +5,7 @@
 static void rope_rotate(real *x, const int32_t *pos, int64_t T, int n_heads, int head_dim, int rot_dim,
                         double theta, real sign) {
     int half = rot_dim / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * n_heads * head_dim > PAR_MIN)
     for (int64_t t = 0; t < T; t++) {
         real c[half > 0 ? half : 1], s[half > 0 ? half : 1];
         for (int i = 0; i < half; i++) {
