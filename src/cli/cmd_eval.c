@@ -7,6 +7,7 @@
 
 #include "cli/args.h"
 #include "deltatune/adapter.h"
+#include "deltatune/chat.h"
 #include "deltatune/checkpoint.h"
 #include "deltatune/dataset.h"
 #include "deltatune/error.h"
@@ -24,8 +25,9 @@
     "   \"tok_per_s\", \"peak_mem_mb\"}"
 
 typedef struct {
-    const char *model, *data, *adapter;
+    const char *model, *data, *adapter, *train_on;
     int batch_size, max_tokens;
+    bool enable_thinking;
 } eval_opts;
 
 /* The end (exclusive) of the batch that starts at row `first`: at most batch_size rows and,
@@ -69,7 +71,15 @@ static int run(const eval_opts *o) {
             }
         }
     }
-    if (dataset_load_tokenized(&d, o->data, ck.cfg.vocab_size)) goto out;
+    /* Rows in a format other than tokenized need the model folder's tokenizer and template. */
+    dt_chat *chat = NULL;
+    dt_data_opts dopts = {.model_dir = o->model, .vocab_size = ck.cfg.vocab_size,
+                          .enable_thinking = o->enable_thinking};
+    if (chat_train_on_parse(o->train_on, &dopts.train_on) || chat_load_if_present(&chat, o->model)) goto out;
+    dopts.chat = chat;
+    int drc = dataset_load(&d, o->data, &dopts);
+    chat_free(chat);
+    if (drc) goto out;
     have_d = true;
     /* Rows of one token, or labels all -100, leave nothing to score. */
     if (d.n_targets == 0) {
@@ -165,10 +175,15 @@ out:
 }
 
 int cmd_eval(int argc, char **argv) {
-    eval_opts o = {.batch_size = 4};
+    eval_opts o = {.batch_size = 4, .train_on = "assistant"};
     arg_spec specs[] = {
         ARG_STR_REQ("model", &o.model, "DIR", "model folder (config.json + safetensors)"),
-        ARG_STR_REQ("data", &o.data, "FILE", "tokenized JSONL: {\"input_ids\": [...], \"labels\": [...]}"),
+        ARG_STR_REQ("data", &o.data, "FILE",
+                    "JSONL: input_ids/labels, or (with the model's tokenizer) messages, conversations, "
+                    "instruction/output, prompt/completion, text"),
+        ARG_CHOICE("train-on", &o.train_on, chat_train_on_names,
+                   "which tokens are scored: assistant turns, all tokens, or the last assistant turn"),
+        ARG_FLAG("enable-thinking", &o.enable_thinking, "render chat rows with enable_thinking = true"),
         ARG_STR("adapter", &o.adapter, "DIR", "PEFT LoRA adapter folder to apply"),
         ARG_INT_RANGE("batch-size", &o.batch_size, 1, 65536, "N", "rows per batch, packed back to back"),
         ARG_INT_RANGE("max-tokens-per-batch", &o.max_tokens, 0, 1e9, "N",

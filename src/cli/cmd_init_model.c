@@ -39,7 +39,7 @@ static const char *const layouts[] = {"multimodal", "text", NULL};
 
 typedef struct {
     const char *preset, *out, *dtype, *layout;
-    int seed;
+    int seed, vocab_size;
     double init_std;
     bool force;
 } init_opts;
@@ -228,6 +228,7 @@ out:
 static int run(const init_opts *o) {
     qwen35_config c;
     if (qwen35_preset(o->preset, &c)) return cli_fail(CMD, EXIT_USAGE);
+    if (o->vocab_size > 0) c.vocab_size = o->vocab_size;
     dt_dtype dtype = !strcmp(o->dtype, "f32") ? DT_F32 : !strcmp(o->dtype, "f16") ? DT_F16 : DT_BF16;
     qwen35_layout layout = !strcmp(o->layout, "text") ? LAYOUT_TEXT : LAYOUT_MULTIMODAL;
 
@@ -291,6 +292,8 @@ int cmd_init_model(int argc, char **argv) {
         ARG_CHOICE_REQ("preset", &o.preset, cli_presets, "model size"),
         ARG_STR_REQ("out", &o.out, "DIR", "folder to write (created if missing)"),
         ARG_INT_RANGE("seed", &o.seed, 0, INT_MAX, "N", "random seed"),
+        ARG_INT_RANGE("vocab-size", &o.vocab_size, 0, 1 << 22, "N",
+                      "override the preset's vocabulary size, e.g. to fit a real tokenizer (0: the preset's)"),
         ARG_CHOICE("dtype", &o.dtype, dtypes, "weight dtype (A_log stays F32)"),
         ARG_FLOAT_RANGE("init-std", &o.init_std, 1e-6, 10, "X",
                         "std of the normal init of linears and embeddings (transformers: 0.02)"),

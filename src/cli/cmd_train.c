@@ -12,6 +12,7 @@
 #include "cli/args.h"
 #include "deltatune/adapter.h"
 #include "deltatune/checkpoint.h"
+#include "deltatune/chat.h"
 #include "deltatune/dataset.h"
 #include "deltatune/error.h"
 #include "deltatune/mem.h"
@@ -33,7 +34,8 @@
 #define EXIT_INTERRUPTED 130
 
 typedef struct {
-    const char *model, *data, *out, *adapter, *targets, *schedule, *valid, *resume;
+    const char *model, *data, *out, *adapter, *targets, *schedule, *valid, *resume, *train_on;
+    bool enable_thinking;
     int rank;
     double alpha, dropout;
     bool rslora;
@@ -331,12 +333,22 @@ static int open_all(session *s, const train_cli *o, const target_list *tl) {
     s->m.ce_chunk = o->ce_chunk;
     const char *from;
     if (make_adapter(s, o, tl, &from) != 0) return -1;
-    if (dataset_load_tokenized(&s->data, o->data, s->ck.cfg.vocab_size) != 0) return -1;
-    s->have_data = true;
-    if (o->valid) {
-        if (dataset_load_tokenized(&s->valid, o->valid, s->ck.cfg.vocab_size) != 0) return -1;
-        s->have_valid = true;
+    /* Rows in a format other than tokenized need the model folder's tokenizer and template; the
+     * trainer truncates to --max-seq-len and reports it. */
+    dt_chat *chat = NULL;
+    dt_data_opts dopts = {.model_dir = o->model, .vocab_size = s->ck.cfg.vocab_size,
+                          .enable_thinking = o->enable_thinking};
+    if (chat_train_on_parse(o->train_on, &dopts.train_on) != 0 || chat_load_if_present(&chat, o->model) != 0)
+        return -1;
+    dopts.chat = chat;
+    int drc = dataset_load(&s->data, o->data, &dopts);
+    s->have_data = drc == 0;
+    if (drc == 0 && o->valid) {
+        drc = dataset_load(&s->valid, o->valid, &dopts);
+        s->have_valid = drc == 0;
     }
+    chat_free(chat);
+    if (drc != 0) return -1;
     trainer_opts to;
     trainer_options(o, &to);
     if (trainer_init(&s->t, &to, &s->m, &s->ad, &s->ck, &s->data, o->valid ? &s->valid : NULL) != 0) return -1;
@@ -410,12 +422,18 @@ out:
 
 int cmd_train(int argc, char **argv) {
     static const char *const schedules[] = {"linear", "cosine", "constant", NULL};
-    train_cli o = {.targets = DEFAULT_TARGETS, .schedule = "linear", .rank = 16, .alpha = 16, .batch = 2,
+    train_cli o = {.targets = DEFAULT_TARGETS, .train_on = "assistant", .schedule = "linear", .rank = 16,
+                   .alpha = 16, .batch = 2,
                    .accum = 4, .max_seq_len = 2048, .lr = 2e-4, .weight_decay = 0.01, .max_grad_norm = 1.0,
                    .epochs = 1, .seed = 3407, .log_every = 1, .ce_chunk = LMHEAD_TOKEN_CHUNK};
     arg_spec specs[] = {
         ARG_STR_REQ("model", &o.model, "DIR", "model folder (config.json + safetensors)"),
-        ARG_STR_REQ("data", &o.data, "FILE", "tokenized JSONL: {\"input_ids\": [...], \"labels\": [...]}"),
+        ARG_STR_REQ("data", &o.data, "FILE",
+                    "JSONL: input_ids/labels, or (with the model's tokenizer) messages, conversations, "
+                    "instruction/output, prompt/completion, text"),
+        ARG_CHOICE("train-on", &o.train_on, chat_train_on_names,
+                   "which tokens train: assistant turns, all tokens, or the last assistant turn"),
+        ARG_FLAG("enable-thinking", &o.enable_thinking, "render chat rows with enable_thinking = true"),
         ARG_STR_REQ("out", &o.out, "DIR", "where the adapter, train_log.jsonl and checkpoints go"),
         ARG_STR("adapter", &o.adapter, "DIR", "start from this PEFT LoRA adapter (its r, alpha, dropout, targets)"),
         ARG_INT_RANGE("lora-rank", &o.rank, 1, 65536, "N", "LoRA rank r"),
@@ -435,7 +453,7 @@ int cmd_train(int argc, char **argv) {
         ARG_INT_RANGE("steps", &o.steps, 0, 1e9, "N", "stop after N optimiser steps, wrapping epochs (0: use --epochs)"),
         ARG_INT_RANGE("seed", &o.seed, 0, 2147483647, "N", "seed of the LoRA init, row order and dropout"),
         ARG_FLAG("no-shuffle", &o.no_shuffle, "keep the file's row order (default: shuffled per epoch)"),
-        ARG_STR("valid", &o.valid, "FILE", "tokenized JSONL to evaluate on (at the end, and every --eval-every)"),
+        ARG_STR("valid", &o.valid, "FILE", "JSONL (any format) to evaluate on (at the end, and every --eval-every)"),
         ARG_INT_RANGE("eval-every", &o.eval_every, 0, 1e9, "N", "evaluate on --valid every N steps (0: at the end)"),
         ARG_INT_RANGE("save-every", &o.save_every, 0, 1e9, "N", "write --out/checkpoint-<step>/ every N steps (0: none)"),
         ARG_STR("resume", &o.resume, "DIR", "continue from a checkpoint-<step> folder (same flags as its run)"),

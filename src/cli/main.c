@@ -13,10 +13,14 @@ static const struct {
     int (*run)(int argc, char **argv);
     const char *summary;
 } commands[] = {
-    {"eval", cmd_eval, "loss and perplexity of a model (and adapter) on a tokenized JSONL file"},
+    {"chat", cmd_chat, "talk with a model (and adapter) in the terminal"},
+    {"eval", cmd_eval, "loss and perplexity of a model (and adapter) on a JSONL dataset"},
+    {"generate", cmd_generate, "generate a reply with a model (and adapter), streamed"},
     {"info", cmd_info, "a model's config, parameters, weights and memory estimate"},
     {"init-model", cmd_init_model, "write a randomly initialised model of a preset size"},
-    {"train", cmd_train, "train a LoRA adapter on a tokenized JSONL file (PEFT format out)"},
+    {"merge", cmd_merge, "fold a LoRA adapter into a standalone checkpoint"},
+    {"tokenize", cmd_tokenize, "render and tokenize a dataset (any format) and show what trains"},
+    {"train", cmd_train, "train a LoRA adapter on a JSONL dataset (PEFT format out)"},
 };
 #define N_COMMANDS (int)(sizeof commands / sizeof commands[0])
 
