@@ -4,7 +4,7 @@
     python3 tools/make_demo_data.py examples
 
 tiny_tokens.jsonl: random ids with masked prompts, for `deltatune eval`.
-demo_train/valid.jsonl: stretches of one fixed cycle of 64 ids, a pattern a LoRA learns fast.
+demo_chat.jsonl: six question/answer chats that `make demo` teaches a tiny model.
 """
 import json
 import random
@@ -16,7 +16,7 @@ VOCAB = 2048
 def write(path, rows):
     with open(path, "w") as f:
         for r in rows:
-            f.write(json.dumps(r, separators=(",", ":") if "demo" in path else (", ", ": ")) + "\n")
+            f.write(json.dumps(r) + "\n")
 
 
 def tiny_tokens():
@@ -30,24 +30,23 @@ def tiny_tokens():
     return rows
 
 
-def demo():
-    rng = random.Random(2026)
-    cycle = rng.sample(range(VOCAB), 64)
+DEMO_CHAT = [
+    ("What is deltatune?", "A LoRA trainer for Qwen3.5, written in C."),
+    ("Which models does it train?", "The Qwen3.5 family, 0.8B to 9B."),
+    ("Does it need Python?", "No. Only C and a BLAS."),
+    ("What is a Gated DeltaNet?", "Linear attention with a delta-rule memory."),
+    ("How do I start?", "Run make demo, then make test."),
+    ("Who checks the gradients?", "Finite differences, for every op."),
+]
 
-    def rows(n):
-        out = []
-        for _ in range(n):
-            start, length = rng.randrange(64), rng.randrange(48, 97)
-            ids = [cycle[(start + i) % 64] for i in range(length)]
-            out.append({"input_ids": ids, "labels": ids})
-        return out
 
-    return rows(64), rows(8)
+def demo_chat():
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in DEMO_CHAT]
 
 
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "examples"
     write(f"{out}/tiny_tokens.jsonl", tiny_tokens())
-    train, valid = demo()
-    write(f"{out}/demo_train.jsonl", train)
-    write(f"{out}/demo_valid.jsonl", valid)
+    with open(f"{out}/demo_chat.jsonl", "w") as f:
+        for r in demo_chat():
+            f.write(json.dumps(r) + "\n")
