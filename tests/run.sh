@@ -10,6 +10,8 @@ trap 'rm -f "$log"' EXIT
 status=0
 "$build/deltatune_tests" | tee -a "$log" || status=1
 "$build/deltatune_gradcheck" | tee -a "$log" || status=1
+# built where nvcc is; it says "skipped" without a GPU
+if [[ -x "$build/deltatune_test_cuda" ]]; then "$build/deltatune_test_cuda" | tee -a "$log" || status=1; fi
 DT=$(cd "$build" && pwd)/deltatune "$here/cli.sh" | tee -a "$log" || status=1
 
 passed=$(grep -Eo '^[a-z]+: [0-9]+ passed' "$log" | awk '{s+=$2} END {print s+0}')
