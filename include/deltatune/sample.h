@@ -3,6 +3,7 @@
 #ifndef DELTATUNE_SAMPLE_H
 #define DELTATUNE_SAMPLE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "deltatune/rng.h"
@@ -14,8 +15,12 @@ typedef struct {
 } sampler_opts;
 
 typedef struct {
-    float *probs;         /* [V] scratch */
-    int32_t *order;       /* [V] scratch */
+    float p;
+    int32_t id;
+} sample_cand;
+
+typedef struct {
+    sample_cand *cand;    /* [V] scratch */
     int vocab;
 } sampler;
 
