@@ -38,7 +38,8 @@ struct qwen35_workspace {
     float *hs;                  /* training: [n_layers + 1, N, H] residual stream */
     float *dh, *dh2;            /* training: [N, H] residual gradients */
     float *scores;              /* [2 T, T] attention probabilities and their gradient */
-    float *ce;                  /* loss scratch */
+    float *ce;                  /* loss scratch, ce_cap floats */
+    int64_t ce_cap;
     int32_t *pos, *targets;     /* [N] */
 };
 
@@ -124,7 +125,10 @@ static int64_t ce_chunk_of(const qwen35_model *m, int64_t N) {
  * activations (1 for eval and checkpointed training), and training buffers or not. */
 static int ws_reserve(qwen35_model *m, int64_t N, int64_t T, int n_acts, bool training) {
     qwen35_workspace *ws = m->ws;
-    if (ws && ws->cap_tokens >= N && ws->cap_seq >= T && ws->n_acts >= n_acts && (!training || ws->hs)) return 0;
+    int64_t ce_need = training ? ce_chunk_of(m, N) * m->cfg.vocab_size : 0;  /* m->ce_chunk may have changed */
+    if (ws && ws->cap_tokens >= N && ws->cap_seq >= T && ws->n_acts >= n_acts && (!training || ws->hs) &&
+        ws->ce_cap >= ce_need)
+        return 0;
     if (ws) {
         N = N > ws->cap_tokens ? N : ws->cap_tokens;
         T = T > ws->cap_seq ? T : ws->cap_seq;
@@ -138,6 +142,7 @@ static int ws_reserve(qwen35_model *m, int64_t N, int64_t T, int n_acts, bool tr
     int64_t H = c->hidden_size, V = c->vocab_size;
     int64_t ce = training ? ce_chunk_of(m, N) * V : 0;
     ce = N * LMHEAD_VOCAB_BLOCK > ce ? N * LMHEAD_VOCAB_BLOCK : ce;
+    ws->ce_cap = ce;
     ws->cap_tokens = N;
     ws->cap_seq = T;
     ws->acts = calloc(n_acts, sizeof *ws->acts);
