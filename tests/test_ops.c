@@ -154,18 +154,54 @@ TEST(ops_attention_matches_naive) {
     CHECKF(e < 1e-5, "rel err %g", e);
 }
 
-TEST(ops_dtype_round_trips) {
-    float vals[] = {0.0f, -0.0f, 1.0f, -2.5f, 3.14159f, 65504.0f, 1e-7f, 6.1e-5f, 1e30f};
-    for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) {
-        float b = dt_bf16_to_f32(dt_f32_to_bf16(vals[i]));
-        CHECKF(fabsf(b - vals[i]) <= fabsf(vals[i]) * (1.0f / 256), "bf16 %g -> %g", vals[i], b);
-        if (fabsf(vals[i]) <= 65504.0f && (vals[i] == 0 || fabsf(vals[i]) >= 6e-5f)) {
-            float h = dt_f16_to_f32(dt_f32_to_f16(vals[i]));
-            CHECKF(fabsf(h - vals[i]) <= fabsf(vals[i]) * (1.0f / 1024), "f16 %g -> %g", vals[i], h);
-        }
+/* Floats to test conversions on: random bit patterns of every exponent, and edge cases. */
+static float conversion_input(int i) {
+    static const float edges[] = {0.0f, -0.0f, 1.0f, 65504.0f, 65520.0f, 1e-7f, 6.1e-5f, 5.96e-8f, 2.98e-8f,
+                                  1e30f, -1e-40f, 1.00390625f, 1.01171875f, INFINITY, -INFINITY};
+    if (i < (int)(sizeof edges / sizeof edges[0])) return edges[i];
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    uint32_t u = (uint32_t)(rng_state >> 16);
+    if ((u & 0x7f800000u) == 0x7f800000u) u ^= 0x40000000u;  /* keep NaN out of the comparisons */
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#ifdef __FLT16_MAX__
+/* f16 against the compiler's own conversions (IEEE round to nearest even). */
+TEST(ops_f16_matches_the_compiler) {
+    for (uint32_t h = 0; h < 65536; h++) {
+        _Float16 ref;
+        uint16_t bits = (uint16_t)h;
+        memcpy(&ref, &bits, 2);
+        float want = (float)ref, got = dt_f16_to_f32(bits);
+        CHECKF(memcmp(&want, &got, 4) == 0 || (isnan(want) && isnan(got)), "f16 0x%04x -> %g, expected %g", h, got, want);
     }
-    CHECK(dt_f32_to_f16(1e-7f) == 2);              /* subnormal: 1e-7 / 2^-24 = 1.68 -> 2 */
-    CHECK(dt_f16_to_f32(0x0001) == ldexpf(1, -24)); /* smallest subnormal */
-    CHECK(dt_f32_to_bf16(1.0f + 1.0f / 256) == 0x3f80);  /* halfway rounds to even */
+    for (int i = 0; i < 200000; i++) {
+        float x = conversion_input(i);
+        _Float16 ref = (_Float16)x;
+        uint16_t want;
+        memcpy(&want, &ref, 2);
+        CHECKF(dt_f32_to_f16(x) == want, "f32 %.9g -> f16 0x%04x, expected 0x%04x", x, dt_f32_to_f16(x), want);
+    }
+}
+#endif
+
+/* bf16: the nearest of the two bf16 values around x, ties to the even one, found in double. */
+TEST(ops_bf16_rounds_to_nearest_even) {
+    for (int i = 0; i < 200000; i++) {
+        float x = conversion_input(i);
+        if (isinf(x)) continue;
+        uint32_t u;
+        memcpy(&u, &x, 4);
+        uint16_t lo = (uint16_t)(u >> 16), hi = (uint16_t)(lo + 1), want;
+        double dlo = dt_bf16_to_f32(lo), dhi = dt_bf16_to_f32(hi), d = x;
+        if (isinf(dhi) || isnan(dhi)) continue;  /* next to the largest finite value */
+        double elo = fabs(d - dlo), ehi = fabs(dhi - d);
+        want = elo < ehi ? lo : ehi < elo ? hi : (lo & 1 ? hi : lo);
+        CHECKF(dt_f32_to_bf16(x) == want, "f32 %.9g -> bf16 0x%04x, expected 0x%04x", x, dt_f32_to_bf16(x), want);
+    }
     CHECK(isnan(dt_bf16_to_f32(dt_f32_to_bf16(NAN))));
 }
