@@ -77,6 +77,8 @@ static int64_t spec_total(const qwen35_config *c) {
     return total;
 }
 
+/* The counts transformers 5.17 gives for these sizes (Qwen3_5ForCausalLM built on the meta
+ * device by tools/param_counts.py, tied embeddings counted once). */
 TEST(config_param_count) {
     const struct { const char *name; int64_t n; } want[] = {
         {"0.8b", 752393024LL}, {"2b", 1881825088LL}, {"4b", 4205751296LL}, {"9b", 8953803264LL}};
@@ -319,6 +321,9 @@ TEST(config_parse_errors) {
     expect_parse_err("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"", "rope_type: \"yarn\"");
     expect_parse_err("\"rope_theta\": 10000000", "\"rope_theta\": \"big\"", "rope_parameters.rope_theta");
     expect_parse_err("\"head_dim\": 256", "\"head_dim\": 20", "rotary dimension 5");
+    /* a factor whose product with head_dim overflows an int is refused, not cast */
+    expect_parse_err("\"partial_rotary_factor\": 0.25", "\"partial_rotary_factor\": 1e300",
+                     "partial_rotary_factor 1e+300 is outside (0, 1]");
     expect_parse_err("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": 1", "tie_word_embeddings: expected true or false");
     expect_parse_err("\"image_token_id\"", "\"quantization\": {\"bits\": 8}, \"image_token_id\"", "quantization");
     expect_parse_err("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3", "num_key_value_heads");

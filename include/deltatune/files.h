@@ -17,4 +17,12 @@ int io_write_file_atomic(const char *path, const char *data, size_t len);
 /* mkdir -p */
 int io_make_dirs(const char *dir);
 
+/* The JSON side files (config.json, indexes, adapter and trainer state) go through these two,
+ * so every reader reports bad JSON the same way and every writer is atomic. */
+struct json_t;
+/* io_read_file + parse; NULL on error, which names the path (and line and column for bad JSON). */
+struct json_t *io_load_json(const char *path);
+/* json_dumps(root, flags) plus a final newline, through io_write_file_atomic. */
+int io_write_json_atomic(const char *path, const struct json_t *root, size_t flags);
+
 #endif

@@ -34,6 +34,9 @@ int st_open(st_file *f, const char *path);
 void st_close(st_file *f);
 /* NULL when absent (no error recorded). */
 const st_tensor *st_find(const st_file *f, const char *name);
+/* A malloc'ed fp32 copy of a float tensor (F32/F16/BF16); NULL when out of memory or
+ * another dtype. Safe on tensors the file stored misaligned. */
+float *st_tensor_to_f32(const st_tensor *t);
 
 /* One tensor to write: data holds numel elements of dtype. */
 typedef struct {

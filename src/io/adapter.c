@@ -1,15 +1,12 @@
 #include "deltatune/files.h"
 #include "deltatune/adapter.h"
 
-#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "deltatune/error.h"
 #include "deltatune/rng.h"
@@ -125,19 +122,9 @@ static int parse_adapter_config(lora_adapter *a, json_t *o) {
 static int load_config(lora_adapter *a, const char *dir) {
     char *path = io_path_join(dir, "adapter_config.json");
     if (!path) return dt_err("out of memory");
-    int rc = -1;
-    FILE *fp = fopen(path, "rb");
-    if (!fp) {
-        dt_err("%s: cannot open: %s", path, strerror(errno));
-        free(path);
-        return -1;
-    }
-    json_error_t jerr;
-    json_t *o = json_loadf(fp, 0, &jerr);
-    fclose(fp);
-    if (!o) dt_err("%s: invalid JSON at line %d, column %d: %s", path, jerr.line, jerr.column, jerr.text);
-    else if (parse_adapter_config(a, o) != 0) dt_err_wrap("%s", path);
-    else rc = 0;
+    json_t *o = io_load_json(path);
+    int rc = o ? parse_adapter_config(a, o) : -1;
+    if (o && rc != 0) dt_err_wrap("%s", path);
     json_decref(o);
     free(path);
     return rc;
@@ -207,24 +194,9 @@ static lora_module *module_for(lora_adapter *a, qwen35_wkind kind, int layer) {
     return m;
 }
 
-/* fp32 copy of a mapped tensor; goes through an aligned buffer because the map
- * only guarantees the alignment the file happens to give. */
-static float *to_f32(const st_tensor *t) {
-    float *out = malloc((size_t)t->numel * sizeof *out + 1);
-    if (!out) return NULL;
-    const void *src = t->data;
-    void *tmp = NULL;
-    if ((uintptr_t)src % dt_dtype_size(t->dtype) != 0) {
-        if (!(tmp = malloc(t->nbytes + 1))) {
-            free(out);
-            return NULL;
-        }
-        memcpy(tmp, src, t->nbytes);
-        src = tmp;
-    }
-    dt_to_f32(out, src, t->dtype, (size_t)t->numel);
-    free(tmp);
-    return out;
+/* PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA. */
+static float lora_scale(const lora_adapter *a) {
+    return (float)(a->rslora ? a->alpha / sqrt((double)a->rank) : a->alpha / a->rank);
 }
 
 static int load_tensor(lora_adapter *a, const st_tensor *t, const checkpoint *ck) {
@@ -233,10 +205,8 @@ static int load_tensor(lora_adapter *a, const st_tensor *t, const checkpoint *ck
     const dt_weight *w = checkpoint_weight(ck, k.kind, k.layer);
     int64_t want0 = k.is_b ? w->rows : a->rank, want1 = k.is_b ? a->rank : w->cols;
     if (t->ndim != 2 || t->shape[0] != want0 || t->shape[1] != want1) {
-        char got[96] = "[";
-        for (int d = 0; d < t->ndim; d++)
-            snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? ", " : "", (long long)t->shape[d]);
-        snprintf(got + strlen(got), sizeof got - strlen(got), "]");
+        char got[160];
+        io_format_shape(got, sizeof got, t->shape, t->ndim);
         return dt_err("tensor %s has shape %s, expected [%lld, %lld] (rank %d, base weight [%lld, %lld])", t->name,
                       got, (long long)want0, (long long)want1, a->rank, (long long)w->rows, (long long)w->cols);
     }
@@ -245,11 +215,11 @@ static int load_tensor(lora_adapter *a, const st_tensor *t, const checkpoint *ck
     lora_module *m = module_for(a, k.kind, k.layer);
     float **slot = k.is_b ? &m->lora.B : &m->lora.A;
     if (*slot) return dt_err("tensor %s: a second lora_%c for the same module", t->name, k.is_b ? 'B' : 'A');
-    if (!(*slot = to_f32(t))) return dt_err("out of memory");
+    if (!(*slot = st_tensor_to_f32(t))) return dt_err("out of memory");
     m->lora.rank = a->rank;
     m->lora.in = w->cols;
     m->lora.out = w->rows;
-    m->lora.scale = (float)(a->rslora ? a->alpha / sqrt((double)a->rank) : a->alpha / a->rank);
+    m->lora.scale = lora_scale(a);
     return 0;
 }
 
@@ -372,10 +342,6 @@ static int set_targets(lora_adapter *a, const char *const *targets, int n, bool 
     }
     qsort(a->targets, (size_t)a->n_targets, sizeof *a->targets, by_name);
     return 0;
-}
-
-static float lora_scale(const lora_adapter *a) {
-    return (float)(a->rslora ? a->alpha / sqrt((double)a->rank) : a->alpha / a->rank);
 }
 
 /* PEFT's default init: A Kaiming-uniform with a = sqrt(5), which is uniform in +-1/sqrt(in);
@@ -508,19 +474,10 @@ static json_t *config_json(const lora_adapter *a, const checkpoint *ck) {
 
 static int save_config(const lora_adapter *a, const checkpoint *ck, const char *path) {
     json_t *o = config_json(a, ck);
+    if (!o) return dt_err("%s: out of memory", path);
     double reals[2] = {a->alpha, a->dropout};
-    char *text = o ? json_dumps(o, JSON_INDENT(2) | JSON_SORT_KEYS | JSON_REAL_PRECISION(real_digits(reals, 2))) : NULL;
+    int rc = io_write_json_atomic(path, o, JSON_INDENT(2) | JSON_SORT_KEYS | JSON_REAL_PRECISION(real_digits(reals, 2)));
     json_decref(o);
-    if (!text) return dt_err("%s: out of memory", path);
-    size_t n = strlen(text);
-    char *with_nl = realloc(text, n + 2);
-    if (!with_nl) {
-        free(text);
-        return dt_err("%s: out of memory", path);
-    }
-    memcpy(with_nl + n, "\n", 2);
-    int rc = io_write_file_atomic(path, with_nl, strlen(with_nl));
-    free(with_nl);
     return rc;
 }
 

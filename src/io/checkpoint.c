@@ -1,8 +1,6 @@
 #include "deltatune/files.h"
 #include "deltatune/checkpoint.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <jansson.h>
 #include <limits.h>
 #include <math.h>
@@ -10,14 +8,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "deltatune/error.h"
 
 #define PREFIX_MM "model.language_model."
 #define PREFIX_TEXT "model."
-/* Large enough for any real config.json or shard index (a 9B index is ~124 kB). */
 
 /* ---------------------------------------------------------------- files */
 
@@ -25,19 +20,6 @@ static json_t *parse_json(const char *text, size_t len) {
     json_error_t jerr;
     json_t *root = json_loadb(text, len, 0, &jerr);
     if (!root) dt_err("invalid JSON at line %d, column %d: %s", jerr.line, jerr.column, jerr.text);
-    return root;
-}
-
-static json_t *load_json_file(const char *path) {
-    char *text;
-    size_t len;
-    if (io_read_file(path, &text, &len) != 0) {
-        dt_err_wrap("%s", path);
-        return NULL;
-    }
-    json_t *root = parse_json(text, len);
-    free(text);
-    if (!root) dt_err_wrap("%s", path);
     return root;
 }
 
@@ -195,7 +177,9 @@ static int parse_rope(qwen35_config *c, jscope t) {
     found = 0;
     if (rp.obj && get_num(rp, "partial_rotary_factor", &found, &c->partial_rotary_factor) != 0) return -1;
     if (!found && get_num(t, "partial_rotary_factor", &found, &c->partial_rotary_factor) != 0) return -1;
-    c->rotary_dim = (int)(c->head_dim * c->partial_rotary_factor);
+    /* Out of (0, 1] the product may not fit an int; 0 lets validate name the factor. */
+    int in_range = c->partial_rotary_factor > 0 && c->partial_rotary_factor <= 1;
+    c->rotary_dim = in_range ? (int)(c->head_dim * c->partial_rotary_factor) : 0;
     return 0;
 }
 
@@ -407,19 +391,9 @@ static int real_precision(const qwen35_config *c) {
 int qwen35_config_save_dtype(const qwen35_config *c, qwen35_layout layout, dt_dtype dtype, const char *path) {
     if (qwen35_config_validate(c) != 0) return dt_err_wrap("%s", path);
     json_t *root = config_json(c, layout, torch_dtype_name(dtype));
-    char *text = root ? json_dumps(root, JSON_INDENT(2) | JSON_REAL_PRECISION(real_precision(c))) : NULL;
+    if (!root) return dt_err("%s: out of memory", path);
+    int rc = io_write_json_atomic(path, root, JSON_INDENT(2) | JSON_REAL_PRECISION(real_precision(c)));
     json_decref(root);
-    if (!text) return dt_err("%s: out of memory", path);
-    size_t len = strlen(text);
-    char *with_nl = realloc(text, len + 2);
-    if (!with_nl) {
-        free(text);
-        return dt_err("%s: out of memory", path);
-    }
-    with_nl[len] = '\n';
-    with_nl[len + 1] = 0;
-    int rc = io_write_file_atomic(path, with_nl, len + 1);
-    free(with_nl);
     return rc;
 }
 
@@ -486,7 +460,7 @@ static int shard_name_ok(const char *s) {
 }
 
 static int open_sharded(checkpoint *ck, ck_entries *es, const char *index_path) {
-    json_t *root = load_json_file(index_path);
+    json_t *root = io_load_json(index_path);
     if (!root) return -1;
     int rc = -1;
     json_t *wm = json_object_get(root, "weight_map");

@@ -2,6 +2,7 @@
 #include "deltatune/files.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,5 +110,33 @@ int io_make_dirs(const char *dir) {
         path[i] = c;
     }
     free(path);
+    return rc;
+}
+
+json_t *io_load_json(const char *path) {
+    char *text;
+    size_t len;
+    if (io_read_file(path, &text, &len) != 0) {
+        dt_err_wrap("%s", path);
+        return NULL;
+    }
+    json_error_t jerr;
+    json_t *root = json_loadb(text, len, 0, &jerr);
+    free(text);
+    if (!root) dt_err("%s: invalid JSON at line %d, column %d: %s", path, jerr.line, jerr.column, jerr.text);
+    return root;
+}
+
+int io_write_json_atomic(const char *path, const json_t *root, size_t flags) {
+    char *text = json_dumps(root, flags);
+    size_t n = text ? strlen(text) : 0;
+    char *line = text ? realloc(text, n + 2) : NULL;
+    if (!line) {
+        free(text);
+        return dt_err("%s: out of memory", path);
+    }
+    memcpy(line + n, "\n", 2);
+    int rc = io_write_file_atomic(path, line, n + 1);
+    free(line);
     return rc;
 }

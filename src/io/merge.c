@@ -38,9 +38,8 @@ static const lora_module *module_for(const checkpoint *ck, const lora_adapter *a
 /* W (rows x cols, any float dtype) + scale B A, in fp32. */
 static float *merged_weight(const st_tensor *t, const lora_module *lm) {
     const dt_lora *l = &lm->lora;
-    float *w = malloc(sizeof(float) * t->numel);
+    float *w = st_tensor_to_f32(t);
     if (!w) return NULL;
-    dt_to_f32(w, t->data, t->dtype, (size_t)t->numel);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)l->out, (int)l->in, l->rank, l->scale, l->B,
                 l->rank, l->A, (int)l->in, 1.0f, w, (int)l->in);
     return w;
@@ -83,10 +82,9 @@ int checkpoint_merge(const checkpoint *ck, const lora_adapter *a, const char *ou
         if (!lm && entries[i].dtype == t->dtype) {
             rc = st_writer_write(w, t->data, t->nbytes);
         } else {
-            float *f32 = lm ? merged_weight(t, lm) : malloc(sizeof(float) * (t->numel > 0 ? t->numel : 1));
+            float *f32 = lm ? merged_weight(t, lm) : st_tensor_to_f32(t);
             void *out = malloc(out_bytes > 0 ? out_bytes : 1);
             if (!f32 || !out) rc = dt_err("out of memory converting %s", t->name);
-            if (rc == 0 && !lm) dt_to_f32(f32, t->data, t->dtype, (size_t)t->numel);
             if (rc == 0) rc = dt_from_f32(out, entries[i].dtype, f32, (size_t)t->numel);
             if (rc == 0) rc = st_writer_write(w, out, out_bytes);
             free(f32);

@@ -259,6 +259,27 @@ const st_tensor *st_find(const st_file *f, const char *name) {
     return NULL;
 }
 
+/* The file only aligns the data buffer's start: a tensor after an odd-sized one is read
+ * through an aligned copy, since the converters load whole uint16_t / float elements. */
+float *st_tensor_to_f32(const st_tensor *t) {
+    if (!dt_dtype_is_float(t->dtype)) return NULL;
+    float *out = malloc((size_t)t->numel * sizeof *out + 1);
+    if (!out) return NULL;
+    const void *src = t->data;
+    void *tmp = NULL;
+    if ((uintptr_t)src % dt_dtype_size(t->dtype) != 0) {
+        if (!(tmp = malloc(t->nbytes + 1))) {
+            free(out);
+            return NULL;
+        }
+        memcpy(tmp, src, t->nbytes);
+        src = tmp;
+    }
+    dt_to_f32(out, src, t->dtype, (size_t)t->numel);
+    free(tmp);
+    return out;
+}
+
 /* ---------------------------------------------------------------- writing */
 
 struct st_writer {
