@@ -513,6 +513,9 @@ expect_fail generate_prompt_too_long 1 "the prompt is 5000 tokens; the model's c
     "$DT" generate --model m --prompt-ids "$(py 'print(",".join(["5"] * 5000))')"
 expect_fail generate_needs_prompt 2 "missing required flag --prompt" "$DT" generate --model m
 expect_fail generate_bad_ids 1 "--prompt-ids: 'x' is not a token id" "$DT" generate --model m --prompt-ids 1,x
+expect_fail generate_raw_with_ids 2 "--raw and --prompt-ids exclude each other" "$DT" generate --model m --prompt-ids 1 --raw
+expect_fail generate_system_needs_template 2 "--system needs the chat template, which --raw skips" \
+    "$DT" generate --model m --prompt hi --raw --system s
 expect_fail generate_text_needs_tokenizer 1 "give the prompt as --prompt-ids" "$DT" generate --model m --prompt hi
 expect_fail generate_foreign_adapter 1 "lora_A.weight" "$DT" generate --model m --adapter "$fixtures/text_tied/adapter" --prompt-ids 1
 if expect_ok merge_adapter "$DT" merge --model "$fixtures/text_tied" --adapter "$fixtures/text_tied/adapter" --out merged; then

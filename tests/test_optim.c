@@ -34,6 +34,10 @@ TEST(optim_schedule_parse) {
     CHECK(schedule_parse("cosine", &k) == 0 && k == SCHEDULE_COSINE);
     CHECK(schedule_parse("constant", &k) == 0 && k == SCHEDULE_CONSTANT);
     CHECK_ERR(schedule_parse("foo", &k), "'foo'");
+    /* the names table (the --schedule choices) reads back as the kind it is indexed by */
+    int n = 0;
+    for (; schedule_names[n]; n++) CHECK(schedule_parse(schedule_names[n], &k) == 0 && (int)k == n);
+    CHECK(n == 3);
 }
 
 TEST(optim_schedules_match_transformers) {

@@ -7,12 +7,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include "deltatune/adapter.h"
 #include "deltatune/checkpoint.h"
 #include "deltatune/dataset.h"
 #include "deltatune/error.h"
+#include "deltatune/files.h"
 #include "deltatune/qwen35.h"
 #include "deltatune/train_state.h"
 #include "deltatune/trainer.h"
@@ -21,6 +21,15 @@
 int io_test_tmpdir(char *buf, size_t cap);
 void io_test_rmdir(const char *dir);
 int io_test_write_file(const char *path, const void *data, size_t n);
+
+/* A test that runs body(dir) in a fresh temporary folder, removed afterwards. */
+#define TMPDIR_TEST(name, body)                                                    \
+    TEST(name) {                                                                   \
+        char dir[64];                                                              \
+        CHECK(io_test_tmpdir(dir, sizeof dir) == 0);                               \
+        body(dir);                                                                 \
+        io_test_rmdir(dir);                                                        \
+    }
 
 #define TIED FIXTURES "/text_tied"
 #define TRAIN FIXTURES "/train_tied"
@@ -180,8 +189,6 @@ static char *read_all(const char *path) {
     fclose(f);
     return buf;
 }
-
-static bool exists(const char *path) { return access(path, F_OK) == 0; }
 
 static bool streq(const char *a, const char *b) { return a && b && !strcmp(a, b); }
 
@@ -343,11 +350,11 @@ static void check_resume(const char *dir) {
     CHECKF(rc == 1, "interrupted run returned %d", rc);
     snprintf(ck, sizeof ck, "%s/checkpoint-2", b);
     snprintf(path, sizeof path, "%s/trainer_state.json", ck);
-    CHECK(exists(path));
+    CHECK(io_file_exists(path));
     snprintf(path, sizeof path, "%s/checkpoint-2.tmp", b);
-    CHECK(!exists(path));
+    CHECK(!io_file_exists(path));
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", b);
-    CHECK(exists(path));
+    CHECK(io_file_exists(path));
     /* steps 3 to 5 from the checkpoint */
     CHECK(resume_run(b, 0, ck) == 0);
     la = log_without_timing(a);
@@ -371,12 +378,7 @@ out:
     free(fb);
 }
 
-TEST(train_resume_is_identical) {
-    char dir[64];
-    CHECK(io_test_tmpdir(dir, sizeof dir) == 0);
-    check_resume(dir);
-    io_test_rmdir(dir);
-}
+TMPDIR_TEST(train_resume_is_identical, check_resume)
 
 /* A checkpoint refuses a run with other settings or other data, naming what differs. */
 static void check_resume_refusals(const char *dir) {
@@ -423,12 +425,7 @@ out:
     rig_close(&r);
 }
 
-TEST(train_resume_refuses_other_settings) {
-    char dir[64];
-    CHECK(io_test_tmpdir(dir, sizeof dir) == 0);
-    check_resume_refusals(dir);
-    io_test_rmdir(dir);
-}
+TMPDIR_TEST(train_resume_refuses_other_settings, check_resume_refusals)
 
 /* ---------------------------------------------------------------- gradient accumulation */
 
@@ -576,7 +573,7 @@ TEST(adapter_save_load_round_trip) {
         round_trip(FIXTURES "/mm_untied_sharded", sub,
                    "base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_B.weight");
     snprintf(sub, sizeof sub, "%s/mm/adapter_config.json.tmp", dir);
-    CHECK(!exists(sub));
+    CHECK(!io_file_exists(sub));
     io_test_rmdir(dir);
 }
 
@@ -641,12 +638,7 @@ static void check_empty_step(const char *dir) {
     rig_close(&r);
 }
 
-TEST(train_skips_an_empty_step) {
-    char dir[64];
-    CHECK(io_test_tmpdir(dir, sizeof dir) == 0);
-    check_empty_step(dir);
-    io_test_rmdir(dir);
-}
+TMPDIR_TEST(train_skips_an_empty_step, check_empty_step)
 
 /* A NaN stops the run before the update; the checkpoint already written stays, nothing
  * else is written. */
@@ -669,21 +661,16 @@ static void check_non_finite(const char *dir) {
     CHECK(strstr(dt_errmsg(), "step 2") && strstr(dt_errmsg(), "data.jsonl lines"));
     CHECK(t.step == 1 && t.last_saved == 1);
     snprintf(path, sizeof path, "%s/checkpoint-1/adapter_model.safetensors", out);
-    CHECK(exists(path));
+    CHECK(io_file_exists(path));
     snprintf(path, sizeof path, "%s/checkpoint-2", out);
-    CHECK(!exists(path));
+    CHECK(!io_file_exists(path));
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", out);
-    CHECK(!exists(path));
+    CHECK(!io_file_exists(path));
     trainer_free(&t);
     rig_close(&r);
 }
 
-TEST(train_stops_on_non_finite_loss) {
-    char dir[64];
-    CHECK(io_test_tmpdir(dir, sizeof dir) == 0);
-    check_non_finite(dir);
-    io_test_rmdir(dir);
-}
+TMPDIR_TEST(train_stops_on_non_finite_loss, check_non_finite)
 
 /* The checkpoint folder: what resume needs, in the documented files. */
 static void check_checkpoint_contents(const char *dir) {
@@ -716,14 +703,9 @@ static void check_checkpoint_contents(const char *dir) {
     CHECK(f.n == 4 * r.ad.n_modules && st_find(&f, "layers.0.mlp.down_proj.lora_B.exp_avg_sq"));
     st_close(&f);
     snprintf(path, sizeof path, "%s/checkpoint-2/adapter_config.json", out);
-    CHECK(exists(path));
+    CHECK(io_file_exists(path));
     trainer_free(&t);
     rig_close(&r);
 }
 
-TEST(train_checkpoint_contents) {
-    char dir[64];
-    CHECK(io_test_tmpdir(dir, sizeof dir) == 0);
-    check_checkpoint_contents(dir);
-    io_test_rmdir(dir);
-}
+TMPDIR_TEST(train_checkpoint_contents, check_checkpoint_contents)

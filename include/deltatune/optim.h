@@ -18,6 +18,8 @@ void adamw_update(real *p, const real *g, real *m, real *v, int64_t n, int64_t s
                   const adamw_config *c);
 
 typedef enum { SCHEDULE_LINEAR, SCHEDULE_COSINE, SCHEDULE_CONSTANT } schedule_kind;
+/* The names, indexed by schedule_kind and NULL-terminated (a --schedule flag's choices). */
+extern const char *const schedule_names[];
 /* "linear" | "cosine" | "constant" -> kind; -1 with an error for anything else. */
 int schedule_parse(const char *name, schedule_kind *out);
 /* The learning rate used for optimiser step `step` (0-based, as the scheduler's

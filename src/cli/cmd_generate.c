@@ -131,5 +131,15 @@ int cmd_generate(int argc, char **argv) {
         dt_err(o.prompt ? "--prompt and --prompt-ids exclude each other" : "missing required flag --prompt (or --prompt-ids)");
         return cli_usage_fail(CMD);
     }
+    /* These shape the chat rendering; without it they would be dropped without a word. */
+    const char *plain = o.prompt_ids ? "--prompt-ids" : o.raw ? "--raw" : NULL;
+    if (o.raw && o.prompt_ids) {
+        dt_err("--raw and --prompt-ids exclude each other");
+        return cli_usage_fail(CMD);
+    }
+    if (plain && (o.system || o.enable_thinking)) {
+        dt_err("%s needs the chat template, which %s skips", o.system ? "--system" : "--enable-thinking", plain);
+        return cli_usage_fail(CMD);
+    }
     return run(&o);
 }

@@ -14,6 +14,7 @@
 #include "deltatune/checkpoint.h"
 #include "deltatune/config.h"
 #include "deltatune/error.h"
+#include "deltatune/files.h"
 #include "deltatune/mem.h"
 #include "deltatune/progress.h"
 #include "deltatune/rng.h"
@@ -139,10 +140,10 @@ static int make_dirs(const char *dir, made_dirs *m) {
 }
 
 static bool exists(const char *dir, const char *name) {
-    char p[PATH_MAX];
-    struct stat st;
-    snprintf(p, sizeof p, "%s/%s", dir, name);
-    return stat(p, &st) == 0;
+    char *p = io_path_join(dir, name);
+    bool found = p && io_file_exists(p);
+    free(p);
+    return found;
 }
 
 static int write_model(const init_opts *o, const qwen35_config *c, dt_dtype dtype, qwen35_layout layout,

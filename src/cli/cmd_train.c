@@ -7,7 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include "cli/args.h"
 #include "deltatune/adapter.h"
@@ -15,6 +14,7 @@
 #include "deltatune/chat.h"
 #include "deltatune/dataset.h"
 #include "deltatune/error.h"
+#include "deltatune/files.h"
 #include "deltatune/mem.h"
 #include "deltatune/progress.h"
 #include "deltatune/qwen35.h"
@@ -134,10 +134,12 @@ static bool is_dir(const char *p) {
 }
 
 static int check_resume_dir(const char *dir) {
-    char p[4200];
     if (!is_dir(dir)) return dt_err("--resume %s: no such folder", dir);
-    snprintf(p, sizeof p, "%s/trainer_state.json", dir);
-    if (access(p, F_OK) != 0)
+    char *p = io_path_join(dir, "trainer_state.json");
+    if (!p) return dt_err("out of memory");
+    bool found = io_file_exists(p);
+    free(p);
+    if (!found)
         return dt_err("--resume %s: not a training checkpoint (no trainer_state.json; checkpoints are the "
                       "checkpoint-<step> folders that --save-every writes)", dir);
     return 0;
@@ -297,7 +299,8 @@ static int make_adapter(session *s, const train_cli *o, const target_list *tl, c
     if (adapter_alloc_grads(&s->ad) != 0) return -1;
     for (int i = 0; i < s->ad.n_modules; i++) {
         const lora_module *lm = &s->ad.modules[i];
-        if (qwen35_model_set_lora(&s->m, lm->kind, lm->layer, &lm->lora) != 0) return -1;
+        if (qwen35_model_set_lora(&s->m, lm->kind, lm->layer, &lm->lora) != 0)
+            return dt_err_wrap("%s", *from ? *from : "--lora-targets");
     }
     return 0;
 }
@@ -421,7 +424,6 @@ out:
 }
 
 int cmd_train(int argc, char **argv) {
-    static const char *const schedules[] = {"linear", "cosine", "constant", NULL};
     train_cli o = {.targets = DEFAULT_TARGETS, .train_on = "assistant", .schedule = "linear", .rank = 16,
                    .alpha = 16, .batch = 2,
                    .accum = 4, .max_seq_len = 2048, .lr = 2e-4, .weight_decay = 0.01, .max_grad_norm = 1.0,
@@ -445,7 +447,7 @@ int cmd_train(int argc, char **argv) {
         ARG_INT_RANGE("grad-accum", &o.accum, 1, 65536, "N", "micro-batches per optimiser step"),
         ARG_INT_RANGE("max-seq-len", &o.max_seq_len, 2, 1 << 24, "N", "longer rows are truncated"),
         ARG_FLOAT_RANGE("lr", &o.lr, 0, 10, "X", "peak learning rate"),
-        ARG_CHOICE("schedule", &o.schedule, schedules, "learning-rate schedule after the warm-up"),
+        ARG_CHOICE("schedule", &o.schedule, schedule_names, "learning-rate schedule after the warm-up"),
         ARG_INT_RANGE("warmup-steps", &o.warmup, 0, 1e9, "N", "linear warm-up from 0"),
         ARG_FLOAT_RANGE("weight-decay", &o.weight_decay, 0, 10, "X", "AdamW decoupled weight decay"),
         ARG_FLOAT_RANGE("max-grad-norm", &o.max_grad_norm, 0, 1e9, "X", "clip the global gradient norm (0: off)"),

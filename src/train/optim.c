@@ -29,14 +29,13 @@ void adamw_update(real *p, const real *g, real *m, real *v, int64_t n, int64_t s
     }
 }
 
+const char *const schedule_names[] = {
+    [SCHEDULE_LINEAR] = "linear", [SCHEDULE_COSINE] = "cosine", [SCHEDULE_CONSTANT] = "constant", NULL};
+
 int schedule_parse(const char *name, schedule_kind *out) {
-    static const struct {
-        const char *name;
-        schedule_kind kind;
-    } names[] = {{"linear", SCHEDULE_LINEAR}, {"cosine", SCHEDULE_COSINE}, {"constant", SCHEDULE_CONSTANT}};
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-        if (name && strcmp(name, names[i].name) == 0) {
-            *out = names[i].kind;
+    for (int k = 0; name && schedule_names[k]; k++)
+        if (strcmp(name, schedule_names[k]) == 0) {
+            *out = (schedule_kind)k;
             return 0;
         }
     return dt_err("unknown schedule '%s' (linear, cosine or constant)", name ? name : "");

@@ -21,12 +21,7 @@
 #define OPTIM_FILE "optimizer.safetensors"
 
 static const char *schedule_name(schedule_kind k) {
-    switch (k) {
-    case SCHEDULE_LINEAR: return "linear";
-    case SCHEDULE_COSINE: return "cosine";
-    case SCHEDULE_CONSTANT: return "constant";
-    }
-    return "?";
+    return k >= SCHEDULE_LINEAR && k <= SCHEDULE_CONSTANT ? schedule_names[k] : "?";
 }
 
 void train_fmt_double(char *buf, size_t cap, double x) {
@@ -91,18 +86,16 @@ static int publish_dir(const char *tmp, const char *dir) {
 
 static int write_json(const char *path, json_t *o) {
     char *text = json_dumps(o, JSON_INDENT(2) | JSON_REAL_PRECISION(17));
-    if (!text) return dt_err("%s: out of memory", path);
-    FILE *fp = fopen(path, "wb");
-    int e = 0;
-    if (!fp) e = errno;
-    else {
-        size_t n = strlen(text);
-        if (fwrite(text, 1, n, fp) != n || fputc('\n', fp) == EOF || fflush(fp) != 0 || fsync(fileno(fp)) != 0)
-            e = errno ? errno : EIO;
-        if (fclose(fp) != 0 && !e) e = errno;
+    size_t n = text ? strlen(text) : 0;
+    char *line = text ? realloc(text, n + 2) : NULL;
+    if (!line) {
+        free(text);
+        return dt_err("%s: out of memory", path);
     }
-    free(text);
-    return e ? dt_err("%s: cannot write: %s", path, strerror(e)) : 0;
+    memcpy(line + n, "\n", 2);
+    int rc = io_write_file_atomic(path, line, n + 1);
+    free(line);
+    return rc;
 }
 
 /* ---------------------------------------------------------------- the state as JSON */

@@ -459,23 +459,27 @@ static int trim_log(const char *path, int64_t upto) {
     }
     free(line);
     fclose(in);
-    int bad = fflush(out) != 0 || ferror(out);
-    bad |= fclose(out) != 0;
-    if (bad || rename(tmp, path) != 0) {
+    /* errno as it was at the failure, not after the cleanup */
+    int e = 0;
+    if (ferror(out) || fflush(out) != 0 || fsync(fileno(out)) != 0) e = errno ? errno : EIO;
+    if (fclose(out) != 0 && !e) e = errno;
+    if (!e && rename(tmp, path) != 0) e = errno;
+    if (e) {
         unlink(tmp);
-        return dt_err("%s: cannot rewrite: %s", path, strerror(errno));
+        return dt_err("%s: cannot rewrite: %s", path, strerror(e));
     }
     return 0;
 }
 
 static int open_log(trainer *t) {
     if (!t->o.out_dir) return 0;
-    char path[4200];
-    snprintf(path, sizeof path, "%s/train_log.jsonl", t->o.out_dir);
-    if (t->step > 0 && trim_log(path, t->step) != 0) return -1;
-    t->log = fopen(path, t->step > 0 ? "ab" : "wb");
-    if (!t->log) return dt_err("%s: cannot open: %s", path, strerror(errno));
-    return 0;
+    char *path = io_path_join(t->o.out_dir, "train_log.jsonl");
+    if (!path) return dt_err("out of memory");
+    int rc = t->step > 0 ? trim_log(path, t->step) : 0;
+    if (rc == 0 && !(t->log = fopen(path, t->step > 0 ? "ab" : "wb")))
+        rc = dt_err("%s: cannot open: %s", path, strerror(errno));
+    free(path);
+    return rc;
 }
 
 /* ---------------------------------------------------------------- the loop */
