@@ -84,20 +84,6 @@ static int publish_dir(const char *tmp, const char *dir) {
     return 0;
 }
 
-static int write_json(const char *path, json_t *o) {
-    char *text = json_dumps(o, JSON_INDENT(2) | JSON_REAL_PRECISION(17));
-    size_t n = text ? strlen(text) : 0;
-    char *line = text ? realloc(text, n + 2) : NULL;
-    if (!line) {
-        free(text);
-        return dt_err("%s: out of memory", path);
-    }
-    memcpy(line + n, "\n", 2);
-    int rc = io_write_file_atomic(path, line, n + 1);
-    free(line);
-    return rc;
-}
-
 /* ---------------------------------------------------------------- the state as JSON */
 
 static json_t *state_json(const trainer *t) {
@@ -212,7 +198,7 @@ int train_state_save(const trainer *t, const char *dir) {
     if (rc == 0) {
         char *p = io_path_join(tmp, STATE_FILE);
         json_t *o = state_json(t);
-        rc = !p || !o ? dt_err("out of memory") : write_json(p, o);
+        rc = !p || !o ? dt_err("out of memory") : io_write_json_atomic(p, o, JSON_INDENT(2) | JSON_REAL_PRECISION(17));
         json_decref(o);
         free(p);
     }
@@ -229,18 +215,10 @@ int train_state_save(const trainer *t, const char *dir) {
 
 /* ---------------------------------------------------------------- load */
 
+/* trainer_state.json: a JSON object. */
 static json_t *load_json(const char *path) {
-    char *text;
-    size_t len;
-    if (io_read_file(path, &text, &len) != 0) {
-        dt_err_wrap("%s", path);
-        return NULL;
-    }
-    json_error_t je;
-    json_t *o = json_loadb(text, len, 0, &je);
-    free(text);
-    if (!o) dt_err("%s: invalid JSON at line %d: %s", path, je.line, je.text);
-    else if (!json_is_object(o)) {
+    json_t *o = io_load_json(path);
+    if (o && !json_is_object(o)) {
         json_decref(o);
         o = NULL;
         dt_err("%s: expected a JSON object", path);
