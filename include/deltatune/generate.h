@@ -2,6 +2,7 @@
 #ifndef DELTATUNE_GENERATE_H
 #define DELTATUNE_GENERATE_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -15,7 +16,7 @@ typedef struct {
     uint64_t seed;
     const int32_t *stop_ids;   /* generation ends after any of these (it is kept in the output) */
     int n_stop;
-    volatile int *cancel;      /* set (e.g. by SIGINT) to stop after the current token; may be NULL */
+    volatile sig_atomic_t *cancel; /* set (e.g. by SIGINT) to stop after the current token; may be NULL */
 } gen_opts;
 
 typedef struct {

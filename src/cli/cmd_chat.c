@@ -25,7 +25,7 @@ typedef struct {
     double temperature, top_p;
 } chat_opts;
 
-static volatile int interrupted;
+static volatile sig_atomic_t interrupted;
 static void on_signal(int sig) {
     (void)sig;
     interrupted = 1;
