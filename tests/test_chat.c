@@ -10,6 +10,7 @@
 #include "deltatune/chat.h"
 #include "deltatune/dataset.h"
 #include "deltatune/error.h"
+#include "deltatune/files.h"
 #include "deltatune/tokenizer.h"
 #include "test.h"
 
@@ -17,28 +18,16 @@
 #define QWEN35_TEMPLATE FIXTURES "/chat/qwen35_chat_template.jinja"
 
 static int write_file(const char *path, const char *text) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return -1;
-    size_t n = strlen(text);
-    int rc = fwrite(text, 1, n, f) == n ? 0 : -1;
-    return fclose(f) || rc ? -1 : 0;
+    return io_write_file_atomic(path, text, strlen(text));
 }
 
 static int copy_file(const char *from, const char *to) {
-    FILE *f = fopen(from, "rb");
-    if (!f) return -1;
-    FILE *g = fopen(to, "wb");
-    if (!g) {
-        fclose(f);
-        return -1;
-    }
-    char buf[65536];
-    size_t n;
-    int rc = 0;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0)
-        if (fwrite(buf, 1, n, g) != n) rc = -1;
-    fclose(f);
-    return fclose(g) || rc ? -1 : 0;
+    char *text;
+    size_t len;
+    if (io_read_file(from, &text, &len)) return -1;
+    int rc = io_write_file_atomic(to, text, len);
+    free(text);
+    return rc;
 }
 
 /* A model folder with the Qwen3 tokenizer and template (NULL: the Qwen3.5 one). Returns 1 (the

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "deltatune/error.h"
+#include "deltatune/files.h"
 #include "deltatune/jinja.h"
 #include "test.h"
 
@@ -183,21 +184,20 @@ TEST(jinja_string_methods) {
 }
 
 TEST(jinja_errors) {
-    jinja_template *t;
-    const char *s1 = "line one\n{{ x | nosuchfilter }}";
-    CHECK_ERR(jinja_parse(&t, s1, strlen(s1), "chat.jinja"), "chat.jinja:2: unknown filter 'nosuchfilter'");
-    const char *s2 = "a\nb\n{% raw %}x{% endraw %}";
-    CHECK_ERR(jinja_parse(&t, s2, strlen(s2), "c.jinja"), "c.jinja:3: unsupported tag 'raw'");
-    const char *s3 = "{% call foo() %}x{% endcall %}";
-    CHECK_ERR(jinja_parse(&t, s3, strlen(s3), "c.jinja"), "unsupported tag 'call'");
-    const char *s4 = "{% if x %}\nno end";
-    CHECK_ERR(jinja_parse(&t, s4, strlen(s4), "c.jinja"), "c.jinja:1: unclosed 'if' tag");
-    const char *s5 = "{{ x is frobnicated }}";
-    CHECK_ERR(jinja_parse(&t, s5, strlen(s5), "c.jinja"), "unknown test 'frobnicated'");
-    const char *s6 = "{{ 'unterminated }}";
-    CHECK_ERR(jinja_parse(&t, s6, strlen(s6), "c.jinja"), "unterminated string");
-    const char *s7 = "{% endfor %}";
-    CHECK_ERR(jinja_parse(&t, s7, strlen(s7), "c.jinja"), "unexpected 'endfor'");
+    static const struct { const char *src, *needle; } parse_errors[] = {
+        {"line one\n{{ x | nosuchfilter }}", "chat.jinja:2: unknown filter 'nosuchfilter'"},
+        {"a\nb\n{% raw %}x{% endraw %}", "chat.jinja:3: unsupported tag 'raw'"},
+        {"{% call foo() %}x{% endcall %}", "unsupported tag 'call'"},
+        {"{% if x %}\nno end", "chat.jinja:1: unclosed 'if' tag"},
+        {"{{ x is frobnicated }}", "unknown test 'frobnicated'"},
+        {"{{ 'unterminated }}", "unterminated string"},
+        {"{% endfor %}", "unexpected 'endfor'"},
+    };
+    for (size_t i = 0; i < sizeof parse_errors / sizeof parse_errors[0]; i++) {
+        jinja_template *t;
+        const char *src = parse_errors[i].src;
+        CHECK_ERR(jinja_parse(&t, src, strlen(src), "chat.jinja"), parse_errors[i].needle);
+    }
     CHECK_ERR(render_fails("ok\n\n{{ raise_exception('Bad roles!') }}", NULL), "t.jinja:3: Bad roles!");
     CHECK_ERR(render_fails("{{ 1 + 'a' }}", NULL), "unsupported operand");
     CHECK_ERR(render_fails("\n{{ nope + 1 }}", NULL), "t.jinja:2: 'nope' is undefined");
@@ -207,19 +207,8 @@ TEST(jinja_errors) {
 
 /* ---- against the reference ---- */
 static char *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0;
-    char *buf = malloc(cap);
-    size_t r;
-    while ((r = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += r;
-        if (cap - n - 1 == 0) buf = realloc(buf, cap *= 2);
-    }
-    fclose(f);
-    buf[n] = 0;
-    if (len) *len = n;
-    return buf;
+    char *text;
+    return io_read_file(path, &text, len) ? NULL : text;
 }
 
 static const struct {
@@ -448,4 +437,58 @@ TEST(jinja_matches_reference) {
     free(res);
     json_decref(convs);
     CHECKF(failures == 0, "%d renders differ from the references", failures);
+}
+
+/* Builds pre + n copies of rep + mid + n copies of rep2 + post (malloc'ed). */
+static char *repeat_src(const char *pre, const char *rep, int n, const char *mid, const char *rep2,
+                        const char *post) {
+    size_t a = strlen(rep), b = strlen(rep2);
+    char *s = malloc(strlen(pre) + (a + b) * (size_t)n + strlen(mid) + strlen(post) + 1);
+    if (!s) return NULL;
+    char *q = stpcpy(s, pre);
+    for (int i = 0; i < n; i++) q = stpcpy(q, rep);
+    q = stpcpy(q, mid);
+    for (int i = 0; i < n; i++) q = stpcpy(q, rep2);
+    stpcpy(q, post);
+    return s;
+}
+
+TEST(jinja_deep_nesting_is_an_error) {
+    /* Nesting deep enough to overflow the C stack in a recursive-descent parser or
+     * evaluator must fail with a message, never crash. */
+    static const struct { const char *pre, *rep, *mid, *rep2, *post; } cases[] = {
+        {"{{ ", "(", "1", ")", " }}"},
+        {"{{ ", "[", "1", "]", " }}"},
+        {"{{ ", "-", "1", "", " }}"},
+        {"{{ ", "not ", "1", "", " }}"},
+        {"", "{% if true %}", "x", "{% endif %}", ""},
+        {"{{ 1", " + 1", "", "", " }}"},
+        {"{{ 'a'", "|trim", "", "", " }}"},
+        {"{{ 1", " if 1 else 1", "", "", " }}"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *src = repeat_src(cases[i].pre, cases[i].rep, 200000, cases[i].mid, cases[i].rep2, cases[i].post);
+        CHECK(src);
+        char *out = render(src, NULL);
+        CHECKF(!out && strstr(dt_errmsg(), "nest"), "case %zu: %s", i, out ? "rendered" : dt_errmsg());
+        free(out);
+        free(src);
+    }
+    /* A loop can nest a value as deep as it runs; printing it must fail, not crash. */
+    static const char *const deep_value[] = {"{{ ns.x }}", "{{ ns.x|tojson }}", "{{ ns.x == [ns.x][0] }}"};
+    for (size_t i = 0; i < sizeof deep_value / sizeof deep_value[0]; i++) {
+        char src[256];
+        snprintf(src, sizeof src, "{%% set ns = namespace(x=[]) %%}{%% for i in range(200000) %%}"
+                                  "{%% set ns.x = [ns.x] %%}{%% endfor %%}%s", deep_value[i]);
+        CHECK_ERR(render_fails(src, NULL), "nested more than");
+    }
+    /* Below the limits, long chains and recursive macros still render. */
+    char *src = repeat_src("{{ 0", " + 1", 1000, "", "", " }}");
+    CHECK(src);
+    char *out = render(src, NULL);
+    CHECKF(out && !strcmp(out, "1000"), "long chain: %s", out ? out : dt_errmsg());
+    free(out);
+    free(src);
+    CHECK_RENDER("{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{% else %}done{% endif %}{% endmacro %}{{ f(150) }}",
+                 NULL, "done");
 }

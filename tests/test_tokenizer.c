@@ -239,16 +239,19 @@ static int compare(const dt_tokenizer *t, const id_lists *ref, bool literal, cha
     return compare_skip(t, ref, literal, NULL, msg, cap);
 }
 
-TEST(tokenizer_qwen3_matches_reference) {
+/* Every corpus line of the Qwen3 tokenizer against reference run which. */
+static void check_qwen3(int which, bool literal, const char *label) {
     char why[1024];
     if (shared_setup(why, sizeof why)) CHECKF(0, "%s", why);
     const id_lists *ref;
-    CHECK_OK(reference(R_QWEN3, &ref));
+    CHECK_OK(reference(which, &ref));
     static char msg[8192];
-    int ok = compare(g_qwen3, ref, false, msg, sizeof msg);
-    printf("    qwen3: %d/%d corpus lines match the reference\n", ok, g_corpus.n);
+    int ok = compare(g_qwen3, ref, literal, msg, sizeof msg);
+    printf("    %s: %d/%d corpus lines match the reference\n", label, ok, g_corpus.n);
     CHECKF(ok == g_corpus.n, "%d/%d lines match\n%s", ok, g_corpus.n, msg);
 }
+
+TEST(tokenizer_qwen3_matches_reference) { check_qwen3(R_QWEN3, false, "qwen3"); }
 
 static void set_qwen35_regex(json_t *root) {
     json_t *seq = json_object_get(json_object_get(root, "pre_tokenizer"), "pretokenizers");
@@ -289,14 +292,8 @@ static void drop_special(json_t *root) {
 }
 
 TEST(tokenizer_literal_matches_reference) {
-    char why[1024];
-    if (shared_setup(why, sizeof why)) CHECKF(0, "%s", why);
-    const id_lists *ref;
-    CHECK_OK(reference(R_LITERAL, &ref));
-    static char msg[8192];
-    int ok = compare(g_qwen3, ref, true, msg, sizeof msg);
-    printf("    qwen3 literal: %d/%d corpus lines match the reference\n", ok, g_corpus.n);
-    CHECKF(ok == g_corpus.n, "%d/%d lines match\n%s", ok, g_corpus.n, msg);
+    check_qwen3(R_LITERAL, true, "qwen3 literal");
+    if (test_failed()) return;
     dt_ids ids = {0};
     CHECK_OK(tokenizer_encode(g_qwen3, "<|im_end|>", 10, true, &ids));
     bool split = ids.n > 1;

@@ -80,9 +80,7 @@ static int load_template(dt_chat *c, const json_t *cfg) {
         if (!src) return dt_err("%s/tokenizer_config.json: chat_template is a list without a \"default\" entry", c->dir);
     }
     if (!src) return 0;
-    char name[64];
-    snprintf(name, sizeof name, "tokenizer_config.json chat_template");
-    return jinja_parse(&c->tmpl, src, strlen(src), name);
+    return jinja_parse(&c->tmpl, src, strlen(src), "tokenizer_config.json chat_template");
 }
 
 int chat_load(dt_chat **out, const char *dir) {
@@ -150,8 +148,8 @@ int chat_render(const dt_chat *c, const json_t *messages, const json_t *tools, b
                             add_generation_prompt, "enable_thinking", enable_thinking);
     if (!ctx) return dt_err("out of memory");
     if (tools) json_object_set(ctx, "tools", (json_t *)tools);
-    json_object_set_new(ctx, "bos_token", c->bos ? json_string(c->bos) : json_string(""));
-    json_object_set_new(ctx, "eos_token", c->eos ? json_string(c->eos) : json_string(""));
+    json_object_set_new(ctx, "bos_token", json_string(c->bos ? c->bos : ""));
+    json_object_set_new(ctx, "eos_token", json_string(c->eos ? c->eos : ""));
     int rc = jinja_render(c->tmpl, ctx, out, len);
     json_decref(ctx);
     if (rc) return dt_err_wrap("chat template");

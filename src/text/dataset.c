@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "deltatune/error.h"
+#include "text/utf8.h"
 
 /* Reads one integer array into a fresh int32 buffer; the check of each value against
  * [0, vocab) (plus -100 for labels) is done here so the message can give the index. */
@@ -102,39 +103,6 @@ static int detect_format(const json_t *obj, dt_format *f) {
                       at ? keys : "none");
     }
     return 0;
-}
-
-/* The first invalid byte of UTF-8 text, or -1. */
-static long bad_utf8(const unsigned char *s, size_t n) {
-    size_t i = 0;
-    while (i < n) {
-        unsigned c = s[i];
-        size_t k;
-        unsigned min;
-        if (c < 0x80) {
-            i++;
-            continue;
-        } else if ((c & 0xE0) == 0xC0) {
-            k = 1;
-            min = 0x80;
-        } else if ((c & 0xF0) == 0xE0) {
-            k = 2;
-            min = 0x800;
-        } else if ((c & 0xF8) == 0xF0 && c <= 0xF4) {
-            k = 3;
-            min = 0x10000;
-        } else {
-            return (long)i;
-        }
-        unsigned cp = c & (0x3F >> k);
-        for (size_t j = 1; j <= k; j++) {
-            if (i + j >= n || (s[i + j] & 0xC0) != 0x80) return (long)i;
-            cp = (cp << 6) | (s[i + j] & 0x3F);
-        }
-        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return (long)i;
-        i += k + 1;
-    }
-    return -1;
 }
 
 static const char *str_field(const json_t *obj, const char *key, bool required, int *bad) {
@@ -257,8 +225,10 @@ static int encode_row(dt_row *row, const json_t *obj, dt_format f, const dt_data
                 break;
             }
             conv = json_array();
-            json_array_extend(conv, (json_t *)p);
-            json_array_extend(conv, (json_t *)c);
+            if (!conv || json_array_extend(conv, (json_t *)p) || json_array_extend(conv, (json_t *)c)) {
+                dt_err("out of memory");
+                break;
+            }
             rc = chat_encode_messages(o->chat, conv, json_object_get(obj, "tools"),
                                       o->train_on == DT_TRAIN_ON_ALL ? DT_TRAIN_ON_ALL : DT_TRAIN_ON_LAST,
                                       o->enable_thinking, &ids, &labels);
@@ -300,8 +270,9 @@ static int encode_row(dt_row *row, const json_t *obj, dt_format f, const dt_data
 /* One row of any format; the first row fixes the file's format. */
 static int parse_any(dt_dataset *d, dt_row *row, const char *text, size_t len, int vocab, const dt_data_opts *o,
                      int lineno, int *first_line) {
-    long bad = bad_utf8((const unsigned char *)text, len);
-    if (bad >= 0) return dt_err("invalid UTF-8 at byte %ld of the line", bad + 1);
+    /* jansson rejects it too, but without saying where. */
+    size_t bad = utf8_invalid_at((const unsigned char *)text, len);
+    if (bad < len) return dt_err("invalid UTF-8 at byte %zu of the line", bad + 1);
     json_t *obj = parse_json(text, len);
     if (!obj) return -1;
     int rc = -1;
@@ -324,8 +295,8 @@ static int parse_any(dt_dataset *d, dt_row *row, const char *text, size_t len, i
         goto out;
     }
     if (!o->chat) {
-        dt_err("%s rows need the model's tokenizer, and %s%s has no tokenizer.json", format_names[f],
-               o->model_dir ? o->model_dir : "the model folder", o->model_dir ? "" : "");
+        dt_err("%s rows need the model's tokenizer, and %s has no tokenizer.json", format_names[f],
+               o->model_dir ? o->model_dir : "the model folder");
         goto out;
     }
     rc = encode_row(row, obj, f, &(dt_data_opts){.chat = o->chat, .vocab_size = vocab, .train_on = o->train_on,

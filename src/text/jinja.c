@@ -76,7 +76,8 @@ typedef struct {
     int line;   /* line of the node being evaluated, for messages */
     int brk;    /* 1 break, 2 continue */
     val blockval;
-    int depth;
+    int depth;  /* macro calls */
+    int nest;   /* eval, exec_body, repr and equal frames on the C stack (nest_in) */
 } R;
 
 typedef struct { char *p; size_t n, cap; } sbuf;
@@ -90,6 +91,17 @@ static _Noreturn void rerr(R *r, const char *fmt, ...) {
     va_end(ap);
     dt_err("%s:%d: %s", r->t->name, r->line, msg);
     longjmp(r->jb, 1);
+}
+
+/* The parser bounds bracket and block nesting, but a chain like 1 + 1 + ... or x|f|f|... parses
+ * in a loop into a tree as deep as it is long, and a loop can nest a value ([x] around x) as deep
+ * as it runs; evaluating or printing those recurses that deep, so the depth of eval, exec_body and
+ * repr together (and of tojson) is bounded here. A level takes about 1 KB of stack (2.5 KB under
+ * ASan), so this stays within the 8 MB main-thread stack; recursive macros (200 calls, about 3
+ * levels each) stay below it. */
+enum { MAX_EVAL_NEST = 2000 };
+static void nest_in(R *r) {
+    if (++r->nest > MAX_EVAL_NEST) rerr(r, "expressions, blocks or values nested more than %d deep", MAX_EVAL_NEST);
 }
 
 static void sb_put(R *r, sbuf *b, const char *s, size_t n) {
@@ -340,13 +352,16 @@ static void repr(R *r, sbuf *b, val v) {
         }
         sb_put(r, b, &q, 1);
     } else if (v.t == V_LIST) {
+        nest_in(r);
         sb_puts(r, b, "[");
         for (size_t i = 0; i < v.u.l->n; i++) {
             if (i) sb_puts(r, b, ", ");
             repr(r, b, v.u.l->v[i]);
         }
         sb_puts(r, b, "]");
+        r->nest--;
     } else if (v.t == V_DICT) {
+        nest_in(r);
         sb_puts(r, b, "{");
         for (size_t i = 0; i < v.u.d->n; i++) {
             if (i) sb_puts(r, b, ", ");
@@ -355,6 +370,7 @@ static void repr(R *r, sbuf *b, val v) {
             repr(r, b, v.u.d->v[i]);
         }
         sb_puts(r, b, "}");
+        r->nest--;
     } else {
         to_str(r, b, v);
     }
@@ -382,7 +398,8 @@ static int truthy(val v) {
 static int is_num(val v) { return v.t == V_INT || v.t == V_FLOAT || v.t == V_BOOL; }
 static double num(val v) { return v.t == V_FLOAT ? v.u.f : v.t == V_INT ? (double)v.u.i : (double)v.u.b; }
 
-static int equal(val a, val b) {
+static int equal(R *r, val a, val b) {
+    int eq = 1;
     if (is_num(a) && is_num(b)) {
         if (a.t != V_FLOAT && b.t != V_FLOAT) return (a.t == V_INT ? a.u.i : a.u.b) == (b.t == V_INT ? b.u.i : b.u.b);
         return num(a) == num(b);
@@ -393,16 +410,19 @@ static int equal(val a, val b) {
     case V_STR: return a.u.s.n == b.u.s.n && !memcmp(a.u.s.p, b.u.s.p, a.u.s.n);
     case V_LIST:
         if (a.u.l->n != b.u.l->n) return 0;
-        for (size_t i = 0; i < a.u.l->n; i++)
-            if (!equal(a.u.l->v[i], b.u.l->v[i])) return 0;
-        return 1;
+        nest_in(r);
+        for (size_t i = 0; eq && i < a.u.l->n; i++) eq = equal(r, a.u.l->v[i], b.u.l->v[i]);
+        r->nest--;
+        return eq;
     case V_DICT:
         if (a.u.d->n != b.u.d->n) return 0;
-        for (size_t i = 0; i < a.u.d->n; i++) {
+        nest_in(r);
+        for (size_t i = 0; eq && i < a.u.d->n; i++) {
             val *o = d_find(b.u.d, a.u.d->k[i], a.u.d->kn[i]);
-            if (!o || !equal(a.u.d->v[i], *o)) return 0;
+            eq = o && equal(r, a.u.d->v[i], *o);
         }
-        return 1;
+        r->nest--;
+        return eq;
     case V_NS: return a.u.d == b.u.d;
     case V_MACRO: return a.u.m.node == b.u.m.node && a.u.m.scope == b.u.m.scope;
     default: return a.u.fn.id == b.u.fn.id && a.u.fn.self == b.u.fn.self;
@@ -603,6 +623,7 @@ static int cmp_key_idx(const void *a, const void *b) {
 
 static void to_json(R *r, sbuf *b, val v, const jopts *o, int depth) {
     char tmp[64];
+    if (depth > MAX_EVAL_NEST) rerr(r, "tojson: a value nested more than %d deep", MAX_EVAL_NEST);
     switch (v.t) {
     case V_NONE: sb_puts(r, b, "null"); return;
     case V_BOOL: sb_puts(r, b, v.u.b ? "true" : "false"); return;
@@ -1009,7 +1030,7 @@ static int contains(R *r, val hay, val needle) {
     }
     if (hay.t == V_LIST) {
         for (size_t i = 0; i < hay.u.l->n; i++)
-            if (equal(hay.u.l->v[i], needle)) return 1;
+            if (equal(r, hay.u.l->v[i], needle)) return 1;
         return 0;
     }
     if (hay.t == V_DICT || hay.t == V_NS) return needle.t == V_STR && d_find(hay.u.d, needle.u.s.p, needle.u.s.n);
@@ -1055,8 +1076,8 @@ static val binop(R *r, int op, val a, val b) {
         to_str(r, &s, b);
         return v_sb(&s);
     }
-    if (op == OP_EQ) return v_bool(equal(a, b));
-    if (op == OP_NE) return v_bool(!equal(a, b));
+    if (op == OP_EQ) return v_bool(equal(r, a, b));
+    if (op == OP_NE) return v_bool(!equal(r, a, b));
     if (op == OP_IN) return v_bool(contains(r, b, a));
     if (op == OP_NOTIN) return v_bool(!contains(r, b, a));
     if (op >= OP_LT && op <= OP_GE) {
@@ -1159,8 +1180,8 @@ static int run_test(R *r, int id, val v, const args *a) {
         }
         return (((i % 2) + 2) % 2) == (id == TS_ODD);
     }
-    case TS_EQ: case TS_EQUALTO: return equal(v, x);
-    case TS_NE: return !equal(v, x);
+    case TS_EQ: case TS_EQUALTO: return equal(r, v, x);
+    case TS_NE: return !equal(r, v, x);
     case TS_LT: return cmp_vals(r, v, x) < 0;
     case TS_LE: return cmp_vals(r, v, x) <= 0;
     case TS_GT: return cmp_vals(r, v, x) > 0;
@@ -1169,13 +1190,13 @@ static int run_test(R *r, int id, val v, const args *a) {
     case TS_LOWER: case TS_UPPER: {
         if (v.t != V_STR) return 0;
         val c = do_case(r, v, id == TS_LOWER ? 0 : 1);
-        return equal(c, v);
+        return equal(r, c, v);
     }
     case TS_SAMEAS:
         if (v.t != x.t) return 0;
         if (v.t == V_LIST) return v.u.l == x.u.l;
         if (v.t == V_DICT || v.t == V_NS) return v.u.d == x.u.d;
-        return equal(v, x);
+        return equal(r, v, x);
     }
     return 0;
 }
@@ -1428,7 +1449,15 @@ static val apply_filter(R *r, int id, val v, const args *a, scope *sc) {
     return v_none();
 }
 
+static val eval_node(R *r, const jnode *n, scope *sc);
 static val eval(R *r, const jnode *n, scope *sc) {
+    nest_in(r);
+    val v = eval_node(r, n, sc);
+    r->nest--;
+    return v;
+}
+
+static val eval_node(R *r, const jnode *n, scope *sc) {
     r->line = n->line ? n->line : r->line;
     switch (n->kind) {
     case E_LIT: return n->lit;
@@ -1579,6 +1608,7 @@ static void exec_for(R *r, const jnode *n, scope *sc, sbuf *out) {
 }
 
 static void exec_body(R *r, jnode **list, int count, scope *sc, sbuf *out) {
+    nest_in(r);
     for (int i = 0; i < count && !r->brk; i++) {
         const jnode *n = list[i];
         r->line = n->line;
@@ -1630,6 +1660,7 @@ static void exec_body(R *r, jnode **list, int count, scope *sc, sbuf *out) {
         default: rerr(r, "bad statement node");
         }
     }
+    r->nest--;
 }
 
 int jinja_render(const jinja_template *t, const json_t *ctx, char **out, size_t *len) {

@@ -65,6 +65,7 @@ typedef struct {
     jmp_buf jb;
     tok *toks; size_t nt, cap, pos;
     char *norm; /* the source with newlines normalised */
+    int depth;  /* recursive-descent nesting, bounded by nest_in */
 } P;
 
 static _Noreturn void perr(P *p, int line, const char *fmt, ...) DT_PRINTF(3, 4);
@@ -77,6 +78,15 @@ static _Noreturn void perr(P *p, int line, const char *fmt, ...) {
     dt_err("%s:%d: %s", p->name, line, msg);
     longjmp(p->jb, 1);
 }
+
+/* The parser recurses on the C stack, so a template nested deeper than this (jinja2 gives up far
+ * earlier, at Python's recursion limit) is an error rather than a stack overflow; nest_out undoes
+ * it (perr needs no undo: the parse is over). */
+enum { MAX_PARSE_NEST = 256 };
+static void nest_in(P *p, int line) {
+    if (++p->depth > MAX_PARSE_NEST) perr(p, line, "expressions or blocks nested more than %d deep", MAX_PARSE_NEST);
+}
+static void nest_out(P *p) { p->depth--; }
 
 static tok *push(P *p, int t, int line) {
     if (p->nt == p->cap) {
@@ -643,7 +653,9 @@ static jnode *p_unary(P *p, int with_filter) {
     if (is_op(k, "-") || is_op(k, "+")) {
         p->pos++;
         n = mk(p, is_op(k, "-") ? E_NEG : E_POS, k->line);
+        nest_in(p, k->line);
         n->a = p_unary(p, 0);
+        nest_out(p);
     } else {
         n = p_postfix(p, p_primary(p));
     }
@@ -714,7 +726,9 @@ static jnode *p_not(P *p) {
     if (is_name(cur(p), "not")) {
         int line = next(p)->line;
         jnode *n = mk(p, E_NOT, line);
+        nest_in(p, line);
         n->a = p_not(p);
+        nest_out(p);
         return n;
     }
     return p_compare(p);
@@ -742,6 +756,7 @@ static jnode *p_or(P *p) {
     return n;
 }
 static jnode *p_expr(P *p) {
+    nest_in(p, cur(p)->line);
     jnode *n = p_or(p);
     while (is_name(cur(p), "if")) {
         int line = next(p)->line;
@@ -754,6 +769,7 @@ static jnode *p_expr(P *p) {
         }
         n = m;
     }
+    nest_out(p);
     return n;
 }
 
@@ -785,6 +801,7 @@ static const char *const END_FILTER[] = {"endfilter", NULL};
 static const char *const END_GEN[] = {"endgeneration", NULL};
 
 static jnode *p_if(P *p, int line) {
+    nest_in(p, line); /* each elif nests one more if */
     jnode *n = mk(p, N_IF, line);
     n->a = p_expr(p);
     expect_bend(p);
@@ -799,6 +816,7 @@ static jnode *p_if(P *p, int line) {
         n->list2 = ja_alloc(p->A, sizeof(jnode *));
         n->list2[0] = e;
         n->n2 = 1;
+        nest_out(p);
         return n; /* the nested if consumed endif */
     }
     if (is_name(k, "else")) {
@@ -810,6 +828,7 @@ static jnode *p_if(P *p, int line) {
         p->pos += 2;
     }
     expect_bend(p);
+    nest_out(p);
     return n;
 }
 
@@ -960,6 +979,7 @@ static jnode *p_stmt(P *p) {
 /* Parses statements until one of the tags in ends (left unconsumed: at its T_BBEGIN), or EOF when
  * ends is NULL. */
 static jnode *p_body(P *p, const char *const *ends, const char *opener, int open_line) {
+    nest_in(p, open_line);
     nvec v = {0};
     for (;;) {
         tok *k = cur(p);
@@ -999,6 +1019,7 @@ static jnode *p_body(P *p, const char *const *ends, const char *opener, int open
     jnode *body = mk(p, N_BODY, 0);
     body->list = v.v;
     body->n = v.n;
+    nest_out(p);
     return body;
 }
 

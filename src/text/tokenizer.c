@@ -10,9 +10,11 @@
 #include "deltatune/tokenizer.h"
 
 #include "deltatune/error.h"
+#include "text/utf8.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <jansson.h>
+#include <limits.h>
 #include <pcre2.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -23,6 +25,7 @@
 
 int dt_ids_push(dt_ids *a, int32_t id) {
     if (a->n == a->cap) {
+        if (a->cap > INT_MAX / 2) return dt_err("more than %d token ids", a->cap);
         int cap = a->cap ? a->cap * 2 : 64;
         int32_t *v = realloc(a->v, (size_t)cap * sizeof *v);
         if (!v) return dt_err("out of memory");
@@ -219,31 +222,6 @@ static const merge_slot *merge_find(const dt_tokenizer *t, int32_t a, int32_t b)
 }
 
 /* ---------- UTF-8 ---------- */
-
-/* Offset of the first invalid byte, or len when valid. */
-static size_t utf8_invalid_at(const unsigned char *s, size_t len) {
-    size_t i = 0;
-    while (i < len) {
-        unsigned c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t need;
-        uint32_t cp, min;
-        if (c >= 0xC2 && c <= 0xDF) need = 1, cp = c & 0x1F, min = 0x80;
-        else if (c >= 0xE0 && c <= 0xEF) need = 2, cp = c & 0x0F, min = 0x800;
-        else if (c >= 0xF0 && c <= 0xF4) need = 3, cp = c & 0x07, min = 0x10000;
-        else return i;
-        for (size_t k = 1; k <= need; k++) {
-            if (i + k >= len || (s[i + k] & 0xC0) != 0x80) return i;
-            cp = (cp << 6) | (s[i + k] & 0x3F);
-        }
-        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return i;
-        i += need + 1;
-    }
-    return len;
-}
 
 /* Decodes one code point of valid UTF-8; returns its length. */
 static int utf8_next(const unsigned char *s, uint32_t *cp) {
