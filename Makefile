@@ -3,7 +3,7 @@ BUILD      ?= build
 BUILD_ASAN ?= build-asan
 JOBS       ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 
-.PHONY: all deps demo test test-asan test-cuda bench clean
+.PHONY: all deps demo test test-asan test-cuda bench bench-cuda clean
 
 all:
 	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null
@@ -30,6 +30,11 @@ test-cuda: all
 
 bench: deps all
 	@bench/bench.sh $(BUILD)
+
+# On a GPU machine: deltatune's CUDA training step against transformers + PEFT (needs torch,
+# transformers and peft); appends the table to bench/RESULTS.md.
+bench-cuda: all
+	@bench/bench_cuda.sh $(BUILD)
 
 clean:
 	rm -rf $(BUILD) $(BUILD_ASAN)

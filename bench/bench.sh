@@ -2,7 +2,8 @@
 # CPU benchmark on a random 0.8B-shaped checkpoint that the bench writes itself (no
 # downloads; cached in bench/out/): forward (eval) tokens/s and peak memory; LoRA training
 # tokens/s and peak memory at batch 1 x BENCH_SEQ with and without gradient checkpointing,
-# and with the LM-head loss unchunked (full logits) to show the memory the chunking saves.
+# and with the LM-head loss unchunked (full logits) to show the memory the chunking saves; the
+# forward again with the weights quantized on load to 8 and 4 bits (the quantized products).
 #   bench/bench.sh [build-dir]
 #   env: BENCH_PRESET (0.8b), BENCH_SEQ (512), BENCH_ROWS (4), BENCH_TRAIN_STEPS (2; the last is timed)
 set -euo pipefail
@@ -35,11 +36,23 @@ PY
 
 echo "bench: $(uname -m), $(nproc) cores, $(date -u +%Y-%m-%d)" >&2
 for bs in 1 "$rows"; do
-  line=$("$dt" eval --model "$model" --data "$data" --batch-size "$bs" 2>/dev/null | tail -n 1)
+  line=$("$dt" eval --device cpu --model "$model" --data "$data" --batch-size "$bs" 2>/dev/null | tail -n 1)
   python3 - "$preset" "$bs" "$seq" "$line" <<'PY'
 import json, sys
 preset, bs, seq, r = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 print(f"forward {preset} bf16  batch {bs} x {seq}:  {r['tok_per_s']:.1f} tok/s  "
+      f"peak {r['peak_mem_mb']:.0f} MiB  (loss {r['loss']:.3f} over {r['tokens']} tokens)")
+PY
+done
+
+# the quantized products against the bf16 path, same machine, same rows (quantized on load, MLX's
+# affine scheme, group 64; the loss shows what the rounding costs)
+for bits in 8 4; do
+  line=$("$dt" eval --device cpu --model "$model" --data "$data" --batch-size 1 --quantize "$bits" 2>/dev/null | tail -n 1)
+  python3 - "$preset" "$bits" "$seq" "$line" <<'PY'
+import json, sys
+preset, bits, seq, r = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+print(f"forward {preset} {bits}-bit batch 1 x {seq}:  {r['tok_per_s']:.1f} tok/s  "
       f"peak {r['peak_mem_mb']:.0f} MiB  (loss {r['loss']:.3f} over {r['tokens']} tokens)")
 PY
 done
@@ -49,7 +62,7 @@ train_case() {
   local label=$1; shift
   local dir="$out/train-run"
   rm -rf "$dir"
-  "$dt" train --model "$model" --data "$data" --out "$dir" --steps "$train_steps" --batch-size 1 --grad-accum 1 \
+  "$dt" train --device cpu --model "$model" --data "$data" --out "$dir" --steps "$train_steps" --batch-size 1 --grad-accum 1 \
       --max-seq-len "$seq" --no-shuffle "$@" >/dev/null 2>"$out/train.err" || { cat "$out/train.err" >&2; exit 1; }
   python3 - "$dir/train_log.jsonl" "$preset" "$seq" "$label" <<'PY'
 import json, sys

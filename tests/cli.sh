@@ -74,6 +74,7 @@ expect_fail stray_argument 2 "unexpected argument 'extra'" "$DT" eval --model m 
 expect_fail unknown_preset 2 "'huge' is not one of tiny" "$DT" init-model --preset huge --out m
 expect_fail unknown_dtype 2 "--dtype: 'f8' is not one of" "$DT" init-model --preset tiny --out m --dtype f8
 expect_fail info_needs_model 2 "--model" "$DT" info
+expect_fail unknown_device 2 "--device: 'tpu' is not one of" "$DT" eval --model m --data d --device tpu
 
 # ---------------------------------------------------------------- eval reproduces transformers
 # expected.json holds the loss transformers computed for the fixture (tools/make_fixtures.py)
@@ -92,6 +93,11 @@ if got["tokens"] != ref["tokens"] or abs(got["loss"] - ref["loss"]) > 1e-5 * abs
 }
 golden_eval eval_golden_text_tied text_tied expected.json
 golden_eval eval_golden_text_tied_adapter text_tied expected_adapter.json --adapter "$fixtures/text_tied/adapter"
+# a GPU asked for where there is none (CI) is an error that names the flag, not a silent CPU run
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+  expect_fail device_cuda_without_gpu 1 "--device cuda" "$DT" eval --model "$fixtures/text_tied" \
+      --data "$fixtures/text_tied/data.jsonl" --device cuda
+fi
 golden_eval eval_golden_mm_untied_sharded mm_untied_sharded expected.json --batch-size 6
 golden_eval eval_golden_text_bf16 text_bf16 expected.json --batch-size 1
 
@@ -531,6 +537,79 @@ expect_fail merge_refuses_existing 1 "already holds a model" \
     "$DT" merge --model "$fixtures/text_tied" --adapter "$fixtures/text_tied/adapter" --out merged
 expect_fail merge_foreign_adapter 1 "lora_A.weight" "$DT" merge --model m --adapter "$fixtures/text_tied/adapter" --out merged2
 [[ ! -e merged2/model.safetensors ]] && ok merge_nothing_half_written || fail merge_nothing_half_written "$(ls merged2)"
+
+# ---------------------------------------------------------------- quantized bases (MLX affine)
+# loss_of FILE: the loss of eval's last stdout line
+loss_of() { tail -n 1 "$1" | py 'import json,sys; print(json.loads(sys.stdin.read())["loss"])'; }
+# near A B TOL: |A - B| <= TOL * |B|
+near() { py 'import sys; a, b, t = map(float, sys.argv[1:]); sys.exit(0 if abs(a - b) <= t * abs(b) else 1)' "$1" "$2" "$3"; }
+base_loss=$(py 'import json,sys; print(json.load(open(sys.argv[1]))["loss"])' "$fixtures/text_tied/expected.json")
+if expect_ok quantize_8bit "$DT" quantize --model "$fixtures/text_tied" --out q8 --bits 8; then
+    if grep -q '8-bit affine, group size 64: 32 weights quantized' "$tmp/err" && [[ -f q8/generation_config.json ]] \
+        && py 'import json,sys; c = json.load(open("q8/config.json"))
+for k in ("quantization", "quantization_config"): assert c[k] == {"group_size": 64, "bits": 8, "mode": "affine"}, c[k]'; then
+        ok quantize_writes_mlx_config
+    else fail quantize_writes_mlx_config "$(cat "$tmp/err" q8/config.json)"; fi
+    run "$DT" eval --model q8 --data "$fixtures/text_tied/data.jsonl"
+    l_file=$(loss_of "$tmp/out" 2>/dev/null)
+    run "$DT" eval --model "$fixtures/text_tied" --data "$fixtures/text_tied/data.jsonl" --quantize 8
+    l_load=$(loss_of "$tmp/out" 2>/dev/null)
+    if [[ -n $l_file && -n $l_load ]] && near "$l_file" "$l_load" 1e-6 && near "$l_file" "$base_loss" 0.01 \
+        && grep -q 'quantized on load: 8-bit affine' "$tmp/err"; then ok quantize_round_trip_eval
+    else fail quantize_round_trip_eval "file $l_file, on load $l_load, unquantized $base_loss: $(cat "$tmp/err")"; fi
+    run "$DT" info --model q8
+    if [[ $rc -eq 0 ]] && grep -q '^quantized    MLX affine 8-bit, group size 64: 32 of 55 tensors' "$tmp/out" \
+        && grep -q '^layout       mlx' "$tmp/out"; then ok info_quantized
+    else fail info_quantized "exit $rc: $(cat "$tmp/out" "$tmp/err")"; fi
+    run "$DT" info --model q8 --json
+    if [[ $rc -eq 0 ]] && py 'import json,sys; d = json.load(open(sys.argv[1])); q = d["weights"]["quantization"]
+assert q["bits"] == 8 and q["group_size"] == 64 and q["tensors"] == 32 and d["weights"]["bytes"] < 300000, d["weights"]' "$tmp/out"
+    then ok info_quantized_json; else fail info_quantized_json "exit $rc: $(cat "$tmp/out" "$tmp/err")"; fi
+    expect_fail quantize_already_quantized 1 "is already quantized (8-bit, group size 64)" \
+        "$DT" quantize --model q8 --out q8b --bits 4
+    expect_fail eval_quantize_quantized 1 "is already quantized" \
+        "$DT" eval --model q8 --data "$fixtures/text_tied/data.jsonl" --quantize 4
+    expect_fail quantize_refuses_existing 1 "already holds a model" "$DT" quantize --model "$fixtures/text_tied" --out q8 --bits 8
+    # an unsupported mode in the record: an error naming it
+    mkdir qbad && cp q8/model.safetensors qbad/ && py 'import json; c = json.load(open("q8/config.json"))
+c["quantization"]["mode"] = "mxfp4"; json.dump(c, open("qbad/config.json", "w"))'
+    expect_fail eval_quant_mode_mxfp4 1 'quantization mode "mxfp4" is not supported' \
+        "$DT" eval --model qbad --data "$fixtures/text_tied/data.jsonl"
+fi
+if expect_ok quantize_4bit "$DT" quantize --model "$fixtures/text_tied" --out q4 --bits 4 --group-size 32; then
+    run "$DT" eval --model q4 --data "$fixtures/text_tied/data.jsonl"
+    l4=$(loss_of "$tmp/out" 2>/dev/null)
+    if [[ -n $l4 ]] && near "$l4" "$base_loss" 0.05; then ok quantize_4bit_eval_within_5pct
+    else fail quantize_4bit_eval_within_5pct "loss $l4 vs $base_loss: $(cat "$tmp/err")"; fi
+fi
+run "$DT" quantize --model "$fixtures/text_tied" --out q128 --bits 8 --group-size 128
+if [[ $rc -eq 0 ]] && grep -q 'left unquantized (group size does not divide the row): embed_tokens.weight' "$tmp/err"; then
+    ok quantize_skips_undivided_rows
+else fail quantize_skips_undivided_rows "exit $rc: $(cat "$tmp/err")"; fi
+expect_fail quantize_bits_7 2 "unsupported quantization bits 7" "$DT" quantize --model "$fixtures/text_tied" --out qx --bits 7
+expect_fail quantize_bits_range 2 "--bits" "$DT" quantize --model "$fixtures/text_tied" --out qx --bits 16
+expect_fail quantize_group_48 2 "unsupported quantization group size 48" \
+    "$DT" quantize --model "$fixtures/text_tied" --out qx --bits 4 --group-size 48
+expect_fail quantize_needs_bits 2 "--bits" "$DT" quantize --model "$fixtures/text_tied" --out qx
+expect_fail quantize_into_model 1 "the output folder is the model folder" \
+    "$DT" quantize --model "$fixtures/text_tied" --out "$fixtures/text_tied" --bits 8 --force
+[[ ! -e qx ]] && ok quantize_bad_flags_write_nothing || fail quantize_bad_flags_write_nothing "$(ls qx)"
+expect_fail eval_group_size_needs_quantize 2 "--group-size needs --quantize" \
+    "$DT" eval --model "$fixtures/text_tied" --data "$fixtures/text_tied/data.jsonl" --group-size 32
+expect_fail eval_quantize_6 2 "--quantize: 6 bits is not supported (4 or 8)" \
+    "$DT" eval --model "$fixtures/text_tied" --data "$fixtures/text_tied/data.jsonl" --quantize 6
+expect_fail train_quantize_group_96 2 "group size 96" \
+    "$DT" train --model "$fixtures/text_tied" --data "$fixtures/text_tied/data.jsonl" --out tq --quantize 4 --group-size 96
+if expect_ok train_quantize_4 "$DT" train --model "$fixtures/text_tied" --data "$fixtures/text_tied/data.jsonl" --out tq \
+    --quantize 4 --steps 2 --batch-size 2 --grad-accum 1 --lora-rank 2; then
+    [[ -f tq/adapter_model.safetensors ]] && grep -q 'quantized on load: 4-bit' "$tmp/err" && ok train_quantize_adapter \
+        || fail train_quantize_adapter "$(ls tq; cat "$tmp/err")"
+fi
+run "$DT" generate --model "$fixtures/text_tied" --quantize 8 --prompt-ids 379 --max-new-tokens 4 --json
+if [[ $rc -eq 0 ]] && grep -q 'generate: quantized on load: 8-bit' "$tmp/err" \
+    && tail -n 1 "$tmp/out" | py 'import json,sys; assert len(json.loads(sys.stdin.read())["ids"]) == 4'; then
+    ok generate_quantize_8
+else fail generate_quantize_8 "exit $rc: $(cat "$tmp/out" "$tmp/err")"; fi
 
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -8,6 +8,8 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
 status=0
+# the golden tests hold the CPU path to the reference; the GPU path has tests/cuda/
+export DELTATUNE_DEVICE=cpu
 "$build/deltatune_tests" | tee -a "$log" || status=1
 "$build/deltatune_gradcheck" | tee -a "$log" || status=1
 # built where nvcc is; it says "skipped" without a GPU

@@ -7,7 +7,11 @@
 #include <unistd.h>
 
 #include "deltatune/checkpoint.h"
+#include "deltatune/dataset.h"
 #include "deltatune/error.h"
+#include "deltatune/quant.h"
+#include "deltatune/quantize_ckpt.h"
+#include "deltatune/qwen35.h"
 #include "test.h"
 
 int io_test_tmpdir(char *buf, size_t cap);
@@ -325,7 +329,21 @@ TEST(config_parse_errors) {
     expect_parse_err("\"partial_rotary_factor\": 0.25", "\"partial_rotary_factor\": 1e300",
                      "partial_rotary_factor 1e+300 is outside (0, 1]");
     expect_parse_err("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": 1", "tie_word_embeddings: expected true or false");
-    expect_parse_err("\"image_token_id\"", "\"quantization\": {\"bits\": 8}, \"image_token_id\"", "quantization");
+    expect_parse_err("\"image_token_id\"", "\"quantization\": {\"bits\": 8}, \"image_token_id\"",
+                     "missing required field quantization.group_size");
+    expect_parse_err("\"image_token_id\"",
+                     "\"quantization\": {\"bits\": 4, \"group_size\": 32, \"mode\": \"mxfp4\"}, \"image_token_id\"",
+                     "quantization mode \"mxfp4\" is not supported");
+    expect_parse_err("\"image_token_id\"", "\"quantization\": {\"bits\": 7, \"group_size\": 64}, \"image_token_id\"",
+                     "unsupported quantization bits 7");
+    expect_parse_err("\"image_token_id\"", "\"quantization\": {\"bits\": 4, \"group_size\": 48}, \"image_token_id\"",
+                     "unsupported quantization group size 48");
+    expect_parse_err("\"image_token_id\"", "\"quantization_config\": {\"quant_method\": \"fp8\"}, \"image_token_id\"",
+                     "quantization_config.quant_method: \"fp8\" is not supported");
+    expect_parse_err("\"image_token_id\"",
+                     "\"quantization\": {\"bits\": 4, \"group_size\": 64, \"language_model.lm_head\": {\"bits\": 9, "
+                     "\"group_size\": 64}}, \"image_token_id\"",
+                     "quantization.language_model.lm_head: unsupported quantization bits 9");
     expect_parse_err("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3", "num_key_value_heads");
     expect_parse_err("\"text_config\": {", "\"text_config\": {\"num_experts\": 64, ", "num_experts");
     expect_parse_err("\"model_type\": \"qwen3_5\",", "", "missing required field model_type");
@@ -768,7 +786,8 @@ static void run_checkpoint_errors(const char *root) {
     float x = 1;
     st_entry e[] = {{"language_model.model.norm.weight", DT_F32, 1, {1}, &x}};
     CHECK_OK(st_write(path, e, 1));
-    CHECK_ERR(checkpoint_open(&ck, dir), "MLX");
+    /* an MLX name layout, but not a whole model */
+    CHECK_ERR(checkpoint_open(&ck, dir), "tensor language_model.model.embed_tokens.weight missing");
     e[0].name = "transformer.h.0.weight";
     CHECK_OK(st_write(path, e, 1));
     CHECK_ERR(checkpoint_open(&ck, dir), "not a Qwen3.5 checkpoint");
@@ -781,5 +800,410 @@ TEST(checkpoint_open_errors) {
     char dir[64];
     CHECK(io_test_tmpdir(dir, sizeof dir) == 0);
     run_checkpoint_errors(dir);
+    io_test_rmdir(dir);
+}
+
+/* ---------------------------------------------------------------- MLX quantized checkpoints */
+
+/* Mean loss of the tokenized rows of data.jsonl, each row alone (as test_golden). */
+static int fixture_loss(checkpoint *ck, const char *dir, double *loss) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/data.jsonl", dir);
+    qwen35_model m;
+    dt_dataset d;
+    if (qwen35_model_init(&m, &ck->cfg, ck->specs, ck->weights, ck->n_specs)) return -1;
+    if (dataset_load_tokenized(&d, path, ck->cfg.vocab_size)) {
+        qwen35_model_free(&m);
+        return -1;
+    }
+    double sum = 0;
+    int64_t n = 0;
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < d.n_rows; i++) {
+        const dt_row *r = &d.rows[i];
+        int len = r->len;
+        qwen35_batch b = {r->input_ids, r->labels, &len, 1, r->len};
+        double s1 = 0;
+        int64_t n1 = 0;
+        rc = qwen35_eval_loss(&m, &b, &s1, &n1);
+        sum += s1;
+        n += n1;
+    }
+    dataset_free(&d);
+    qwen35_model_free(&m);
+    *loss = n ? sum / (double)n : 0;
+    return rc;
+}
+
+/* Every weight of b against a: quantized ones word for word, scale for scale; all dequantized
+ * values equal (the five MLX norms, stored +1 in a's dtype, within half an ulp of [1, 2)). */
+static int ck_same_weights(const checkpoint *a, const checkpoint *b, char *why, size_t cap) {
+    if (a->n_specs != b->n_specs) return snprintf(why, cap, "%d vs %d specs", a->n_specs, b->n_specs), 0;
+    for (int i = 0; i < a->n_specs; i++) {
+        const dt_weight *x = &a->weights[i], *y = &b->weights[i];
+        const char *name = a->specs[i].name;
+        if (x->rows != y->rows || x->cols != y->cols || x->qbits != y->qbits || x->qgroup != y->qgroup)
+            return snprintf(why, cap, "%s: shape or quantization differs", name), 0;
+        if (x->qbits) {
+            size_t wb = (size_t)(x->rows * x->cols * x->qbits / 8);
+            size_t sb = (size_t)(x->rows * (x->cols / x->qgroup)) * dt_dtype_size(x->qdtype);
+            if (x->qdtype != y->qdtype || memcmp(x->data, y->data, wb) || memcmp(x->scales, y->scales, sb) ||
+                memcmp(x->biases, y->biases, sb))
+                return snprintf(why, cap, "%s: words, scales or biases differ", name), 0;
+        }
+        int64_t n = x->rows * x->cols;
+        float *fx = malloc((size_t)n * sizeof *fx), *fy = malloc((size_t)n * sizeof *fy);
+        if (!fx || !fy) return free(fx), free(fy), snprintf(why, cap, "out of memory"), 0;
+        dt_weight_rows_f32(fx, x, 0, x->rows);
+        dt_weight_rows_f32(fy, y, 0, y->rows);
+        /* w + 1 is rounded to the stored dtype: half an ulp of [1, 2) */
+        float tol = !checkpoint_norm_is_shifted(a->specs[i].kind) ? 0
+                    : x->dtype == DT_BF16 ? 1.0f / 256 : x->dtype == DT_F16 ? 1.0f / 2048 : 1.2e-7f;
+        int64_t bad = -1;
+        for (int64_t j = 0; j < n && bad < 0; j++)
+            if (!(fabsf(fx[j] - fy[j]) <= tol)) bad = j;
+        if (bad >= 0) snprintf(why, cap, "%s[%lld]: %g vs %g", name, (long long)bad, fx[bad], fy[bad]);
+        free(fx);
+        free(fy);
+        if (bad >= 0) return 0;
+    }
+    return 1;
+}
+
+/* quantize -> write -> load gives the same words, scales, biases and dequantized weights, and the
+ * loss on the golden fixtures stays within 1% (8-bit) and 5% (4-bit) of the unquantized one. */
+static void run_quant_round_trip(const char *root) {
+    const char *fixtures[] = {"text_tied", "text_bf16", "mm_untied_sharded"};
+    const struct { int bits, group; double tol; } q[] = {{8, 64, 0.01}, {4, 32, 0.05}, {4, 64, 0.05}, {8, 32, 0.01}};
+    for (int f = 0; f < 3; f++) {
+        char src[512];
+        snprintf(src, sizeof src, "%s/%s", FIXTURES, fixtures[f]);
+        checkpoint ref;
+        double l0;
+        CHECK_OK(checkpoint_open(&ref, src));
+        CHECK_OK(fixture_loss(&ref, src, &l0));
+        for (int k = 0; k < 4; k++) {
+            checkpoint ck, back;
+            ckpt_quant_stats qs;
+            ckpt_write_stats ws;
+            double lq, lb;
+            char out[600], why[256] = "";
+            snprintf(out, sizeof out, "%s/%s_q%d_%d", root, fixtures[f], q[k].bits, q[k].group);
+            CHECK_OK(checkpoint_open(&ck, src));
+            CHECK_OK(checkpoint_quantize(&ck, q[k].bits, q[k].group, &qs));
+            /* text_*: every linear's row (64 or 128 values) is divided by 32 and 64; mm_untied_sharded's
+             * down_proj (96) and out_proj (32) rows only by 32, and are skipped at 64 */
+            CHECKF(qs.n_skipped == 0 || (f == 2 && q[k].group == 64), "%s: skipped %s", fixtures[f], qs.skipped);
+            CHECK(qs.n_quantized == ck.n_quantized && ck.qbits == q[k].bits && ck.qgroup == q[k].group);
+            CHECK(qs.bytes_after < qs.bytes_before && ck.weight_bytes == qs.bytes_after);
+            for (int i = 0; i < ck.n_specs; i++) {
+                bool want = checkpoint_kind_is_quantizable(ck.specs[i].kind) && ck.weights[i].cols % q[k].group == 0;
+                CHECKF(!ck.weights[i].qbits == !want, "%s", ck.specs[i].name);
+            }
+            CHECK_ERR(checkpoint_quantize(&ck, 8, 64, &qs), "already quantized");
+            CHECK_OK(fixture_loss(&ck, src, &lq));
+            CHECKF(fabs(lq - l0) <= q[k].tol * l0, "%s %d-bit/%d: loss %.6f vs %.6f unquantized", fixtures[f],
+                   q[k].bits, q[k].group, lq, l0);
+            CHECK_OK(checkpoint_write_mlx(&ck, out, &ws));
+            CHECK(ws.tensors == ck.n_specs + 2 * ck.n_quantized);
+            CHECK_OK(checkpoint_open(&back, out));
+            CHECK(back.mlx && back.layout == LAYOUT_MULTIMODAL && !strcmp(back.file_prefix, "language_model.model."));
+            CHECK(back.n_quantized == ck.n_quantized && back.qbits == q[k].bits && back.qgroup == q[k].group);
+            CHECK(back.n_unexpected == 0 && back.cfg.tie_word_embeddings == ck.cfg.tie_word_embeddings);
+            CHECK(back.weight_bytes < ck.weight_bytes * 11 / 10 && back.weight_bytes > ck.weight_bytes * 9 / 10);
+            CHECKF(ck_same_weights(&ck, &back, why, sizeof why), "%s: %s", out, why);
+            CHECK_OK(fixture_loss(&back, src, &lb));
+            /* only the norms moved (bf16 ones by their rounding at +1) */
+            double ltol = checkpoint_weight(&ref, W_FINAL_NORM, -1)->dtype == DT_F32 ? 1e-5 : 1e-3;
+            CHECKF(fabs(lb - lq) <= ltol * lq, "%s: loss %.9f after the round trip, %.9f before", out, lb, lq);
+            checkpoint_close(&back);
+            checkpoint_close(&ck);
+        }
+        checkpoint_close(&ref);
+    }
+}
+
+TEST(quant_checkpoint_round_trip) {
+    char dir[64];
+    CHECK(io_test_tmpdir(dir, sizeof dir) == 0);
+    run_quant_round_trip(dir);
+    io_test_rmdir(dir);
+}
+
+/* What the written files hold: MLX names, shifted norms, [C,K,1] conv, the config record. */
+static void run_quant_layout(const char *root) {
+    const char *src = FIXTURES "/text_bf16";
+    checkpoint ck, back;
+    ckpt_write_stats ws;
+    char out[512], path[600], why[256] = "";
+    /* unquantized: an MLX bf16 checkpoint */
+    snprintf(out, sizeof out, "%s/plain", root);
+    CHECK_OK(checkpoint_open(&ck, src));
+    CHECK_ERR(checkpoint_write_mlx(&ck, src, &ws), "the output folder is the model folder");
+    CHECK_OK(checkpoint_write_mlx(&ck, out, &ws));
+    CHECK(ws.tensors == ck.n_specs);
+    snprintf(path, sizeof path, "%s/model.safetensors", out);
+    st_file f;
+    CHECK_OK(st_open(&f, path));
+    const st_tensor *conv = st_find(&f, "language_model.model.layers.0.linear_attn.conv1d.weight");
+    const st_tensor *norm = st_find(&f, "language_model.model.layers.0.input_layernorm.weight");
+    const st_tensor *lnorm = st_find(&f, "language_model.model.layers.0.linear_attn.norm.weight");
+    CHECK(conv && conv->ndim == 3 && conv->shape[1] == ck.cfg.conv_kernel && conv->shape[2] == 1);
+    CHECK(st_find(&f, "language_model.lm_head.weight") && !st_find(&f, "lm_head.weight"));
+    const dt_weight *w = checkpoint_weight(&ck, W_INPUT_NORM, 0), *lw = checkpoint_weight(&ck, W_LIN_NORM, 0);
+    CHECK(norm && norm->dtype == w->dtype && lnorm && lnorm->dtype == lw->dtype);
+    for (int j = 0; j < (int)w->cols; j++) {
+        float v, o, lv, lo;
+        dt_to_f32(&v, (const char *)norm->data + 2 * j, norm->dtype, 1);
+        dt_to_f32(&o, (const char *)w->data + 2 * j, w->dtype, 1);
+        dt_to_f32(&lv, (const char *)lnorm->data + 2 * (j % lw->cols), lnorm->dtype, 1);
+        dt_to_f32(&lo, (const char *)lw->data + 2 * (j % lw->cols), lw->dtype, 1);
+        CHECKF(v == dt_bf16_to_f32(dt_f32_to_bf16(o + 1.0f)), "norm[%d] %g, source %g", j, v, o);
+        CHECK(lv == lo);  /* linear_attn.norm is not shifted */
+    }
+    st_close(&f);
+    CHECK_OK(checkpoint_open(&back, out));
+    CHECK(back.mlx && back.n_quantized == 0 && back.qbits == 0 && !strcmp(back.prefix, "model.language_model."));
+    /* bf16 norms: (w + 1) rounded to bf16, minus 1, is w up to bf16's rounding near 1 */
+    for (int i = 0; i < ck.n_specs; i++) {
+        const dt_weight *x = &ck.weights[i], *y = &back.weights[i];
+        int64_t n = x->rows * x->cols;
+        float *fx = malloc((size_t)n * sizeof *fx), *fy = malloc((size_t)n * sizeof *fy);
+        CHECK(fx && fy);
+        dt_weight_rows_f32(fx, x, 0, x->rows);
+        dt_weight_rows_f32(fy, y, 0, y->rows);
+        float tol = checkpoint_norm_is_shifted(ck.specs[i].kind) ? 1.0f / 128 : 0;
+        int ok = 1;
+        for (int64_t j = 0; j < n && ok; j++) ok = fabsf(fx[j] - fy[j]) <= tol;
+        free(fx);
+        free(fy);
+        CHECKF(ok, "%s differs after the MLX round trip", ck.specs[i].name);
+        CHECK(y->dtype == (checkpoint_norm_is_shifted(ck.specs[i].kind) ? DT_F32 : x->dtype));
+    }
+    checkpoint_close(&back);
+
+    /* quantized: the config record, and a write over an existing folder replaces it */
+    ckpt_quant_stats qs;
+    CHECK_OK(checkpoint_quantize(&ck, 4, 64, &qs));
+    CHECK_OK(checkpoint_write_mlx(&ck, out, &ws));
+    snprintf(path, sizeof path, "%s/config.json", out);
+    json_error_t je;
+    json_t *cfg = json_load_file(path, 0, &je);
+    CHECK(cfg);
+    const char *keys[] = {"quantization", "quantization_config"};
+    for (int i = 0; i < 2; i++) {
+        json_t *r = json_object_get(cfg, keys[i]);
+        CHECK(json_integer_value(json_object_get(r, "bits")) == 4);
+        CHECK(json_integer_value(json_object_get(r, "group_size")) == 64);
+        CHECK(!strcmp(json_string_value(json_object_get(r, "mode")), "affine"));
+    }
+    CHECK(json_is_object(json_object_get(cfg, "text_config")));
+    json_decref(cfg);
+    snprintf(path, sizeof path, "%s/model.safetensors", out);
+    CHECK_OK(st_open(&f, path));
+    const st_tensor *t = st_find(&f, "language_model.model.layers.1.mlp.down_proj.weight");
+    const st_tensor *sc = st_find(&f, "language_model.model.layers.1.mlp.down_proj.scales");
+    const st_tensor *bi = st_find(&f, "language_model.model.layers.1.mlp.down_proj.biases");
+    CHECK(t && t->dtype == DT_U32 && t->shape[0] == ck.cfg.hidden_size && t->shape[1] == ck.cfg.intermediate_size / 8);
+    CHECK(sc && sc->dtype == DT_BF16 && sc->shape[1] == ck.cfg.intermediate_size / 64 && bi && bi->dtype == DT_BF16);
+    CHECK(!st_find(&f, "language_model.model.layers.0.linear_attn.conv1d.scales"));
+    CHECK(st_find(&f, "language_model.lm_head.scales"));
+    st_close(&f);
+    CHECK_OK(checkpoint_open(&back, out));
+    CHECKF(ck_same_weights(&ck, &back, why, sizeof why), "%s", why);
+    checkpoint_close(&back);
+    checkpoint_close(&ck);
+
+    /* group size 128: rows of 64 values stay unquantized, as mlx-lm leaves them */
+    snprintf(out, sizeof out, "%s/g128", root);
+    CHECK_OK(checkpoint_open(&ck, FIXTURES "/text_tied"));
+    CHECK_OK(checkpoint_quantize(&ck, 8, 128, &qs));
+    CHECK(qs.n_skipped > 0 && qs.n_quantized > 0 && strstr(qs.skipped, "embed_tokens.weight"));
+    CHECK(!checkpoint_weight(&ck, W_EMBED, -1)->qbits && checkpoint_weight(&ck, W_MLP_DOWN, 0)->qbits == 8);
+    char line[768];
+    checkpoint_quant_summary(line, sizeof line, &ck, &qs);
+    CHECKF(strstr(line, "left unquantized") && strstr(line, "8-bit"), "%s", line);
+    CHECK_OK(checkpoint_write_mlx(&ck, out, &ws));
+    CHECK_OK(checkpoint_open(&back, out));
+    CHECK(back.n_quantized == qs.n_quantized);
+    CHECKF(ck_same_weights(&ck, &back, why, sizeof why), "%s", why);
+    checkpoint_close(&back);
+    checkpoint_close(&ck);
+    CHECK_OK(checkpoint_open(&ck, FIXTURES "/text_tied"));
+    CHECK_ERR(checkpoint_quantize(&ck, 5, 48, &qs), "group size 48");
+    CHECK_ERR(checkpoint_quantize(&ck, 7, 64, &qs), "bits 7");
+    checkpoint_close(&ck);
+}
+
+TEST(quant_checkpoint_layout) {
+    char dir[64];
+    CHECK(io_test_tmpdir(dir, sizeof dir) == 0);
+    run_quant_layout(dir);
+    io_test_rmdir(dir);
+}
+
+/* A mixed recipe: one module at other settings, written with its own config entry and read back. */
+static void run_quant_mixed(const char *root) {
+    checkpoint ck, src, back;
+    ckpt_quant_stats qs;
+    ckpt_write_stats ws;
+    char out[512], path[600], why[256] = "";
+    snprintf(out, sizeof out, "%s/mixed", root);
+    CHECK_OK(checkpoint_open(&src, FIXTURES "/text_tied"));
+    CHECK_OK(checkpoint_open(&ck, FIXTURES "/text_tied"));
+    CHECK_OK(checkpoint_quantize(&ck, 8, 64, &qs));
+    const dt_weight *s = checkpoint_weight(&src, W_MLP_DOWN, 1);
+    dt_weight *w = (dt_weight *)checkpoint_weight(&ck, W_MLP_DOWN, 1);
+    int64_t n = s->rows * s->cols, ng = s->rows * s->cols / 32;
+    float *f = malloc((size_t)n * sizeof *f), *fs = malloc((size_t)ng * sizeof *fs), *fb = malloc((size_t)ng * sizeof *fb);
+    uint32_t *wq = checkpoint_own(&ck, (size_t)(n / 8) * 4);
+    uint16_t *sc = checkpoint_own(&ck, (size_t)ng * 2), *bi = checkpoint_own(&ck, (size_t)ng * 2);
+    CHECK(f && fs && fb && wq && sc && bi);
+    dt_weight_rows_f32(f, s, 0, s->rows);
+    quant_quantize(wq, fs, fb, f, s->rows, s->cols, 4, 32);
+    for (int64_t j = 0; j < ng; j++) sc[j] = dt_f32_to_bf16(fs[j]), bi[j] = dt_f32_to_bf16(fb[j]);
+    free(f);
+    free(fs);
+    free(fb);
+    *w = (dt_weight){.dtype = DT_U32, .data = wq, .rows = s->rows, .cols = s->cols, .qbits = 4, .qgroup = 32,
+                     .qdtype = DT_BF16, .scales = sc, .biases = bi};
+    CHECK_OK(checkpoint_write_mlx(&ck, out, &ws));
+    snprintf(path, sizeof path, "%s/config.json", out);
+    json_error_t je;
+    json_t *cfg = json_load_file(path, 0, &je);
+    CHECK(cfg);
+    json_t *e = json_object_get(json_object_get(cfg, "quantization"), "language_model.model.layers.1.mlp.down_proj");
+    CHECK(json_integer_value(json_object_get(e, "bits")) == 4 && json_integer_value(json_object_get(e, "group_size")) == 32);
+    json_decref(cfg);
+    CHECK_OK(checkpoint_open(&back, out));
+    CHECK(checkpoint_weight(&back, W_MLP_DOWN, 1)->qbits == 4 && checkpoint_weight(&back, W_MLP_DOWN, 0)->qbits == 8);
+    CHECKF(ck_same_weights(&ck, &back, why, sizeof why), "%s", why);
+    checkpoint_close(&back);
+    checkpoint_close(&ck);
+    checkpoint_close(&src);
+}
+
+TEST(quant_checkpoint_mixed_bits) {
+    char dir[64];
+    CHECK(io_test_tmpdir(dir, sizeof dir) == 0);
+    run_quant_mixed(dir);
+    io_test_rmdir(dir);
+}
+
+/* ---- bad quantized checkpoints: a clear error naming the tensor or the setting */
+
+typedef struct {
+    const char *name;     /* tensor to change */
+    int drop;             /* leave it out */
+    int shape1;           /* new shape[1] (0: keep) */
+    int dtype;            /* new dtype (-1: keep) */
+} tensor_edit;
+
+/* dir/model.safetensors rewritten with one tensor changed. */
+static int rewrite_tensor(const char *dir, tensor_edit ed) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    st_file f;
+    if (st_open(&f, path)) return -1;
+    st_entry *e = calloc((size_t)f.n, sizeof *e);
+    int n = 0;
+    for (int i = 0; e && i < f.n; i++) {
+        const st_tensor *t = &f.tensors[i];
+        if (!strcmp(t->name, ed.name) && ed.drop) continue;
+        e[n] = (st_entry){.name = t->name, .dtype = t->dtype, .ndim = t->ndim, .data = t->data};
+        memcpy(e[n].shape, t->shape, sizeof t->shape);
+        if (!strcmp(t->name, ed.name)) {
+            if (ed.shape1) e[n].shape[1] = ed.shape1;
+            if (ed.dtype >= 0) e[n].dtype = (dt_dtype)ed.dtype;
+        }
+        n++;
+    }
+    int rc = e ? st_write(path, e, n) : -1;
+    free(e);
+    st_close(&f);
+    return rc;
+}
+
+/* dir/config.json with its quantization record replaced (NULL: removed). */
+static int rewrite_record(const char *dir, const char *record_json) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    json_error_t je;
+    json_t *cfg = json_load_file(path, 0, &je);
+    if (!cfg) return -1;
+    json_object_del(cfg, "quantization");
+    json_object_del(cfg, "quantization_config");
+    if (record_json) json_object_set_new(cfg, "quantization", json_loads(record_json, 0, &je));
+    int rc = json_dump_file(cfg, path, JSON_INDENT(2));
+    json_decref(cfg);
+    return rc;
+}
+
+static void run_quant_errors(const char *root) {
+    checkpoint ck;
+    ckpt_quant_stats qs;
+    ckpt_write_stats ws;
+    char good[512], bad[512];
+    snprintf(good, sizeof good, "%s/good", root);
+    CHECK_OK(checkpoint_open(&ck, FIXTURES "/text_tied"));
+    CHECK_OK(checkpoint_quantize(&ck, 8, 64, &qs));
+    CHECK_OK(checkpoint_write_mlx(&ck, good, &ws));
+    checkpoint_close(&ck);
+    const struct {
+        tensor_edit ed;
+        const char *record;  /* NULL: keep the file's */
+        const char *needle, *needle2;
+    } cases[] = {
+        {{"language_model.model.layers.1.mlp.up_proj.scales", 0, 3, -1}, NULL,
+         "tensor language_model.model.layers.1.mlp.up_proj.scales has shape [128, 3], expected [128, 1]", "8-bit, group size 64"},
+        {{"language_model.model.layers.2.mlp.down_proj.biases", 0, 1, -1}, NULL,
+         "tensor language_model.model.layers.2.mlp.down_proj.biases has shape [64, 1], expected [64, 2]", NULL},
+        {{"language_model.model.layers.0.linear_attn.in_proj_qkv.weight", 0, 8, -1}, NULL,
+         "tensor language_model.model.layers.0.linear_attn.in_proj_qkv.weight has shape [", "expected ["},
+        {{"language_model.model.layers.0.linear_attn.in_proj_qkv.biases", 1, 0, -1}, NULL,
+         "tensor language_model.model.layers.0.linear_attn.in_proj_qkv.biases missing", NULL},
+        {{"language_model.model.layers.3.self_attn.o_proj.weight", 0, 0, DT_I32}, NULL,
+         "tensor language_model.model.layers.3.self_attn.o_proj.weight has dtype I32", "must be U32"},
+        {{"language_model.model.embed_tokens.biases", 0, 0, DT_F16}, NULL, "embed_tokens.scales and", "F16"},
+        {{"none", 0, 0, -1}, "{\"group_size\": 64, \"bits\": 4, \"mode\": \"mxfp4\"}", "mode \"mxfp4\" is not supported",
+         NULL},
+        {{"none", 0, 0, -1}, "{\"group_size\": 64, \"bits\": 7}", "unsupported quantization bits 7", NULL},
+        {{"none", 0, 0, -1}, "{\"group_size\": 128, \"bits\": 8}",
+         "embed_tokens.weight: quantization group size 128 does not divide the row of 64", NULL},
+        {{"none", 0, 0, -1}, "{\"group_size\": 64, \"bits\": 4}",
+         "tensor language_model.model.embed_tokens.weight has shape [384, 16], expected [384, 8] (4-bit, group size 64)",
+         NULL},
+        {{"none", 0, 0, -1}, "{\"group_size\": 64, \"bits\": 8, \"language_model.model.layers.0.mlp.up_proj\": "
+                             "{\"group_size\": 32, \"bits\": 8}}",
+         "tensor language_model.model.layers.0.mlp.up_proj.scales has shape [128, 1], expected [128, 2]", NULL},
+        {{"none", 0, 0, -1}, "{\"group_size\": 64, \"bits\": 8, \"language_model.model.layers.0.mlp.up_proj\": false}",
+         "quantization does not cover language_model.model.layers.0.mlp.up_proj", NULL},
+        {{"none", 0, 0, -1}, "", "quantization does not cover language_model.model.embed_tokens", NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(bad, sizeof bad, "%s/bad%zu", root, i);
+        CHECK_OK(checkpoint_open(&ck, FIXTURES "/text_tied"));
+        CHECK_OK(checkpoint_quantize(&ck, 8, 64, &qs));
+        CHECK_OK(checkpoint_write_mlx(&ck, bad, &ws));
+        checkpoint_close(&ck);
+        if (strcmp(cases[i].ed.name, "none")) CHECK(rewrite_tensor(bad, cases[i].ed) == 0);
+        if (cases[i].record) CHECK(rewrite_record(bad, cases[i].record[0] ? cases[i].record : NULL) == 0);
+        dt_err_clear();
+        CHECKF(checkpoint_open(&ck, bad) != 0, "case %zu loaded", i);
+        CHECKF(strstr(dt_errmsg(), cases[i].needle), "case %zu: \"%s\" lacks \"%s\"", i, dt_errmsg(), cases[i].needle);
+        CHECKF(!cases[i].needle2 || strstr(dt_errmsg(), cases[i].needle2), "case %zu: \"%s\" lacks \"%s\"", i,
+               dt_errmsg(), cases[i].needle2);
+        CHECK(ck.dir == NULL && ck.files == NULL && ck.copies == NULL);
+    }
+    /* the untouched one loads, and a tensor without .scales in a quantized checkpoint is plain */
+    CHECK_OK(checkpoint_open(&ck, good));
+    CHECK(ck.n_quantized == 32 && checkpoint_weight(&ck, W_LIN_CONV, 0)->qbits == 0);
+    checkpoint_close(&ck);
+}
+
+TEST(quant_checkpoint_errors) {
+    char dir[64];
+    CHECK(io_test_tmpdir(dir, sizeof dir) == 0);
+    run_quant_errors(dir);
     io_test_rmdir(dir);
 }

@@ -27,7 +27,7 @@ TEST(ops_linear_bf16_matches_f32) {
     uint16_t *wb = malloc(2 * out * in);
     dt_from_f32(wb, DT_BF16, wf, out * in);
     dt_to_f32(wf, wb, DT_BF16, out * in);  /* fp32 copy of the rounded values */
-    dt_linear lf = {{DT_F32, wf, out, in}, NULL}, lb = {{DT_BF16, wb, out, in}, NULL};
+    dt_linear lf = {{.dtype = DT_F32, .data = wf, .rows = out, .cols = in}, NULL}, lb = {{.dtype = DT_BF16, .data = wb, .rows = out, .cols = in}, NULL};
     float *yf = malloc(sizeof(float) * T * out), *yb = malloc(sizeof(float) * T * out);
     linear_forward(yf, x, &lf, T);
     linear_forward(yb, x, &lb, T);
@@ -41,7 +41,7 @@ TEST(ops_linear_lora_matches_naive) {
     int r = 3;
     float *x = rand_vec(T * in, 1), *w = rand_vec(out * in, 1), *A = rand_vec(r * in, 1), *B = rand_vec(out * r, 1);
     dt_lora lo = {.rank = r, .scale = 0.75f, .in = in, .out = out, .A = A, .B = B};
-    dt_linear l = {{DT_F32, w, out, in}, &lo};
+    dt_linear l = {{.dtype = DT_F32, .data = w, .rows = out, .cols = in}, &lo};
     float y[4 * 7], ref[4 * 7];
     linear_forward(y, x, &l, T);
     for (int t = 0; t < T; t++)
@@ -65,7 +65,7 @@ TEST(ops_lmhead_ce_matches_full_softmax) {
     float *h = rand_vec(T * H, 1), *E = rand_vec(V * H, 2);
     int32_t targets[6] = {0, 5000, -1, (int32_t)V - 1, 4096, 17};
     float *scratch = malloc(sizeof(float) * T * LMHEAD_VOCAB_BLOCK);
-    dt_weight w = {DT_F32, E, V, H};
+    dt_weight w = {.dtype = DT_F32, .data = E, .rows = V, .cols = H};
     double sum = 0;
     int64_t count = 0;
     lmhead_ce_forward(&sum, &count, h, targets, T, &w, scratch);

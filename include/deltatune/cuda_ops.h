@@ -1,28 +1,203 @@
-/* The CUDA backend's ops: the same families and semantics as ops.h (each tested against the
- * CPU op on random data by tests/cuda/test_cuda.c), on device pointers, fp32 for now.
- * Backward functions accumulate, as on the CPU. Errors are sticky until cuda_check(). */
+/* The CUDA backend's ops: the families of ops.h on device pointers, for the Qwen3.5
+ * decoder's training step. Each is tested against the CPU op on random data
+ * (tests/cuda/, `make test-cuda`).
+ *
+ * Types. Weights and the activations that feed matrix products are bf16 (dt_bf16 holds
+ * its bits); arithmetic is fp32. The residual stream and its gradient are fp32, as are the
+ * recurrent state, norm statistics, the gates and the loss. Gradients that a matrix product
+ * produces are fp32 and accumulate (dx += dy W); gradients that a matrix product consumes
+ * are bf16. Each function says whether it overwrites or accumulates.
+ *
+ * Every launch goes to one stream (see src/cuda/cuda_internal.h); nothing waits for the
+ * device except cuda_check, cuda_download and cuda_upload. Errors of launches are sticky
+ * until cuda_check(). Frozen weights (norms, conv, gates) get no gradient: LoRA trains only
+ * its A and B. */
 #ifndef DELTATUNE_CUDA_OPS_H
 #define DELTATUNE_CUDA_OPS_H
 
 #include <stddef.h>
 #include <stdint.h>
 
+typedef uint16_t dt_bf16;
+
+/* ---- runtime.cu ---- */
 /* Number of CUDA devices (0 without a driver or a GPU). */
 int cuda_device_count(void);
 /* The device's name, or "" */
 const char *cuda_device_name(void);
+/* Device 0, the stream and the cuBLAS handle; idempotent. */
+int cuda_init(void);
+/* Device memory, counted: cuda_mem_peak is the most that was allocated at once through
+ * cuda_alloc since the last cuda_mem_reset_peak (cuBLAS's workspace included). */
 int cuda_alloc(void **p, size_t bytes);
 void cuda_free(void *p);
+size_t cuda_mem_live(void);
+size_t cuda_mem_peak(void);
+void cuda_mem_reset_peak(void);
 int cuda_upload(void *dst, const void *src, size_t bytes);
 int cuda_download(void *dst, const void *src, size_t bytes);
-int cuda_zero(void *p, size_t bytes);
+int cuda_zero(void *p, size_t bytes);   /* on the stream, no wait */
+void cuda_copy_f32(float *dst, const float *src, int64_t n);  /* device to device, on the stream */
 /* Waits for the device and reports any error of the launches since the last check. */
 int cuda_check(const char *what);
+/* Time per named region, from events on the stream (enabled by cuda_prof_enable(1)):
+ * push/pop nest; the report sums each name's milliseconds since the last reset. */
+void cuda_prof_enable(int on);
+void cuda_prof_push(const char *name);  /* name must outlive the report (a literal) */
+void cuda_prof_pop(void);
+void cuda_prof_reset(void);
+/* Adds ms of host wall-clock time under name (for work the events cannot see). */
+void cuda_prof_add_host(const char *name, double ms);
+/* Writes "profile: name ms-per-step share" lines, largest first, to f (a FILE *); a step is a
+ * region named "step". */
+void cuda_prof_report(void *f);
 
-void rmsnorm1p_forward_cuda(float *y, const float *x, const float *w, int64_t rows, int D, float eps);
-void rmsnorm1p_backward_cuda(float *dx, float *dw, const float *dy, const float *x, const float *w, int64_t rows,
-                             int D, float eps);
-void swiglu_forward_cuda(float *m, const float *gate, const float *up, int64_t n);
-void swiglu_backward_cuda(float *dgate, float *dup, const float *dm, const float *gate, const float *up, int64_t n);
+/* ---- misc.cu ---- */
+void cuda_f32_to_bf16(dt_bf16 *y, const float *x, int64_t n);
+void cuda_bf16_to_f32(float *y, const dt_bf16 *x, int64_t n);
+/* y += x */
+void cuda_add_f32(float *y, const float *x, int64_t n);
+/* out[t] (fp32 [T, H]) = E[ids[t]] (E bf16 [V, H]); ids on the device, in range. */
+void embedding_forward_cuda(float *out, const int32_t *ids, int64_t T, const dt_bf16 *E, int H);
+
+/* ---- norm.cu ---- */
+/* y (bf16) = x / rms(x) * (1 + w) over rows of D; x fp32 (the residual stream), w fp32 [D]. */
+void rmsnorm1p_forward_cuda(dt_bf16 *y, const float *x, const float *w, int64_t rows, int D, float eps);
+/* dx (fp32) += the input gradient, given dy (fp32) and the forward's x. */
+void rmsnorm1p_backward_cuda(float *dx, const float *dy, const float *x, const float *w, int64_t rows, int D,
+                             float eps);
+/* y (bf16) = w * x / rms(x) * silu(z) over rows of D; x, z bf16, w fp32 [D]. */
+void rmsnorm_gated_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const dt_bf16 *z, const float *w, int64_t rows,
+                                int D, float eps);
+/* dx (fp32) and dz (bf16) overwritten, given dy (fp32). */
+void rmsnorm_gated_backward_cuda(float *dx, dt_bf16 *dz, const float *dy, const dt_bf16 *x, const dt_bf16 *z,
+                                 const float *w, int64_t rows, int D, float eps);
+
+/* ---- qk_rope.cu: the gated attention's elementwise parts ---- */
+/* Per head: y = rope(rmsnorm1p(x, w)) on the first rot_dim dims (half-split), over N tokens
+ * of n_heads heads of hd. Head h of token t is read at x + t * row_stride + h * head_stride
+ * (q inside q_proj's [query | gate] rows, or k); y is bf16 [N, n_heads * hd]. pos (device)
+ * gives each token's position. */
+void qk_norm_rope_forward_cuda(dt_bf16 *y, const dt_bf16 *x, int64_t row_stride, int head_stride, const float *w,
+                               const int32_t *pos, int64_t N, int n_heads, int hd, int rot_dim, double theta,
+                               float eps);
+/* dx (bf16, overwritten, laid out like x) given dy (fp32 [N, n_heads * hd]). */
+void qk_norm_rope_backward_cuda(dt_bf16 *dx, int64_t row_stride, int head_stride, const float *dy,
+                                const dt_bf16 *x, const float *w, const int32_t *pos, int64_t N, int n_heads,
+                                int hd, int rot_dim, double theta, float eps);
+/* y = x * sigmoid(gate), x and y bf16 [N, nh * hd]; gate head h of token t is at
+ * qg + t * 2 * nh * hd + h * 2 * hd + hd (the second half of q_proj's per-head rows). */
+void attn_gate_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const dt_bf16 *qg, int64_t N, int nh, int hd);
+/* dx (bf16 [N, nh * hd]) and the gate slots of dqg (bf16) overwritten, given dy (fp32). */
+void attn_gate_backward_cuda(dt_bf16 *dx, dt_bf16 *dqg, const float *dy, const dt_bf16 *x, const dt_bf16 *qg,
+                             int64_t N, int nh, int hd);
+
+/* ---- activations.cu ---- */
+/* m = silu(gate) * up, n values, bf16. */
+void swiglu_forward_cuda(dt_bf16 *m, const dt_bf16 *gate, const dt_bf16 *up, int64_t n);
+/* dgate, dup (bf16) overwritten, given dm (fp32). */
+void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, const float *dm, const dt_bf16 *gate, const dt_bf16 *up,
+                          int64_t n);
+
+/* ---- conv1d.cu ---- */
+/* Causal depthwise conv over time then SiLU, over packed sequences: y[t][c] =
+ * silu(sum_j w[c][j] x[t-K+1+j][c]), where rows before the token's sequence start count as
+ * zero (pos[t] is token t's position in its sequence). x, y bf16 [N, C]; w fp32 [C, K]. */
+void conv1d_silu_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const float *w, const int32_t *pos, int64_t N, int C,
+                              int K);
+/* dx (bf16, overwritten) given dy (fp32). */
+void conv1d_silu_backward_cuda(dt_bf16 *dx, const float *dy, const dt_bf16 *x, const float *w, const int32_t *pos,
+                               int64_t N, int C, int K);
+
+/* ---- deltanet.cu ---- */
+typedef struct {
+    int n_k_heads, n_v_heads, dk, dv;
+} cuda_deltanet_dims;
+/* qkv (bf16 [N, conv_dim]) = conv with each of its n_k_heads q heads (columns [0, key_dim))
+ * and k heads ([key_dim, 2 key_dim)) L2-normalised, x / sqrt(sum x^2 + eps), q then times
+ * q_scale; the v part ([2 key_dim, conv_dim)) copied. key_dim = n_k_heads * dk. */
+void deltanet_qk_l2norm_forward_cuda(dt_bf16 *qkv, const dt_bf16 *conv, int64_t N, int n_k_heads, int dk,
+                                     int64_t conv_dim, float q_scale, float eps);
+/* dconv (fp32 [N, conv_dim], overwritten) given dqkv (fp32, same layout); dconv may be dqkv. */
+void deltanet_qk_l2norm_backward_cuda(float *dconv, const float *dqkv, const dt_bf16 *conv, int64_t N,
+                                      int n_k_heads, int dk, int64_t conv_dim, float q_scale, float eps);
+/* beta = sigmoid(b), g = -exp(a_log) softplus(a + dt_bias): fp32 [N, Hv] from bf16 b, a. */
+void deltanet_gates_forward_cuda(float *beta, float *g, const dt_bf16 *b, const dt_bf16 *a, const float *a_log,
+                                 const float *dt_bias, int64_t N, int Hv);
+/* db, da (bf16, overwritten) given dbeta, dg (fp32). */
+void deltanet_gates_backward_cuda(dt_bf16 *db, dt_bf16 *da, const float *dbeta, const float *dg, const dt_bf16 *b,
+                                  const dt_bf16 *a, const float *a_log, const float *dt_bias, int64_t N, int Hv);
+/* The gated delta rule over packed sequences (in chunks of 32 tokens on tensor cores; with
+ * DT_DELTANET=recurrent token by token): sequence s holds tokens
+ * [seq_starts[s], seq_starts[s + 1]) (seq_starts on the device, n_seqs + 1 entries; no sequence
+ * longer than max_len). q, k, v are read from qkv (bf16 [N, conv_dim], q at column 0, k at
+ * key_dim, v at 2 key_dim); value head h reads key head h / (n_v_heads / n_k_heads). State fp32,
+ * zero at each sequence start. o: bf16 [N, n_v_heads * dv]. */
+void deltanet_forward_cuda(dt_bf16 *o, const dt_bf16 *qkv, const float *beta, const float *g,
+                           const int32_t *seq_starts, int n_seqs, int max_len, cuda_deltanet_dims d, void *scratch);
+/* Scratch of the forward (the chunked form's per-chunk matrices; NULL falls back to the slower
+ * token-by-token kernel) and of the backward. */
+size_t deltanet_scratch_bytes_cuda(int n_seqs, int max_len, cuda_deltanet_dims d);
+/* dqkv (fp32 [N, conv_dim]), dbeta, dg (fp32 [N, Hv]) overwritten, given dout (fp32
+ * [N, n_v_heads * dv]). scratch: deltanet_scratch_bytes_cuda bytes. */
+void deltanet_backward_cuda(float *dqkv, float *dbeta, float *dg, const float *dout, const dt_bf16 *qkv,
+                            const float *beta, const float *g, const int32_t *seq_starts, int n_seqs, int max_len,
+                            cuda_deltanet_dims d, void *scratch);
+
+/* ---- attention.cu ---- */
+/* Causal softmax attention with GQA over packed sequences (seq_starts, seq_lens on the host,
+ * n_seqs of them): q [N, nh * hd], k, v [N, nkv * hd], out [N, nh * hd], all bf16; query
+ * head h reads kv head h / (nh / nkv). lse (fp32 [N, nh]) keeps each row's log-sum-exp for
+ * the backward. Works a block of queries at a time: the whole score matrix never exists.
+ * scratch: attention_scratch_bytes_cuda bytes. */
+size_t attention_scratch_bytes_cuda(int max_len, int nh, int nkv, int hd);
+void attention_forward_cuda(dt_bf16 *out, float *lse, const dt_bf16 *q, const dt_bf16 *k, const dt_bf16 *v,
+                            const int *seq_starts, const int *seq_lens, int n_seqs, int nh, int nkv, int hd,
+                            float scale, void *scratch);
+/* dq (fp32 [N, nh * hd]), dk, dv (fp32 [N, nkv * hd]) overwritten, given dout (bf16) and the
+ * forward's out and lse. */
+void attention_backward_cuda(float *dq, float *dk, float *dv, const dt_bf16 *dout, const dt_bf16 *out,
+                             const float *lse, const dt_bf16 *q, const dt_bf16 *k, const dt_bf16 *v,
+                             const int *seq_starts, const int *seq_lens, int n_seqs, int nh, int nkv, int hd,
+                             float scale, void *scratch);
+
+/* ---- linear.cu ---- */
+typedef enum { CUDA_F32, CUDA_BF16 } cuda_dtype;
+/* A frozen linear W [out, in] and its optional LoRA (rank 0: none), PEFT's semantics:
+ * y = x W^T + scale (drop(x) A^T) B^T, with the CPU's hash dropout (ops/linear.c). */
+typedef struct {
+    const dt_bf16 *W;
+    int64_t in, out;
+    int rank;
+    float scale, dropout;
+    uint64_t dropout_seed;
+    const dt_bf16 *A, *B;   /* bf16 copies of the fp32 masters: [rank, in], [out, rank] */
+    float *dA, *dB;         /* fp32 gradients, accumulated; NULL: none wanted */
+} cuda_linear;
+size_t linear_scratch_bytes_cuda(int64_t T, int64_t in, int rank);
+/* y [T, out] (of type yt) = x W^T + LoRA, or y += that when accumulate (fp32 y only). */
+void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x, const cuda_linear *l, int64_t T,
+                         void *scratch);
+/* dx (fp32, may be NULL) += dy W + the LoRA path; dA, dB += their gradients. x is the
+ * forward's input, dy bf16 [T, out]. */
+void linear_backward_cuda(float *dx, const dt_bf16 *dy, const dt_bf16 *x, const cuda_linear *l, int64_t T,
+                          void *scratch);
+
+/* ---- loss.cu ---- */
+/* Cross-entropy of the LM head fused with it: h (bf16 [N, H], final-normed) times E^T
+ * (E bf16 [V, H]) `chunk` tokens at a time, so [N, V] logits never exist. targets (device,
+ * [N]) < 0 are ignored. Adds the loss sum to *loss (a device double). When dh is not NULL,
+ * dh (fp32 [N, H]) += grad_scale * d(loss sum)/dh. scratch: lmhead_ce_scratch_bytes_cuda. */
+size_t lmhead_ce_scratch_bytes_cuda(int64_t chunk, int64_t V, int H);
+void lmhead_ce_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *targets, int64_t N,
+                    const dt_bf16 *E, int64_t V, int H, float grad_scale, int64_t chunk, void *scratch);
+
+/* ---- optim.cu ---- */
+/* AdamW over n fp32 parameters (adamw_update's arithmetic, optim.h) with the gradient first
+ * scaled by grad_mul (clipping); p16 receives the bf16 copy of the new p, and g is zeroed. */
+void adamw_update_cuda(float *p, float *g, float *m, float *v, dt_bf16 *p16, int64_t n, int64_t step, double lr,
+                       double beta1, double beta2, double eps, double weight_decay, float grad_mul);
+/* *acc (a device double) += sum of x[i]^2. */
+void sum_squares_cuda(double *acc, const float *x, int64_t n);
 
 #endif

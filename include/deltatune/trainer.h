@@ -20,6 +20,7 @@
 #include "deltatune/dataset.h"
 #include "deltatune/optim.h"
 #include "deltatune/qwen35.h"
+#include "deltatune/qwen35_cuda.h"
 
 typedef struct {
     int batch_size;          /* rows per micro-batch, packed back to back */
@@ -39,6 +40,7 @@ typedef struct {
     int save_every;          /* steps between checkpoints; 0: none (besides an interrupt) */
     const char *out_dir;     /* train_log.jsonl, checkpoint-N/ and the final adapter; NULL: none */
     volatile sig_atomic_t *stop;  /* when it turns non-zero: finish the step, save, return */
+    qwen35_cuda *gpu;        /* run the model there (the LoRA and AdamW stay on the host); NULL: CPU */
 } trainer_opts;
 
 /* Fills the defaults of the command line (batch 2 x 4, lr 2e-4 linear, torch's AdamW betas,

@@ -26,12 +26,21 @@ typedef struct {
     int64_t shape[3];
 } qwen35_tensor_spec;
 
-/* A read-only weight in its stored dtype (mapped from disk or owned elsewhere). */
+/* A read-only weight in its stored dtype (mapped from disk or owned elsewhere). A quantized one
+ * (qbits > 0, MLX's affine scheme, quant.h) keeps its packed uint32 words in data and its per-group
+ * scales and biases beside them; rows and cols are always the logical (dequantized) shape. */
 typedef struct {
-    dt_dtype dtype;
+    dt_dtype dtype;      /* of data; DT_U32 when quantized */
     const void *data;
     int64_t rows, cols;  /* 1-D tensors: rows = 1, cols = length; conv1d [C,1,K]: rows = C, cols = K */
+    int qbits;           /* 0: not quantized; else 2, 3, 4, 5, 6 or 8 */
+    int qgroup;          /* values per group along a row (32, 64 or 128) */
+    dt_dtype qdtype;     /* of scales and biases: F32, F16 or BF16 */
+    const void *scales, *biases;  /* [rows, cols / qgroup] each */
 } dt_weight;
+
+/* Bytes the weight occupies as stored (packed words, scales and biases included). */
+int64_t dt_weight_bytes(const dt_weight *w);
 
 /* Fills specs (caller-owned array of at least qwen35_tensor_count()) in a fixed order;
  * lm_head is included only when the config is untied. Returns the count. */

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "cli/args.h"
+#include "cli/device.h"
 #include "deltatune/adapter.h"
 #include "deltatune/chat.h"
 #include "deltatune/checkpoint.h"
@@ -13,6 +14,8 @@
 #include "deltatune/error.h"
 #include "deltatune/mem.h"
 #include "deltatune/progress.h"
+#include "deltatune/quant.h"
+#include "deltatune/quantize_ckpt.h"
 #include "deltatune/qwen35.h"
 
 #define CMD "eval"
@@ -25,8 +28,9 @@
     "   \"tok_per_s\", \"peak_mem_mb\"}"
 
 typedef struct {
-    const char *model, *data, *adapter, *train_on;
+    const char *model, *data, *adapter, *train_on, *device;
     int batch_size, max_tokens;
+    int quantize, group_size;  /* bits (0: as stored) */
     bool enable_thinking;
 } eval_opts;
 
@@ -48,6 +52,7 @@ static int run(const eval_opts *o) {
     qwen35_model m;
     lora_adapter ad;
     dt_dataset d;
+    qwen35_cuda *gpu = NULL;
     bool have_ck = false, have_m = false, have_ad = false, have_d = false;
     int32_t *ids = NULL, *labels = NULL;
     int *seq_lens = NULL;
@@ -55,6 +60,13 @@ static int run(const eval_opts *o) {
 
     if (checkpoint_open(&ck, o->model)) goto out;
     have_ck = true;
+    if (o->quantize) {
+        ckpt_quant_stats qs;
+        if (checkpoint_quantize(&ck, o->quantize, o->group_size, &qs)) goto out;
+        char line[768];
+        checkpoint_quant_summary(line, sizeof line, &ck, &qs);
+        fprintf(stderr, CMD ": quantized on load: %s\n", line);
+    }
     if (qwen35_model_init(&m, &ck.cfg, ck.specs, ck.weights, ck.n_specs)) {
         dt_err_wrap("%s", o->model);
         goto out;
@@ -71,6 +83,7 @@ static int run(const eval_opts *o) {
             }
         }
     }
+    if (cli_open_device(o->device, &m, &gpu)) goto out;
     /* Rows in a format other than tokenized need the model folder's tokenizer and template. */
     dt_chat *chat = NULL;
     dt_data_opts dopts = {.model_dir = o->model, .vocab_size = ck.cfg.vocab_size,
@@ -124,7 +137,9 @@ static int run(const eval_opts *o) {
                           .n_tokens = n_tok};
         double ls = 0;
         int64_t nt = 0;
-        if (qwen35_eval_loss(&m, &b, &ls, &nt)) {
+        int erc = gpu ? (first == 0 ? qwen35_cuda_sync_lora(gpu, &m) : 0) || qwen35_cuda_eval_loss(gpu, &m, &b, &ls, &nt)
+                      : qwen35_eval_loss(&m, &b, &ls, &nt);
+        if (erc) {
             dt_progress_finish(&prog);
             dt_err_wrap("%s:%d-%d", o->data, d.rows[first].line, d.rows[end - 1].line);
             goto out;
@@ -151,7 +166,9 @@ static int run(const eval_opts *o) {
     }
     double loss = loss_sum / (double)n_targets, ppl = exp(loss);
     double tps = secs > 0 ? (double)tokens_done / secs : 0;
-    double peak_mb = (double)dt_peak_rss() / (1024.0 * 1024.0);
+    int64_t gpu_weights = 0, gpu_peak = 0;
+    qwen35_cuda_memory(gpu, &gpu_weights, &gpu_peak);
+    double peak_mb = (double)(gpu ? gpu_peak : dt_peak_rss()) / (1024.0 * 1024.0);
     fprintf(stderr, "eval: loss %.4f, ppl %.2f, %lld targets, %.0f tok/s, peak %.0f MiB\n", loss, ppl,
             (long long)n_targets, tps, peak_mb);
     /* %.17g keeps every bit of the doubles; JSON has no inf, so a huge ppl is printed as null. */
@@ -168,6 +185,7 @@ out:
     free(labels);
     free(seq_lens);
     if (have_d) dataset_free(&d);
+    qwen35_cuda_free(gpu);
     if (have_m) qwen35_model_free(&m);
     if (have_ad) adapter_free(&ad);
     if (have_ck) checkpoint_close(&ck);
@@ -175,7 +193,7 @@ out:
 }
 
 int cmd_eval(int argc, char **argv) {
-    eval_opts o = {.batch_size = 4, .train_on = "assistant"};
+    eval_opts o = {.batch_size = 4, .group_size = 64, .train_on = "assistant", .device = device_default()};
     arg_spec specs[] = {
         ARG_STR_REQ("model", &o.model, "DIR", "model folder (config.json + safetensors)"),
         ARG_STR_REQ("data", &o.data, "FILE",
@@ -188,8 +206,23 @@ int cmd_eval(int argc, char **argv) {
         ARG_INT_RANGE("batch-size", &o.batch_size, 1, 65536, "N", "rows per batch, packed back to back"),
         ARG_INT_RANGE("max-tokens-per-batch", &o.max_tokens, 0, 1e9, "N",
                       "also end a batch before it passes N tokens (0: no limit)"),
+        ARG_INT_RANGE("quantize", &o.quantize, 4, 8, "BITS",
+                      "quantize the weights on load, MLX's affine scheme: 8 or 4 bits (0: as stored)"),
+        ARG_INT_RANGE("group-size", &o.group_size, 32, 128, "N",
+                      "values per quantization group with --quantize: 32, 64 or 128"),
+        ARG_CHOICE("device", &o.device, device_names, DEVICE_HELP),
     };
     int rc = args_parse_command(specs, (int)(sizeof specs / sizeof specs[0]), argc, argv, CMD, SUMMARY);
     if (rc >= 0) return rc;
+    if (o.group_size != 64 && !o.quantize) {
+        dt_err("--group-size needs --quantize");
+        return cli_usage_fail(CMD);
+    }
+    if (o.quantize && o.quantize != 4 && o.quantize != 8) {
+        dt_err("--quantize: %d bits is not supported (4 or 8)", o.quantize);
+        return cli_usage_fail(CMD);
+    }
+    if (o.quantize && quant_check(o.quantize, o.group_size, 128, "--group-size"))
+        return cli_usage_fail(CMD);
     return run(&o);
 }

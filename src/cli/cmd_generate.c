@@ -9,6 +9,7 @@
 #include "cli/args.h"
 #include "cli/gen_session.h"
 #include "deltatune/error.h"
+#include "deltatune/quant.h"
 
 #define CMD "generate"
 #define SUMMARY                                                                                          \
@@ -21,6 +22,7 @@ typedef struct {
     const char *model, *adapter, *prompt, *prompt_ids, *system;
     bool enable_thinking, raw, json;
     int max_new, top_k, seed;
+    int quantize, group_size;  /* bits (0: as stored) */
     double temperature, top_p;
 } generate_opts;
 
@@ -65,7 +67,7 @@ static int run(const generate_opts *o) {
     gen_session s;
     dt_ids ids = {0}, out = {0};
     qwen35_state st = {0};
-    int rc = gen_session_open(&s, o->model, o->adapter);
+    int rc = gen_session_open_quantized(&s, o->model, o->adapter, o->quantize, o->group_size, CMD);
     if (rc == 0) rc = prompt_ids(&s, o, &ids);
     int ctx = s.ck.cfg.max_position_embeddings, max_new = o->max_new;
     if (rc == 0 && ids.n >= ctx)
@@ -109,7 +111,7 @@ static int run(const generate_opts *o) {
 }
 
 int cmd_generate(int argc, char **argv) {
-    generate_opts o = {.max_new = 256, .top_p = 1.0};
+    generate_opts o = {.max_new = 256, .top_p = 1.0, .group_size = 64};
     arg_spec specs[] = {
         ARG_STR_REQ("model", &o.model, "DIR", "model folder"),
         ARG_STR("adapter", &o.adapter, "DIR", "PEFT LoRA adapter to apply"),
@@ -124,9 +126,23 @@ int cmd_generate(int argc, char **argv) {
         ARG_INT_RANGE("top-k", &o.top_k, 0, 1 << 24, "N", "sample among the k most likely (0: all)"),
         ARG_INT_RANGE("seed", &o.seed, 0, 2147483647, "N", "sampling seed"),
         ARG_FLAG("json", &o.json, "end with one JSON line: {\"ids\", \"text\"}"),
+        ARG_INT_RANGE("quantize", &o.quantize, 4, 8, "BITS",
+                      "quantize the weights on load, MLX's affine scheme: 8 or 4 bits (0: as stored)"),
+        ARG_INT_RANGE("group-size", &o.group_size, 32, 128, "N",
+                      "values per quantization group with --quantize: 32, 64 or 128"),
     };
     int rc = args_parse_command(specs, (int)(sizeof specs / sizeof specs[0]), argc, argv, CMD, SUMMARY);
     if (rc >= 0) return rc;
+    if (o.group_size != 64 && !o.quantize) {
+        dt_err("--group-size needs --quantize");
+        return cli_usage_fail(CMD);
+    }
+    if (o.quantize && o.quantize != 4 && o.quantize != 8) {
+        dt_err("--quantize: %d bits is not supported (4 or 8)", o.quantize);
+        return cli_usage_fail(CMD);
+    }
+    if (o.quantize && quant_check(o.quantize, o.group_size, 128, "--group-size"))
+        return cli_usage_fail(CMD);
     if (!o.prompt == !o.prompt_ids) {
         dt_err(o.prompt ? "--prompt and --prompt-ids exclude each other" : "missing required flag --prompt (or --prompt-ids)");
         return cli_usage_fail(CMD);

@@ -8,26 +8,37 @@
 #include "deltatune/checkpoint.h"
 #include "deltatune/config.h"
 #include "deltatune/error.h"
+#include "deltatune/quantize_ckpt.h"
 #include "deltatune/qwen35.h"
 
 #define CMD "info"
 #define SUMMARY                                                                                       \
     "Prints a model's configuration (layers, sizes, vocabulary, RoPE), its layout, parameter count,\n"   \
-    "weight dtypes and bytes, the tensors skipped or unexpected, and the memory a run needs for the\n"   \
-    "given batch shape (training estimated with gradient checkpointing). --preset NAME gives the same\n" \
-    "for a preset size without files, assuming BF16 weights."
+    "weight dtypes and bytes as stored (quantized ones: packed words, scales and biases), the MLX\n"     \
+    "quantization (bits, group size, tensors), the tensors skipped or unexpected, and the memory a\n"    \
+    "run needs for the given batch shape (training estimated with gradient checkpointing).\n"           \
+    "--preset NAME gives the same for a preset size without files, assuming BF16 weights; --quantize\n" \
+    "sizes them as quantized on load."
 
 typedef struct {
     const char *model, *preset;
     int batch, seq_len, rank;
+    int quantize, group_size;  /* bits (0: as stored) */
     bool json;
 } info_opts;
 
-/* Per-dtype totals of the weights used. */
+/* Per-dtype totals of the weights used (quantized ones under U32, with their scales and biases),
+ * and of the quantized ones. */
 typedef struct {
     int tensors[DT_DTYPE_COUNT];
     int64_t bytes[DT_DTYPE_COUNT];
+    int q_tensors;
+    int64_t q_bytes;
 } dtype_tally;
+
+static const char *layout_name(const checkpoint *ck) {
+    return ck->mlx ? "mlx" : ck->layout == LAYOUT_MULTIMODAL ? "multimodal" : "text";
+}
 
 static const char *ordinal(int k) {
     if (k % 100 >= 11 && k % 100 <= 13) return "th";
@@ -65,10 +76,14 @@ static void print_text(const info_opts *o, const checkpoint *ck, const qwen35_co
     layer_summary(layers, sizeof layers, c);
     if (ck) {
         printf("model        %s\n", ck->dir ? ck->dir : o->model);
-        printf("layout       %s (tensors under \"%s\")\n", ck->layout == LAYOUT_MULTIMODAL ? "multimodal" : "text",
-               ck->prefix);
+        printf("layout       %s (tensors under \"%s\"%s)\n", layout_name(ck), ck->file_prefix,
+               ck->mlx ? "; norms stored +1, conv1d [C,K,1]" : "");
     } else {
-        printf("model        preset %s (no files; BF16 weights assumed)\n", o->preset);
+        if (o->quantize)
+            printf("model        preset %s (no files; weights quantized to %d bits, group %d, as --quantize would)\n",
+                   o->preset, o->quantize, o->group_size);
+        else
+            printf("model        preset %s (no files; BF16 weights assumed)\n", o->preset);
     }
     printf("layers       %s\n", layers);
     printf("hidden       %d, MLP %d, RMSNorm eps %g\n", c->hidden_size, c->intermediate_size, c->rms_eps);
@@ -90,8 +105,17 @@ static void print_text(const info_opts *o, const checkpoint *ck, const qwen35_co
                 sep = ", ";
             }
         printf("; %d file%s\n", ck->n_files, ck->n_files == 1 ? "" : "s");
+        if (ck->n_quantized)
+            printf("quantized    MLX affine %d-bit, group size %d: %d of %d tensors, %s with scales and biases\n",
+                   ck->qbits, ck->qgroup, tally->q_tensors, ck->n_specs,
+                   cli_human_bytes(b2, sizeof b2, (double)tally->q_bytes));
+        else
+            printf("quantized    no\n");
         printf("tensors      %d used, %d skipped (visual/mtp), %d unexpected\n", ck->n_specs, ck->n_skipped,
                ck->n_unexpected);
+    } else if (o->quantize) {
+        printf(" (linears and embeddings MLX affine %d-bit, group %d, bf16 scales and biases; the rest BF16)\n",
+               o->quantize, o->group_size);
     } else {
         printf(" (BF16)\n");
     }
@@ -136,8 +160,8 @@ static int print_json(const info_opts *o, const checkpoint *ck, const qwen35_con
     json_t *root = json_object();
     if (ck) {
         json_object_set_new(root, "model", json_string(ck->dir ? ck->dir : o->model));
-        json_object_set_new(root, "layout", json_string(ck->layout == LAYOUT_MULTIMODAL ? "multimodal" : "text"));
-        json_object_set_new(root, "prefix", json_string(ck->prefix));
+        json_object_set_new(root, "layout", json_string(layout_name(ck)));
+        json_object_set_new(root, "prefix", json_string(ck->file_prefix));
     } else {
         json_object_set_new(root, "preset", json_string(o->preset));
     }
@@ -158,6 +182,11 @@ static int print_json(const info_opts *o, const checkpoint *ck, const qwen35_con
         json_object_set_new(w, "tensors", json_integer(ck->n_specs));
         json_object_set_new(w, "skipped", json_integer(ck->n_skipped));
         json_object_set_new(w, "unexpected", json_integer(ck->n_unexpected));
+        json_object_set_new(w, "quantization",
+                            ck->n_quantized ? json_pack("{s:s, s:i, s:i, s:i, s:I}", "mode", "affine", "bits", ck->qbits,
+                                                        "group_size", ck->qgroup, "tensors", tally->q_tensors,
+                                                        "bytes", (json_int_t)tally->q_bytes)
+                                            : json_null());
     }
     json_object_set_new(root, "weights", w);
     json_object_set_new(root, "memory",
@@ -187,16 +216,27 @@ static int run(const info_opts *o) {
         if (checkpoint_open(&ck, o->model)) return cli_fail(CMD, EXIT_RUNTIME);
         ckp = &ck;
         c = &ck.cfg;
+        if (o->quantize) {
+            ckpt_quant_stats qs;
+            if (checkpoint_quantize(&ck, o->quantize, o->group_size, &qs)) {
+                checkpoint_close(&ck);
+                return cli_fail(CMD, EXIT_RUNTIME);
+            }
+        }
         for (int i = 0; i < ck.n_specs; i++) {
             const dt_weight *w = &ck.weights[i];
             tally.tensors[w->dtype]++;
-            tally.bytes[w->dtype] += w->rows * w->cols * (int64_t)dt_dtype_size(w->dtype);
+            tally.bytes[w->dtype] += dt_weight_bytes(w);
+            if (w->qbits) {
+                tally.q_tensors++;
+                tally.q_bytes += dt_weight_bytes(w);
+            }
         }
         weight_bytes = ck.weight_bytes;
     } else {
         if (qwen35_preset(o->preset, &pc)) return cli_fail(CMD, EXIT_USAGE);
         c = &pc;
-        weight_bytes = qwen35_param_count(c) * 2;
+        weight_bytes = qwen35_weight_bytes_quantized(c, o->quantize, o->group_size);
     }
     int64_t params = qwen35_param_count(c);
     qwen35_memory mem;
@@ -210,7 +250,7 @@ static int run(const info_opts *o) {
 }
 
 int cmd_info(int argc, char **argv) {
-    info_opts o = {.batch = 2, .seq_len = 2048, .rank = 16};
+    info_opts o = {.batch = 2, .seq_len = 2048, .rank = 16, .group_size = 64};
     arg_spec specs[] = {
         ARG_STR("model", &o.model, "DIR", "model folder (config.json + safetensors)"),
         ARG_CHOICE("preset", &o.preset, cli_presets, "describe a preset size instead of a folder"),
@@ -218,6 +258,9 @@ int cmd_info(int argc, char **argv) {
         ARG_INT_RANGE("seq-len", &o.seq_len, 1, 1 << 24, "N", "tokens per row for the memory estimate"),
         ARG_INT_RANGE("lora-rank", &o.rank, 1, 4096, "N", "LoRA rank for the memory estimate"),
         ARG_FLAG("json", &o.json, "print one JSON object instead of text"),
+        ARG_INT_RANGE("quantize", &o.quantize, 4, 8, "BITS",
+                      "size the weights (and the memory estimate) as quantized on load to 8 or 4 bits"),
+        ARG_INT_RANGE("group-size", &o.group_size, 32, 128, "N", "values per quantization group with --quantize"),
     };
     int rc = args_parse_command(specs, (int)(sizeof specs / sizeof specs[0]), argc, argv, CMD, SUMMARY);
     if (rc >= 0) return rc;

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 
 #include "cli/args.h"
+#include "cli/device.h"
 #include "deltatune/adapter.h"
 #include "deltatune/checkpoint.h"
 #include "deltatune/chat.h"
@@ -17,6 +18,8 @@
 #include "deltatune/files.h"
 #include "deltatune/mem.h"
 #include "deltatune/progress.h"
+#include "deltatune/quant.h"
+#include "deltatune/quantize_ckpt.h"
 #include "deltatune/qwen35.h"
 #include "deltatune/trainer.h"
 
@@ -35,7 +38,7 @@
 #define EXIT_INTERRUPTED 130
 
 typedef struct {
-    const char *model, *data, *out, *adapter, *targets, *schedule, *valid, *resume, *train_on;
+    const char *model, *data, *out, *adapter, *targets, *schedule, *valid, *resume, *train_on, *device;
     bool enable_thinking;
     int rank;
     double alpha, dropout;
@@ -47,6 +50,7 @@ typedef struct {
     int epochs, steps, seed;
     bool no_shuffle, no_grad_checkpoint;
     int eval_every, save_every, log_every;
+    int quantize, group_size;  /* bits (0: as stored) */
     int ce_chunk;
 } train_cli;
 
@@ -268,11 +272,13 @@ typedef struct {
     lora_adapter ad;
     dt_dataset data, valid;
     trainer t;
+    qwen35_cuda *gpu;
     bool have_ck, have_m, have_ad, have_data, have_valid, have_t;
 } session;
 
 static void session_close(session *s) {
     if (s->have_t) trainer_free(&s->t);
+    qwen35_cuda_free(s->gpu);
     if (s->have_valid) dataset_free(&s->valid);
     if (s->have_data) dataset_free(&s->data);
     if (s->have_m) qwen35_model_free(&s->m);
@@ -331,6 +337,13 @@ static int open_all(session *s, const train_cli *o, const target_list *tl) {
     if (o->resume && check_resume_dir(o->resume) != 0) return -1;
     if (checkpoint_open(&s->ck, o->model) != 0) return -1;
     s->have_ck = true;
+    if (o->quantize) {
+        ckpt_quant_stats qs;
+        if (checkpoint_quantize(&s->ck, o->quantize, o->group_size, &qs)) return -1;
+        char line[768];
+        checkpoint_quant_summary(line, sizeof line, &s->ck, &qs);
+        fprintf(stderr, CMD ": quantized on load: %s\n", line);
+    }
     if (qwen35_model_init(&s->m, &s->ck.cfg, s->ck.specs, s->ck.weights, s->ck.n_specs) != 0)
         return dt_err_wrap("%s", o->model);
     s->have_m = true;
@@ -355,6 +368,8 @@ static int open_all(session *s, const train_cli *o, const target_list *tl) {
     if (drc != 0) return -1;
     trainer_opts to;
     trainer_options(o, &to);
+    if (cli_open_device(o->device, &s->m, &s->gpu) != 0) return -1;
+    to.gpu = s->gpu;
     if (trainer_init(&s->t, &to, &s->m, &s->ad, &s->ck, &s->data, o->valid ? &s->valid : NULL) != 0) return -1;
     s->have_t = true;
     if (o->resume && trainer_resume(&s->t, o->resume) != 0) return dt_err_wrap("--resume %s", o->resume);
@@ -363,7 +378,10 @@ static int open_all(session *s, const train_cli *o, const target_list *tl) {
 }
 
 static void print_result(const train_cli *o, const trainer *t, const reporter *r, double secs) {
-    double tps = secs > 0 ? (double)r->work / secs : 0, peak = (double)dt_peak_rss() / (1024.0 * 1024.0);
+    int64_t gpu_weights = 0, gpu_peak = 0;
+    qwen35_cuda_memory(t->o.gpu, &gpu_weights, &gpu_peak);
+    double tps = secs > 0 ? (double)r->work / secs : 0;
+    double peak = (double)(t->o.gpu ? gpu_peak : dt_peak_rss()) / (1024.0 * 1024.0);
     char pk[32];
     fmt_bytes(pk, sizeof pk, peak);
     fprintf(stderr, "train: %lld steps, %lld targets trained, %.1f s, %.0f tok/s, peak %s", (long long)t->step,
@@ -417,6 +435,7 @@ static int run(const train_cli *o, const target_list *tl) {
         rc = EXIT_INTERRUPTED;
         goto out;
     }
+    if (s.gpu) qwen35_cuda_profile(s.gpu, stderr);  /* with DT_CUDA_PROFILE=1: where the GPU's time went */
     print_result(o, &s.t, &r, secs);
     rc = EXIT_OK;
 out:
@@ -428,7 +447,8 @@ int cmd_train(int argc, char **argv) {
     train_cli o = {.targets = DEFAULT_TARGETS, .train_on = "assistant", .schedule = "linear", .rank = 16,
                    .alpha = 16, .batch = 2,
                    .accum = 4, .max_seq_len = 2048, .lr = 2e-4, .weight_decay = 0.01, .max_grad_norm = 1.0,
-                   .epochs = 1, .seed = 3407, .log_every = 1, .ce_chunk = LMHEAD_TOKEN_CHUNK};
+                   .epochs = 1, .seed = 3407, .log_every = 1, .ce_chunk = LMHEAD_TOKEN_CHUNK,
+                   .device = device_default(), .group_size = 64};
     arg_spec specs[] = {
         ARG_STR_REQ("model", &o.model, "DIR", "model folder (config.json + safetensors)"),
         ARG_STR_REQ("data", &o.data, "FILE",
@@ -464,9 +484,24 @@ int cmd_train(int argc, char **argv) {
         ARG_INT_RANGE("log-every", &o.log_every, 1, 1e9, "N", "print a step line every N steps"),
         ARG_INT_RANGE("ce-chunk", &o.ce_chunk, 0, 1 << 24, "N",
                       "tokens per chunk of the fused LM-head loss (0: all at once, the full logits; for measuring)"),
+        ARG_INT_RANGE("quantize", &o.quantize, 4, 8, "BITS",
+                      "quantize the weights on load, MLX's affine scheme: 8 or 4 bits (0: as stored)"),
+        ARG_INT_RANGE("group-size", &o.group_size, 32, 128, "N",
+                      "values per quantization group with --quantize: 32, 64 or 128"),
+        ARG_CHOICE("device", &o.device, device_names, DEVICE_HELP),
     };
     int rc = args_parse_command(specs, (int)(sizeof specs / sizeof specs[0]), argc, argv, CMD, SUMMARY);
     if (rc >= 0) return rc;
+    if (o.group_size != 64 && !o.quantize) {
+        dt_err("--group-size needs --quantize");
+        return cli_usage_fail(CMD);
+    }
+    if (o.quantize && o.quantize != 4 && o.quantize != 8) {
+        dt_err("--quantize: %d bits is not supported (4 or 8)", o.quantize);
+        return cli_usage_fail(CMD);
+    }
+    if (o.quantize && quant_check(o.quantize, o.group_size, 128, "--group-size"))
+        return cli_usage_fail(CMD);
     target_list tl = {0};
     if (check_flags(&o, &tl) != 0) return cli_usage_fail(CMD);
     rc = run(&o, &tl);

@@ -7,6 +7,7 @@
 
 #include "deltatune/error.h"
 #include "deltatune/files.h"
+#include "deltatune/quantize_ckpt.h"
 
 static void add_stop(gen_session *s, json_int_t id) {
     if (id < 0 || id >= s->ck.cfg.vocab_size) return;
@@ -29,9 +30,21 @@ static void add_generation_config_stops(gen_session *s, const char *dir) {
 }
 
 int gen_session_open(gen_session *s, const char *model_dir, const char *adapter_dir) {
+    return gen_session_open_quantized(s, model_dir, adapter_dir, 0, 0, NULL);
+}
+
+int gen_session_open_quantized(gen_session *s, const char *model_dir, const char *adapter_dir, int qbits, int qgroup,
+                               const char *cmd) {
     memset(s, 0, sizeof *s);
     if (checkpoint_open(&s->ck, model_dir)) return -1;
     s->have_ck = true;
+    if (qbits) {
+        ckpt_quant_stats qs;
+        if (checkpoint_quantize(&s->ck, qbits, qgroup, &qs)) return -1;
+        char line[768];
+        checkpoint_quant_summary(line, sizeof line, &s->ck, &qs);
+        fprintf(stderr, "%s: quantized on load: %s\n", cmd ? cmd : "deltatune", line);
+    }
     if (qwen35_model_init(&s->m, &s->ck.cfg, s->ck.specs, s->ck.weights, s->ck.n_specs))
         return dt_err_wrap("%s", model_dir);
     s->have_m = true;

@@ -24,6 +24,10 @@ typedef struct {
 /* Opens the model (and adapter, may be NULL) and finds the stop tokens: generation_config.json's
  * and config.json's eos_token_id, <|im_end|> and <|endoftext|> when the tokenizer has them. */
 int gen_session_open(gen_session *s, const char *model_dir, const char *adapter_dir);
+/* The same, the model quantized on load to qbits (0: as stored) with group size qgroup; what was
+ * quantized goes to stderr under the command's name. */
+int gen_session_open_quantized(gen_session *s, const char *model_dir, const char *adapter_dir, int qbits, int qgroup,
+                               const char *cmd);
 void gen_session_close(gen_session *s);
 
 /* Streams the text of the generated ids to a FILE: each call prints what the new token adds

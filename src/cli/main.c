@@ -4,6 +4,8 @@
 
 #include "cli/args.h"
 
+int cmd_quantize(int argc, char **argv);
+
 #ifndef DELTATUNE_VERSION
 #define DELTATUNE_VERSION "0.1.0"
 #endif
@@ -19,6 +21,7 @@ static const struct {
     {"info", cmd_info, "a model's config, parameters, weights and memory estimate"},
     {"init-model", cmd_init_model, "write a randomly initialised model of a preset size"},
     {"merge", cmd_merge, "fold a LoRA adapter into a standalone checkpoint"},
+    {"quantize", cmd_quantize, "write an MLX affine-quantized (8/4-bit) copy of a checkpoint"},
     {"tokenize", cmd_tokenize, "render and tokenize a dataset (any format) and show what trains"},
     {"train", cmd_train, "train a LoRA adapter on a JSONL dataset (PEFT format out)"},
 };

@@ -1,57 +1,332 @@
-// Zero-centred RMSNorm on the GPU: one block per row, the sum of squares reduced in the block.
-#include <cuda_runtime.h>
-
-extern "C" {
-#include "deltatune/cuda_ops.h"
-}
+// The RMSNorms: one group of G threads per row (G from 32 to 256, so short rows such as the
+// 128 values of a DeltaNet head do not idle most of a block), V-wide loads when the row
+// length and pointers allow, the row's sums reduced by warp shuffles (and shared memory
+// across the warps of a group). Each op reads its row twice; the second pass hits L1.
+#include "cuda/cuda_internal.h"
 
 #define NORM_THREADS 256
 
-// Sum of v over the block (every thread gets it).
-__device__ float block_sum(float v) {
-    __shared__ float part[NORM_THREADS / 32];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    __syncthreads();  // part[] may still be read by a previous call
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    v = lane < NORM_THREADS / 32 ? part[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+static inline bool aligned_to(const void *p, unsigned bytes) { return ((uintptr_t)p & (bytes - 1)) == 0; }
 
-__global__ void rmsnorm1p_forward_kernel(float *y, const float *x, const float *w, int D, float eps) {
-    const float *xr = x + (int64_t)blockIdx.x * D;
-    float *yr = y + (int64_t)blockIdx.x * D;
-    float ss = 0;
-    for (int i = threadIdx.x; i < D; i += NORM_THREADS) ss += xr[i] * xr[i];
-    float r = rsqrtf(block_sum(ss) / D + eps);
-    for (int i = threadIdx.x; i < D; i += NORM_THREADS) yr[i] = xr[i] * r * (1.0f + w[i]);
+// V consecutive values to and from fp32 registers.
+template <int V> static __device__ __forceinline__ void ldv(float *o, const float *p) {
+    if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++) {
+            float4 f = reinterpret_cast<const float4 *>(p)[k];
+            o[4 * k] = f.x, o[4 * k + 1] = f.y, o[4 * k + 2] = f.z, o[4 * k + 3] = f.w;
+        }
+    } else if constexpr (V == 2) {
+        float2 f = *reinterpret_cast<const float2 *>(p);
+        o[0] = f.x, o[1] = f.y;
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) o[k] = p[k];
+    }
 }
-
-// dx += r (dn - n mean(n dn)), dn = dy (1 + w), n = x r;  dw += sum over rows of dy n.
-__global__ void rmsnorm1p_backward_kernel(float *dx, float *dw, const float *dy, const float *x, const float *w,
-                                          int D, float eps) {
-    const float *xr = x + (int64_t)blockIdx.x * D, *dyr = dy + (int64_t)blockIdx.x * D;
-    float *dxr = dx + (int64_t)blockIdx.x * D;
-    float ss = 0;
-    for (int i = threadIdx.x; i < D; i += NORM_THREADS) ss += xr[i] * xr[i];
-    float r = rsqrtf(block_sum(ss) / D + eps);
-    float dot = 0;
-    for (int i = threadIdx.x; i < D; i += NORM_THREADS) dot += xr[i] * r * dyr[i] * (1.0f + w[i]);
-    float m = block_sum(dot) / D;
-    for (int i = threadIdx.x; i < D; i += NORM_THREADS) {
-        float n = xr[i] * r;
-        dxr[i] += r * (dyr[i] * (1.0f + w[i]) - n * m);
-        if (dw) atomicAdd(&dw[i], dyr[i] * n);
+template <int V> static __device__ __forceinline__ void stv(float *p, const float *o) {
+    if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++)
+            reinterpret_cast<float4 *>(p)[k] = make_float4(o[4 * k], o[4 * k + 1], o[4 * k + 2], o[4 * k + 3]);
+    } else if constexpr (V == 2) {
+        *reinterpret_cast<float2 *>(p) = make_float2(o[0], o[1]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) p[k] = o[k];
+    }
+}
+// bf16 vectors move as one 16- or 8-byte access (the caller guarantees the alignment).
+static __device__ __forceinline__ void unpack2(float *o, unsigned u) {
+    float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
+    o[0] = f.x, o[1] = f.y;
+}
+static __device__ __forceinline__ unsigned pack2(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<unsigned *>(&h);
+}
+template <int V> static __device__ __forceinline__ void ldv(float *o, const bf16 *p) {
+    if constexpr (V % 8 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 8; k++) {
+            uint4 u = reinterpret_cast<const uint4 *>(p)[k];
+            unpack2(o + 8 * k, u.x), unpack2(o + 8 * k + 2, u.y), unpack2(o + 8 * k + 4, u.z);
+            unpack2(o + 8 * k + 6, u.w);
+        }
+    } else if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++) {
+            uint2 u = reinterpret_cast<const uint2 *>(p)[k];
+            unpack2(o + 4 * k, u.x), unpack2(o + 4 * k + 2, u.y);
+        }
+    } else if constexpr (V % 2 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 2; k++) unpack2(o + 2 * k, reinterpret_cast<const unsigned *>(p)[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) o[k] = __bfloat162float(p[k]);
+    }
+}
+template <int V> static __device__ __forceinline__ void stv(bf16 *p, const float *o) {
+    if constexpr (V % 8 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 8; k++)
+            reinterpret_cast<uint4 *>(p)[k] = make_uint4(pack2(o[8 * k], o[8 * k + 1]), pack2(o[8 * k + 2], o[8 * k + 3]),
+                                                         pack2(o[8 * k + 4], o[8 * k + 5]),
+                                                         pack2(o[8 * k + 6], o[8 * k + 7]));
+    } else if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++)
+            reinterpret_cast<uint2 *>(p)[k] = make_uint2(pack2(o[4 * k], o[4 * k + 1]), pack2(o[4 * k + 2], o[4 * k + 3]));
+    } else if constexpr (V % 2 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 2; k++) reinterpret_cast<unsigned *>(p)[k] = pack2(o[2 * k], o[2 * k + 1]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) p[k] = __float2bfloat16(o[k]);
     }
 }
 
-extern "C" void rmsnorm1p_forward_cuda(float *y, const float *x, const float *w, int64_t rows, int D, float eps) {
-    if (rows > 0) rmsnorm1p_forward_kernel<<<(unsigned)rows, NORM_THREADS>>>(y, x, w, D, eps);
+// The approximate reciprocal (about 1 ulp) instead of an IEEE division: these kernels are short
+// enough that instruction count shows. Past x < -87 the sum overflows and sigmoid is 0.
+static __device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
+
+// Sums NS values over each group of G threads (consecutive in the block); every thread of
+// the group gets the totals. Every thread of the block must call it (it may synchronise).
+template <int G, int NS> static __device__ __forceinline__ void group_sum(float (&v)[NS]) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int k = 0; k < NS; k++) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+    if constexpr (G > 32) {
+        __shared__ float part[NS][NORM_THREADS / 32];
+        int warp = threadIdx.x / 32, first = (threadIdx.x / G) * (G / 32);
+        if (threadIdx.x % 32 == 0)
+#pragma unroll
+            for (int k = 0; k < NS; k++) part[k][warp] = v[k];
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < NS; k++) {
+            float s = 0;
+#pragma unroll
+            for (int w = 0; w < G / 32; w++) s += part[k][first + w];
+            v[k] = s;
+        }
+    }
 }
 
-extern "C" void rmsnorm1p_backward_cuda(float *dx, float *dw, const float *dy, const float *x, const float *w,
-                                        int64_t rows, int D, float eps) {
-    if (rows > 0) rmsnorm1p_backward_kernel<<<(unsigned)rows, NORM_THREADS>>>(dx, dw, dy, x, w, D, eps);
+// The chunks of a row a thread visits: chunk c starts at i = (lane + c G) V. With NC > 0 the
+// row fits in NC chunks per thread and everything the second pass needs stays in registers
+// (one trip to memory per row); NC = 0 takes any D and reads the row again (from L1).
+#define ROW_CHUNKS                                                                       \
+    _Pragma("unroll") for (int c = 0, i = lane * V; NC > 0 ? c < NC : i < D; c++, i += G * V) \
+        if (NC > 0 && i >= D) break;                                                     \
+        else
+// Register slot of chunk c (slot 0, reloaded each time, when NC = 0).
+#define SLOT (NC > 0 ? c : 0)
+
+// y = x r (1 + w), r = 1 / rms(x)
+template <int G, int V, int NC>
+__global__ void __launch_bounds__(NORM_THREADS)
+    rmsnorm1p_fwd_kernel(bf16 *y, const float *x, const float *w, int64_t rows, int D, float eps) {
+    constexpr int NR = NC > 0 ? NC : 1;
+    int64_t row = (int64_t)blockIdx.x * (NORM_THREADS / G) + threadIdx.x / G;
+    int lane = threadIdx.x % G;
+    bool live = row < rows;
+    const float *xr = x + row * D;
+    float a[NR][V], b[NR][V], s[1] = {0};
+    if (live) ROW_CHUNKS {
+            ldv<V>(a[SLOT], xr + i);
+            if (NC > 0) ldv<V>(b[SLOT], w + i);
+#pragma unroll
+            for (int k = 0; k < V; k++) s[0] += a[SLOT][k] * a[SLOT][k];
+        }
+    group_sum<G, 1>(s);
+    if (!live) return;
+    float r = rsqrtf(s[0] / D + eps);
+    ROW_CHUNKS {
+        if (NC == 0) ldv<V>(a[SLOT], xr + i), ldv<V>(b[SLOT], w + i);
+        float o[V];
+#pragma unroll
+        for (int k = 0; k < V; k++) o[k] = a[SLOT][k] * r * (1.0f + b[SLOT][k]);
+        stv<V>(y + row * D + i, o);
+    }
+}
+
+// dx += r (dn - n mean(n dn)), n = x r, dn = dy (1 + w)
+template <int G, int V, int NC>
+__global__ void __launch_bounds__(NORM_THREADS) rmsnorm1p_bwd_kernel(float *dx, const float *dy, const float *x,
+                                                                     const float *w, int64_t rows, int D, float eps) {
+    constexpr int NR = NC > 0 ? NC : 1;
+    int64_t row = (int64_t)blockIdx.x * (NORM_THREADS / G) + threadIdx.x / G;
+    int lane = threadIdx.x % G;
+    bool live = row < rows;
+    const float *xr = x + row * D, *dyr = dy + row * D;
+    float *dxr = dx + row * D;
+    float a[NR][V], g[NR][V], b[NR][V], o[NR][V];
+    float s[2] = {0, 0};  // sum x^2, sum x dn
+    if (live) ROW_CHUNKS {
+            ldv<V>(a[SLOT], xr + i);
+            ldv<V>(g[SLOT], dyr + i);
+            ldv<V>(b[SLOT], w + i);
+            if (NC > 0) ldv<V>(o[SLOT], dxr + i);
+#pragma unroll
+            for (int k = 0; k < V; k++) {
+                s[0] += a[SLOT][k] * a[SLOT][k];
+                s[1] += a[SLOT][k] * g[SLOT][k] * (1.0f + b[SLOT][k]);
+            }
+        }
+    group_sum<G, 2>(s);
+    if (!live) return;
+    float r = rsqrtf(s[0] / D + eps);
+    float cc = r * r * r * s[1] / D;  // dx += r dn - x r^3 mean(x dn)
+    ROW_CHUNKS {
+        if (NC == 0) ldv<V>(a[SLOT], xr + i), ldv<V>(g[SLOT], dyr + i), ldv<V>(b[SLOT], w + i), ldv<V>(o[SLOT], dxr + i);
+#pragma unroll
+        for (int k = 0; k < V; k++) o[SLOT][k] += r * g[SLOT][k] * (1.0f + b[SLOT][k]) - a[SLOT][k] * cc;
+        stv<V>(dxr + i, o[SLOT]);
+    }
+}
+
+// y = w x r silu(z)
+template <int G, int V, int NC>
+__global__ void __launch_bounds__(NORM_THREADS) rmsnorm_gated_fwd_kernel(bf16 *y, const bf16 *x, const bf16 *z,
+                                                                         const float *w, int64_t rows, int D,
+                                                                         float eps) {
+    constexpr int NR = NC > 0 ? NC : 1;
+    int64_t row = (int64_t)blockIdx.x * (NORM_THREADS / G) + threadIdx.x / G;
+    int lane = threadIdx.x % G;
+    bool live = row < rows;
+    const bf16 *xr = x + row * D, *zr = z + row * D;
+    float a[NR][V], zz[NR][V], b[NR][V], s[1] = {0};
+    if (live) ROW_CHUNKS {
+            ldv<V>(a[SLOT], xr + i);
+            if (NC > 0) ldv<V>(zz[SLOT], zr + i), ldv<V>(b[SLOT], w + i);
+#pragma unroll
+            for (int k = 0; k < V; k++) s[0] += a[SLOT][k] * a[SLOT][k];
+        }
+    group_sum<G, 1>(s);
+    if (!live) return;
+    float r = rsqrtf(s[0] / D + eps);
+    ROW_CHUNKS {
+        if (NC == 0) ldv<V>(a[SLOT], xr + i), ldv<V>(zz[SLOT], zr + i), ldv<V>(b[SLOT], w + i);
+        float o[V];
+#pragma unroll
+        for (int k = 0; k < V; k++) o[k] = b[SLOT][k] * a[SLOT][k] * r * zz[SLOT][k] * sigmoid_f(zz[SLOT][k]);
+        stv<V>(y + row * D + i, o);
+    }
+}
+
+// dz = dy w n silu'(z); dx = r (dn - n mean(n dn)), n = x r, dn = dy w silu(z); both overwritten
+template <int G, int V, int NC>
+__global__ void __launch_bounds__(NORM_THREADS)
+    rmsnorm_gated_bwd_kernel(float *dx, bf16 *dz, const float *dy, const bf16 *x, const bf16 *z, const float *w,
+                             int64_t rows, int D, float eps) {
+    constexpr int NR = NC > 0 ? NC : 1;
+    int64_t row = (int64_t)blockIdx.x * (NORM_THREADS / G) + threadIdx.x / G;
+    int lane = threadIdx.x % G;
+    bool live = row < rows;
+    const bf16 *xr = x + row * D, *zr = z + row * D;
+    const float *dyr = dy + row * D;
+    float a[NR][V], zz[NR][V], g[NR][V], b[NR][V];
+    float s[2] = {0, 0};  // sum x^2, sum x dn
+    if (live) ROW_CHUNKS {
+            ldv<V>(a[SLOT], xr + i);
+            ldv<V>(zz[SLOT], zr + i);
+            ldv<V>(g[SLOT], dyr + i);
+            ldv<V>(b[SLOT], w + i);
+#pragma unroll
+            for (int k = 0; k < V; k++)
+                s[1] += a[SLOT][k] * g[SLOT][k] * b[SLOT][k] * zz[SLOT][k] * sigmoid_f(zz[SLOT][k]),
+                    s[0] += a[SLOT][k] * a[SLOT][k];
+        }
+    group_sum<G, 2>(s);
+    if (!live) return;
+    float r = rsqrtf(s[0] / D + eps);
+    float cc = r * r * r * s[1] / D;
+    ROW_CHUNKS {
+        if (NC == 0) ldv<V>(a[SLOT], xr + i), ldv<V>(zz[SLOT], zr + i), ldv<V>(g[SLOT], dyr + i), ldv<V>(b[SLOT], w + i);
+        float ox[V], oz[V];
+#pragma unroll
+        for (int k = 0; k < V; k++) {
+            float z1 = zz[SLOT][k], sg = sigmoid_f(z1), gw = g[SLOT][k] * b[SLOT][k];
+            oz[k] = gw * a[SLOT][k] * r * sg * (1.0f + z1 * (1.0f - sg));
+            ox[k] = r * gw * z1 * sg - a[SLOT][k] * cc;
+        }
+        stv<V>(dx + row * D + i, ox);
+        stv<V>(dz + row * D + i, oz);
+    }
+}
+
+// Group size: about four V-chunks per thread, at least a warp, at most the block.
+static int group_for(int D, int V) {
+    int chunks = (D + V - 1) / V, g = 32;
+    while (g < NORM_THREADS && g * 4 < chunks) g *= 2;
+    return g;
+}
+
+// Chunks per thread rounded up to 1, 2, 4 or 8 (registers), or 0 (loop) beyond.
+static int chunks_for(int D, int V, int G) {
+    int per = ((D + V - 1) / V + G - 1) / G;
+    return per <= 1 ? 1 : per <= 2 ? 2 : per <= 4 ? 4 : per <= 8 ? 8 : 0;
+}
+
+// Launches KERNEL<G, V, NC> over rows with the G and NC the row length asks for. Below 256
+// threads a group never needs more than 4 chunks (group_for).
+#define NORM_CASE(KERNEL, G, V, NC, ...) \
+    if (g_ == G && nc_ == NC) KERNEL<G, V, NC><<<(unsigned)((rows_ + NORM_THREADS / G - 1) / (NORM_THREADS / G)), NORM_THREADS, 0, s_>>>(__VA_ARGS__)
+#define NORM_LAUNCH(KERNEL, V, rows, D, ...)                                                              \
+    do {                                                                                                  \
+        int64_t rows_ = rows;                                                                             \
+        int g_ = group_for(D, V), nc_ = chunks_for(D, V, g_);                                             \
+        cudaStream_t s_ = cuda_stream();                                                                  \
+        NORM_CASE(KERNEL, 32, V, 1, __VA_ARGS__);                                                         \
+        else NORM_CASE(KERNEL, 32, V, 2, __VA_ARGS__);                                                    \
+        else NORM_CASE(KERNEL, 32, V, 4, __VA_ARGS__);                                                    \
+        else NORM_CASE(KERNEL, 64, V, 4, __VA_ARGS__);                                                    \
+        else NORM_CASE(KERNEL, 128, V, 4, __VA_ARGS__);                                                   \
+        else NORM_CASE(KERNEL, 256, V, 4, __VA_ARGS__);                                                   \
+        else NORM_CASE(KERNEL, 256, V, 8, __VA_ARGS__);                                                   \
+        else KERNEL<256, V, 0><<<(unsigned)rows_, NORM_THREADS, 0, s_>>>(__VA_ARGS__);         \
+    } while (0)
+
+extern "C" void rmsnorm1p_forward_cuda(dt_bf16 *y, const float *x, const float *w, int64_t rows, int D, float eps) {
+    if (rows <= 0 || D <= 0) return;
+    bf16 *yb = (bf16 *)y;
+    if (D % 4 == 0 && aligned_to(x, 16) && aligned_to(w, 16) && aligned_to(y, 8))
+        NORM_LAUNCH(rmsnorm1p_fwd_kernel, 4, rows, D, yb, x, w, rows, D, eps);
+    else
+        NORM_LAUNCH(rmsnorm1p_fwd_kernel, 1, rows, D, yb, x, w, rows, D, eps);
+}
+
+extern "C" void rmsnorm1p_backward_cuda(float *dx, const float *dy, const float *x, const float *w, int64_t rows, int D,
+                                        float eps) {
+    if (rows <= 0 || D <= 0) return;
+    if (D % 4 == 0 && aligned_to(dx, 16) && aligned_to(dy, 16) && aligned_to(x, 16) && aligned_to(w, 16))
+        NORM_LAUNCH(rmsnorm1p_bwd_kernel, 4, rows, D, dx, dy, x, w, rows, D, eps);
+    else
+        NORM_LAUNCH(rmsnorm1p_bwd_kernel, 1, rows, D, dx, dy, x, w, rows, D, eps);
+}
+
+extern "C" void rmsnorm_gated_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const dt_bf16 *z, const float *w, int64_t rows,
+                                           int D, float eps) {
+    if (rows <= 0 || D <= 0) return;
+    bf16 *yb = (bf16 *)y;
+    const bf16 *xb = (const bf16 *)x, *zb = (const bf16 *)z;
+    if (D % 4 == 0 && aligned_to(x, 8) && aligned_to(z, 8) && aligned_to(y, 8) && aligned_to(w, 16))
+        NORM_LAUNCH(rmsnorm_gated_fwd_kernel, 4, rows, D, yb, xb, zb, w, rows, D, eps);
+    else
+        NORM_LAUNCH(rmsnorm_gated_fwd_kernel, 1, rows, D, yb, xb, zb, w, rows, D, eps);
+}
+
+extern "C" void rmsnorm_gated_backward_cuda(float *dx, dt_bf16 *dz, const float *dy, const dt_bf16 *x,
+                                            const dt_bf16 *z, const float *w, int64_t rows, int D, float eps) {
+    if (rows <= 0 || D <= 0) return;
+    bf16 *dzb = (bf16 *)dz;
+    const bf16 *xb = (const bf16 *)x, *zb = (const bf16 *)z;
+    if (D % 4 == 0 && aligned_to(x, 8) && aligned_to(z, 8) && aligned_to(dz, 8) && aligned_to(w, 16) &&
+        aligned_to(dx, 16) && aligned_to(dy, 16))
+        NORM_LAUNCH(rmsnorm_gated_bwd_kernel, 4, rows, D, dx, dzb, dy, xb, zb, w, rows, D, eps);
+    else
+        NORM_LAUNCH(rmsnorm_gated_bwd_kernel, 1, rows, D, dx, dzb, dy, xb, zb, w, rows, D, eps);
 }

@@ -10,9 +10,12 @@
 #include <string.h>
 
 #include "deltatune/error.h"
+#include "deltatune/quant.h"
 
 #define PREFIX_MM "model.language_model."
 #define PREFIX_TEXT "model."
+#define PREFIX_MLX "language_model.model."
+#define LM_HEAD_MLX "language_model.lm_head.weight"
 
 /* ---------------------------------------------------------------- files */
 
@@ -102,12 +105,86 @@ static int get_string(jscope s, const char *key, const char **out) {
 
 static int model_type_ok(const char *t) { return strcmp(t, "qwen3_5") == 0 || strcmp(t, "qwen3_5_text") == 0; }
 
+/* ---------------------------------------------------------------- MLX quantization record */
+
+static int is_record_key(const char *k) {
+    return !strcmp(k, "group_size") || !strcmp(k, "bits") || !strcmp(k, "mode") || !strcmp(k, "quant_method");
+}
+
+/* {"group_size", "bits", "mode"} of the record or of a per-module entry; scope names it in errors
+ * ("quantization.", "quantization.language_model.lm_head."). */
+static int parse_quant_entry(jscope s, int *bits, int *group) {
+    const char *method, *mode;
+    if (get_string(s, "quant_method", &method) != 0) return -1;
+    if (method)
+        return dt_err("field %squant_method: \"%s\" is not supported (MLX affine quantization only)", s.scope,
+                      method);
+    if (get_string(s, "mode", &mode) != 0) return -1;
+    if (mode && strcmp(mode, "affine") != 0)
+        return dt_err("field %smode: quantization mode \"%s\" is not supported (affine only)", s.scope, mode);
+    if (get_int(s, "bits", 1, 0, bits) != 0 || get_int(s, "group_size", 1, 0, group) != 0) return -1;
+    char what[160];
+    snprintf(what, sizeof what, "field %.*s", (int)strlen(s.scope) - 1, s.scope);
+    /* a row of one group: checks bits and group size alone */
+    return quant_check(*bits, *group, *group, what);
+}
+
+/* The record object (NULL when none) and its field name. */
+static json_t *quant_object(const json_t *root, const char **key) {
+    *key = "quantization";
+    json_t *q = json_object_get(root, *key);
+    if (!q || json_is_null(q)) {
+        *key = "quantization_config";
+        q = json_object_get(root, *key);
+    }
+    return json_is_null(q) ? NULL : q;
+}
+
+int qwen35_quant_record(const json_t *root, int *bits, int *group) {
+    *bits = *group = 0;
+    const char *key;
+    json_t *q = quant_object(root, &key);
+    if (!q) return 0;
+    if (!json_is_object(q)) return dt_err("field %s: expected an object, found %s", key, json_type_name(q));
+    char scope[64];
+    snprintf(scope, sizeof scope, "%s.", key);
+    if (parse_quant_entry((jscope){q, scope}, bits, group) != 0) return -1;
+    /* per-module entries: {"group_size", "bits"}, or true / false */
+    const char *k;
+    json_t *v;
+    json_object_foreach(q, k, v) {
+        if (is_record_key(k) || json_is_boolean(v)) continue;
+        char sub[256];
+        snprintf(sub, sizeof sub, "%s.%s.", key, k);
+        if (!json_is_object(v)) return dt_err("field %s.%s: expected an object, found %s", key, k, json_type_name(v));
+        int b, g;
+        if (parse_quant_entry((jscope){v, sub}, &b, &g) != 0) return -1;
+    }
+    return 0;
+}
+
+/* Bits and group size of a module ("language_model.model.layers.0.mlp.up_proj"): its own entry in
+ * the record, else the global ones. 0 bits: the record says it is not quantized. */
+static void module_quant(const json_t *root, const char *module, int *bits, int *group) {
+    const char *key;
+    json_t *q = quant_object(root, &key);
+    int gb, gg;
+    if (qwen35_quant_record(root, &gb, &gg) != 0) gb = gg = 0;
+    *bits = gb;
+    *group = gg;
+    json_t *v = q ? json_object_get(q, module) : NULL;
+    if (json_is_false(v)) *bits = *group = 0;
+    else if (json_is_object(v)) parse_quant_entry((jscope){v, ""}, bits, group);
+}
+
+/* ---------------------------------------------------------------- unsupported settings */
+
 /* Settings this trainer cannot honour; accepting them would compute a different model. */
 static int reject_unsupported(jscope root, jscope t) {
-    const char *q[] = {"quantization", "quantization_config"};
-    for (int i = 0; i < 2; i++)
-        if (field(root, q[i]) || field(t, q[i]))
-            return dt_err("field %s: quantized checkpoints are not supported (use the bf16 weights)", q[i]);
+    int qb, qg;
+    if (qwen35_quant_record(root.obj, &qb, &qg) != 0) return -1;
+    if (t.obj != root.obj && (field(t, "quantization") || field(t, "quantization_config")))
+        return dt_err("field %squantization: expected at the top level of config.json (MLX's record)", t.scope);
     int found, experts = 0;
     bool b;
     if (get_int(t, "num_experts", 0, 0, &experts) != 0) return -1;
@@ -401,6 +478,22 @@ int qwen35_config_save(const qwen35_config *c, qwen35_layout layout, const char 
     return qwen35_config_save_dtype(c, layout, DT_BF16, path);
 }
 
+int qwen35_config_save_quant(const qwen35_config *c, qwen35_layout layout, dt_dtype dtype, int bits, int group,
+                             const char *path) {
+    if (qwen35_config_validate(c) != 0) return dt_err_wrap("%s", path);
+    json_t *root = config_json(c, layout, torch_dtype_name(dtype));
+    if (!root) return dt_err("%s: out of memory", path);
+    if (bits > 0) {
+        json_object_set_new(root, "quantization", json_pack("{s:i, s:i, s:s}", "group_size", group, "bits", bits,
+                                                            "mode", "affine"));
+        json_object_set_new(root, "quantization_config", json_pack("{s:i, s:i, s:s}", "group_size", group, "bits",
+                                                                   bits, "mode", "affine"));
+    }
+    int rc = io_write_json_atomic(path, root, JSON_INDENT(2) | JSON_REAL_PRECISION(real_precision(c)));
+    json_decref(root);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- checkpoint folder */
 
 /* One tensor visible through the folder: from the index's weight_map, or every
@@ -522,7 +615,8 @@ static int open_files(checkpoint *ck, ck_entries *es) {
 static int starts_with(const char *s, const char *p) { return strncmp(s, p, strlen(p)) == 0; }
 
 static int is_skipped(const char *name) {
-    return starts_with(name, "model.visual.") || starts_with(name, "mtp.") || starts_with(name, "vision_tower.");
+    return starts_with(name, "model.visual.") || starts_with(name, "mtp.") || starts_with(name, "vision_tower.") ||
+           starts_with(name, "language_model.vision_tower.");
 }
 
 static int detect_layout(checkpoint *ck, const ck_entries *es) {
@@ -536,13 +630,16 @@ static int detect_layout(checkpoint *ck, const ck_entries *es) {
     }
     if (mm) {
         ck->layout = LAYOUT_MULTIMODAL;
-        ck->prefix = PREFIX_MM;
+        ck->prefix = ck->file_prefix = PREFIX_MM;
     } else if (text) {
         ck->layout = LAYOUT_TEXT;
-        ck->prefix = PREFIX_TEXT;
+        ck->prefix = ck->file_prefix = PREFIX_TEXT;
     } else if (mlx) {
-        return dt_err("%s: MLX-converted checkpoints (language_model.model.*) are not supported; "
-                      "use the Hugging Face weights", ck->dir);
+        /* mlx-lm's sanitize renamed model.language_model.* and stored the norms +1 */
+        ck->layout = LAYOUT_MULTIMODAL;
+        ck->prefix = PREFIX_MM;
+        ck->file_prefix = PREFIX_MLX;
+        ck->mlx = true;
     } else {
         return dt_err("%s: no tensor named " PREFIX_MM "* or " PREFIX_TEXT "* (not a Qwen3.5 checkpoint?)",
                       ck->dir);
@@ -550,9 +647,19 @@ static int detect_layout(checkpoint *ck, const ck_entries *es) {
     return 0;
 }
 
-static int check_tensor(const qwen35_tensor_spec *s, const st_tensor *t, const char *file) {
-    int same = t->ndim == s->ndim;
-    for (int d = 0; same && d < s->ndim; d++) same = t->shape[d] == s->shape[d];
+static int same_shape(const st_tensor *t, const int64_t *shape, int ndim) {
+    int same = t->ndim == ndim;
+    for (int d = 0; same && d < ndim; d++) same = t->shape[d] == shape[d];
+    return same;
+}
+
+/* mlx: conv1d may be stored [C,K,1] (the same bytes as [C,1,K]). */
+static int check_tensor(const qwen35_tensor_spec *s, const st_tensor *t, const char *file, bool mlx) {
+    int same = same_shape(t, s->shape, s->ndim);
+    if (!same && mlx && s->kind == W_LIN_CONV) {
+        int64_t kc1[3] = {s->shape[0], s->shape[2], s->shape[1]};
+        same = same_shape(t, kc1, 3);
+    }
     if (!same) {
         char want[96], got[96];
         io_format_shape(want, sizeof want, s->shape, s->ndim);
@@ -565,21 +672,105 @@ static int check_tensor(const qwen35_tensor_spec *s, const st_tensor *t, const c
     return 0;
 }
 
+void *checkpoint_own(checkpoint *ck, size_t bytes) {
+    void **grown = realloc(ck->copies, (size_t)(ck->n_copies + 1) * sizeof *grown);
+    if (!grown) return NULL;
+    ck->copies = grown;
+    void *copy = malloc(bytes ? bytes : 1);
+    if (copy) ck->copies[ck->n_copies++] = copy;
+    return copy;
+}
+
 /* Consumers read weights as float / uint16_t arrays; safetensors only aligns the
  * buffer start, so a tensor after an odd-sized one gets an aligned private copy. */
 static const void *aligned_data(checkpoint *ck, const st_tensor *t) {
     if ((uintptr_t)t->data % dt_dtype_size(t->dtype) == 0) return t->data;
-    void **grown = realloc(ck->copies, (size_t)(ck->n_copies + 1) * sizeof *grown);
-    if (!grown) return NULL;
-    ck->copies = grown;
-    void *copy = malloc(t->nbytes ? t->nbytes : 1);
-    if (!copy) return NULL;
-    memcpy(copy, t->data, t->nbytes);
-    ck->copies[ck->n_copies++] = copy;
+    void *copy = checkpoint_own(ck, t->nbytes);
+    if (copy) memcpy(copy, t->data, t->nbytes);
     return copy;
 }
 
-static int bind_weights(checkpoint *ck, ck_entries *es) {
+int checkpoint_norm_is_shifted(qwen35_wkind kind) {
+    return kind == W_INPUT_NORM || kind == W_POST_NORM || kind == W_FINAL_NORM || kind == W_ATT_QNORM ||
+           kind == W_ATT_KNORM;
+}
+
+int checkpoint_kind_is_quantizable(qwen35_wkind kind) {
+    return kind == W_EMBED || kind == W_LM_HEAD || kind == W_MLP_GATE || kind == W_MLP_UP || kind == W_MLP_DOWN ||
+           kind == W_LIN_QKV || kind == W_LIN_Z || kind == W_LIN_B || kind == W_LIN_A || kind == W_LIN_OUT ||
+           kind == W_ATT_Q || kind == W_ATT_K || kind == W_ATT_V || kind == W_ATT_O;
+}
+
+/* An MLX norm stored +1: an owned fp32 copy holding the Hugging Face value. */
+static int unshift_norm(checkpoint *ck, dt_weight *w, const st_tensor *t) {
+    float *f = checkpoint_own(ck, (size_t)t->numel * sizeof *f);
+    if (!f) return dt_err("out of memory");
+    if (dt_to_f32(f, t->data, t->dtype, (size_t)t->numel) != 0) return dt_err("%s: not a float tensor", t->name);
+    for (int64_t j = 0; j < t->numel; j++) f[j] -= 1.0f;
+    w->dtype = DT_F32;
+    w->data = f;
+    return 0;
+}
+
+static int shape_err(const char *file, const char *name, const st_tensor *t, const int64_t *want, int ndim,
+                     const char *why) {
+    char ws[96], gs[96];
+    io_format_shape(ws, sizeof ws, want, ndim);
+    io_format_shape(gs, sizeof gs, t->shape, t->ndim);
+    return dt_err("%s: tensor %s has shape %s, expected %s (%s)", file, name, gs, ws, why);
+}
+
+/* A quantized module: name.weight (U32 words), name.scales, name.biases. */
+static int bind_quantized(checkpoint *ck, ck_entries *es, const json_t *cfg_root, const qwen35_tensor_spec *s,
+                          ck_entry *e, ck_entry *se, dt_weight *w) {
+    const st_tensor *t = e->t, *st = se->t;
+    const char *file = ck->files[e->file].path;
+    char module[160], bname[176];
+    snprintf(module, sizeof module, "%.*s", (int)(strlen(t->name) - strlen(".weight")), t->name);
+    snprintf(bname, sizeof bname, "%s.biases", module);
+    ck_entry *be = find_entry(es, bname);
+    if (!checkpoint_kind_is_quantizable(s->kind) || s->ndim != 2)
+        return dt_err("%s: tensor %s.scales: only linears and embeddings can be quantized", file, module);
+    if (!be) return dt_err("%s: tensor %s missing (%s.scales exists)", ck->dir, bname, module);
+    int bits, group;
+    module_quant(cfg_root, module, &bits, &group);
+    if (bits == 0)
+        return dt_err("%s: tensor %s.scales exists but config.json's quantization does not cover %s", ck->dir,
+                      module, module);
+    int64_t rows = s->shape[0], cols = s->shape[1];
+    char what[200];
+    snprintf(what, sizeof what, "%s: tensor %s", file, t->name);
+    if (quant_check(bits, group, cols, what) != 0) return -1;
+    if (t->dtype != DT_U32)
+        return dt_err("%s: tensor %s has dtype %s; a quantized weight (%s.scales exists) must be U32", file, t->name,
+                      dt_dtype_name(t->dtype), module);
+    const st_tensor *bt = be->t;
+    if (!dt_dtype_is_float(st->dtype) || bt->dtype != st->dtype)
+        return dt_err("%s: tensors %s.scales and %s.biases have dtypes %s and %s; expected one of F32, F16, BF16",
+                      file, module, module, dt_dtype_name(st->dtype), dt_dtype_name(bt->dtype));
+    char why[96];
+    snprintf(why, sizeof why, "%d-bit, group size %d", bits, group);
+    int64_t wshape[2] = {rows, cols * bits / 32}, sshape[2] = {rows, cols / group};
+    if (!same_shape(t, wshape, 2)) return shape_err(file, t->name, t, wshape, 2, why);
+    if (!same_shape(st, sshape, 2)) return shape_err(file, st->name, st, sshape, 2, why);
+    if (!same_shape(bt, sshape, 2)) return shape_err(file, bt->name, bt, sshape, 2, why);
+    w->dtype = DT_U32;
+    w->rows = rows;
+    w->cols = cols;
+    w->qbits = bits;
+    w->qgroup = group;
+    w->qdtype = st->dtype;
+    w->data = aligned_data(ck, t);
+    w->scales = aligned_data(ck, st);
+    w->biases = aligned_data(ck, bt);
+    if (!w->data || !w->scales || !w->biases) return dt_err("out of memory");
+    if (quant_check_sizes(w, (int64_t)t->nbytes, (int64_t)st->nbytes, (int64_t)bt->nbytes, what) != 0) return -1;
+    e->used = se->used = be->used = 1;
+    ck->n_quantized++;
+    return 0;
+}
+
+static int bind_weights(checkpoint *ck, ck_entries *es, const json_t *cfg_root) {
     ck->n_specs = qwen35_tensor_count(&ck->cfg);
     ck->specs = calloc((size_t)ck->n_specs, sizeof *ck->specs);
     ck->weights = calloc((size_t)ck->n_specs, sizeof *ck->weights);
@@ -587,21 +778,36 @@ static int bind_weights(checkpoint *ck, ck_entries *es) {
     qwen35_tensor_specs(&ck->cfg, ck->specs);
     for (int i = 0; i < ck->n_specs; i++) {
         const qwen35_tensor_spec *s = &ck->specs[i];
-        char full[160];
-        if (s->kind == W_LM_HEAD) snprintf(full, sizeof full, "%s", s->name);
-        else snprintf(full, sizeof full, "%s%s", ck->prefix, s->name);
+        char full[160], sname[176];
+        if (s->kind == W_LM_HEAD) snprintf(full, sizeof full, "%s", ck->mlx ? LM_HEAD_MLX : s->name);
+        else snprintf(full, sizeof full, "%s%s", ck->file_prefix, s->name);
         ck_entry *e = find_entry(es, full);
         if (!e) return dt_err("%s: tensor %s missing", ck->dir, full);
         const st_tensor *t = e->t;
-        if (check_tensor(s, t, ck->files[e->file].path) != 0) return -1;
-        e->used = 1;
         dt_weight *w = &ck->weights[i];
-        w->dtype = t->dtype;
-        w->data = aligned_data(ck, t);
-        if (!w->data) return dt_err("out of memory");
-        w->rows = s->ndim == 1 ? 1 : s->shape[0];
-        w->cols = s->shape[s->ndim - 1];
-        ck->weight_bytes += (int64_t)t->nbytes;
+        /* a module is quantized iff its .scales exists (mlx-lm's rule) */
+        size_t fl = strlen(full);
+        ck_entry *se = NULL;
+        if (fl > 7 && !strcmp(full + fl - 7, ".weight")) {
+            snprintf(sname, sizeof sname, "%.*s.scales", (int)(fl - 7), full);
+            se = find_entry(es, sname);
+        }
+        if (se) {
+            if (bind_quantized(ck, es, cfg_root, s, e, se, w) != 0) return -1;
+        } else {
+            if (check_tensor(s, t, ck->files[e->file].path, ck->mlx) != 0) return -1;
+            e->used = 1;
+            w->dtype = t->dtype;
+            w->rows = s->ndim == 1 ? 1 : s->shape[0];
+            w->cols = s->shape[s->ndim - 1];
+            if (ck->mlx && checkpoint_norm_is_shifted(s->kind)) {
+                if (unshift_norm(ck, w, t) != 0) return dt_err_wrap("%s", ck->files[e->file].path);
+            } else {
+                w->data = aligned_data(ck, t);
+                if (!w->data) return dt_err("out of memory");
+            }
+        }
+        ck->weight_bytes += dt_weight_bytes(w);
     }
     for (int i = 0; i < es->n; i++) {
         if (es->v[i].used) continue;
@@ -611,19 +817,23 @@ static int bind_weights(checkpoint *ck, ck_entries *es) {
     return 0;
 }
 
-static int open_checkpoint(checkpoint *ck, ck_entries *es) {
+static int open_checkpoint(checkpoint *ck, ck_entries *es, json_t **cfg_root) {
     char *cfg_path = io_path_join(ck->dir, "config.json");
     if (!cfg_path) return dt_err("out of memory");
     int rc = qwen35_config_load(&ck->cfg, cfg_path);
+    if (rc == 0) *cfg_root = io_load_json(cfg_path);
     free(cfg_path);
-    if (rc != 0 || open_files(ck, es) != 0 || detect_layout(ck, es) != 0) return -1;
-    if (find_entry(es, "lm_head.weight")) {
+    if (rc != 0 || !*cfg_root) return -1;
+    if (qwen35_quant_record(*cfg_root, &ck->qbits, &ck->qgroup) != 0) return -1;
+    if (open_files(ck, es) != 0 || detect_layout(ck, es) != 0) return -1;
+    if (find_entry(es, ck->mlx ? LM_HEAD_MLX : "lm_head.weight")) {
         ck->lm_head_in_file = true;
         ck->cfg.tie_word_embeddings = false;
     } else if (!ck->cfg.tie_word_embeddings) {
-        return dt_err("%s: config.json says tie_word_embeddings is false but lm_head.weight is missing", ck->dir);
+        return dt_err("%s: config.json says tie_word_embeddings is false but %s is missing", ck->dir,
+                      ck->mlx ? LM_HEAD_MLX : "lm_head.weight");
     }
-    return bind_weights(ck, es);
+    return bind_weights(ck, es, *cfg_root);
 }
 
 int checkpoint_open(checkpoint *ck, const char *dir) {
@@ -631,7 +841,9 @@ int checkpoint_open(checkpoint *ck, const char *dir) {
     ck->dir = strdup(dir);
     if (!ck->dir) return dt_err("%s: out of memory", dir);
     ck_entries es = {0};
-    int rc = open_checkpoint(ck, &es);
+    json_t *cfg_root = NULL;
+    int rc = open_checkpoint(ck, &es, &cfg_root);
+    json_decref(cfg_root);
     free(es.v);
     if (rc != 0) checkpoint_close(ck);
     return rc;

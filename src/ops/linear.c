@@ -1,6 +1,6 @@
 /* A frozen linear with an optional LoRA: y = x W^T + s (drop(x) A^T) B^T.
- * W keeps its stored dtype and is converted a block of rows at a time, so a bf16
- * model is never expanded; only LoRA's A and B receive gradients. */
+ * W keeps its stored dtype (bf16, or MLX-quantized) and is converted a block of rows
+ * at a time, so the model is never expanded; only LoRA's A and B receive gradients. */
 #include <stdlib.h>
 
 #include "ops/real.h"
@@ -12,22 +12,21 @@ static int64_t block_rows(int64_t in) {
     return r < 64 ? 64 : r;
 }
 
-/* Calls fn(block, r0, nr) over W in blocks of rows converted to real (or W itself). */
+/* Calls fn(block, r0, nr) over W in blocks of rows converted (or dequantized) to real, or
+ * W itself when it is already real. */
 typedef void (*block_fn)(void *ctx, const real *Wb, int64_t r0, int64_t nr);
 static void for_weight_blocks(const dt_weight *w, block_fn fn, void *ctx) {
     int64_t out = w->rows, in = w->cols;
-    if (w->dtype == REAL_DTYPE) {
+    if (w->dtype == REAL_DTYPE && !w->qbits) {
         fn(ctx, w->data, 0, out);
         return;
     }
     int64_t br = block_rows(in);
     real *buf = malloc(sizeof(real) * br * in);
-    size_t es = dt_dtype_size(w->dtype);
     for (int64_t r0 = 0; r0 < out; r0 += br) {
         int64_t nr = out - r0 < br ? out - r0 : br;
-        const char *src = (const char *)w->data + (size_t)r0 * in * es;
 #pragma omp parallel for schedule(static) if (nr * in > PAR_MIN)
-        for (int64_t r = 0; r < nr; r++) to_real(buf + r * in, src + (size_t)r * in * es, w->dtype, in);
+        for (int64_t r = 0; r < nr; r++) weight_rows_real(buf + r * in, w, r0 + r, 1);
         fn(ctx, buf, r0, nr);
     }
     free(buf);

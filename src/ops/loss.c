@@ -6,14 +6,15 @@
 
 #include "ops/real.h"
 
-/* Rows [v0, v0 + nv) of E as real: E itself or converted into buf. */
+/* Whether E is used as it is stored (real and not quantized) rather than a block at a time. */
+static int direct(const dt_weight *E) { return E->dtype == REAL_DTYPE && !E->qbits; }
+
+/* Rows [v0, v0 + nv) of E as real: E itself, or converted (dequantized if quantized) into buf. */
 static const real *vocab_block(const dt_weight *E, int64_t v0, int64_t nv, real *buf) {
     int64_t H = E->cols;
-    if (E->dtype == REAL_DTYPE) return (const real *)E->data + v0 * H;
-    size_t es = dt_dtype_size(E->dtype);
-    const char *src = (const char *)E->data + (size_t)v0 * H * es;
+    if (direct(E)) return (const real *)E->data + v0 * H;
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < nv; r++) to_real(buf + r * H, src + (size_t)r * H * es, E->dtype, H);
+    for (int64_t r = 0; r < nv; r++) weight_rows_real(buf + r * H, E, v0 + r, 1);
     return buf;
 }
 
@@ -22,7 +23,7 @@ void lmhead_ce_forward(double *loss_sum, int64_t *count, const real *h, const in
     int64_t V = E->rows, H = E->cols;
     real *run_max = malloc(sizeof(real) * T), *target_logit = malloc(sizeof(real) * T);
     double *run_sum = malloc(sizeof(double) * T);
-    real *wbuf = E->dtype == REAL_DTYPE ? NULL : malloc(sizeof(real) * LMHEAD_VOCAB_BLOCK * H);
+    real *wbuf = direct(E) ? NULL : malloc(sizeof(real) * LMHEAD_VOCAB_BLOCK * H);
     for (int64_t t = 0; t < T; t++) {
         run_max[t] = -INFINITY;
         run_sum[t] = 0;
@@ -64,7 +65,7 @@ void lmhead_ce_forward(double *loss_sum, int64_t *count, const real *h, const in
 void lmhead_ce_forward_backward(double *loss_sum, int64_t *count, real *dh, const real *h, const int32_t *targets,
                                 int64_t T, const dt_weight *E, real grad_scale, int64_t chunk, real *scratch) {
     int64_t V = E->rows, H = E->cols;
-    real *wbuf = E->dtype == REAL_DTYPE ? NULL : malloc(sizeof(real) * LMHEAD_VOCAB_BLOCK * H);
+    real *wbuf = direct(E) ? NULL : malloc(sizeof(real) * LMHEAD_VOCAB_BLOCK * H);
     for (int64_t t0 = 0; t0 < T; t0 += chunk) {
         int64_t nt = T - t0 < chunk ? T - t0 : chunk;
         const int32_t *tg = targets + t0;

@@ -5,10 +5,12 @@
 #ifndef DT_OPS_REAL_H
 #define DT_OPS_REAL_H
 
+#include <stdlib.h>
 #include <string.h>
 #include <tgmath.h>
 
 #include "deltatune/ops.h"
+#include "deltatune/quant.h"
 #include "ops/blas.h"
 
 #ifdef DT_OPS_DOUBLE
@@ -34,6 +36,27 @@ static inline void to_real(real *dst, const void *src, dt_dtype t, size_t n) {
 #else
     dt_to_f32(dst, src, t, n);
 #endif
+}
+
+/* Rows [r0, r0 + nr) of a stored weight as real: converted, or dequantized when quantized (to
+ * fp32, then widened in the double build). Serial: callers run it per row in parallel. */
+static inline void weight_rows_real(real *dst, const dt_weight *w, int64_t r0, int64_t nr) {
+    int64_t n = w->cols;
+    if (w->qbits) {
+#ifdef DT_OPS_DOUBLE
+        float *f = malloc(sizeof(float) * n);
+        for (int64_t r = 0; r < nr; r++) {
+            quant_dequantize_rows(f, w, r0 + r, 1);
+            for (int64_t i = 0; i < n; i++) dst[r * n + i] = f[i];
+        }
+        free(f);
+#else
+        quant_dequantize_rows(dst, w, r0, nr);
+#endif
+        return;
+    }
+    size_t es = dt_dtype_size(w->dtype);
+    to_real(dst, (const char *)w->data + (size_t)(r0 * n) * es, w->dtype, (size_t)(nr * n));
 }
 
 /* Loops over fewer elements than this run on one thread: waking the team costs more than it

@@ -282,6 +282,24 @@ static void step_lines(const trainer *t, int64_t mb0, int64_t mb1, char *buf, si
 
 /* ---------------------------------------------------------------- one step */
 
+/* With the model on a GPU the LoRA's optimiser runs there too; the host copies of the weights and
+ * moments are brought up to date only when something reads them (a save). */
+static dt_lora **module_loras(trainer *t) {
+    dt_lora **l = malloc(sizeof *l * (size_t)(t->a->n_modules > 0 ? t->a->n_modules : 1));
+    for (int i = 0; l && i < t->a->n_modules; i++) l[i] = &t->a->modules[i].lora;
+    return l;
+}
+
+static int gpu_state_transfer(trainer *t, bool to_device) {
+    if (!t->o.gpu) return 0;
+    dt_lora **l = module_loras(t);
+    if (!l) return dt_err("out of memory");
+    int rc = to_device ? qwen35_cuda_optim_upload(t->o.gpu, t->m, l, t->moments, t->a->n_modules)
+                       : qwen35_cuda_optim_download(t->o.gpu, l, t->moments, t->a->n_modules);
+    free(l);
+    return rc;
+}
+
 static void zero_grads(trainer *t) {
     for (int i = 0; i < 2 * t->a->n_modules; i++) memset(t->grads[i], 0, sizeof(real) * (size_t)t->grad_sizes[i]);
 }
@@ -300,6 +318,7 @@ static void apply_adamw(trainer *t, double lr) {
  * whole step), so the accumulated gradient is that of the step's token-mean loss. */
 static int accumulate(trainer *t, int64_t mb0, int64_t mb1, int64_t targets, double *loss_sum, int64_t *input_tokens) {
     int64_t counted = 0;
+    bool synced = false;
     *loss_sum = 0;
     *input_tokens = 0;
     for (int64_t mb = mb0; mb < mb1; mb++) {
@@ -311,7 +330,17 @@ static int accumulate(trainer *t, int64_t mb0, int64_t mb1, int64_t targets, dou
         set_dropout(t, t->step, mb - mb0);
         double ls = 0;
         int64_t n = 0;
-        int rc = qwen35_forward_backward(t->m, &b, 1.0 / (double)targets, t->o.grad_checkpoint, &ls, &n);
+        int rc;
+        if (t->o.gpu) {
+            /* the host LoRA changed at the last update: the device copies follow once per step */
+            rc = synced ? 0 : qwen35_cuda_sync_lora(t->o.gpu, t->m);
+            synced = true;
+            if (rc == 0)
+                rc = qwen35_cuda_forward_backward(t->o.gpu, t->m, &b, 1.0 / (double)targets, t->o.grad_checkpoint,
+                                                  &ls, &n);
+        } else {
+            rc = qwen35_forward_backward(t->m, &b, 1.0 / (double)targets, t->o.grad_checkpoint, &ls, &n);
+        }
         set_dropout_off(t);
         if (rc != 0) return -1;
         *loss_sum += ls;
@@ -339,7 +368,7 @@ static int run_step(trainer *t, train_step_log *out) {
     double lr = schedule_lr(t->o.schedule, t->o.lr, s, t->o.warmup_steps, t->total_steps);
     *out = (train_step_log){.step = s + 1, .total_steps = t->total_steps, .lr = lr, .tokens = targets,
                             .loss = NAN, .grad_norm = NAN};
-    zero_grads(t);
+    if (!t->o.gpu) zero_grads(t);  /* the device zeroes its own after each update */
     double loss_sum = 0;
     int64_t input_tokens = 0;
     if (targets == 0) {
@@ -358,13 +387,26 @@ static int run_step(trainer *t, train_step_log *out) {
             return dt_err("step %lld (%s): the loss is not finite (%g); stopped before updating the weights",
                           (long long)(s + 1), where, out->loss);
         }
-        out->grad_norm = grad_clip(t->grads, t->grad_sizes, 2 * t->a->n_modules, t->o.max_grad_norm);
+        double grad_mul = 1;
+        if (t->o.gpu) {
+            /* clip as grad_clip does, by scaling the gradient inside the device's update */
+            if (qwen35_cuda_grad_norm(t->o.gpu, &out->grad_norm) != 0) return dt_err_wrap("step %lld", (long long)(s + 1));
+            double coef = t->o.max_grad_norm / (out->grad_norm + 1e-6);
+            if (t->o.max_grad_norm > 0 && isfinite(out->grad_norm) && coef < 1.0) grad_mul = (float)coef;
+        } else {
+            out->grad_norm = grad_clip(t->grads, t->grad_sizes, 2 * t->a->n_modules, t->o.max_grad_norm);
+        }
         if (!isfinite(out->grad_norm)) {
             step_lines(t, mb0, mb1, where, sizeof where);
             return dt_err("step %lld (%s): the gradient norm is not finite (%g); stopped before updating the "
                           "weights", (long long)(s + 1), where, out->grad_norm);
         }
-        apply_adamw(t, lr);
+        if (t->o.gpu) {
+            if (qwen35_cuda_adamw(t->o.gpu, ++t->adam_step, lr, &t->o.adamw, grad_mul) != 0)
+                return dt_err_wrap("step %lld", (long long)(s + 1));
+        } else {
+            apply_adamw(t, lr);
+        }
         t->tokens_trained += targets;
         t->last_loss = out->loss;
     }
@@ -373,7 +415,9 @@ static int run_step(trainer *t, train_step_log *out) {
     out->input_tokens = input_tokens;
     out->seconds = dt_seconds() - t0;
     out->tok_per_s = out->seconds > 0 ? (double)input_tokens / out->seconds : 0;
-    out->peak_mem_mb = (double)dt_peak_rss() / (1024.0 * 1024.0);
+    int64_t gpu_weights = 0, gpu_peak = 0;
+    if (t->o.gpu) qwen35_cuda_memory(t->o.gpu, &gpu_weights, &gpu_peak);
+    out->peak_mem_mb = (double)(t->o.gpu ? gpu_peak : dt_peak_rss()) / (1024.0 * 1024.0);
     return 0;
 }
 
@@ -390,7 +434,10 @@ int trainer_eval(trainer *t, double *loss, int64_t *tokens) {
         qwen35_batch b = pack(t, v, NULL, first, end);
         double ls = 0;
         int64_t k = 0;
-        if (qwen35_eval_loss(t->m, &b, &ls, &k) != 0)
+        int rc = t->o.gpu ? (first == 0 ? qwen35_cuda_sync_lora(t->o.gpu, t->m) : 0) ||
+                                qwen35_cuda_eval_loss(t->o.gpu, t->m, &b, &ls, &k)
+                          : qwen35_eval_loss(t->m, &b, &ls, &k);
+        if (rc != 0)
             return dt_err_wrap("%s:%d-%d", v->d->path ? v->d->path : "valid", v->d->rows[first].line,
                                v->d->rows[end - 1].line);
         sum += ls;
@@ -497,6 +544,7 @@ static bool adapter_finite(const lora_adapter *a) {
 
 static int save_checkpoint(trainer *t, const trainer_hooks *h) {
     if (!t->o.out_dir || t->last_saved == t->step) return 0;
+    if (gpu_state_transfer(t, false) != 0) return -1;
     if (!adapter_finite(t->a))
         return dt_err("after step %lld the adapter holds non-finite weights; not saved", (long long)t->step);
     char dir[4096];
@@ -521,6 +569,7 @@ static int evaluate(trainer *t, const trainer_hooks *h) {
 }
 
 static int save_final(trainer *t) {
+    if (gpu_state_transfer(t, false) != 0) return -1;  /* the caller reads the adapter, saved or not */
     if (!t->o.out_dir) return 0;
     if (!adapter_finite(t->a))
         return dt_err("after step %lld the adapter holds non-finite weights; not saved", (long long)t->step);
@@ -545,7 +594,7 @@ static int loop(trainer *t, const trainer_hooks *h) {
 }
 
 int trainer_run(trainer *t, const trainer_hooks *h) {
-    if (open_log(t) != 0) return -1;
+    if (open_log(t) != 0 || gpu_state_transfer(t, true) != 0) return -1;
     int rc = loop(t, h);
     if (t->log) {
         fclose(t->log);

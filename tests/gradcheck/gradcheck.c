@@ -135,7 +135,7 @@ static void check_linear(const char *name, double dropout) {
     int r = 3;
     linear_ctx c = {.T = T};
     double *W = rvec(out * in);
-    c.l.w = (dt_weight){DT_F64, W, out, in};
+    c.l.w = (dt_weight){.dtype = DT_F64, .data = W, .rows = out, .cols = in};
     c.lo = (dt_lora){.rank = r, .scale = 0.7, .in = in, .out = out, .A = rvec(r * in), .B = rvec(out * r),
                      .dA = rvec(r * in), .dB = rvec(out * r), .dropout = dropout, .dropout_seed = 1234};
     c.l.lora = &c.lo;
@@ -151,7 +151,7 @@ static void check_linear_bf16(void) {
     linear_ctx c = {.T = T};
     uint16_t *Wb = malloc(2 * out * in);
     for (int64_t i = 0; i < out * in; i++) Wb[i] = dt_f32_to_bf16((float)urand());
-    c.l.w = (dt_weight){DT_BF16, Wb, out, in};
+    c.l.w = (dt_weight){.dtype = DT_BF16, .data = Wb, .rows = out, .cols = in};
     c.x = rvec(T * in), c.dx = rvec(T * in), c.y = rvec(T * out), c.G = rvec(T * out);
     gc_input ins[] = {{"x", c.x, T * in, c.dx}};
     gradcheck("linear_bf16_weights", ins, 1, (gc_op){linear_loss, linear_bw, &c}, 1e-7);
@@ -167,7 +167,7 @@ typedef struct {
 } emb_ctx;
 static double emb_loss(void *p) {
     emb_ctx *c = p;
-    dt_weight w = {DT_F64, c->E, c->V, c->H};
+    dt_weight w = {.dtype = DT_F64, .data = c->E, .rows = c->V, .cols = c->H};
     poison(c->y, 6 * c->H);
     embedding_forward(c->y, c->ids, 6, &w);
     return dot(c->G, c->y, 6 * c->H);
@@ -449,7 +449,7 @@ typedef struct {
 } ce_ctx;
 static double ce_loss(void *p) {
     ce_ctx *c = p;
-    dt_weight w = {DT_F64, c->E, c->V, c->H};
+    dt_weight w = {.dtype = DT_F64, .data = c->E, .rows = c->V, .cols = c->H};
     double s = 0, s2 = 0;
     int64_t n = 0, n2 = 0;
     lmhead_ce_forward(&s, &n, c->h, c->targets, c->T, &w, c->scratch);
@@ -462,7 +462,7 @@ static double ce_loss(void *p) {
 }
 static void ce_bw(void *p) {
     ce_ctx *c = p;
-    dt_weight w = {DT_F64, c->E, c->V, c->H};
+    dt_weight w = {.dtype = DT_F64, .data = c->E, .rows = c->V, .cols = c->H};
     double s = 0;
     int64_t n = 0;
     lmhead_ce_forward_backward(&s, &n, c->dh, c->h, c->targets, c->T, &w, c->scale, LMHEAD_TOKEN_CHUNK, c->scratch);

@@ -1,0 +1,284 @@
+// The causal depthwise conv + SiLU of the Gated DeltaNet over packed sequences. A thread owns
+// VC adjacent channels (a warp reads contiguous channels) and CONV_TT consecutive tokens, so
+// each input row is loaded once per thread for the K - 1 + CONV_TT outputs that use it. A token's
+// sequence starts at t - pos[t]: rows before that are the zero history.
+#include "cuda/cuda_internal.h"
+
+#define CONV_THREADS 128
+#ifndef CONV_TT
+#define CONV_TT 8  // tokens per thread
+#endif
+#ifndef CONV_VC
+#define CONV_VC 2  // channels per thread on the fast path (4 and 8 measured slower: fewer warps)
+#endif
+
+static inline bool aligned_to(const void *p, unsigned bytes) { return ((uintptr_t)p & (bytes - 1)) == 0; }
+
+// V consecutive values to and from fp32 registers.
+template <int V> static __device__ __forceinline__ void ldv(float *o, const float *p) {
+    if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++) {
+            float4 f = reinterpret_cast<const float4 *>(p)[k];
+            o[4 * k] = f.x, o[4 * k + 1] = f.y, o[4 * k + 2] = f.z, o[4 * k + 3] = f.w;
+        }
+    } else if constexpr (V == 2) {
+        float2 f = *reinterpret_cast<const float2 *>(p);
+        o[0] = f.x, o[1] = f.y;
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) o[k] = p[k];
+    }
+}
+template <int V> static __device__ __forceinline__ void stv(float *p, const float *o) {
+    if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++)
+            reinterpret_cast<float4 *>(p)[k] = make_float4(o[4 * k], o[4 * k + 1], o[4 * k + 2], o[4 * k + 3]);
+    } else if constexpr (V == 2) {
+        *reinterpret_cast<float2 *>(p) = make_float2(o[0], o[1]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) p[k] = o[k];
+    }
+}
+// bf16 vectors move as one 16- or 8-byte access (the caller guarantees the alignment).
+static __device__ __forceinline__ void unpack2(float *o, unsigned u) {
+    float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
+    o[0] = f.x, o[1] = f.y;
+}
+static __device__ __forceinline__ unsigned pack2(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<unsigned *>(&h);
+}
+template <int V> static __device__ __forceinline__ void ldv(float *o, const bf16 *p) {
+    if constexpr (V % 8 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 8; k++) {
+            uint4 u = reinterpret_cast<const uint4 *>(p)[k];
+            unpack2(o + 8 * k, u.x), unpack2(o + 8 * k + 2, u.y), unpack2(o + 8 * k + 4, u.z);
+            unpack2(o + 8 * k + 6, u.w);
+        }
+    } else if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++) {
+            uint2 u = reinterpret_cast<const uint2 *>(p)[k];
+            unpack2(o + 4 * k, u.x), unpack2(o + 4 * k + 2, u.y);
+        }
+    } else if constexpr (V % 2 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 2; k++) unpack2(o + 2 * k, reinterpret_cast<const unsigned *>(p)[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) o[k] = __bfloat162float(p[k]);
+    }
+}
+template <int V> static __device__ __forceinline__ void stv(bf16 *p, const float *o) {
+    if constexpr (V % 8 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 8; k++)
+            reinterpret_cast<uint4 *>(p)[k] = make_uint4(pack2(o[8 * k], o[8 * k + 1]), pack2(o[8 * k + 2], o[8 * k + 3]),
+                                                         pack2(o[8 * k + 4], o[8 * k + 5]),
+                                                         pack2(o[8 * k + 6], o[8 * k + 7]));
+    } else if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++)
+            reinterpret_cast<uint2 *>(p)[k] = make_uint2(pack2(o[4 * k], o[4 * k + 1]), pack2(o[4 * k + 2], o[4 * k + 3]));
+    } else if constexpr (V % 2 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 2; k++) reinterpret_cast<unsigned *>(p)[k] = pack2(o[2 * k], o[2 * k + 1]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) p[k] = __float2bfloat16(o[k]);
+    }
+}
+
+// The approximate reciprocal (about 1 ulp) instead of an IEEE division: these kernels are short
+// enough that instruction count shows. Past x < -87 the sum overflows and sigmoid is 0.
+static __device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
+
+template <int K, int VC>
+__global__ void __launch_bounds__(CONV_THREADS)
+    conv1d_silu_fwd_kernel(bf16 *y, const bf16 *x, const float *w, const int32_t *pos, int64_t N, int C) {
+    int c0 = (blockIdx.x * CONV_THREADS + threadIdx.x) * VC;
+    if (c0 >= C) return;
+    float wr[K][VC];
+#pragma unroll
+    for (int v = 0; v < VC; v++)
+#pragma unroll
+        for (int j = 0; j < K; j++) wr[j][v] = w[(int64_t)(c0 + v) * K + j];
+    for (int64_t t0 = (int64_t)blockIdx.y * CONV_TT; t0 < N; t0 += (int64_t)gridDim.y * CONV_TT) {
+        float xw[CONV_TT + K - 1][VC];  // rows t0 - K + 1 ..
+#pragma unroll
+        for (int m = 0; m < CONV_TT + K - 1; m++) {
+            int64_t s = t0 - K + 1 + m;
+            if (s >= 0 && s < N) ldv<VC>(xw[m], x + s * C + c0);
+            else
+#pragma unroll
+                for (int v = 0; v < VC; v++) xw[m][v] = 0;
+        }
+#pragma unroll
+        for (int q = 0; q < CONV_TT; q++) {
+            int64_t t = t0 + q;
+            if (t >= N) break;
+            int jmin = K - 1 - __ldg(pos + t);  // taps before the sequence start see zeros
+            float u[VC];
+#pragma unroll
+            for (int v = 0; v < VC; v++) u[v] = 0;
+#pragma unroll
+            for (int j = 0; j < K; j++)
+                if (j >= jmin)
+#pragma unroll
+                    for (int v = 0; v < VC; v++) u[v] += wr[j][v] * xw[q + j][v];
+#pragma unroll
+            for (int v = 0; v < VC; v++) u[v] *= sigmoid_f(u[v]);
+            stv<VC>(y + t * C + c0, u);
+        }
+    }
+}
+
+// du[t] = dy[t] silu'(u[t]) for the tokens t = s0 .. s0 + CONV_TT + K - 2 whose taps reach this
+// thread's rows s; then dx[s] = sum_j w[j] du[s + K - 1 - j] over the t of the same sequence.
+template <int K, int VC>
+__global__ void __launch_bounds__(CONV_THREADS)
+    conv1d_silu_bwd_kernel(bf16 *dx, const float *dy, const bf16 *x, const float *w, const int32_t *pos, int64_t N,
+                           int C) {
+    constexpr int NT = CONV_TT + K - 1;  // tokens whose du is needed
+    int c0 = (blockIdx.x * CONV_THREADS + threadIdx.x) * VC;
+    if (c0 >= C) return;
+    float wr[K][VC];
+#pragma unroll
+    for (int v = 0; v < VC; v++)
+#pragma unroll
+        for (int j = 0; j < K; j++) wr[j][v] = w[(int64_t)(c0 + v) * K + j];
+    for (int64_t s0 = (int64_t)blockIdx.y * CONV_TT; s0 < N; s0 += (int64_t)gridDim.y * CONV_TT) {
+        float xw[NT + K - 1][VC];  // rows s0 - K + 1 ..
+#pragma unroll
+        for (int m = 0; m < NT + K - 1; m++) {
+            int64_t s = s0 - K + 1 + m;
+            if (s >= 0 && s < N) ldv<VC>(xw[m], x + s * C + c0);
+            else
+#pragma unroll
+                for (int v = 0; v < VC; v++) xw[m][v] = 0;
+        }
+        float du[NT][VC];
+        int start[NT];  // token s0 + q's sequence starts at row s0 + start[q]
+#pragma unroll
+        for (int q = 0; q < NT; q++) {
+            int64_t t = s0 + q;
+            if (t >= N) {
+                start[q] = q + 1;  // no row reaches a token past the end
+#pragma unroll
+                for (int v = 0; v < VC; v++) du[q][v] = 0;
+                continue;
+            }
+            start[q] = q - __ldg(pos + t);
+            float u[VC], g[VC];
+#pragma unroll
+            for (int v = 0; v < VC; v++) u[v] = 0;
+#pragma unroll
+            for (int j = 0; j < K; j++)
+                if (q - K + 1 + j >= start[q])
+#pragma unroll
+                    for (int v = 0; v < VC; v++) u[v] += wr[j][v] * xw[q + j][v];
+            ldv<VC>(g, dy + t * C + c0);
+#pragma unroll
+            for (int v = 0; v < VC; v++) {
+                float sg = sigmoid_f(u[v]);
+                du[q][v] = g[v] * sg * (1.0f + u[v] * (1.0f - sg));
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < CONV_TT; q++) {
+            int64_t s = s0 + q;
+            if (s >= N) break;
+            float o[VC];
+#pragma unroll
+            for (int v = 0; v < VC; v++) o[v] = 0;
+#pragma unroll
+            for (int j = 0; j < K; j++) {
+                int qt = q + K - 1 - j;
+                if (q >= start[qt])
+#pragma unroll
+                    for (int v = 0; v < VC; v++) o[v] += wr[j][v] * du[qt][v];
+            }
+            stv<VC>(dx + s * C + c0, o);
+        }
+    }
+}
+
+// Any other kernel size: one thread per (token, channel), straight from global memory.
+static __device__ float conv_u(const bf16 *x, const float *w, int64_t t, int64_t start, int64_t c, int C, int K) {
+    float u = 0;
+    for (int j = 0; j < K; j++) {
+        int64_t s = t - K + 1 + j;
+        if (s >= start) u += w[c * K + j] * ld(x + s * C + c);
+    }
+    return u;
+}
+
+__global__ void conv1d_silu_fwd_generic(bf16 *y, const bf16 *x, const float *w, const int32_t *pos, int64_t N, int C,
+                                        int K) {
+    int64_t n = N * C, stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += stride) {
+        int64_t t = i / C, c = i - t * C;
+        float u = conv_u(x, w, t, t - pos[t], c, C, K);
+        st(y + i, u * sigmoid_f(u));
+    }
+}
+
+__global__ void conv1d_silu_bwd_generic(bf16 *dx, const float *dy, const bf16 *x, const float *w,
+                                        const int32_t *pos, int64_t N, int C, int K) {
+    int64_t n = N * C, stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += stride) {
+        int64_t s = i / C, c = i - s * C;
+        float o = 0;
+        for (int j = 0; j < K; j++) {
+            int64_t t = s + K - 1 - j;
+            if (t >= N) continue;
+            int64_t start = t - pos[t];
+            if (s < start) continue;
+            float u = conv_u(x, w, t, start, c, C, K), sg = sigmoid_f(u);
+            o += w[c * K + j] * dy[t * C + c] * sg * (1.0f + u * (1.0f - sg));
+        }
+        st(dx + i, o);
+    }
+}
+
+static dim3 conv_grid(int64_t N, int C, int VC) {
+    int64_t tiles = (N + CONV_TT - 1) / CONV_TT;
+    unsigned gx = (unsigned)(((int64_t)C / VC + CONV_THREADS - 1) / CONV_THREADS);
+    return dim3(gx, (unsigned)(tiles < 65535 ? tiles : 65535));
+}
+
+#define CONV_DISPATCH(KERNEL, GENERIC, ...)                                                                 \
+    do {                                                                                                    \
+        cudaStream_t s_ = cuda_stream();                                                                    \
+        if (K == 4 && vecw) KERNEL<4, CONV_VC><<<conv_grid(N, C, CONV_VC), CONV_THREADS, 0, s_>>>(__VA_ARGS__); \
+        else if (K == 4 && vec2) KERNEL<4, 2><<<conv_grid(N, C, 2), CONV_THREADS, 0, s_>>>(__VA_ARGS__);    \
+        else if (K == 4) KERNEL<4, 1><<<conv_grid(N, C, 1), CONV_THREADS, 0, s_>>>(__VA_ARGS__);            \
+        else if (K == 3) KERNEL<3, 1><<<conv_grid(N, C, 1), CONV_THREADS, 0, s_>>>(__VA_ARGS__);            \
+        else if (K == 2) KERNEL<2, 1><<<conv_grid(N, C, 1), CONV_THREADS, 0, s_>>>(__VA_ARGS__);            \
+        else GENERIC<<<cuda_blocks(N * C, 256), 256, 0, s_>>>(__VA_ARGS__, K);                              \
+    } while (0)
+
+extern "C" void conv1d_silu_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const float *w, const int32_t *pos, int64_t N,
+                                         int C, int K) {
+    if (N <= 0 || C <= 0 || K <= 0) return;
+    bf16 *yb = (bf16 *)y;
+    const bf16 *xb = (const bf16 *)x;
+    bool vec2 = C % 2 == 0 && aligned_to(x, 4) && aligned_to(y, 4);
+    bool vecw = C % CONV_VC == 0 && aligned_to(x, 2 * CONV_VC) && aligned_to(y, 2 * CONV_VC);
+    CONV_DISPATCH(conv1d_silu_fwd_kernel, conv1d_silu_fwd_generic, yb, xb, w, pos, N, C);
+}
+
+extern "C" void conv1d_silu_backward_cuda(dt_bf16 *dx, const float *dy, const dt_bf16 *x, const float *w,
+                                          const int32_t *pos, int64_t N, int C, int K) {
+    if (N <= 0 || C <= 0 || K <= 0) return;
+    bf16 *dxb = (bf16 *)dx;
+    const bf16 *xb = (const bf16 *)x;
+    bool vec2 = C % 2 == 0 && aligned_to(x, 4) && aligned_to(dx, 4) && aligned_to(dy, 8);
+    bool vecw = C % CONV_VC == 0 && aligned_to(x, 2 * CONV_VC) && aligned_to(dx, 2 * CONV_VC) &&
+                aligned_to(dy, 4 * CONV_VC);
+    CONV_DISPATCH(conv1d_silu_bwd_kernel, conv1d_silu_bwd_generic, dxb, dy, xb, w, pos, N, C);
+}

@@ -1,0 +1,242 @@
+// The frozen linear with its optional LoRA (PEFT semantics), bf16 GEMMs through cuBLAS with
+// fp32 accumulation. Everything here is row-major; cuBLAS is column-major, so a row-major
+// C[m, n] = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T: the operands
+// swap places, m and n swap, and each keeps its own transpose flag and leading dimension.
+#include <stdio.h>
+
+#include "cuda/cuda_internal.h"
+
+extern "C" {
+#include "deltatune/error.h"
+}
+
+// cuBLAS's workspace, from cuda_alloc so the memory counter sees it; made once and kept.
+// 32 MiB is what cuBLAS asks for on Hopper; without it larger split-K choices are refused.
+static const size_t WORKSPACE_BYTES = (size_t)32 << 20;
+static void *workspace;
+
+static void ensure_workspace(void) {
+    if (workspace) return;
+    if (cuda_alloc(&workspace, WORKSPACE_BYTES)) {
+        workspace = NULL;  // cuBLAS keeps its own default pool then
+        return;
+    }
+    if (cublasSetWorkspace(cuda_cublas(), workspace, WORKSPACE_BYTES) != CUBLAS_STATUS_SUCCESS) {
+        cuda_free(workspace);
+        workspace = NULL;
+    }
+}
+
+// cuBLAS statuses never reach cudaGetLastError, so cuda_check cannot see them: record the
+// message (dt_errmsg) and say it once on stderr, since the ops themselves return nothing.
+static void check_cublas(cublasStatus_t s, const char *what) {
+    static int told;
+    if (s == CUBLAS_STATUS_SUCCESS) return;
+    dt_err("cuBLAS %s: %s", what, cublasGetStatusString(s));
+    if (!told++) fprintf(stderr, "deltatune: cuBLAS %s failed: %s\n", what, cublasGetStatusString(s));
+}
+
+// Row-major C[m, n] (ct: bf16 or fp32) = alpha op(A) op(B) + beta C; A, B bf16.
+// lda, ldb, ldc: the row-major leading dimensions (elements per stored row).
+static void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const bf16 *A, int64_t lda,
+                    const bf16 *B, int64_t ldb, float beta, void *C, cudaDataType_t ct, int64_t ldc,
+                    const char *what) {
+    if (m <= 0 || n <= 0) return;
+    check_cublas(cublasGemmEx(cuda_cublas(), tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                              (int)n, (int)m, (int)k, &alpha, B, CUDA_R_16BF, (int)ldb, A, CUDA_R_16BF,
+                              (int)lda, &beta, C, ct, (int)ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                 what);
+}
+
+// ---- the CPU's hash dropout (ops/linear.c), bit for bit
+// It keeps element idx when u = (z >> 11) 2^-53 >= p (u compared in double against the
+// float p). Both sides are exact multiples of 2^-53, so the test is the integer
+// (z >> 11) >= ceil(p 2^53): no doubles on the device.
+struct dropout_mask {
+    uint64_t seed, threshold;
+    float keep_scale;  // 1 / (1 - p), as the CPU computes it in float
+};
+
+static dropout_mask make_mask(const cuda_linear *l) {
+    dropout_mask m;
+    m.seed = l->dropout_seed;
+    double t = (double)l->dropout * 9007199254740992.0;
+    uint64_t c = (uint64_t)t;
+    m.threshold = (double)c < t ? c + 1 : c;
+    float one = 1;
+    m.keep_scale = one / (one - l->dropout);
+    return m;
+}
+
+static __device__ __forceinline__ float dropout_factor(const dropout_mask &m, int64_t idx) {
+    uint64_t z = m.seed + 0x9e3779b97f4a7c15ull * (uint64_t)(idx + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (z >> 11) < m.threshold ? 0.f : m.keep_scale;
+}
+
+// xd = drop(x), the A branch's input, stored bf16 for the GEMMs that read it. The hash's
+// 64-bit multiplies cost more than the memory traffic, so 8 elements a thread with 16-byte
+// accesses keep the loads in flight while it computes.
+__global__ void dropout_copy_kernel(bf16 *xd, const bf16 *x, int64_t n, dropout_mask m) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        st(xd + i, ld(x + i) * dropout_factor(m, i));
+}
+
+__global__ void dropout_copy8_kernel(bf16 *xd, const bf16 *x, int64_t n8, dropout_mask m) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n8; i += (int64_t)gridDim.x * blockDim.x) {
+        uint4 raw = ((const uint4 *)x)[i];
+        __nv_bfloat162 *h = (__nv_bfloat162 *)&raw;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 f = __bfloat1622float2(h[k]);
+            f.x *= dropout_factor(m, 8 * i + 2 * k);
+            f.y *= dropout_factor(m, 8 * i + 2 * k + 1);
+            h[k] = __float22bfloat162_rn(f);
+        }
+        ((uint4 *)xd)[i] = raw;
+    }
+}
+
+// dx[t, i] += factor(t in + i) sum_j g[t, j] A[j, i]: LoRA's part of dx through the dropout
+// mask. With rank r small this is memory-bound on dx: one pass over it, rather than a GEMM
+// into scratch and a masking pass. V consecutive columns per thread. (Without dropout,
+// cuBLAS's beta = 1 product measured a little faster than this kernel, so it keeps that.)
+template <int V>
+__global__ void lora_dx_dropout_kernel(float *dx, const bf16 *g, const bf16 *A, int64_t in, int r, dropout_mask m) {
+    extern __shared__ float gs[];
+    int64_t t = blockIdx.x;
+    for (int j = threadIdx.x; j < r; j += blockDim.x) gs[j] = ld(g + t * r + j);
+    __syncthreads();
+    int64_t i0 = ((int64_t)blockIdx.y * blockDim.x + threadIdx.x) * V;
+    if (i0 >= in) return;
+    float *d = dx + t * in + i0;
+    int64_t idx = t * in + i0;
+    if constexpr (V == 4) {
+        float4 acc = make_float4(0, 0, 0, 0);
+        for (int j = 0; j < r; j++) {
+            float gj = gs[j];
+            uint2 raw = *(const uint2 *)(A + (int64_t)j * in + i0);  // 4 bf16
+            float2 lo = __bfloat1622float2(*(const __nv_bfloat162 *)&raw.x);
+            float2 hi = __bfloat1622float2(*(const __nv_bfloat162 *)&raw.y);
+            acc.x += gj * lo.x;
+            acc.y += gj * lo.y;
+            acc.z += gj * hi.x;
+            acc.w += gj * hi.y;
+        }
+        float4 o = *(float4 *)d;
+        o.x += acc.x * dropout_factor(m, idx);
+        o.y += acc.y * dropout_factor(m, idx + 1);
+        o.z += acc.z * dropout_factor(m, idx + 2);
+        o.w += acc.w * dropout_factor(m, idx + 3);
+        *(float4 *)d = o;
+    } else {
+        float acc = 0;
+        for (int j = 0; j < r; j++) acc += gs[j] * ld(A + (int64_t)j * in + i0);
+        *d += acc * dropout_factor(m, idx);
+    }
+}
+
+static void lora_dx_dropout(float *dx, const bf16 *g, const bf16 *A, int64_t T, int64_t in, int r, dropout_mask m) {
+    size_t smem = sizeof(float) * r;
+    // float4 / 4-bf16 accesses need every row 16 / 8-byte aligned
+    if (in % 4 == 0 && (uintptr_t)dx % 16 == 0 && (uintptr_t)A % 8 == 0) {
+        dim3 grid((unsigned)T, (unsigned)((in / 4 + 127) / 128));
+        lora_dx_dropout_kernel<4><<<grid, 128, smem, cuda_stream()>>>(dx, g, A, in, r, m);
+    } else {
+        dim3 grid((unsigned)T, (unsigned)((in + 127) / 128));
+        lora_dx_dropout_kernel<1><<<grid, 128, smem, cuda_stream()>>>(dx, g, A, in, r, m);
+    }
+}
+
+// ---- scratch: [xd: T in bf16 | u: T r bf16 | g: T r bf16], each region 256-byte aligned
+static size_t align256(size_t b) { return (b + 255) & ~(size_t)255; }
+
+extern "C" size_t linear_scratch_bytes_cuda(int64_t T, int64_t in, int rank) {
+    if (rank <= 0 || T <= 0) return 0;
+    return align256((size_t)T * in * sizeof(bf16)) + 2 * align256((size_t)T * rank * sizeof(bf16));
+}
+
+struct lora_scratch {
+    bf16 *xd, *u, *g;
+};
+
+static lora_scratch carve(void *scratch, int64_t T, int64_t in, int rank) {
+    char *p = (char *)scratch;
+    lora_scratch s;
+    s.xd = (bf16 *)p;
+    p += align256((size_t)T * in * sizeof(bf16));
+    s.u = (bf16 *)p;
+    p += align256((size_t)T * rank * sizeof(bf16));
+    s.g = (bf16 *)p;
+    return s;
+}
+
+static bool has_lora(const cuda_linear *l) { return l->rank > 0 && l->A && l->B; }
+
+// The A branch's input: x itself, or its dropped-out copy in scratch.
+static const bf16 *lora_input(const cuda_linear *l, const bf16 *x, int64_t T, bf16 *xd) {
+    if (l->dropout <= 0) return x;
+    int64_t n = T * l->in;
+    if (n % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)xd % 16 == 0)
+        dropout_copy8_kernel<<<cuda_blocks(n / 8, 256), 256, 0, cuda_stream()>>>(xd, x, n / 8, make_mask(l));
+    else
+        dropout_copy_kernel<<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(xd, x, n, make_mask(l));
+    return xd;
+}
+
+extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x_, const cuda_linear *l,
+                                    int64_t T, void *scratch) {
+    if (T <= 0 || l->out <= 0) return;
+    ensure_workspace();
+    const bf16 *x = (const bf16 *)x_, *W = (const bf16 *)l->W;
+    cudaDataType_t ct = yt == CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    int64_t in = l->in, out = l->out;
+    float beta = accumulate ? 1.f : 0.f;
+    if (has_lora(l)) {
+        // LoRA first (y = scale drop(x) A^T B^T (+ y)), then the base product with beta = 1: its
+        // epilogue reads y while the tensor cores are busy, where the other order costs a whole
+        // extra read and write of y (measured 0.109 against 0.120 ms at 4096 x 1024 -> 6144).
+        int r = l->rank;
+        lora_scratch s = carve(scratch, T, in, r);
+        const bf16 *xa = lora_input(l, x, T, s.xd);
+        // u = scale drop(x) A^T, rounded once to bf16 to feed the next product
+        gemm_rm(false, true, T, r, in, l->scale, xa, in, (const bf16 *)l->A, in, 0.f, s.u, CUDA_R_16BF, r,
+                "lora down");
+        gemm_rm(false, true, T, out, r, 1.f, s.u, r, (const bf16 *)l->B, r, beta, y, ct, out, "lora up");
+        beta = 1.f;
+    }
+    // y = x W^T (+ y): the residual add for free when accumulating into the fp32 stream
+    gemm_rm(false, true, T, out, in, 1.f, x, in, W, in, beta, y, ct, out, "linear forward");
+}
+
+extern "C" void linear_backward_cuda(float *dx, const dt_bf16 *dy_, const dt_bf16 *x_, const cuda_linear *l, int64_t T,
+                                     void *scratch) {
+    if (T <= 0) return;
+    ensure_workspace();
+    const bf16 *dy = (const bf16 *)dy_, *x = (const bf16 *)x_, *W = (const bf16 *)l->W;
+    int64_t in = l->in, out = l->out;
+    // dx += dy W
+    if (dx) gemm_rm(false, false, T, in, out, 1.f, dy, out, W, in, 1.f, dx, CUDA_R_32F, in, "linear backward");
+    if (!has_lora(l)) return;
+    int r = l->rank;
+    const bf16 *A = (const bf16 *)l->A, *B = (const bf16 *)l->B;
+    lora_scratch s = carve(scratch, T, in, r);
+    bool want_ab = l->dA || l->dB;
+    const bf16 *xa = want_ab ? lora_input(l, x, T, s.xd) : x;
+    if (l->dB) {
+        // dB += scale dy^T u, u recomputed (with the same mask) rather than stored
+        gemm_rm(false, true, T, r, in, l->scale, xa, in, A, in, 0.f, s.u, CUDA_R_16BF, r, "lora down (recompute)");
+        gemm_rm(true, false, out, r, T, 1.f, dy, out, s.u, r, 1.f, l->dB, CUDA_R_32F, r, "lora dB");
+    }
+    if (!l->dA && !dx) return;
+    // g = scale dy B: the gradient of u before its scale, scaled once here for dA and dx
+    gemm_rm(false, false, T, r, out, l->scale, dy, out, B, r, 0.f, s.g, CUDA_R_16BF, r, "lora dy B");
+    if (l->dA) gemm_rm(true, false, r, in, T, 1.f, s.g, r, xa, in, 1.f, l->dA, CUDA_R_32F, in, "lora dA");
+    if (!dx) return;
+    if (l->dropout > 0)
+        lora_dx_dropout(dx, s.g, A, T, in, r, make_mask(l));
+    else
+        gemm_rm(false, false, T, in, r, 1.f, s.g, r, A, in, 1.f, dx, CUDA_R_32F, in, "lora dx");
+}

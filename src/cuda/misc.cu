@@ -1,0 +1,160 @@
+// Conversions, the residual add and the embedding lookup: memory-bound, so each thread moves
+// 16-byte vectors when the pointers allow it, with a scalar path for odd sizes and offsets.
+#include "cuda/cuda_internal.h"
+
+#define MISC_THREADS 256
+
+static inline bool aligned_to(const void *p, unsigned bytes) { return ((uintptr_t)p & (bytes - 1)) == 0; }
+
+// V consecutive values to and from fp32 registers.
+template <int V> static __device__ __forceinline__ void ldv(float *o, const float *p) {
+    if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++) {
+            float4 f = reinterpret_cast<const float4 *>(p)[k];
+            o[4 * k] = f.x, o[4 * k + 1] = f.y, o[4 * k + 2] = f.z, o[4 * k + 3] = f.w;
+        }
+    } else if constexpr (V == 2) {
+        float2 f = *reinterpret_cast<const float2 *>(p);
+        o[0] = f.x, o[1] = f.y;
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) o[k] = p[k];
+    }
+}
+template <int V> static __device__ __forceinline__ void stv(float *p, const float *o) {
+    if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++)
+            reinterpret_cast<float4 *>(p)[k] = make_float4(o[4 * k], o[4 * k + 1], o[4 * k + 2], o[4 * k + 3]);
+    } else if constexpr (V == 2) {
+        *reinterpret_cast<float2 *>(p) = make_float2(o[0], o[1]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) p[k] = o[k];
+    }
+}
+// bf16 vectors move as one 16- or 8-byte access (the caller guarantees the alignment).
+static __device__ __forceinline__ void unpack2(float *o, unsigned u) {
+    float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
+    o[0] = f.x, o[1] = f.y;
+}
+static __device__ __forceinline__ unsigned pack2(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<unsigned *>(&h);
+}
+template <int V> static __device__ __forceinline__ void ldv(float *o, const bf16 *p) {
+    if constexpr (V % 8 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 8; k++) {
+            uint4 u = reinterpret_cast<const uint4 *>(p)[k];
+            unpack2(o + 8 * k, u.x), unpack2(o + 8 * k + 2, u.y), unpack2(o + 8 * k + 4, u.z);
+            unpack2(o + 8 * k + 6, u.w);
+        }
+    } else if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++) {
+            uint2 u = reinterpret_cast<const uint2 *>(p)[k];
+            unpack2(o + 4 * k, u.x), unpack2(o + 4 * k + 2, u.y);
+        }
+    } else if constexpr (V % 2 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 2; k++) unpack2(o + 2 * k, reinterpret_cast<const unsigned *>(p)[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) o[k] = __bfloat162float(p[k]);
+    }
+}
+template <int V> static __device__ __forceinline__ void stv(bf16 *p, const float *o) {
+    if constexpr (V % 8 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 8; k++)
+            reinterpret_cast<uint4 *>(p)[k] = make_uint4(pack2(o[8 * k], o[8 * k + 1]), pack2(o[8 * k + 2], o[8 * k + 3]),
+                                                         pack2(o[8 * k + 4], o[8 * k + 5]),
+                                                         pack2(o[8 * k + 6], o[8 * k + 7]));
+    } else if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++)
+            reinterpret_cast<uint2 *>(p)[k] = make_uint2(pack2(o[4 * k], o[4 * k + 1]), pack2(o[4 * k + 2], o[4 * k + 3]));
+    } else if constexpr (V % 2 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 2; k++) reinterpret_cast<unsigned *>(p)[k] = pack2(o[2 * k], o[2 * k + 1]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) p[k] = __float2bfloat16(o[k]);
+    }
+}
+
+// y = x, converting types; V-wide chunks, then the n % V tail one at a time.
+template <int V, typename TO, typename TI> __global__ void convert_kernel(TO *y, const TI *x, int64_t n) {
+    int64_t stride = (int64_t)gridDim.x * blockDim.x, i0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    int64_t nv = n / V;
+    for (int64_t i = i0; i < nv; i += stride) {
+        float v[V];
+        ldv<V>(v, x + i * V);
+        stv<V>(y + i * V, v);
+    }
+    for (int64_t i = nv * V + i0; i < n; i += stride) st(y + i, ld(x + i));
+}
+
+template <int V> __global__ void add_kernel(float *y, const float *x, int64_t n) {
+    int64_t stride = (int64_t)gridDim.x * blockDim.x, i0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    int64_t nv = n / V;
+    for (int64_t i = i0; i < nv; i += stride) {
+        float a[V], b[V];
+        ldv<V>(a, y + i * V);
+        ldv<V>(b, x + i * V);
+#pragma unroll
+        for (int k = 0; k < V; k++) a[k] += b[k];
+        stv<V>(y + i * V, a);
+    }
+    for (int64_t i = nv * V + i0; i < n; i += stride) y[i] += x[i];
+}
+
+extern "C" void cuda_f32_to_bf16(dt_bf16 *y, const float *x, int64_t n) {
+    if (n <= 0) return;
+    bf16 *yb = (bf16 *)y;
+    if (aligned_to(x, 16) && aligned_to(y, 8))
+        convert_kernel<4><<<cuda_blocks(n / 4 + 1, MISC_THREADS), MISC_THREADS, 0, cuda_stream()>>>(yb, x, n);
+    else
+        convert_kernel<1><<<cuda_blocks(n, MISC_THREADS), MISC_THREADS, 0, cuda_stream()>>>(yb, x, n);
+}
+
+extern "C" void cuda_bf16_to_f32(float *y, const dt_bf16 *x, int64_t n) {
+    if (n <= 0) return;
+    const bf16 *xb = (const bf16 *)x;
+    if (aligned_to(x, 8) && aligned_to(y, 16))
+        convert_kernel<4><<<cuda_blocks(n / 4 + 1, MISC_THREADS), MISC_THREADS, 0, cuda_stream()>>>(y, xb, n);
+    else
+        convert_kernel<1><<<cuda_blocks(n, MISC_THREADS), MISC_THREADS, 0, cuda_stream()>>>(y, xb, n);
+}
+
+extern "C" void cuda_add_f32(float *y, const float *x, int64_t n) {
+    if (n <= 0) return;
+    if (aligned_to(x, 16) && aligned_to(y, 16))
+        add_kernel<4><<<cuda_blocks(n / 4 + 1, MISC_THREADS), MISC_THREADS, 0, cuda_stream()>>>(y, x, n);
+    else
+        add_kernel<1><<<cuda_blocks(n, MISC_THREADS), MISC_THREADS, 0, cuda_stream()>>>(y, x, n);
+}
+
+// One V-wide chunk of a row per thread; the row's id is read once per chunk (cached).
+template <int V> __global__ void embedding_kernel(float *out, const int32_t *ids, int64_t T, const bf16 *E, int H) {
+    int64_t per_row = H / V, n = T * per_row;
+    int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += stride) {
+        int64_t t = i / per_row, c = (i - t * per_row) * V;
+        float v[V];
+        ldv<V>(v, E + (int64_t)__ldg(ids + t) * H + c);
+        stv<V>(out + t * H + c, v);
+    }
+}
+
+extern "C" void embedding_forward_cuda(float *out, const int32_t *ids, int64_t T, const dt_bf16 *E, int H) {
+    if (T <= 0 || H <= 0) return;
+    const bf16 *Eb = (const bf16 *)E;
+    if (H % 8 == 0 && aligned_to(E, 16) && aligned_to(out, 16))
+        embedding_kernel<8><<<cuda_blocks(T * (H / 8), MISC_THREADS), MISC_THREADS, 0, cuda_stream()>>>(out, ids, T,
+                                                                                                      Eb, H);
+    else
+        embedding_kernel<1><<<cuda_blocks(T * H, MISC_THREADS), MISC_THREADS, 0, cuda_stream()>>>(out, ids, T, Eb, H);
+}

@@ -1,0 +1,932 @@
+/* The Qwen3.5 decoder on the GPU, wired from the CUDA ops as src/model/qwen35.c wires the
+ * CPU ones, layer for layer: the CPU model is the reference this is tested against
+ * (tests/cuda/test_model.c). Weights live on the device in bf16; the residual stream and
+ * its gradient in fp32; layer activations in bf16 (see cuda_ops.h for the type rules). */
+#include "deltatune/qwen35_cuda.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "deltatune/cuda_ops.h"
+#include "deltatune/dtype.h"
+#include "deltatune/error.h"
+#include "deltatune/mem.h"
+#include "deltatune/quant.h"
+
+typedef struct {
+    cuda_linear mlp_gate, mlp_up, mlp_down;
+    cuda_linear lin_qkv, lin_z, lin_b, lin_a, lin_out;
+    cuda_linear att_q, att_k, att_v, att_o;
+    float *input_norm, *post_norm, *conv, *dt_bias, *a_log, *lin_norm, *q_norm, *k_norm;
+} gpu_layer;
+
+/* One LoRA of the host model. Its device arrays live at `off` in the contiguous LoRA blocks
+ * (A then B), so an upload, a download or an optimiser step is one operation for all of them. */
+typedef struct {
+    dt_lora *host;
+    cuda_linear *lin;
+    int64_t off, na, nb;
+} gpu_lora;
+
+/* One layer's forward activations (a layer is DeltaNet or attention: the mixer fields of the
+ * other kind stay NULL-sized views into the same region). */
+typedef struct {
+    dt_bf16 *xn1, *xn2, *gate, *up, *m;
+    float *h_mid;
+    dt_bf16 *mixed, *conv, *qkv, *z, *o_raw, *o_norm, *b, *a;
+    float *beta, *g;
+    dt_bf16 *qg, *q, *k_pre, *k, *v, *att, *att_g;
+    float *lse;
+    void *block;
+} gpu_acts;
+
+/* The backward's buffers; the MLP part and the mixer part are never live together and
+ * share one region. */
+typedef struct {
+    float *dh_mid, *dxn1, *dxn2;        /* [N, H] fp32 */
+    dt_bf16 *dy_bf;                     /* [N, H]: a residual gradient as a product's input */
+    /* MLP */
+    float *dm;
+    dt_bf16 *dgate, *dup;
+    /* Gated DeltaNet */
+    float *do_norm, *do_raw, *dqkv, *dconv, *dbeta, *dg;
+    dt_bf16 *dz, *dmixed, *db, *da;
+    /* attention */
+    float *datt_g, *dq, *dk, *dv;
+    dt_bf16 *datt, *dqg, *dk_pre, *dv_bf;
+    void *block;
+} gpu_grads;
+
+struct qwen35_cuda {
+    qwen35_config cfg;
+    dt_bf16 *embed, *lm_head;
+    float *final_norm;
+    gpu_layer *layers;
+    int64_t weight_bytes;
+    gpu_lora *loras;
+    int n_loras;
+    int64_t lora_params;        /* P: every A and B */
+    dt_bf16 *lora_bf16;         /* [P] the copies the products read */
+    float *lora_grad;           /* [P] fp32 gradients, accumulated */
+    float *stage;               /* host [P] for transfers */
+    uint16_t *stage16;          /* host [P] bf16 */
+    /* with the optimiser on the device (qwen35_cuda_optim_upload): fp32 masters and moments */
+    float *lora_master, *lora_m, *lora_v;
+    double *norm_acc;
+    /* the workspace, sized for cap_tokens tokens and sequences up to cap_seq */
+    int64_t cap_tokens, cap_seq, cap_seqs;
+    int n_acts;
+    bool training;
+    gpu_acts *acts;
+    gpu_grads grads;
+    float *h32;                 /* 2 x [N, H]: the fp32 residual stream (a layer's input and output) */
+    dt_bf16 *hs;                /* training: [n_layers, N, H], each layer's input kept in bf16 for
+                                   the backward (the forward itself carries fp32) */
+    float *dh, *dh2;            /* [N, H] */
+    dt_bf16 *hf;                /* [N, H] final-normed */
+    void *scratch;
+    size_t scratch_bytes;
+    int64_t ce_chunk;           /* tokens per LM-head chunk of the current call */
+    int32_t *ids, *pos, *targets, *seq_starts;   /* device */
+    double *loss;               /* device */
+    int32_t *pos_host, *targets_host, *starts_host;
+    int *lens_host;
+    bool profile;
+    int64_t calls;              /* training calls so far: the first (warm-up) is not profiled */
+};
+
+#define PROF(name, stmt) \
+    do {                 \
+        cuda_prof_push(name); \
+        stmt;            \
+        cuda_prof_pop(); \
+    } while (0)
+
+bool qwen35_cuda_available(void) { return cuda_device_count() > 0; }
+const char *qwen35_cuda_device_name(void) { return cuda_device_name(); }
+
+/* ---------------------------------------------------------------- weights */
+
+/* A device bf16 copy of any weight (F32, F16, BF16 or quantized), converted a block of rows at a
+ * time. (A quantized base is dequantized here: the GPU path has no quantized products yet.) */
+static int upload_bf16(dt_bf16 **dst, const dt_weight *w, int64_t *bytes) {
+    int64_t n = w->rows * w->cols;
+    if (cuda_alloc((void **)dst, sizeof(dt_bf16) * (size_t)n)) return -1;
+    *bytes += 2 * n;
+    if (w->dtype == DT_BF16 && !w->qbits) return cuda_upload(*dst, w->data, sizeof(dt_bf16) * (size_t)n);
+    int64_t br = (1 << 20) / (w->cols > 0 ? w->cols : 1);
+    br = br < 1 ? 1 : br;
+    float *f = malloc(sizeof(float) * (size_t)(br * w->cols));
+    uint16_t *b = malloc(sizeof(uint16_t) * (size_t)(br * w->cols));
+    int rc = f && b ? 0 : dt_err("out of memory converting a weight");
+    for (int64_t r0 = 0; rc == 0 && r0 < w->rows; r0 += br) {
+        int64_t nr = w->rows - r0 < br ? w->rows - r0 : br;
+        dt_weight_rows_f32(f, w, r0, nr);
+        dt_from_f32(b, DT_BF16, f, (size_t)(nr * w->cols));
+        rc = cuda_upload(*dst + r0 * w->cols, b, sizeof(uint16_t) * (size_t)(nr * w->cols));
+    }
+    free(f);
+    free(b);
+    return rc;
+}
+
+static int upload_f32(float **dst, const float *src, int64_t n, int64_t *bytes) {
+    if (!src) {
+        *dst = NULL;
+        return 0;
+    }
+    *bytes += 4 * n;
+    if (cuda_alloc((void **)dst, sizeof(float) * (size_t)n)) return -1;
+    return cuda_upload(*dst, src, sizeof(float) * (size_t)n);
+}
+
+static int upload_linear(cuda_linear *g, const dt_linear *l, int64_t *bytes) {
+    memset(g, 0, sizeof *g);
+    if (!l->w.data) return 0;
+    g->in = l->w.cols;
+    g->out = l->w.rows;
+    return upload_bf16((dt_bf16 **)&g->W, &l->w, bytes);
+}
+
+#define LAYER_LINEARS(X) \
+    X(mlp_gate) X(mlp_up) X(mlp_down) X(lin_qkv) X(lin_z) X(lin_b) X(lin_a) X(lin_out) X(att_q) X(att_k) X(att_v) X(att_o)
+
+int qwen35_cuda_create(qwen35_cuda **out, const qwen35_model *m) {
+    *out = NULL;
+    if (cuda_init()) return -1;
+    if (m->cfg.lin_k_head_dim > 256)
+        return dt_err("the CUDA Gated DeltaNet supports key heads of up to 256, this model has %d",
+                      m->cfg.lin_k_head_dim);
+    qwen35_cuda *g = calloc(1, sizeof *g);
+    if (!g) return dt_err("out of memory");
+    const qwen35_config *c = &m->cfg;
+    g->cfg = *c;
+    g->profile = getenv("DT_CUDA_PROFILE") && *getenv("DT_CUDA_PROFILE") && strcmp(getenv("DT_CUDA_PROFILE"), "0");
+    cuda_prof_enable(g->profile);
+    g->layers = calloc(c->n_layers, sizeof *g->layers);
+    int rc = g->layers ? 0 : dt_err("out of memory");
+    int64_t H = c->hidden_size, *wb = &g->weight_bytes;
+    if (rc == 0) rc = upload_bf16(&g->embed, &m->embed, wb);
+    if (rc == 0) {
+        if (m->lm_head.data == m->embed.data) g->lm_head = g->embed;
+        else rc = upload_bf16(&g->lm_head, &m->lm_head, wb);
+    }
+    if (rc == 0) rc = upload_f32(&g->final_norm, m->final_norm, H, wb);
+    int64_t dv = c->lin_v_head_dim, hd = c->head_dim, cd = 2 * (int64_t)c->lin_n_k_heads * c->lin_k_head_dim +
+                                                          (int64_t)c->lin_n_v_heads * dv;
+    for (int l = 0; rc == 0 && l < c->n_layers; l++) {
+        const qwen35_layer *L = &m->layers[l];
+        gpu_layer *G = &g->layers[l];
+#define UP(name) \
+        if (rc == 0) rc = upload_linear(&G->name, &L->name, wb);
+        LAYER_LINEARS(UP)
+#undef UP
+        if (rc == 0) rc = upload_f32(&G->input_norm, L->input_norm, H, wb);
+        if (rc == 0) rc = upload_f32(&G->post_norm, L->post_norm, H, wb);
+        if (rc == 0) rc = upload_f32(&G->conv, L->conv, cd * c->conv_kernel, wb);
+        if (rc == 0) rc = upload_f32(&G->dt_bias, L->dt_bias, c->lin_n_v_heads, wb);
+        if (rc == 0) rc = upload_f32(&G->a_log, L->a_log, c->lin_n_v_heads, wb);
+        if (rc == 0) rc = upload_f32(&G->lin_norm, L->lin_norm, dv, wb);
+        if (rc == 0) rc = upload_f32(&G->q_norm, L->q_norm, hd, wb);
+        if (rc == 0) rc = upload_f32(&G->k_norm, L->k_norm, hd, wb);
+    }
+    if (rc) {
+        qwen35_cuda_free(g);
+        return dt_err_wrap("uploading the model to %s", cuda_device_name());
+    }
+    *out = g;
+    return 0;
+}
+
+static void free_workspace(qwen35_cuda *g) {
+    for (int i = 0; i < g->n_acts; i++) cuda_free(g->acts[i].block);
+    free(g->acts);
+    g->acts = NULL;
+    g->n_acts = 0;
+    cuda_free(g->grads.block);
+    memset(&g->grads, 0, sizeof g->grads);
+    void *dev[] = {g->h32, g->hs, g->dh, g->dh2, g->hf, g->scratch, g->ids, g->seq_starts, g->loss};  /* pos, targets: in ids */
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) cuda_free(dev[i]);
+    g->h32 = g->dh = g->dh2 = NULL;
+    g->hs = NULL;
+    g->hf = NULL;
+    g->scratch = NULL;
+    g->ids = g->pos = g->targets = g->seq_starts = NULL;
+    g->loss = NULL;
+    free(g->pos_host);
+    free(g->starts_host);
+    free(g->lens_host);
+    g->pos_host = g->targets_host = g->starts_host = NULL;
+    g->lens_host = NULL;
+    g->cap_tokens = g->cap_seq = g->cap_seqs = 0;
+}
+
+void qwen35_cuda_free(qwen35_cuda *g) {
+    if (!g) return;
+    free_workspace(g);
+    if (g->lm_head != g->embed) cuda_free(g->lm_head);
+    cuda_free(g->embed);
+    cuda_free(g->final_norm);
+    for (int l = 0; g->layers && l < g->cfg.n_layers; l++) {
+        gpu_layer *G = &g->layers[l];
+#define FREE(name) cuda_free((void *)G->name.W);
+        LAYER_LINEARS(FREE)
+#undef FREE
+        float *v[] = {G->input_norm, G->post_norm, G->conv, G->dt_bias, G->a_log, G->lin_norm, G->q_norm, G->k_norm};
+        for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) cuda_free(v[i]);
+    }
+    void *lora[] = {g->lora_bf16, g->lora_grad, g->lora_master, g->lora_m, g->lora_v, g->norm_acc};
+    for (size_t i = 0; i < sizeof lora / sizeof lora[0]; i++) cuda_free(lora[i]);
+    free(g->loras);
+    free(g->stage);
+    free(g->stage16);
+    free(g->layers);
+    free(g);
+}
+
+/* ---------------------------------------------------------------- LoRA */
+
+static cuda_linear *gpu_linear_of(gpu_layer *G, const qwen35_layer *L, const dt_linear *l) {
+#define MATCH(name) \
+    if (l == &L->name) return &G->name;
+    LAYER_LINEARS(MATCH)
+#undef MATCH
+    return NULL;
+}
+
+/* Finds every attached LoRA of m once and lays them out in the contiguous blocks. */
+static int bind_loras(qwen35_cuda *g, const qwen35_model *m) {
+    int n = 0;
+    for (int l = 0; l < g->cfg.n_layers; l++) {
+        const qwen35_layer *L = &m->layers[l];
+#define COUNT(name) n += L->name.lora != NULL;
+        LAYER_LINEARS(COUNT)
+#undef COUNT
+    }
+    g->loras = calloc(n > 0 ? n : 1, sizeof *g->loras);
+    if (!g->loras) return dt_err("out of memory");
+    int64_t P = 0;
+    for (int l = 0; l < g->cfg.n_layers; l++) {
+        const qwen35_layer *L = &m->layers[l];
+        const dt_linear *all[] = {&L->mlp_gate, &L->mlp_up, &L->mlp_down, &L->lin_qkv, &L->lin_z, &L->lin_b,
+                                  &L->lin_a,    &L->lin_out, &L->att_q,   &L->att_k,   &L->att_v, &L->att_o};
+        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+            if (!all[i]->lora) continue;
+            gpu_lora *s = &g->loras[g->n_loras++];
+            s->host = (dt_lora *)all[i]->lora;  /* the model holds them const; the gradients are ours to add */
+            s->lin = gpu_linear_of(&g->layers[l], L, all[i]);
+            s->off = P;
+            s->na = (int64_t)s->host->rank * s->host->in;
+            s->nb = s->host->out * (int64_t)s->host->rank;
+            P += s->na + s->nb;
+        }
+    }
+    g->lora_params = P;
+    g->stage = malloc(sizeof(float) * (size_t)(P > 0 ? P : 1));
+    g->stage16 = malloc(sizeof(uint16_t) * (size_t)(P > 0 ? P : 1));
+    if (!g->stage || !g->stage16) return dt_err("out of memory");
+    if (cuda_alloc((void **)&g->lora_bf16, sizeof(dt_bf16) * (size_t)P) ||
+        cuda_alloc((void **)&g->lora_grad, sizeof(float) * (size_t)P) ||
+        cuda_alloc((void **)&g->norm_acc, sizeof(double)) || cuda_zero(g->lora_grad, sizeof(float) * (size_t)P))
+        return -1;
+    return 0;
+}
+
+/* Every LoRA's A and B, or their gradients, to or from the host, through the staging buffer. */
+static void gather(qwen35_cuda *g, bool grads) {
+    for (int i = 0; i < g->n_loras; i++) {
+        const gpu_lora *s = &g->loras[i];
+        memcpy(g->stage + s->off, grads ? s->host->dA : s->host->A, sizeof(float) * (size_t)s->na);
+        memcpy(g->stage + s->off + s->na, grads ? s->host->dB : s->host->B, sizeof(float) * (size_t)s->nb);
+    }
+}
+
+int qwen35_cuda_sync_lora(qwen35_cuda *g, const qwen35_model *m) {
+    double t0 = dt_seconds();
+    if (!g->loras && bind_loras(g, m)) return dt_err_wrap("preparing the LoRA on %s", cuda_device_name());
+    if (g->lora_master) return 0;  /* the device's masters are the current ones */
+    gather(g, false);
+    dt_from_f32(g->stage16, DT_BF16, g->stage, (size_t)g->lora_params);
+    if (cuda_upload(g->lora_bf16, g->stage16, sizeof(dt_bf16) * (size_t)g->lora_params)) return -1;
+    cuda_prof_add_host("host.lora_upload", 1e3 * (dt_seconds() - t0));
+    return 0;
+}
+
+/* The per-call LoRA settings (the trainer draws a new dropout seed per micro-batch). */
+static void refresh_loras(qwen35_cuda *g, bool want_grads) {
+    for (int i = 0; i < g->n_loras; i++) {
+        gpu_lora *s = &g->loras[i];
+        cuda_linear *l = s->lin;
+        l->rank = s->host->rank;
+        l->scale = (float)s->host->scale;
+        l->dropout = (float)s->host->dropout;
+        l->dropout_seed = s->host->dropout_seed;
+        l->A = g->lora_bf16 + s->off;
+        l->B = g->lora_bf16 + s->off + s->na;
+        l->dA = want_grads && s->host->dA ? g->lora_grad + s->off : NULL;
+        l->dB = want_grads && s->host->dB ? g->lora_grad + s->off + s->na : NULL;
+    }
+}
+
+/* Without the device optimiser: adds the device gradients into the host LoRAs' and clears them. */
+static int collect_lora_grads(qwen35_cuda *g) {
+    size_t bytes = sizeof(float) * (size_t)g->lora_params;
+    if (cuda_download(g->stage, g->lora_grad, bytes) || cuda_zero(g->lora_grad, bytes)) return -1;
+    for (int i = 0; i < g->n_loras; i++) {
+        const gpu_lora *s = &g->loras[i];
+        const float *src = g->stage + s->off;
+        if (s->host->dA)
+            for (int64_t j = 0; j < s->na; j++) s->host->dA[j] += src[j];
+        if (s->host->dB)
+            for (int64_t j = 0; j < s->nb; j++) s->host->dB[j] += src[s->na + j];
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the optimiser on the device */
+
+static gpu_lora *lora_of(qwen35_cuda *g, const dt_lora *l) {
+    for (int i = 0; i < g->n_loras; i++)
+        if (g->loras[i].host == l) return &g->loras[i];
+    return NULL;
+}
+
+int qwen35_cuda_optim_upload(qwen35_cuda *g, const qwen35_model *m, dt_lora *const *loras, float *const *moments,
+                             int n) {
+    if (!g->loras && bind_loras(g, m)) return dt_err_wrap("preparing the LoRA on %s", cuda_device_name());
+    if (n != g->n_loras) return dt_err("the optimiser has %d LoRAs, the model %d", n, g->n_loras);
+    size_t P = (size_t)g->lora_params, bytes = sizeof(float) * P;
+    if (!g->lora_master && (cuda_alloc((void **)&g->lora_master, bytes) || cuda_alloc((void **)&g->lora_m, bytes) ||
+                            cuda_alloc((void **)&g->lora_v, bytes)))
+        return -1;
+    float *dev[3] = {g->lora_master, g->lora_m, g->lora_v};
+    for (int k = 0; k < 3; k++) {
+        for (int i = 0; i < n; i++) {
+            const gpu_lora *s = lora_of(g, loras[i]);
+            if (!s) return dt_err("LoRA %d of the optimiser is not attached to the model", i);
+            const float *a = k == 0 ? loras[i]->A : moments[4 * i + (k - 1)];  /* m_A or v_A */
+            const float *b = k == 0 ? loras[i]->B : moments[4 * i + 2 + (k - 1)];
+            memcpy(g->stage + s->off, a, sizeof(float) * (size_t)s->na);
+            memcpy(g->stage + s->off + s->na, b, sizeof(float) * (size_t)s->nb);
+        }
+        if (cuda_upload(dev[k], g->stage, bytes)) return -1;
+    }
+    /* the bf16 copies from the masters just uploaded */
+    gather(g, false);
+    dt_from_f32(g->stage16, DT_BF16, g->stage, P);
+    return cuda_upload(g->lora_bf16, g->stage16, sizeof(dt_bf16) * P);
+}
+
+int qwen35_cuda_optim_download(qwen35_cuda *g, dt_lora *const *loras, float *const *moments, int n) {
+    if (!g->lora_master) return 0;
+    float *dev[3] = {g->lora_master, g->lora_m, g->lora_v};
+    for (int k = 0; k < 3; k++) {
+        if (cuda_download(g->stage, dev[k], sizeof(float) * (size_t)g->lora_params)) return -1;
+        for (int i = 0; i < n; i++) {
+            const gpu_lora *s = lora_of(g, loras[i]);
+            if (!s) return dt_err("LoRA %d of the optimiser is not attached to the model", i);
+            float *a = k == 0 ? loras[i]->A : moments[4 * i + (k - 1)];
+            float *b = k == 0 ? loras[i]->B : moments[4 * i + 2 + (k - 1)];
+            memcpy(a, g->stage + s->off, sizeof(float) * (size_t)s->na);
+            memcpy(b, g->stage + s->off + s->na, sizeof(float) * (size_t)s->nb);
+        }
+    }
+    return 0;
+}
+
+int qwen35_cuda_grad_norm(qwen35_cuda *g, double *norm) {
+    double sum = 0;
+    if (cuda_zero(g->norm_acc, sizeof(double))) return -1;
+    sum_squares_cuda(g->norm_acc, g->lora_grad, g->lora_params);
+    if (cuda_download(&sum, g->norm_acc, sizeof(double)) || cuda_check("the gradient norm")) return -1;
+    *norm = sqrt(sum);
+    return 0;
+}
+
+int qwen35_cuda_adamw(qwen35_cuda *g, int64_t step, double lr, const adamw_config *c, double grad_mul) {
+    if (!g->lora_master) return dt_err("the optimiser state is not on the device (qwen35_cuda_optim_upload)");
+    adamw_update_cuda(g->lora_master, g->lora_grad, g->lora_m, g->lora_v, g->lora_bf16, g->lora_params, step, lr,
+                      c->beta1, c->beta2, c->eps, c->weight_decay, (float)grad_mul);
+    return cuda_check("the AdamW update");
+}
+
+/* ---------------------------------------------------------------- workspace */
+
+typedef struct {
+    int64_t H, I, Hv, kd, vd, cd, qd, kvd, nh;
+} dims;
+
+static dims dims_of(const qwen35_config *c) {
+    dims d;
+    d.H = c->hidden_size;
+    d.I = c->intermediate_size;
+    d.Hv = c->lin_n_v_heads;
+    d.kd = (int64_t)c->lin_n_k_heads * c->lin_k_head_dim;
+    d.vd = d.Hv * c->lin_v_head_dim;
+    d.cd = 2 * d.kd + d.vd;
+    d.qd = (int64_t)c->n_heads * c->head_dim;
+    d.kvd = (int64_t)c->n_kv_heads * c->head_dim;
+    d.nh = c->n_heads;
+    return d;
+}
+
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+/* Carves typed arrays out of one allocation, each 256-byte aligned. With base NULL it only
+ * counts the bytes. */
+typedef struct {
+    char *base;
+    size_t off;
+} carver;
+
+static void *carve(carver *k, size_t bytes) {
+    void *p = k->base ? k->base + k->off : NULL;
+    k->off += (bytes + 255) & ~(size_t)255;
+    return p;
+}
+
+static size_t acts_layout(gpu_acts *a, const dims *d, int64_t N, char *base) {
+    carver k = {base, 0};
+    size_t B2 = 2 * (size_t)N, B4 = 4 * (size_t)N;
+    a->xn1 = carve(&k, B2 * d->H);
+    a->xn2 = carve(&k, B2 * d->H);
+    a->h_mid = carve(&k, B4 * d->H);
+    a->gate = carve(&k, B2 * d->I);
+    a->up = carve(&k, B2 * d->I);
+    a->m = carve(&k, B2 * d->I);
+    carver mix = k;  /* the mixers share what follows */
+    a->mixed = carve(&k, B2 * d->cd);
+    a->conv = carve(&k, B2 * d->cd);
+    a->qkv = carve(&k, B2 * d->cd);
+    a->z = carve(&k, B2 * d->vd);
+    a->o_raw = carve(&k, B2 * d->vd);
+    a->o_norm = carve(&k, B2 * d->vd);
+    a->b = carve(&k, B2 * d->Hv);
+    a->a = carve(&k, B2 * d->Hv);
+    a->beta = carve(&k, B4 * d->Hv);
+    a->g = carve(&k, B4 * d->Hv);
+    size_t gdn_end = k.off;
+    k = mix;
+    a->qg = carve(&k, B2 * 2 * d->qd);
+    a->q = carve(&k, B2 * d->qd);
+    a->k_pre = carve(&k, B2 * d->kvd);
+    a->k = carve(&k, B2 * d->kvd);
+    a->v = carve(&k, B2 * d->kvd);
+    a->att = carve(&k, B2 * d->qd);
+    a->att_g = carve(&k, B2 * d->qd);
+    a->lse = carve(&k, B4 * d->nh);
+    return k.off > gdn_end ? k.off : gdn_end;
+}
+
+static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, char *base) {
+    carver k = {base, 0};
+    size_t B2 = 2 * (size_t)N, B4 = 4 * (size_t)N;
+    g->dh_mid = carve(&k, B4 * d->H);
+    g->dxn1 = carve(&k, B4 * d->H);
+    g->dxn2 = carve(&k, B4 * d->H);
+    g->dy_bf = carve(&k, B2 * d->H);
+    carver shared = k;
+    g->dm = carve(&k, B4 * d->I);
+    g->dgate = carve(&k, B2 * d->I);
+    g->dup = carve(&k, B2 * d->I);
+    size_t end = k.off;
+    k = shared;
+    /* buffers whose lives do not overlap share memory: do_norm is dead before the recurrence's
+     * backward writes dqkv, dmixed is written once do_raw is dead, and the L2-norm backward turns
+     * dqkv into dconv in place */
+    char *early = carve(&k, max_sz(B4 * d->vd, B2 * d->cd));
+    g->do_raw = (float *)early;
+    g->dmixed = (dt_bf16 *)early;
+    g->dz = carve(&k, B2 * d->vd);
+    g->dqkv = carve(&k, B4 * max_sz(d->cd, d->vd));
+    g->do_norm = g->dqkv;
+    g->dconv = g->dqkv;
+    g->dbeta = carve(&k, B4 * d->Hv);
+    g->dg = carve(&k, B4 * d->Hv);
+    g->db = carve(&k, B2 * d->Hv);
+    g->da = carve(&k, B2 * d->Hv);
+    end = k.off > end ? k.off : end;
+    k = shared;
+    g->datt_g = carve(&k, B4 * d->qd);
+    g->datt = carve(&k, B2 * d->qd);
+    g->dqg = carve(&k, B2 * 2 * d->qd);
+    g->dq = carve(&k, B4 * d->qd);
+    g->dk = carve(&k, B4 * d->kvd);
+    g->dv = carve(&k, B4 * d->kvd);
+    g->dk_pre = carve(&k, B2 * d->kvd);
+    g->dv_bf = carve(&k, B2 * d->kvd);
+    return k.off > end ? k.off : end;
+}
+
+/* The largest scratch any op but the LM head needs (they run one after another). */
+static size_t scratch_other(const qwen35_cuda *g, int64_t N, int64_t T, int64_t n_seqs) {
+    const qwen35_config *c = &g->cfg;
+    dims d = dims_of(c);
+    int rank = 0;
+    for (int i = 0; i < g->n_loras; i++) rank = g->loras[i].host->rank > rank ? g->loras[i].host->rank : rank;
+    size_t s = 0;
+    int64_t ins[] = {d.H, d.I, d.vd, d.qd};
+    for (size_t i = 0; i < sizeof ins / sizeof ins[0]; i++) s = max_sz(s, linear_scratch_bytes_cuda(N, ins[i], rank));
+    cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};
+    s = max_sz(s, deltanet_scratch_bytes_cuda((int)n_seqs, (int)T, dd));
+    return max_sz(s, attention_scratch_bytes_cuda((int)T, c->n_heads, c->n_kv_heads, c->head_dim));
+}
+
+/* Tokens per LM-head chunk: at least the model's setting (--ce-chunk; 0: all at once), and as
+ * many more as fit in the scratch the other ops need anyway: a longer chunk keeps the product
+ * busier at no cost in memory. */
+static int64_t ce_chunk_for(const qwen35_cuda *g, const qwen35_model *m, int64_t N, size_t other) {
+    if (m->ce_chunk <= 0 || m->ce_chunk >= N) return N;
+    int64_t c = m->ce_chunk;
+    while (c < N && lmhead_ce_scratch_bytes_cuda(c + 1, g->cfg.vocab_size, g->cfg.hidden_size) <= other) c++;
+    return c;
+}
+
+static size_t scratch_need(const qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, int64_t n_seqs,
+                           int64_t *ce_chunk) {
+    size_t other = scratch_other(g, N, T, n_seqs);
+    *ce_chunk = ce_chunk_for(g, m, N, other);
+    return max_sz(other, lmhead_ce_scratch_bytes_cuda(*ce_chunk, g->cfg.vocab_size, g->cfg.hidden_size));
+}
+
+static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, int64_t n_seqs, int n_acts,
+                   bool training) {
+    int64_t ce_chunk = 0;
+    size_t need_scratch = scratch_need(g, m, N, T, n_seqs, &ce_chunk);
+    g->ce_chunk = ce_chunk;  /* for this call's N, within the scratch reserved below or before */
+    if (g->cap_tokens >= N && g->cap_seq >= T && g->cap_seqs >= n_seqs && g->n_acts >= n_acts &&
+        (!training || g->training) && g->scratch_bytes >= need_scratch)
+        return 0;
+    N = N > g->cap_tokens ? N : g->cap_tokens;
+    T = T > g->cap_seq ? T : g->cap_seq;
+    n_seqs = n_seqs > g->cap_seqs ? n_seqs : g->cap_seqs;
+    n_acts = n_acts > g->n_acts ? n_acts : g->n_acts;
+    training = training || g->training;
+    free_workspace(g);
+    const qwen35_config *c = &g->cfg;
+    dims d = dims_of(c);
+    int64_t H = c->hidden_size;
+    g->acts = calloc(n_acts, sizeof *g->acts);
+    g->pos_host = malloc(sizeof(int32_t) * 2 * N);
+    g->starts_host = malloc(sizeof(int32_t) * (n_seqs + 1));
+    g->lens_host = malloc(sizeof(int) * n_seqs);
+    if (!g->acts || !g->pos_host || !g->starts_host || !g->lens_host) return dt_err("out of memory");
+    g->targets_host = g->pos_host + N;
+    g->scratch_bytes = scratch_need(g, m, N, T, n_seqs, &ce_chunk);
+    int rc = cuda_alloc(&g->scratch, g->scratch_bytes);
+    for (int i = 0; rc == 0 && i < n_acts; i++) {
+        size_t bytes = acts_layout(&g->acts[i], &d, N, NULL);
+        rc = cuda_alloc(&g->acts[i].block, bytes);
+        if (rc == 0) acts_layout(&g->acts[i], &d, N, g->acts[i].block), g->n_acts++;
+    }
+    if (rc == 0) rc = cuda_alloc((void **)&g->h32, sizeof(float) * (size_t)(2 * N * H));
+    if (rc == 0 && training)
+        rc = cuda_alloc((void **)&g->hs, sizeof(dt_bf16) * (size_t)(c->n_layers * N * H));
+    if (rc == 0) rc = cuda_alloc((void **)&g->hf, sizeof(dt_bf16) * (size_t)(N * H));
+    if (rc == 0) rc = cuda_alloc((void **)&g->ids, sizeof(int32_t) * 3 * (size_t)N);
+    if (rc == 0) rc = cuda_alloc((void **)&g->seq_starts, sizeof(int32_t) * (size_t)(n_seqs + 1));
+    if (rc == 0) rc = cuda_alloc((void **)&g->loss, sizeof(double));
+    if (rc == 0 && training) {
+        rc = cuda_alloc((void **)&g->dh, sizeof(float) * (size_t)(N * H));
+        if (rc == 0) rc = cuda_alloc((void **)&g->dh2, sizeof(float) * (size_t)(N * H));
+        size_t bytes = grads_layout(&g->grads, &d, N, NULL);
+        if (rc == 0) rc = cuda_alloc(&g->grads.block, bytes);
+        if (rc == 0) grads_layout(&g->grads, &d, N, g->grads.block);
+    }
+    if (rc) {
+        free_workspace(g);
+        return dt_err_wrap("the GPU workspace for %lld tokens", (long long)N);
+    }
+    g->pos = g->ids + N;
+    g->targets = g->ids + 2 * N;
+    g->cap_tokens = N;
+    g->cap_seq = T;
+    g->cap_seqs = n_seqs;
+    g->training = training;
+    return 0;
+}
+
+/* Checks the batch as the CPU model does, then uploads ids, positions, targets and starts. */
+static int prepare(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b, int n_acts, bool training,
+                   int64_t *n_targets) {
+    int64_t total = 0, longest = 0;
+    for (int s = 0; s < b->n_seqs; s++) {
+        if (b->seq_lens[s] <= 0) return dt_err("sequence %d of the batch is empty", s);
+        total += b->seq_lens[s];
+        longest = b->seq_lens[s] > longest ? b->seq_lens[s] : longest;
+    }
+    if (total != b->n_tokens || total == 0)
+        return dt_err("batch lengths add to %lld, not %d tokens", (long long)total, b->n_tokens);
+    int V = g->cfg.vocab_size;
+    const int32_t *labels = b->labels ? b->labels : b->ids;
+    for (int64_t t = 0; t < total; t++) {
+        if (b->ids[t] < 0 || b->ids[t] >= V)
+            return dt_err("token id %d at position %lld is outside the vocabulary [0, %d)", b->ids[t], (long long)t, V);
+        if (labels[t] >= V)
+            return dt_err("label %d at position %lld is outside the vocabulary [0, %d)", labels[t], (long long)t, V);
+    }
+    if (reserve(g, m, total, longest, b->n_seqs, n_acts, training)) return -1;
+    int64_t off = 0, count = 0;
+    for (int s = 0; s < b->n_seqs; s++) {
+        g->starts_host[s] = (int32_t)off;
+        g->lens_host[s] = b->seq_lens[s];
+        for (int t = 0; t < b->seq_lens[s]; t++) {
+            g->pos_host[off + t] = t;
+            int32_t y = t + 1 < b->seq_lens[s] ? labels[off + t + 1] : -1;
+            g->targets_host[off + t] = y < 0 ? -1 : y;
+            count += y >= 0;
+        }
+        off += b->seq_lens[s];
+    }
+    g->starts_host[b->n_seqs] = (int32_t)off;
+    *n_targets = count;
+    if (cuda_upload(g->ids, b->ids, sizeof(int32_t) * (size_t)total) ||
+        cuda_upload(g->pos, g->pos_host, sizeof(int32_t) * (size_t)total) ||
+        cuda_upload(g->targets, g->targets_host, sizeof(int32_t) * (size_t)total) ||
+        cuda_upload(g->seq_starts, g->starts_host, sizeof(int32_t) * (size_t)(b->n_seqs + 1)) ||
+        cuda_zero(g->loss, sizeof(double)))
+        return -1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- forward */
+
+typedef struct {
+    int64_t N;
+    int n_seqs, max_len;
+} call;
+
+static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, gpu_acts *a) {
+    const qwen35_config *c = &g->cfg;
+    dims d = dims_of(c);
+    int64_t N = k->N;
+    void *s = g->scratch;
+    PROF("fwd.gdn.in_proj", {
+        linear_forward_cuda(a->mixed, CUDA_BF16, 0, a->xn1, &L->lin_qkv, N, s);
+        linear_forward_cuda(a->z, CUDA_BF16, 0, a->xn1, &L->lin_z, N, s);
+        linear_forward_cuda(a->b, CUDA_BF16, 0, a->xn1, &L->lin_b, N, s);
+        linear_forward_cuda(a->a, CUDA_BF16, 0, a->xn1, &L->lin_a, N, s);
+    });
+    PROF("fwd.gdn.conv_norm_gates", {
+        conv1d_silu_forward_cuda(a->conv, a->mixed, L->conv, g->pos, N, (int)d.cd, c->conv_kernel);
+        deltanet_qk_l2norm_forward_cuda(a->qkv, a->conv, N, c->lin_n_k_heads, c->lin_k_head_dim, d.cd,
+                                        1.0f / sqrtf((float)c->lin_k_head_dim), 1e-6f);
+        deltanet_gates_forward_cuda(a->beta, a->g, a->b, a->a, L->a_log, L->dt_bias, N, (int)d.Hv);
+    });
+    cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};
+    PROF("fwd.gdn.recurrence",
+         deltanet_forward_cuda(a->o_raw, a->qkv, a->beta, a->g, g->seq_starts, k->n_seqs, k->max_len, dd, s));
+    PROF("fwd.gdn.out", {
+        rmsnorm_gated_forward_cuda(a->o_norm, a->o_raw, a->z, L->lin_norm, N * d.Hv, c->lin_v_head_dim,
+                                   (float)c->rms_eps);
+        linear_forward_cuda(a->h_mid, CUDA_F32, 1, a->o_norm, &L->lin_out, N, s);
+    });
+}
+
+static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, gpu_acts *a) {
+    const qwen35_config *c = &g->cfg;
+    dims d = dims_of(c);
+    int64_t N = k->N;
+    int hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
+    float eps = (float)c->rms_eps;
+    void *s = g->scratch;
+    PROF("fwd.attn.in_proj", {
+        linear_forward_cuda(a->qg, CUDA_BF16, 0, a->xn1, &L->att_q, N, s);
+        linear_forward_cuda(a->k_pre, CUDA_BF16, 0, a->xn1, &L->att_k, N, s);
+        linear_forward_cuda(a->v, CUDA_BF16, 0, a->xn1, &L->att_v, N, s);
+    });
+    PROF("fwd.attn.qk_norm_rope", {
+        qk_norm_rope_forward_cuda(a->q, a->qg, 2 * d.qd, 2 * hd, L->q_norm, g->pos, N, nh, hd, c->rotary_dim,
+                                  c->rope_theta, eps);
+        qk_norm_rope_forward_cuda(a->k, a->k_pre, d.kvd, hd, L->k_norm, g->pos, N, nkv, hd, c->rotary_dim,
+                                  c->rope_theta, eps);
+    });
+    PROF("fwd.attn.core", attention_forward_cuda(a->att, a->lse, a->q, a->k, a->v, g->starts_host, g->lens_host,
+                                                 k->n_seqs, nh, nkv, hd, 1.0f / sqrtf((float)hd), s));
+    PROF("fwd.attn.out", {
+        attn_gate_forward_cuda(a->att_g, a->att, a->qg, N, nh, hd);
+        linear_forward_cuda(a->h_mid, CUDA_F32, 1, a->att_g, &L->att_o, N, s);
+    });
+}
+
+/* h_out = the decoder layer of h_in (h_out may be h_in); intermediates land in a. */
+static void layer_forward(qwen35_cuda *g, int l, const call *k, const float *h_in, float *h_out, gpu_acts *a) {
+    const qwen35_config *c = &g->cfg;
+    const gpu_layer *L = &g->layers[l];
+    int64_t N = k->N, H = c->hidden_size, I = c->intermediate_size;
+    float eps = (float)c->rms_eps;
+    void *s = g->scratch;
+    PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn1, h_in, L->input_norm, N, (int)H, eps));
+    /* the mixer's output projection adds onto h_mid = h_in: the residual for free */
+    cuda_copy_f32(a->h_mid, h_in, N * H);
+    if (c->layer_is_full[l]) attention_mixer_forward(g, L, k, a);
+    else deltanet_mixer_forward(g, L, k, a);
+    PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn2, a->h_mid, L->post_norm, N, (int)H, eps));
+    PROF("fwd.mlp", {
+        linear_forward_cuda(a->gate, CUDA_BF16, 0, a->xn2, &L->mlp_gate, N, s);
+        linear_forward_cuda(a->up, CUDA_BF16, 0, a->xn2, &L->mlp_up, N, s);
+        swiglu_forward_cuda(a->m, a->gate, a->up, N * I);
+        cuda_copy_f32(h_out, a->h_mid, N * H);
+        linear_forward_cuda(h_out, CUDA_F32, 1, a->m, &L->mlp_down, N, s);
+    });
+}
+
+/* ---------------------------------------------------------------- backward */
+
+static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const call *k, const gpu_acts *a,
+                                    gpu_grads *G) {
+    const qwen35_config *c = &g->cfg;
+    dims d = dims_of(c);
+    int64_t N = k->N;
+    void *s = g->scratch;
+    PROF("bwd.gdn.out", {
+        cuda_zero(G->do_norm, sizeof(float) * N * d.vd);
+        linear_backward_cuda(G->do_norm, G->dy_bf, a->o_norm, &L->lin_out, N, s);
+        rmsnorm_gated_backward_cuda(G->do_raw, G->dz, G->do_norm, a->o_raw, a->z, L->lin_norm, N * d.Hv,
+                                    c->lin_v_head_dim, (float)c->rms_eps);
+    });
+    cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};
+    PROF("bwd.gdn.recurrence", deltanet_backward_cuda(G->dqkv, G->dbeta, G->dg, G->do_raw, a->qkv, a->beta, a->g,
+                                                      g->seq_starts, k->n_seqs, k->max_len, dd, s));
+    PROF("bwd.gdn.conv_norm_gates", {
+        deltanet_gates_backward_cuda(G->db, G->da, G->dbeta, G->dg, a->b, a->a, L->a_log, L->dt_bias, N, (int)d.Hv);
+        deltanet_qk_l2norm_backward_cuda(G->dconv, G->dqkv, a->conv, N, c->lin_n_k_heads, c->lin_k_head_dim, d.cd,
+                                         1.0f / sqrtf((float)c->lin_k_head_dim), 1e-6f);
+        conv1d_silu_backward_cuda(G->dmixed, G->dconv, a->mixed, L->conv, g->pos, N, (int)d.cd, c->conv_kernel);
+    });
+    PROF("bwd.gdn.in_proj", {
+        cuda_zero(G->dxn1, sizeof(float) * N * d.H);
+        linear_backward_cuda(G->dxn1, G->dmixed, a->xn1, &L->lin_qkv, N, s);
+        linear_backward_cuda(G->dxn1, G->dz, a->xn1, &L->lin_z, N, s);
+        linear_backward_cuda(G->dxn1, G->db, a->xn1, &L->lin_b, N, s);
+        linear_backward_cuda(G->dxn1, G->da, a->xn1, &L->lin_a, N, s);
+    });
+}
+
+static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const call *k, const gpu_acts *a,
+                                     gpu_grads *G) {
+    const qwen35_config *c = &g->cfg;
+    dims d = dims_of(c);
+    int64_t N = k->N;
+    int hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
+    float eps = (float)c->rms_eps;
+    void *s = g->scratch;
+    PROF("bwd.attn.out", {
+        cuda_zero(G->datt_g, sizeof(float) * N * d.qd);
+        linear_backward_cuda(G->datt_g, G->dy_bf, a->att_g, &L->att_o, N, s);
+        attn_gate_backward_cuda(G->datt, G->dqg, G->datt_g, a->att, a->qg, N, nh, hd);
+    });
+    PROF("bwd.attn.core", attention_backward_cuda(G->dq, G->dk, G->dv, G->datt, a->att, a->lse, a->q, a->k, a->v,
+                                                  g->starts_host, g->lens_host, k->n_seqs, nh, nkv, hd,
+                                                  1.0f / sqrtf((float)hd), s));
+    PROF("bwd.attn.qk_norm_rope", {
+        qk_norm_rope_backward_cuda(G->dqg, 2 * d.qd, 2 * hd, G->dq, a->qg, L->q_norm, g->pos, N, nh, hd,
+                                   c->rotary_dim, c->rope_theta, eps);
+        qk_norm_rope_backward_cuda(G->dk_pre, d.kvd, hd, G->dk, a->k_pre, L->k_norm, g->pos, N, nkv, hd,
+                                   c->rotary_dim, c->rope_theta, eps);
+        cuda_f32_to_bf16(G->dv_bf, G->dv, N * d.kvd);
+    });
+    PROF("bwd.attn.in_proj", {
+        cuda_zero(G->dxn1, sizeof(float) * N * d.H);
+        linear_backward_cuda(G->dxn1, G->dqg, a->xn1, &L->att_q, N, s);
+        linear_backward_cuda(G->dxn1, G->dk_pre, a->xn1, &L->att_k, N, s);
+        linear_backward_cuda(G->dxn1, G->dv_bf, a->xn1, &L->att_v, N, s);
+    });
+}
+
+/* dh_in = d loss / d h_in given dh_out, from the layer's activations a; LoRA gradients
+ * accumulate on the device. */
+static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_in, const gpu_acts *a,
+                           const float *dh_out, float *dh_in) {
+    const qwen35_config *c = &g->cfg;
+    const gpu_layer *L = &g->layers[l];
+    gpu_grads *G = &g->grads;
+    int64_t N = k->N, H = c->hidden_size, I = c->intermediate_size;
+    float eps = (float)c->rms_eps;
+    void *s = g->scratch;
+    PROF("bwd.mlp", {
+        cuda_f32_to_bf16(G->dy_bf, dh_out, N * H);
+        cuda_zero(G->dm, sizeof(float) * N * I);
+        linear_backward_cuda(G->dm, G->dy_bf, a->m, &L->mlp_down, N, s);
+        swiglu_backward_cuda(G->dgate, G->dup, G->dm, a->gate, a->up, N * I);
+        cuda_zero(G->dxn2, sizeof(float) * N * H);
+        linear_backward_cuda(G->dxn2, G->dgate, a->xn2, &L->mlp_gate, N, s);
+        linear_backward_cuda(G->dxn2, G->dup, a->xn2, &L->mlp_up, N, s);
+    });
+    PROF("bwd.norms", {
+        cuda_copy_f32(G->dh_mid, dh_out, N * H);
+        rmsnorm1p_backward_cuda(G->dh_mid, G->dxn2, a->h_mid, L->post_norm, N, (int)H, eps);
+        cuda_f32_to_bf16(G->dy_bf, G->dh_mid, N * H);
+    });
+    if (c->layer_is_full[l]) attention_mixer_backward(g, L, k, a, G);
+    else deltanet_mixer_backward(g, L, k, a, G);
+    PROF("bwd.norms", {
+        cuda_copy_f32(dh_in, G->dh_mid, N * H);
+        rmsnorm1p_backward_cuda(dh_in, G->dxn1, h_in, L->input_norm, N, (int)H, eps);
+    });
+}
+
+/* ---------------------------------------------------------------- calls */
+
+static int finish(qwen35_cuda *g, double *loss_sum, const char *what) {
+    if (cuda_download(loss_sum, g->loss, sizeof(double)) || cuda_check(what))
+        return dt_err_wrap("%s on %s", what, cuda_device_name());
+    return 0;
+}
+
+int qwen35_cuda_eval_loss(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b, double *loss_sum,
+                          int64_t *n_targets) {
+    *loss_sum = 0;
+    *n_targets = 0;
+    if (!g->loras && qwen35_cuda_sync_lora(g, m)) return -1;
+    int64_t count = 0;
+    if (prepare(g, m, b, 1, false, &count)) return -1;
+    refresh_loras(g, false);
+    const qwen35_config *c = &g->cfg;
+    call k = {b->n_tokens, b->n_seqs, 0};
+    for (int s = 0; s < b->n_seqs; s++) k.max_len = b->seq_lens[s] > k.max_len ? b->seq_lens[s] : k.max_len;
+    int64_t N = k.N, H = c->hidden_size;
+    embedding_forward_cuda(g->h32, g->ids, N, g->embed, (int)H);
+    for (int l = 0; l < c->n_layers; l++) layer_forward(g, l, &k, g->h32, g->h32, &g->acts[0]);
+    rmsnorm1p_forward_cuda(g->hf, g->h32, g->final_norm, N, (int)H, (float)c->rms_eps);
+    lmhead_ce_cuda(g->loss, NULL, g->hf, g->targets, N, g->lm_head, c->vocab_size, (int)H, 1.0f,
+                   g->ce_chunk, g->scratch);
+    if (finish(g, loss_sum, "the evaluation")) return -1;
+    *n_targets = count;
+    return 0;
+}
+
+int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b, double grad_scale,
+                                 bool grad_checkpoint, double *loss_sum, int64_t *n_targets) {
+    *loss_sum = 0;
+    *n_targets = 0;
+    double t0 = dt_seconds();
+    cuda_prof_enable(g->profile && g->calls++ > 0);
+    if (!g->loras && qwen35_cuda_sync_lora(g, m)) return -1;
+    const qwen35_config *c = &g->cfg;
+    int n_layers = c->n_layers;
+    int64_t count = 0;
+    if (prepare(g, m, b, grad_checkpoint ? 1 : n_layers, true, &count)) return -1;
+    refresh_loras(g, true);
+    call k = {b->n_tokens, b->n_seqs, 0};
+    for (int s = 0; s < b->n_seqs; s++) k.max_len = b->seq_lens[s] > k.max_len ? b->seq_lens[s] : k.max_len;
+    int64_t N = k.N, H = c->hidden_size, NH = N * H;
+    float eps = (float)c->rms_eps;
+    cuda_prof_push("step");
+    /* forward: the residual stream in fp32, each layer's input also kept in bf16 */
+    float *h = g->h32, *h_next = g->h32 + NH;
+    PROF("fwd.embed", embedding_forward_cuda(h, g->ids, N, g->embed, (int)H));
+    for (int l = 0; l < n_layers; l++) {
+        cuda_f32_to_bf16(g->hs + l * NH, h, NH);
+        layer_forward(g, l, &k, h, h_next, &g->acts[grad_checkpoint ? 0 : l]);
+        float *t = h;
+        h = h_next;
+        h_next = t;
+    }
+    PROF("lm_head_ce", {
+        rmsnorm1p_forward_cuda(g->hf, h, g->final_norm, N, (int)H, eps);
+        cuda_zero(g->dh2, sizeof(float) * NH);
+        lmhead_ce_cuda(g->loss, g->dh2, g->hf, g->targets, N, g->lm_head, c->vocab_size, (int)H, (float)grad_scale,
+                       g->ce_chunk, g->scratch);
+        cuda_zero(g->dh, sizeof(float) * NH);
+        rmsnorm1p_backward_cuda(g->dh, g->dh2, h, g->final_norm, N, (int)H, eps);
+    });
+    /* backward, layer by layer, from each layer's kept input (in the buffer of the last output, no
+     * longer needed); with checkpointing the layer is first recomputed from it */
+    float *h_in = h;
+    for (int l = n_layers - 1; l >= 0; l--) {
+        gpu_acts *a = &g->acts[grad_checkpoint ? 0 : l];
+        cuda_bf16_to_f32(h_in, g->hs + l * NH, NH);
+        if (grad_checkpoint) {
+            cuda_prof_push("recompute");
+            layer_forward(g, l, &k, h_in, h_next, a);
+            cuda_prof_pop();
+        }
+        layer_backward(g, l, &k, h_in, a, g->dh, g->dh2);
+        float *t = g->dh;
+        g->dh = g->dh2;
+        g->dh2 = t;
+    }
+    cuda_prof_pop();
+    if (finish(g, loss_sum, "the training step")) return -1;
+    double t1 = dt_seconds();
+    if (!g->lora_master && collect_lora_grads(g)) return -1;
+    cuda_prof_add_host("host.lora_grads_download", 1e3 * (dt_seconds() - t1));
+    cuda_prof_add_host("host.forward_backward_wall", 1e3 * (dt_seconds() - t0));
+    *n_targets = count;
+    return 0;
+}
+
+void qwen35_cuda_memory(const qwen35_cuda *g, int64_t *weight_bytes, int64_t *peak_bytes) {
+    *weight_bytes = g ? g->weight_bytes : 0;
+    *peak_bytes = (int64_t)cuda_mem_peak();
+}
+
+void qwen35_cuda_reset_peak(qwen35_cuda *g) { cuda_mem_reset_peak(); }
+
+void qwen35_cuda_profile(qwen35_cuda *g, FILE *f) {
+    if (!g->profile) return;
+    cuda_prof_report(f);
+    cuda_prof_reset();
+}

@@ -1,0 +1,459 @@
+/* The elementwise and normalisation ops of the CUDA backend against the CPU ops: conversions,
+ * the residual add, the embedding, the RMSNorms, the q/k norm + rope, the attention gate,
+ * SwiGLU and the conv1d + SiLU over packed sequences. Outputs the GPU overwrites are filled
+ * with garbage first; rmsnorm1p's dx, which accumulates, starts from random values.
+ * DT_CUDA_TIMING=1 also times each op at 2 x 2048 tokens of Qwen3.5-0.8B's sizes. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cuda_test.h"
+#include "deltatune/ops.h"
+
+static float *zeros(int64_t n) { return calloc(n > 0 ? n : 1, sizeof(float)); }
+
+static float *copy_of(const float *h, int64_t n) {
+    float *c = malloc(sizeof(float) * (n > 0 ? n : 1));
+    memcpy(c, h, sizeof(float) * n);
+    return c;
+}
+
+static float *rbf16(int64_t n, float scale) {
+    float *v = test_rvec(n, scale);
+    test_round_bf16(v, n);
+    return v;
+}
+
+/* Packed positions: each sequence counts from 0. */
+static int32_t *packed_pos(const int *lens, int n_seqs, int64_t *N) {
+    int64_t n = 0;
+    for (int s = 0; s < n_seqs; s++) n += lens[s];
+    int32_t *p = malloc(sizeof(int32_t) * n);
+    int64_t t = 0;
+    for (int s = 0; s < n_seqs; s++)
+        for (int i = 0; i < lens[s]; i++) p[t++] = i;
+    *N = n;
+    return p;
+}
+
+/* ---- misc.cu ---- */
+
+static void test_convert_add(int64_t n, int off) {
+    char name[96];
+    float *x = test_rvec(n, 3.0f), *y0 = test_rvec(n, 1.0f);
+    float *dx = test_dev_f32(x, n), *dy = test_dev_f32(y0, n), *dc = test_dev_f32(y0, n);
+    dt_bf16 *db = test_dev_bf16(y0, n);
+    int64_t m = n - off;
+    /* off shifts the pointers off their 16-byte alignment: the scalar paths */
+    cuda_f32_to_bf16(db + off, dx + off, m);
+    cuda_add_f32(dy + off, dx + off, m);
+    snprintf(name, sizeof name, "f32_to_bf16 n=%lld off=%d", (long long)m, off);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(db, n), *c = copy_of(x, n);
+        test_round_bf16(c, n);
+        test_expect_close(name, g + off, c + off, m, 0);
+        free(g);
+        free(c);
+    }
+    cuda_bf16_to_f32(dc + off, db + off, m);
+    snprintf(name, sizeof name, "bf16_to_f32 n=%lld off=%d", (long long)m, off);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_f32(dc, n), *c = copy_of(x, n);
+        test_round_bf16(c, n);
+        test_expect_close(name, g + off, c + off, m, 0);
+        free(g);
+        free(c);
+    }
+    snprintf(name, sizeof name, "add_f32 n=%lld off=%d", (long long)m, off);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_f32(dy, n), *c = copy_of(y0, n);
+        for (int64_t i = off; i < n; i++) c[i] += x[i];
+        test_expect_close(name, g, c, n, 0);
+        free(g);
+        free(c);
+    }
+    cuda_free(dx), cuda_free(dy), cuda_free(dc), cuda_free(db);
+    free(x), free(y0);
+}
+
+static void test_embedding(int64_t V, int H, int64_t T) {
+    char name[96];
+    snprintf(name, sizeof name, "embedding V=%lld H=%d T=%lld", (long long)V, H, (long long)T);
+    float *E = rbf16(V * H, 1.0f);
+    int32_t *ids = malloc(sizeof(int32_t) * T);
+    for (int64_t t = 0; t < T; t++) ids[t] = (int32_t)((test_urand() + 1) * 0.5 * V) % (int32_t)V;
+    ids[0] = (int32_t)V - 1;
+    uint16_t *Eb = malloc(sizeof(uint16_t) * V * H);
+    for (int64_t i = 0; i < V * H; i++) Eb[i] = dt_f32_to_bf16(E[i]);
+    dt_weight W = {.dtype = DT_BF16, .data = Eb, .rows = V, .cols = H};
+    float *c = zeros(T * H);
+    embedding_forward(c, ids, T, &W);
+    dt_bf16 *dE = test_dev_bf16(E, V * H);
+    int32_t *dids = test_dev_i32(ids, T);
+    float *dout = test_dev_f32(c, T * H);
+    cuda_zero(dout, sizeof(float) * T * H);
+    embedding_forward_cuda(dout, dids, T, dE, H);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_f32(dout, T * H);
+        test_expect_close(name, g, c, T * H, 0);
+        free(g);
+    }
+    cuda_free(dE), cuda_free(dids), cuda_free(dout);
+    free(E), free(ids), free(Eb), free(c);
+}
+
+/* ---- norm.cu ---- */
+
+static void test_rmsnorm1p(int64_t rows, int D) {
+    char name[96];
+    int64_t n = rows * D;
+    float eps = 1e-6f;
+    float *x = test_rvec(n, 2.0f), *w = test_rvec(D, 0.5f), *dy = test_rvec(n, 1.0f), *dx0 = test_rvec(n, 1.0f);
+    float *y = zeros(n), *dxc = copy_of(dx0, n);
+    rmsnorm1p_forward(y, x, w, rows, D, eps);
+    rmsnorm1p_backward(dxc, NULL, dy, x, w, rows, D, eps);
+    float *d_x = test_dev_f32(x, n), *d_w = test_dev_f32(w, D), *d_dy = test_dev_f32(dy, n), *d_dx = test_dev_f32(dx0, n);
+    dt_bf16 *d_y = test_dev_bf16(dy, n); /* garbage to be overwritten */
+    rmsnorm1p_forward_cuda(d_y, d_x, d_w, rows, D, eps);
+    snprintf(name, sizeof name, "rmsnorm1p_forward rows=%lld D=%d", (long long)rows, D);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_y, n);
+        test_expect_close(name, g, y, n, 1e-2);
+        free(g);
+    }
+    rmsnorm1p_backward_cuda(d_dx, d_dy, d_x, d_w, rows, D, eps);
+    snprintf(name, sizeof name, "rmsnorm1p_backward dx+= rows=%lld D=%d", (long long)rows, D);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_f32(d_dx, n);
+        test_expect_close(name, g, dxc, n, 1e-4);
+        /* the accumulated part alone, so the random start cannot hide an error in it */
+        for (int64_t i = 0; i < n; i++) g[i] -= dx0[i], dxc[i] -= dx0[i];
+        snprintf(name, sizeof name, "rmsnorm1p_backward increment rows=%lld D=%d", (long long)rows, D);
+        test_expect_close(name, g, dxc, n, 1e-4);
+        free(g);
+    }
+    cuda_free(d_x), cuda_free(d_w), cuda_free(d_dy), cuda_free(d_dx), cuda_free(d_y);
+    free(x), free(w), free(dy), free(dx0), free(y), free(dxc);
+}
+
+static void test_rmsnorm_gated(int64_t rows, int D) {
+    char name[96];
+    int64_t n = rows * D;
+    float eps = 1e-6f;
+    float *x = rbf16(n, 2.0f), *z = rbf16(n, 3.0f), *w = test_rvec(D, 1.0f), *dy = test_rvec(n, 1.0f);
+    float *y = zeros(n), *dxc = zeros(n), *dzc = zeros(n);
+    rmsnorm_gated_forward(y, x, z, w, rows, D, eps);
+    rmsnorm_gated_backward(dxc, dzc, NULL, dy, x, z, w, rows, D, eps);
+    dt_bf16 *d_x = test_dev_bf16(x, n), *d_z = test_dev_bf16(z, n), *d_y = test_dev_bf16(dy, n),
+            *d_dz = test_dev_bf16(dy, n);
+    float *d_w = test_dev_f32(w, D), *d_dy = test_dev_f32(dy, n), *d_dx = test_dev_f32(dy, n);
+    rmsnorm_gated_forward_cuda(d_y, d_x, d_z, d_w, rows, D, eps);
+    snprintf(name, sizeof name, "rmsnorm_gated_forward rows=%lld D=%d", (long long)rows, D);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_y, n);
+        test_expect_close(name, g, y, n, 1e-2);
+        free(g);
+    }
+    rmsnorm_gated_backward_cuda(d_dx, d_dz, d_dy, d_x, d_z, d_w, rows, D, eps);
+    snprintf(name, sizeof name, "rmsnorm_gated_backward dx rows=%lld D=%d", (long long)rows, D);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_f32(d_dx, n);
+        test_expect_close(name, g, dxc, n, 1e-4);
+        free(g);
+        g = test_host_bf16(d_dz, n);
+        snprintf(name, sizeof name, "rmsnorm_gated_backward dz rows=%lld D=%d", (long long)rows, D);
+        test_expect_close(name, g, dzc, n, 1e-2);
+        free(g);
+    }
+    cuda_free(d_x), cuda_free(d_z), cuda_free(d_y), cuda_free(d_dz), cuda_free(d_w), cuda_free(d_dy), cuda_free(d_dx);
+    free(x), free(z), free(w), free(dy), free(y), free(dxc), free(dzc);
+}
+
+/* ---- qk_rope.cu ---- */
+
+/* q (gated = 1): heads read from [query | gate] rows as split_query_gate does; k: contiguous. */
+static void test_qk_norm_rope(const int *lens, int n_seqs, int nh, int hd, int rot_dim, int gated) {
+    char name[192], what[96];
+    int64_t N;
+    int32_t *pos = packed_pos(lens, n_seqs, &N);
+    snprintf(what, sizeof what, "%s N=%lld nh=%d hd=%d rot=%d", gated ? "q" : "k", (long long)N, nh, hd, rot_dim);
+    double theta = 1e7;
+    float eps = 1e-6f;
+    int64_t row_stride = (int64_t)(gated ? 2 : 1) * nh * hd, n = N * nh * hd, nx = N * row_stride;
+    int head_stride = (gated ? 2 : 1) * hd;
+    float *xs = rbf16(nx, 2.0f), *w = test_rvec(hd, 0.5f), *dy = test_rvec(n, 1.0f), *fill = rbf16(nx, 1.0f);
+    /* the CPU path: split, rmsnorm1p per head, rope */
+    float *x = zeros(n), *y = zeros(n), *dx = zeros(n);
+    for (int64_t t = 0; t < N; t++)
+        for (int h = 0; h < nh; h++)
+            memcpy(x + (t * nh + h) * hd, xs + t * row_stride + (int64_t)h * head_stride, sizeof(float) * hd);
+    rmsnorm1p_forward(y, x, w, N * nh, hd, eps);
+    rope_forward(y, pos, N, nh, hd, rot_dim, theta);
+    float *d = copy_of(dy, n);
+    rope_backward(d, pos, N, nh, hd, rot_dim, theta);
+    rmsnorm1p_backward(dx, NULL, d, x, w, N * nh, hd, eps);
+
+    dt_bf16 *d_x = test_dev_bf16(xs, nx), *d_y = test_dev_bf16(dy, n), *d_dx = test_dev_bf16(fill, nx);
+    float *d_w = test_dev_f32(w, hd), *d_dy = test_dev_f32(dy, n);
+    int32_t *d_pos = test_dev_i32(pos, N);
+    qk_norm_rope_forward_cuda(d_y, d_x, row_stride, head_stride, d_w, d_pos, N, nh, hd, rot_dim, theta, eps);
+    snprintf(name, sizeof name, "qk_norm_rope_forward %s", what);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_y, n);
+        test_expect_close(name, g, y, n, 1e-2);
+        free(g);
+    }
+    qk_norm_rope_backward_cuda(d_dx, row_stride, head_stride, d_dy, d_x, d_w, d_pos, N, nh, hd, rot_dim, theta, eps);
+    snprintf(name, sizeof name, "qk_norm_rope_backward %s", what);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_dx, nx), *gq = zeros(n);
+        for (int64_t t = 0; t < N; t++)
+            for (int h = 0; h < nh; h++) {
+                int64_t o = t * row_stride + (int64_t)h * head_stride;
+                memcpy(gq + (t * nh + h) * hd, g + o, sizeof(float) * hd);
+                for (int i = 0; i < hd; i++) g[o + i] = fill[o + i]; /* what remains: the gate slots */
+            }
+        test_expect_close(name, gq, dx, n, 1e-2);
+        if (gated) {
+            snprintf(name, sizeof name, "qk_norm_rope_backward gate slots untouched %s", what);
+            test_expect_close(name, g, fill, nx, 0);
+        }
+        free(g);
+        free(gq);
+    }
+    cuda_free(d_x), cuda_free(d_y), cuda_free(d_dx), cuda_free(d_w), cuda_free(d_dy), cuda_free(d_pos);
+    free(pos), free(xs), free(w), free(dy), free(fill), free(x), free(y), free(dx), free(d);
+}
+
+static void test_attn_gate(int64_t N, int nh, int hd) {
+    char name[192], what[64];
+    snprintf(what, sizeof what, "N=%lld nh=%d hd=%d", (long long)N, nh, hd);
+    int64_t n = N * nh * hd;
+    float *x = rbf16(n, 2.0f), *qg = rbf16(2 * n, 4.0f), *dy = test_rvec(n, 1.0f), *fill = rbf16(2 * n, 1.0f);
+    float *gate = zeros(n), *y = copy_of(x, n), *dx = zeros(n), *dgate = zeros(n);
+    for (int64_t r = 0; r < N * nh; r++) memcpy(gate + r * hd, qg + r * 2 * hd + hd, sizeof(float) * hd);
+    sigmoid_gate_forward(y, gate, n);
+    sigmoid_gate_backward(dx, dgate, dy, x, gate, n);
+    dt_bf16 *d_x = test_dev_bf16(x, n), *d_qg = test_dev_bf16(qg, 2 * n), *d_y = test_dev_bf16(dy, n),
+            *d_dx = test_dev_bf16(dy, n), *d_dqg = test_dev_bf16(fill, 2 * n);
+    float *d_dy = test_dev_f32(dy, n);
+    attn_gate_forward_cuda(d_y, d_x, d_qg, N, nh, hd);
+    snprintf(name, sizeof name, "attn_gate_forward %s", what);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_y, n);
+        test_expect_close(name, g, y, n, 1e-2);
+        free(g);
+    }
+    attn_gate_backward_cuda(d_dx, d_dqg, d_dy, d_x, d_qg, N, nh, hd);
+    snprintf(name, sizeof name, "attn_gate_backward dx %s", what);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_dx, n);
+        test_expect_close(name, g, dx, n, 1e-2);
+        free(g);
+        g = test_host_bf16(d_dqg, 2 * n);
+        float *gg = zeros(n);
+        for (int64_t r = 0; r < N * nh; r++) {
+            memcpy(gg + r * hd, g + r * 2 * hd + hd, sizeof(float) * hd);
+            memcpy(g + r * 2 * hd + hd, fill + r * 2 * hd + hd, sizeof(float) * hd);
+        }
+        snprintf(name, sizeof name, "attn_gate_backward dgate %s", what);
+        test_expect_close(name, gg, dgate, n, 1e-2);
+        snprintf(name, sizeof name, "attn_gate_backward query slots untouched %s", what);
+        test_expect_close(name, g, fill, 2 * n, 0);
+        free(g);
+        free(gg);
+    }
+    cuda_free(d_x), cuda_free(d_qg), cuda_free(d_y), cuda_free(d_dx), cuda_free(d_dqg), cuda_free(d_dy);
+    free(x), free(qg), free(dy), free(fill), free(gate), free(y), free(dx), free(dgate);
+}
+
+/* ---- activations.cu ---- */
+
+static void test_swiglu(int64_t n, int off) {
+    char name[96];
+    int64_t m = n - off;
+    float *g = rbf16(n, 4.0f), *u = rbf16(n, 2.0f), *dm = test_rvec(n, 1.0f);
+    float *mc = zeros(n), *dgc = zeros(n), *duc = zeros(n);
+    swiglu_forward(mc + off, g + off, u + off, m);
+    swiglu_backward(dgc + off, duc + off, dm + off, g + off, u + off, m);
+    dt_bf16 *d_g = test_dev_bf16(g, n), *d_u = test_dev_bf16(u, n), *d_m = test_dev_bf16(dm, n),
+            *d_dg = test_dev_bf16(dm, n), *d_du = test_dev_bf16(dm, n);
+    float *d_dm = test_dev_f32(dm, n);
+    swiglu_forward_cuda(d_m + off, d_g + off, d_u + off, m);
+    snprintf(name, sizeof name, "swiglu_forward n=%lld off=%d", (long long)m, off);
+    if (!test_cuda_ok(name)) {
+        float *h = test_host_bf16(d_m, n);
+        test_expect_close(name, h + off, mc + off, m, 1e-2);
+        free(h);
+    }
+    swiglu_backward_cuda(d_dg + off, d_du + off, d_dm + off, d_g + off, d_u + off, m);
+    snprintf(name, sizeof name, "swiglu_backward dgate n=%lld off=%d", (long long)m, off);
+    if (!test_cuda_ok(name)) {
+        float *h = test_host_bf16(d_dg, n);
+        test_expect_close(name, h + off, dgc + off, m, 1e-2);
+        free(h);
+        h = test_host_bf16(d_du, n);
+        snprintf(name, sizeof name, "swiglu_backward dup n=%lld off=%d", (long long)m, off);
+        test_expect_close(name, h + off, duc + off, m, 1e-2);
+        free(h);
+    }
+    cuda_free(d_g), cuda_free(d_u), cuda_free(d_m), cuda_free(d_dg), cuda_free(d_du), cuda_free(d_dm);
+    free(g), free(u), free(dm), free(mc), free(dgc), free(duc);
+}
+
+/* ---- conv1d.cu ---- */
+
+static void test_conv1d(const int *lens, int n_seqs, int C, int K) {
+    char name[192], what[96];
+    int64_t N;
+    int32_t *pos = packed_pos(lens, n_seqs, &N);
+    int64_t n = N * C;
+    snprintf(what, sizeof what, "N=%lld seqs=%d C=%d K=%d", (long long)N, n_seqs, C, K);
+    float *x = rbf16(n, 2.0f), *w = test_rvec((int64_t)C * K, 0.7f), *dy = test_rvec(n, 1.0f);
+    float *y = zeros(n), *dx = zeros(n);
+    int64_t off = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        conv1d_silu_forward(y + off * C, x + off * C, w, lens[s], C, K);
+        conv1d_silu_backward(dx + off * C, NULL, dy + off * C, x + off * C, w, lens[s], C, K);
+        off += lens[s];
+    }
+    dt_bf16 *d_x = test_dev_bf16(x, n), *d_y = test_dev_bf16(dy, n), *d_dx = test_dev_bf16(dy, n);
+    float *d_w = test_dev_f32(w, (int64_t)C * K), *d_dy = test_dev_f32(dy, n);
+    int32_t *d_pos = test_dev_i32(pos, N);
+    conv1d_silu_forward_cuda(d_y, d_x, d_w, d_pos, N, C, K);
+    snprintf(name, sizeof name, "conv1d_silu_forward %s", what);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_y, n);
+        test_expect_close(name, g, y, n, 1e-2);
+        free(g);
+    }
+    conv1d_silu_backward_cuda(d_dx, d_dy, d_x, d_w, d_pos, N, C, K);
+    snprintf(name, sizeof name, "conv1d_silu_backward %s", what);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_dx, n);
+        test_expect_close(name, g, dx, n, 1e-2);
+        free(g);
+    }
+    cuda_free(d_x), cuda_free(d_y), cuda_free(d_dx), cuda_free(d_w), cuda_free(d_dy), cuda_free(d_pos);
+    free(pos), free(x), free(w), free(dy), free(y), free(dx);
+}
+
+/* ---- timing (DT_CUDA_TIMING=1): printed, never asserted ---- */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+#define REPS 50
+/* Runs STMT REPS times after one warm-up; prints ms per call and the bandwidth of `bytes`. */
+#define TIME(label, bytes, STMT)                                                                    \
+    do {                                                                                            \
+        STMT;                                                                                       \
+        cuda_check("warm-up");                                                                      \
+        double t0_ = now_s();                                                                       \
+        for (int r_ = 0; r_ < REPS; r_++) STMT;                                                     \
+        if (cuda_check(label)) printf("timing %s: error\n", label);                                 \
+        double ms_ = (now_s() - t0_) * 1e3 / REPS;                                                  \
+        printf("timing %-34s %8.4f ms  %7.1f GB/s\n", label, ms_, (double)(bytes) / (ms_ * 1e6));     \
+    } while (0)
+
+static void *dalloc(size_t bytes) {
+    void *p = NULL;
+    if (cuda_alloc(&p, bytes)) return NULL;
+    cuda_zero(p, bytes);
+    return p;
+}
+
+static void timing(void) {
+    const int64_t N = 4096;
+    const int H = 1024, I = 3584, C = 6144, K = 4, nh = 8, nkv = 2, hd = 256, rot = 64, Hv = 16, dv = 128;
+    const int64_t big = N * C;  /* the largest activation */
+    printf("timing: 2 x 2048 tokens, Qwen3.5-0.8B sizes, %d calls each\n", REPS);
+    float *f1 = dalloc(4 * big), *f2 = dalloc(4 * big), *f3 = dalloc(4 * big), *w = dalloc(4 * (size_t)C * K);
+    dt_bf16 *b1 = dalloc(2 * big), *b2 = dalloc(2 * big), *b3 = dalloc(2 * big), *b4 = dalloc(2 * big);
+    int32_t *pos = dalloc(4 * N), *ids = dalloc(4 * N);
+    dt_bf16 *E = dalloc(2 * (size_t)32000 * H);
+    if (!f1 || !f2 || !f3 || !w || !b1 || !b2 || !b3 || !b4 || !pos || !ids || !E) {
+        printf("timing: allocation failed\n");
+        return;
+    }
+    {
+        float *hw = test_rvec((int64_t)C * K, 0.5f), *hx = test_rvec(big, 1.0f);
+        int32_t *hp = malloc(4 * N);
+        for (int64_t t = 0; t < N; t++) hp[t] = (int32_t)(t % 2048);
+        cuda_upload(w, hw, 4 * (size_t)C * K);
+        cuda_upload(pos, hp, 4 * N);
+        cuda_upload(f1, hx, 4 * big);
+        cuda_upload(f2, hx, 4 * big);
+        cuda_f32_to_bf16(b1, f1, big);
+        cuda_f32_to_bf16(b2, f1, big);
+        cuda_upload(ids, hp, 4 * N); /* ids t % 2048: distinct rows */
+        free(hw), free(hx), free(hp);
+    }
+    TIME("f32_to_bf16 4096x1024", N * H * 6, cuda_f32_to_bf16(b3, f1, N * H));
+    TIME("add_f32 4096x1024", N * H * 12, cuda_add_f32(f3, f1, N * H));
+    TIME("embedding 4096x1024", N * H * 6, embedding_forward_cuda(f3, ids, N, E, H));
+    TIME("rmsnorm1p_fwd 4096x1024", N * H * 6, rmsnorm1p_forward_cuda(b3, f1, w, N, H, 1e-6f));
+    TIME("rmsnorm1p_bwd 4096x1024", N * H * 16, rmsnorm1p_backward_cuda(f3, f2, f1, w, N, H, 1e-6f));
+    TIME("rmsnorm_gated_fwd 65536x128", N * Hv * dv * 6, rmsnorm_gated_forward_cuda(b3, b1, b2, w, N * Hv, dv, 1e-6f));
+    TIME("rmsnorm_gated_bwd 65536x128", N * Hv * dv * 14,
+         rmsnorm_gated_backward_cuda(f3, b3, f2, b1, b2, w, N * Hv, dv, 1e-6f));
+    TIME("qk_norm_rope_fwd q 4096x8x256", N * nh * hd * 4,
+         qk_norm_rope_forward_cuda(b3, b1, 2 * nh * hd, 2 * hd, w, pos, N, nh, hd, rot, 1e7, 1e-6f));
+    TIME("qk_norm_rope_bwd q 4096x8x256", N * nh * hd * 8,
+         qk_norm_rope_backward_cuda(b3, 2 * nh * hd, 2 * hd, f2, b1, w, pos, N, nh, hd, rot, 1e7, 1e-6f));
+    TIME("qk_norm_rope_fwd k 4096x2x256", N * nkv * hd * 4,
+         qk_norm_rope_forward_cuda(b3, b1, nkv * hd, hd, w, pos, N, nkv, hd, rot, 1e7, 1e-6f));
+    TIME("qk_norm_rope_bwd k 4096x2x256", N * nkv * hd * 8,
+         qk_norm_rope_backward_cuda(b3, nkv * hd, hd, f2, b1, w, pos, N, nkv, hd, rot, 1e7, 1e-6f));
+    TIME("attn_gate_fwd 4096x8x256", N * nh * hd * 6, attn_gate_forward_cuda(b3, b1, b2, N, nh, hd));
+    TIME("attn_gate_bwd 4096x8x256", N * nh * hd * 12, attn_gate_backward_cuda(b3, b4, f2, b1, b2, N, nh, hd));
+    TIME("swiglu_fwd 4096x3584", N * I * 6, swiglu_forward_cuda(b3, b1, b2, N * I));
+    TIME("swiglu_bwd 4096x3584", N * I * 12, swiglu_backward_cuda(b3, b4, f2, b1, b2, N * I));
+    TIME("conv1d_silu_fwd 4096x6144", big * 4, conv1d_silu_forward_cuda(b3, b1, w, pos, N, C, K));
+    TIME("conv1d_silu_bwd 4096x6144", big * 8, conv1d_silu_backward_cuda(b3, f2, b1, w, pos, N, C, K));
+    cuda_free(f1), cuda_free(f2), cuda_free(f3), cuda_free(w), cuda_free(b1), cuda_free(b2), cuda_free(b3);
+    cuda_free(b4), cuda_free(pos), cuda_free(ids), cuda_free(E);
+}
+
+void cuda_tests_elementwise(void) {
+    test_convert_add(4096 * 1024 + 3, 0);
+    test_convert_add(1001, 1);
+    test_embedding(32000, 1024, 4096);
+    test_embedding(50, 1001, 7);
+
+    test_rmsnorm1p(4096, 1024);
+    test_rmsnorm1p(5, 6144);
+    test_rmsnorm1p(7, 37);
+    test_rmsnorm_gated(4096 * 16, 128);
+    test_rmsnorm_gated(3, 1000);
+    test_rmsnorm_gated(9, 37);
+
+    const int two[] = {2048, 2048}, ragged[] = {1, 63, 130}, odd[] = {5, 1, 17};
+    test_qk_norm_rope(two, 2, 8, 256, 64, 1);
+    test_qk_norm_rope(two, 2, 2, 256, 64, 0);
+    test_qk_norm_rope(ragged, 3, 8, 256, 64, 1);
+    test_qk_norm_rope(ragged, 3, 3, 36, 12, 1); /* half of rot_dim odd: the scalar path */
+    test_qk_norm_rope(odd, 3, 1, 64, 64, 0);    /* rotary over the whole head */
+    test_qk_norm_rope(ragged, 3, 4, 128, 32, 1);
+    test_qk_norm_rope(odd, 3, 2, 256, 96, 0);   /* 48 pairs: more than a warp, the looped path */
+    test_attn_gate(4096, 8, 256);
+    test_attn_gate(5, 3, 6);
+
+    test_swiglu(4096 * 3584, 0);
+    test_swiglu(1001, 1);
+
+    const int tiny[] = {3, 20};
+    test_conv1d(ragged, 3, 6144, 4);
+    test_conv1d(two, 2, 6144, 4);
+    test_conv1d(odd, 3, 37, 4); /* odd C: one channel per thread */
+    test_conv1d(odd, 3, 38, 3);
+    test_conv1d(tiny, 2, 10, 6); /* no specialised kernel for K = 6 */
+
+    const char *tm = getenv("DT_CUDA_TIMING");
+    if (tm && *tm == '1') timing();
+}

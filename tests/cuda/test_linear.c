@@ -1,0 +1,235 @@
+/* The frozen linear with LoRA on the GPU against linear_forward / linear_backward (CPU), on
+ * odd shapes and Qwen3.5-0.8B's projections at 2 x 2048 tokens. Outputs are prefilled with
+ * random values: overwrite and accumulate both show. DT_CUDA_TIMING=1 adds a timing table
+ * (DT_CUDA_TIMING=only: the table alone). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cuda_test.h"
+#include "deltatune/ops.h"
+
+typedef struct {
+    int64_t T, in, out;
+    int rank;
+    float dropout;
+    cuda_dtype yt;
+    int accumulate, with_dx, with_grads;
+} lcase;
+
+static float *copy_vec(const float *v, int64_t n) {
+    float *c = malloc(sizeof(float) * (n > 0 ? n : 1));
+    memcpy(c, v, sizeof(float) * n);
+    return c;
+}
+
+static float *rounded_rvec(int64_t n, float scale) {
+    float *v = test_rvec(n, scale);
+    test_round_bf16(v, n);
+    return v;
+}
+
+static void run_case(const lcase *c) {
+    int64_t T = c->T, in = c->in, out = c->out;
+    int r = c->rank;
+    char tag[128], name[256];
+    snprintf(tag, sizeof tag, "T%lld %lld->%lld r%d p%g %s%s", (long long)T, (long long)in, (long long)out, r,
+             c->dropout, c->yt == CUDA_BF16 ? "bf16" : "f32", c->accumulate ? " acc" : "");
+
+    /* LoRA's term about as large as the base term, so a wrong LoRA path cannot hide */
+    float *x = rounded_rvec(T * in, 1.f), *W = rounded_rvec(out * in, 1.f / sqrtf((float)in));
+    float *A = rounded_rvec((int64_t)r * in, 1.f / sqrtf((float)in));
+    float *B = rounded_rvec(out * r, r ? 1.f / sqrtf((float)r) : 1.f);
+    float *dy = rounded_rvec(T * out, 1.f);
+    float *y0 = test_rvec(T * out, 1.f);  /* the residual for accumulate, garbage otherwise */
+    if (c->yt == CUDA_BF16) test_round_bf16(y0, T * out);
+    float *dx0 = test_rvec(T * in, 1.f), *dA0 = test_rvec((int64_t)r * in, 1.f), *dB0 = test_rvec(out * r, 1.f);
+
+    dt_lora lo = {.rank = r, .scale = 2.0f, .in = in, .out = out, .A = A, .B = B, .dropout = c->dropout,
+                  .dropout_seed = 0x1234abcd5678ull + (uint64_t)T * 31 + (uint64_t)in};
+    dt_linear L = {.w = {.dtype = DT_F32, .data = W, .rows = out, .cols = in}, .lora = r ? &lo : NULL};
+
+    /* CPU reference */
+    float *y_cpu = malloc(sizeof(float) * T * out);
+    linear_forward(y_cpu, x, &L, T);
+    if (c->accumulate)
+        for (int64_t i = 0; i < T * out; i++) y_cpu[i] += y0[i];
+    float *dx_cpu = copy_vec(dx0, T * in), *dA_cpu = copy_vec(dA0, (int64_t)r * in), *dB_cpu = copy_vec(dB0, out * r);
+    lo.dA = c->with_grads ? dA_cpu : NULL;
+    lo.dB = c->with_grads ? dB_cpu : NULL;
+    linear_backward(c->with_dx ? dx_cpu : NULL, dy, x, &L, T);
+
+    /* GPU */
+    dt_bf16 *d_x = test_dev_bf16(x, T * in), *d_W = test_dev_bf16(W, out * in);
+    dt_bf16 *d_A = test_dev_bf16(A, (int64_t)r * in), *d_B = test_dev_bf16(B, out * r);
+    dt_bf16 *d_dy = test_dev_bf16(dy, T * out);
+    void *d_y = c->yt == CUDA_BF16 ? (void *)test_dev_bf16(y0, T * out) : (void *)test_dev_f32(y0, T * out);
+    float *d_dx = test_dev_f32(dx0, T * in), *d_dA = test_dev_f32(dA0, (int64_t)r * in);
+    float *d_dB = test_dev_f32(dB0, out * r);
+    void *scratch = NULL;
+    size_t sb = linear_scratch_bytes_cuda(T, in, r);
+    if (!d_x || !d_W || !d_A || !d_B || !d_dy || !d_y || !d_dx || !d_dA || !d_dB || cuda_alloc(&scratch, sb)) {
+        snprintf(name, sizeof name, "linear %s: device buffers", tag);
+        test_cuda_ok(name);
+        cuda_tests_failed++;
+        goto done;
+    }
+    cuda_linear l = {.W = d_W, .in = in, .out = out, .rank = r, .scale = lo.scale, .dropout = c->dropout,
+                     .dropout_seed = lo.dropout_seed, .A = d_A, .B = d_B,
+                     .dA = c->with_grads ? d_dA : NULL, .dB = c->with_grads ? d_dB : NULL};
+    linear_forward_cuda(d_y, c->yt, c->accumulate, d_x, &l, T, scratch);
+    snprintf(name, sizeof name, "linear_forward %s", tag);
+    if (test_cuda_ok(name) == 0) {
+        float *y = c->yt == CUDA_BF16 ? test_host_bf16(d_y, T * out) : test_host_f32(d_y, T * out);
+        test_expect_close(name, y, y_cpu, T * out, 1e-2);
+        free(y);
+    }
+    linear_backward_cuda(c->with_dx ? d_dx : NULL, d_dy, d_x, &l, T, scratch);
+    snprintf(name, sizeof name, "linear_backward %s%s%s", tag, c->with_dx ? "" : " dx=NULL",
+             c->with_grads ? "" : " dA,dB=NULL");
+    if (test_cuda_ok(name) == 0) {
+        char n2[320];
+        float *g = test_host_f32(d_dx, T * in);
+        snprintf(n2, sizeof n2, "%s: dx", name);
+        test_expect_close(n2, g, dx_cpu, T * in, 1e-2);  /* untouched (= dx0) when dx is NULL */
+        free(g);
+        if (r) {
+            g = test_host_f32(d_dA, (int64_t)r * in);
+            snprintf(n2, sizeof n2, "%s: dA", name);
+            test_expect_close(n2, g, dA_cpu, (int64_t)r * in, 1e-2);
+            free(g);
+            g = test_host_f32(d_dB, out * r);
+            snprintf(n2, sizeof n2, "%s: dB", name);
+            test_expect_close(n2, g, dB_cpu, out * r, 1e-2);
+            free(g);
+        }
+    }
+done:
+    cuda_free(d_x), cuda_free(d_W), cuda_free(d_A), cuda_free(d_B), cuda_free(d_dy), cuda_free(d_y);
+    cuda_free(d_dx), cuda_free(d_dA), cuda_free(d_dB), cuda_free(scratch);
+    free(x), free(W), free(A), free(B), free(dy), free(y0), free(dx0), free(dA0), free(dB0);
+    free(y_cpu), free(dx_cpu), free(dA_cpu), free(dB_cpu);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+/* Milliseconds per call and TFLOP/s of forward and backward at T tokens: printed, never asserted. */
+static void time_shape(int64_t T, int64_t in, int64_t out, int r, float p, cuda_dtype yt, double *sum_ms, int want_dx,
+                       int want_ab) {
+    float *h = test_rvec(T * (in > out ? in : out), 1.f);
+    dt_bf16 *d_x = test_dev_bf16(h, T * in), *d_W = test_dev_bf16(h, out * in), *d_dy = test_dev_bf16(h, T * out);
+    dt_bf16 *d_A = test_dev_bf16(h, (int64_t)(r ? r : 1) * in), *d_B = test_dev_bf16(h, out * (r ? r : 1));
+    float *d_dx = test_dev_f32(h, T * in), *d_dA = test_dev_f32(h, (int64_t)(r ? r : 1) * in);
+    float *d_dB = test_dev_f32(h, out * (r ? r : 1));
+    void *d_y = NULL, *scratch = NULL;
+    free(h);
+    if (!d_x || !d_W || !d_dy || !d_A || !d_B || !d_dx || !d_dA || !d_dB || cuda_alloc(&d_y, sizeof(float) * T * out) ||
+        cuda_alloc(&scratch, linear_scratch_bytes_cuda(T, in, r))) {
+        printf("timing: no memory\n");
+        goto done;
+    }
+    cuda_linear l = {.W = d_W, .in = in, .out = out, .rank = r, .scale = 2.f, .dropout = p, .dropout_seed = 7,
+                     .A = d_A, .B = d_B, .dA = want_ab ? d_dA : NULL, .dB = want_ab ? d_dB : NULL};
+    float *dxp = want_dx ? d_dx : NULL;
+    const int iters = 30;
+    for (int i = 0; i < 3; i++) linear_forward_cuda(d_y, yt, 0, d_x, &l, T, scratch);
+    cuda_check("timing");
+    double t0 = now_s();
+    for (int i = 0; i < iters; i++) linear_forward_cuda(d_y, yt, 0, d_x, &l, T, scratch);
+    double fenq = (now_s() - t0) / iters * 1e3;  /* the host's issue time: near the total when launch-bound */
+    cuda_check("timing");
+    double fwd = (now_s() - t0) / iters * 1e3;
+    for (int i = 0; i < 3; i++) linear_backward_cuda(dxp, d_dy, d_x, &l, T, scratch);
+    cuda_check("timing");
+    t0 = now_s();
+    for (int i = 0; i < iters; i++) linear_backward_cuda(dxp, d_dy, d_x, &l, T, scratch);
+    double benq = (now_s() - t0) / iters * 1e3;
+    cuda_check("timing");
+    double bwd = (now_s() - t0) / iters * 1e3;
+    double base = 2.0 * T * in * out, lora = 2.0 * T * r * (in + out);
+    double ffl = base + lora, bfl = 0;  /* the products the backward runs: */
+    if (want_dx) bfl += base + 2.0 * T * r * in;                     /* dy W, g A */
+    if (r && (want_dx || want_ab)) bfl += 2.0 * T * r * out;         /* g = dy B */
+    if (r && want_ab) bfl += 2.0 * T * r * in + 2.0 * T * r * (in + out);  /* u, dB, dA */
+    printf("timing linear T%lld %5lld->%-5lld r%-2d p%-3g %s: fwd %7.3f ms (issue %.3f) %6.1f TFLOP/s | bwd%s%s %7.3f "
+           "ms (issue %.3f) %6.1f TFLOP/s\n",
+           (long long)T, (long long)in, (long long)out, r, p, yt == CUDA_BF16 ? "bf16" : "f32 ", fwd, fenq,
+           ffl / fwd * 1e-9, want_dx ? "" : " dx=NULL", want_ab ? "" : " dA,dB=NULL", bwd, benq, bfl / bwd * 1e-9);
+    sum_ms[0] += fwd;
+    sum_ms[1] += bwd;
+done:
+    cuda_free(d_x), cuda_free(d_W), cuda_free(d_dy), cuda_free(d_A), cuda_free(d_B), cuda_free(d_dx);
+    cuda_free(d_dA), cuda_free(d_dB), cuda_free(d_y), cuda_free(scratch);
+}
+
+static void timing(void) {
+    /* one layer's linears of each kind: DeltaNet (qkv 6144, z 2048, b and a 16, out 2048->1024),
+     * attention (q with gate 4096, k and v 512, o 2048->1024), MLP (gate, up 3584, down) */
+    static const struct {
+        int64_t in, out;
+        cuda_dtype yt;
+    } s[] = {{1024, 6144, CUDA_BF16}, {1024, 2048, CUDA_BF16}, {1024, 16, CUDA_BF16}, {2048, 1024, CUDA_F32},
+             {1024, 4096, CUDA_BF16}, {1024, 512, CUDA_BF16},  {1024, 3584, CUDA_BF16}, {3584, 1024, CUDA_F32}};
+    int64_t T = 4096;
+    static const struct {
+        int r;
+        float p;
+        int dx, ab;  /* which gradients the backward computes */
+    } v[] = {{0, 0, 1, 1}, {16, 0, 1, 1}, {16, 0, 1, 0}, {16, 0, 0, 1}, {16, 0.1f, 1, 1}};
+    for (size_t k = 0; k < sizeof v / sizeof v[0]; k++) {
+        double sum[2] = {0, 0};
+        for (size_t i = 0; i < sizeof s / sizeof s[0]; i++)
+            time_shape(T, s[i].in, s[i].out, v[k].r, v[k].p, s[i].yt, sum, v[k].dx, v[k].ab);
+        printf("timing linear r%d p%g dx%d dA,dB%d: sum of the shapes above: fwd %.3f ms, bwd %.3f ms\n", v[k].r,
+               v[k].p, v[k].dx, v[k].ab, sum[0], sum[1]);
+    }
+}
+
+void cuda_tests_linear(void) {
+    const char *t = getenv("DT_CUDA_TIMING");
+    if (t && !strcmp(t, "only")) {  /* the timing table alone */
+        timing();
+        return;
+    }
+    static const lcase cases[] = {
+        /* odd shapes */
+        {37, 70, 130, 0, 0.f, CUDA_F32, 0, 1, 1},
+        {37, 70, 130, 0, 0.f, CUDA_BF16, 0, 0, 1},
+        {37, 70, 130, 0, 0.f, CUDA_F32, 1, 1, 1},
+        {37, 70, 130, 8, 0.f, CUDA_F32, 1, 1, 1},
+        {37, 70, 130, 8, 0.f, CUDA_BF16, 0, 0, 1},
+        {37, 70, 130, 8, 0.1f, CUDA_F32, 0, 1, 1},
+        {37, 70, 130, 8, 0.1f, CUDA_BF16, 0, 1, 0},
+        {37, 70, 130, 5, 0.1f, CUDA_F32, 1, 0, 1},
+        {37, 72, 130, 16, 0.1f, CUDA_F32, 1, 1, 1},
+        {1, 64, 16, 16, 0.1f, CUDA_BF16, 0, 1, 1},
+        {63, 130, 1, 3, 0.f, CUDA_F32, 1, 1, 1},
+        /* in and out multiples of 8: the rank <= 16 projection kernel, with ragged T and r */
+        {37, 72, 136, 5, 0.f, CUDA_F32, 1, 1, 1},
+        {37, 72, 136, 16, 0.1f, CUDA_BF16, 0, 1, 1},
+        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 1, 1},
+        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 0, 1},
+        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 1, 0},
+        {1, 64, 8, 3, 0.f, CUDA_F32, 0, 1, 1},
+        /* rank above 16: cuBLAS throughout */
+        {64, 128, 96, 32, 0.f, CUDA_F32, 1, 1, 1},
+        /* Qwen3.5-0.8B at 2 x 2048 tokens, r16 */
+        {4096, 1024, 6144, 0, 0.f, CUDA_BF16, 0, 1, 1},
+        {4096, 1024, 6144, 16, 0.f, CUDA_BF16, 0, 1, 1},
+        {4096, 1024, 2048, 16, 0.1f, CUDA_BF16, 0, 1, 1},
+        {4096, 1024, 16, 16, 0.f, CUDA_BF16, 0, 1, 1},
+        {4096, 1024, 3584, 16, 0.1f, CUDA_BF16, 0, 0, 1},
+        {4096, 3584, 1024, 16, 0.f, CUDA_F32, 1, 1, 1},
+        {4096, 2048, 1024, 16, 0.1f, CUDA_F32, 1, 1, 1},
+        {4096, 1024, 4096, 16, 0.f, CUDA_BF16, 0, 1, 1},
+        {4096, 1024, 512, 16, 0.1f, CUDA_BF16, 0, 1, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
+    if (t && atoi(t) == 1) timing();
+}
