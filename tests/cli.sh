@@ -581,6 +581,9 @@ if expect_ok quantize_4bit "$DT" quantize --model "$fixtures/text_tied" --out q4
     l4=$(loss_of "$tmp/out" 2>/dev/null)
     if [[ -n $l4 ]] && near "$l4" "$base_loss" 0.05; then ok quantize_4bit_eval_within_5pct
     else fail quantize_4bit_eval_within_5pct "loss $l4 vs $base_loss: $(cat "$tmp/err")"; fi
+    expect_fail merge_quantized_base 1 "merge needs a float" \
+        "$DT" merge --model q4 --adapter "$fixtures/text_tied/adapter" --out mq4
+    [[ ! -e mq4/config.json ]] && ok merge_quantized_base_writes_nothing || fail merge_quantized_base_writes_nothing "$(ls mq4)"
 fi
 run "$DT" quantize --model "$fixtures/text_tied" --out q128 --bits 8 --group-size 128
 if [[ $rc -eq 0 ]] && grep -q 'left unquantized (group size does not divide the row): embed_tokens.weight' "$tmp/err"; then

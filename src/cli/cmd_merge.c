@@ -39,6 +39,14 @@ static int run(const merge_opts *o) {
     checkpoint ck;
     lora_adapter ad;
     if (checkpoint_open(&ck, o->model)) return cli_fail(CMD, EXIT_RUNTIME);
+    if (ck.n_quantized) {
+        /* folding a LoRA into 4-bit codes would round it away; the adapter fits the float original */
+        dt_err("%s: the base is quantized (MLX affine %d-bit, %d tensors); merge needs a float (bf16/f16/f32) "
+               "base: merge the adapter into the original the quantized one was made from",
+               o->model, ck.qbits, ck.n_quantized);
+        checkpoint_close(&ck);
+        return cli_fail(CMD, EXIT_RUNTIME);
+    }
     if (adapter_load(&ad, o->adapter, &ck)) {
         checkpoint_close(&ck);
         return cli_fail(CMD, EXIT_RUNTIME);

@@ -910,9 +910,11 @@ int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qw
     }
     cuda_prof_pop();
     if (finish(g, loss_sum, "the training step")) return -1;
-    double t1 = dt_seconds();
-    if (!g->lora_master && collect_lora_grads(g)) return -1;
-    cuda_prof_add_host("host.lora_grads_download", 1e3 * (dt_seconds() - t1));
+    if (!g->lora_master) {  /* the optimiser is on the host: it needs the gradients there */
+        double t1 = dt_seconds();
+        if (collect_lora_grads(g)) return -1;
+        cuda_prof_add_host("host.lora_grads_download", 1e3 * (dt_seconds() - t1));
+    }
     cuda_prof_add_host("host.forward_backward_wall", 1e3 * (dt_seconds() - t0));
     *n_targets = count;
     return 0;

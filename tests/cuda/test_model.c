@@ -1,7 +1,9 @@
 /* The whole model on the GPU against the CPU model (the reference): the loss and every LoRA
  * gradient of one training step, the evaluation loss, with and without gradient
  * checkpointing, on a random model with Qwen3.5's real head sizes and on the golden fixture;
- * then the whole training loop against the transformers + PEFT run of tests/fixtures/train_tied. */
+ * then the whole training loop against the transformers + PEFT run of tests/fixtures/train_tied.
+ * For looking into a difference: DT_TEST_VERBOSE=1 prints each LoRA's error, DT_TEST_LAYOUT=dda
+ * picks the layer kinds (d: DeltaNet, a: attention), DT_TEST_EMBED_SCALE scales the logits. */
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
