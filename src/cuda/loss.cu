@@ -11,6 +11,7 @@
 #include <stdio.h>
 
 #include "cuda/cuda_internal.h"
+#include "cuda/reduce.cuh"
 
 namespace {
 
@@ -28,32 +29,6 @@ void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const void *A, lon
         CUDA_R_16BF, (int)ldb, sB, A, CUDA_R_16BF, (int)lda, sA, &beta, C, ct, (int)ldc, sC, batch,
         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (st != CUBLAS_STATUS_SUCCESS) fprintf(stderr, "lmhead_ce: cuBLAS GEMM failed (%d)\n", (int)st);
-}
-
-__device__ __forceinline__ void ms_merge(float &m, float &s, float m2, float s2) {
-    float mm = fmaxf(m, m2);
-    if (mm == -INFINITY) return;
-    s = s * __expf(m - mm) + s2 * __expf(m2 - mm);
-    m = mm;
-}
-
-template <int NT>
-__device__ void block_max_sum(float &m, float &s) {
-    __shared__ float sm[32], ss[32];
-    for (int o = 16; o; o >>= 1) ms_merge(m, s, __shfl_xor_sync(~0u, m, o), __shfl_xor_sync(~0u, s, o));
-    int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-    if (l == 0) sm[w] = m, ss[w] = s;
-    __syncthreads();
-    if (w == 0) {
-        m = l < NT / 32 ? sm[l] : -INFINITY;
-        s = l < NT / 32 ? ss[l] : 0.f;
-        for (int o = 16; o; o >>= 1) ms_merge(m, s, __shfl_xor_sync(~0u, m, o), __shfl_xor_sync(~0u, s, o));
-        if (l == 0) sm[0] = m, ss[0] = s;
-    }
-    __syncthreads();
-    m = sm[0];
-    s = ss[0];
-    __syncthreads();
 }
 
 template <int NT>
