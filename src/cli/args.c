@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "deltatune/error.h"
+#include "deltatune/quant.h"
 
 #define ARGS_MAX 64
 
@@ -191,4 +192,10 @@ int args_parse_command(const arg_spec *specs, int n, int argc, char **argv, cons
         return EXIT_OK;
     }
     return r ? cli_usage_fail(cmd) : -1;
+}
+
+int args_check_quantize(int bits, int group) {
+    if (group != 64 && !bits) return dt_err("--group-size needs --quantize");
+    if (bits && bits != 4 && bits != 8) return dt_err("--quantize: %d bits is not supported (4 or 8)", bits);
+    return bits ? quant_check(bits, group, 128, "--group-size") : 0;
 }

@@ -36,6 +36,12 @@ typedef struct {
     {.name = n, .type = ARG_STRING, .ptr = p, .min = 1, .help = h, .choices = list, .required = true}
 #define ARG_INT_RANGE(n, p, lo, hi, meta, h) \
     {.name = n, .type = ARG_INT, .ptr = p, .min = lo, .max = hi, .help = h, .metavar = meta}
+/* --quantize BITS and --group-size N, as train, eval, generate and info take them (group default 64);
+ * args_check_quantize then refuses what MLX's affine scheme does not offer. */
+#define ARG_QUANTIZE(bits, group)                                                                   \
+    ARG_INT_RANGE("quantize", bits, 4, 8, "BITS",                                                   \
+                  "quantize the weights on load, MLX's affine scheme: 8 or 4 bits (0: as stored)"), \
+    ARG_INT_RANGE("group-size", group, 32, 128, "N", "values per quantization group with --quantize: 32, 64 or 128")
 #define ARG_FLOAT_RANGE(n, p, lo, hi, meta, h) \
     {.name = n, .type = ARG_FLOAT, .ptr = p, .min = lo, .max = hi, .help = h, .metavar = meta}
 #define ARG_FLAG(n, p, h) {.name = n, .type = ARG_BOOL, .ptr = p, .min = 1, .help = h}
@@ -74,5 +80,8 @@ int cmd_generate(int argc, char **argv);
 int cmd_merge(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_train(int argc, char **argv);
+
+/* 0, or an error (a usage error for the caller) for --quantize / --group-size values out of the scheme. */
+int args_check_quantize(int bits, int group);
 
 #endif

@@ -14,7 +14,6 @@
 #include "deltatune/error.h"
 #include "deltatune/mem.h"
 #include "deltatune/progress.h"
-#include "deltatune/quant.h"
 #include "deltatune/quantize_ckpt.h"
 #include "deltatune/qwen35.h"
 
@@ -206,23 +205,11 @@ int cmd_eval(int argc, char **argv) {
         ARG_INT_RANGE("batch-size", &o.batch_size, 1, 65536, "N", "rows per batch, packed back to back"),
         ARG_INT_RANGE("max-tokens-per-batch", &o.max_tokens, 0, 1e9, "N",
                       "also end a batch before it passes N tokens (0: no limit)"),
-        ARG_INT_RANGE("quantize", &o.quantize, 4, 8, "BITS",
-                      "quantize the weights on load, MLX's affine scheme: 8 or 4 bits (0: as stored)"),
-        ARG_INT_RANGE("group-size", &o.group_size, 32, 128, "N",
-                      "values per quantization group with --quantize: 32, 64 or 128"),
+        ARG_QUANTIZE(&o.quantize, &o.group_size),
         ARG_CHOICE("device", &o.device, device_names, DEVICE_HELP),
     };
     int rc = args_parse_command(specs, (int)(sizeof specs / sizeof specs[0]), argc, argv, CMD, SUMMARY);
     if (rc >= 0) return rc;
-    if (o.group_size != 64 && !o.quantize) {
-        dt_err("--group-size needs --quantize");
-        return cli_usage_fail(CMD);
-    }
-    if (o.quantize && o.quantize != 4 && o.quantize != 8) {
-        dt_err("--quantize: %d bits is not supported (4 or 8)", o.quantize);
-        return cli_usage_fail(CMD);
-    }
-    if (o.quantize && quant_check(o.quantize, o.group_size, 128, "--group-size"))
-        return cli_usage_fail(CMD);
+    if (args_check_quantize(o.quantize, o.group_size)) return cli_usage_fail(CMD);
     return run(&o);
 }

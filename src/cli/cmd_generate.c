@@ -9,7 +9,6 @@
 #include "cli/args.h"
 #include "cli/gen_session.h"
 #include "deltatune/error.h"
-#include "deltatune/quant.h"
 
 #define CMD "generate"
 #define SUMMARY                                                                                          \
@@ -126,23 +125,11 @@ int cmd_generate(int argc, char **argv) {
         ARG_INT_RANGE("top-k", &o.top_k, 0, 1 << 24, "N", "sample among the k most likely (0: all)"),
         ARG_INT_RANGE("seed", &o.seed, 0, 2147483647, "N", "sampling seed"),
         ARG_FLAG("json", &o.json, "end with one JSON line: {\"ids\", \"text\"}"),
-        ARG_INT_RANGE("quantize", &o.quantize, 4, 8, "BITS",
-                      "quantize the weights on load, MLX's affine scheme: 8 or 4 bits (0: as stored)"),
-        ARG_INT_RANGE("group-size", &o.group_size, 32, 128, "N",
-                      "values per quantization group with --quantize: 32, 64 or 128"),
+        ARG_QUANTIZE(&o.quantize, &o.group_size),
     };
     int rc = args_parse_command(specs, (int)(sizeof specs / sizeof specs[0]), argc, argv, CMD, SUMMARY);
     if (rc >= 0) return rc;
-    if (o.group_size != 64 && !o.quantize) {
-        dt_err("--group-size needs --quantize");
-        return cli_usage_fail(CMD);
-    }
-    if (o.quantize && o.quantize != 4 && o.quantize != 8) {
-        dt_err("--quantize: %d bits is not supported (4 or 8)", o.quantize);
-        return cli_usage_fail(CMD);
-    }
-    if (o.quantize && quant_check(o.quantize, o.group_size, 128, "--group-size"))
-        return cli_usage_fail(CMD);
+    if (args_check_quantize(o.quantize, o.group_size)) return cli_usage_fail(CMD);
     if (!o.prompt == !o.prompt_ids) {
         dt_err(o.prompt ? "--prompt and --prompt-ids exclude each other" : "missing required flag --prompt (or --prompt-ids)");
         return cli_usage_fail(CMD);

@@ -258,12 +258,11 @@ int cmd_info(int argc, char **argv) {
         ARG_INT_RANGE("seq-len", &o.seq_len, 1, 1 << 24, "N", "tokens per row for the memory estimate"),
         ARG_INT_RANGE("lora-rank", &o.rank, 1, 4096, "N", "LoRA rank for the memory estimate"),
         ARG_FLAG("json", &o.json, "print one JSON object instead of text"),
-        ARG_INT_RANGE("quantize", &o.quantize, 4, 8, "BITS",
-                      "size the weights (and the memory estimate) as quantized on load to 8 or 4 bits"),
-        ARG_INT_RANGE("group-size", &o.group_size, 32, 128, "N", "values per quantization group with --quantize"),
+        ARG_QUANTIZE(&o.quantize, &o.group_size),
     };
     int rc = args_parse_command(specs, (int)(sizeof specs / sizeof specs[0]), argc, argv, CMD, SUMMARY);
     if (rc >= 0) return rc;
+    if (args_check_quantize(o.quantize, o.group_size)) return cli_usage_fail(CMD);
     if (!o.model == !o.preset) {
         dt_err(o.model ? "--model and --preset exclude each other" : "missing required flag --model DIR (or --preset)");
         return cli_usage_fail(CMD);

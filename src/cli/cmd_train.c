@@ -18,7 +18,6 @@
 #include "deltatune/files.h"
 #include "deltatune/mem.h"
 #include "deltatune/progress.h"
-#include "deltatune/quant.h"
 #include "deltatune/quantize_ckpt.h"
 #include "deltatune/qwen35.h"
 #include "deltatune/trainer.h"
@@ -484,24 +483,12 @@ int cmd_train(int argc, char **argv) {
         ARG_INT_RANGE("log-every", &o.log_every, 1, 1e9, "N", "print a step line every N steps"),
         ARG_INT_RANGE("ce-chunk", &o.ce_chunk, 0, 1 << 24, "N",
                       "tokens per chunk of the fused LM-head loss (0: all at once, the full logits; for measuring)"),
-        ARG_INT_RANGE("quantize", &o.quantize, 4, 8, "BITS",
-                      "quantize the weights on load, MLX's affine scheme: 8 or 4 bits (0: as stored)"),
-        ARG_INT_RANGE("group-size", &o.group_size, 32, 128, "N",
-                      "values per quantization group with --quantize: 32, 64 or 128"),
+        ARG_QUANTIZE(&o.quantize, &o.group_size),
         ARG_CHOICE("device", &o.device, device_names, DEVICE_HELP),
     };
     int rc = args_parse_command(specs, (int)(sizeof specs / sizeof specs[0]), argc, argv, CMD, SUMMARY);
     if (rc >= 0) return rc;
-    if (o.group_size != 64 && !o.quantize) {
-        dt_err("--group-size needs --quantize");
-        return cli_usage_fail(CMD);
-    }
-    if (o.quantize && o.quantize != 4 && o.quantize != 8) {
-        dt_err("--quantize: %d bits is not supported (4 or 8)", o.quantize);
-        return cli_usage_fail(CMD);
-    }
-    if (o.quantize && quant_check(o.quantize, o.group_size, 128, "--group-size"))
-        return cli_usage_fail(CMD);
+    if (args_check_quantize(o.quantize, o.group_size)) return cli_usage_fail(CMD);
     target_list tl = {0};
     if (check_flags(&o, &tl) != 0) return cli_usage_fail(CMD);
     rc = run(&o, &tl);
