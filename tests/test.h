@@ -45,6 +45,9 @@ int test_failed(void);
 
 /* max|a-b| / max|b| over n values (b the reference). */
 double rel_err(const float *a, const float *b, size_t n);
+/* Deterministic random data for the op tests: uniform in [-1, 1), and a malloc'd vector of it times scale. */
+float test_frand(void);
+float *test_rand_vec(int64_t n, float scale);
 
 #define FIXTURES DT_SOURCE_DIR "/tests/fixtures"
 

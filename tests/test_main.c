@@ -3,6 +3,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "deltatune/rng.h"
 #include "test.h"
 
 #define MAX_TESTS 1024
@@ -26,6 +27,20 @@ void test_fail(const char *file, int line, const char *fmt, ...) {
 }
 
 int test_failed(void) { return current_failed; }
+
+static dt_rng test_rng = {0};
+static int test_rng_ready;
+
+float test_frand(void) {
+    if (!test_rng_ready) dt_rng_seed(&test_rng, 0x2545f4914f6cdd1dull), test_rng_ready = 1;
+    return dt_rng_range(&test_rng, -1.0f, 1.0f);
+}
+
+float *test_rand_vec(int64_t n, float scale) {
+    float *v = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    for (int64_t i = 0; i < n; i++) v[i] = scale * test_frand();
+    return v;
+}
 
 double rel_err(const float *a, const float *b, size_t n) {
     double num = 0, den = 0;

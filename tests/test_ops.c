@@ -5,25 +5,14 @@
 
 #include "deltatune/dtype.h"
 #include "deltatune/ops.h"
+#include "deltatune/rng.h"
 #include "test.h"
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-static float frand(void) {  /* uniform in (-1, 1), deterministic */
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (float)((rng_state >> 11) * (2.0 / 9007199254740992.0) - 1.0);
-}
-static float *rand_vec(int64_t n, float scale) {
-    float *v = malloc(sizeof(float) * n);
-    for (int64_t i = 0; i < n; i++) v[i] = scale * frand();
-    return v;
-}
 
 /* bf16 weights through the block conversion equal fp32 weights holding the same values. */
 TEST(ops_linear_bf16_matches_f32) {
     int64_t T = 3, in = 4096, out = 600;  /* 256 rows per conversion block: three blocks, one partial */
-    float *x = rand_vec(T * in, 1), *wf = rand_vec(out * in, 1);
+    float *x = test_rand_vec(T * in, 1), *wf = test_rand_vec(out * in, 1);
     uint16_t *wb = malloc(2 * out * in);
     dt_from_f32(wb, DT_BF16, wf, out * in);
     dt_to_f32(wf, wb, DT_BF16, out * in);  /* fp32 copy of the rounded values */
@@ -39,7 +28,7 @@ TEST(ops_linear_bf16_matches_f32) {
 TEST(ops_linear_lora_matches_naive) {
     int64_t T = 4, in = 9, out = 7;
     int r = 3;
-    float *x = rand_vec(T * in, 1), *w = rand_vec(out * in, 1), *A = rand_vec(r * in, 1), *B = rand_vec(out * r, 1);
+    float *x = test_rand_vec(T * in, 1), *w = test_rand_vec(out * in, 1), *A = test_rand_vec(r * in, 1), *B = test_rand_vec(out * r, 1);
     dt_lora lo = {.rank = r, .scale = 0.75f, .in = in, .out = out, .A = A, .B = B};
     dt_linear l = {{.dtype = DT_F32, .data = w, .rows = out, .cols = in}, &lo};
     float y[4 * 7], ref[4 * 7];
@@ -62,7 +51,7 @@ TEST(ops_linear_lora_matches_naive) {
 /* The fused, vocabulary-blocked LM-head loss equals log-softmax of full logits. */
 TEST(ops_lmhead_ce_matches_full_softmax) {
     int64_t T = 6, H = 16, V = 2 * LMHEAD_VOCAB_BLOCK + 123;  /* three blocks, the last partial */
-    float *h = rand_vec(T * H, 1), *E = rand_vec(V * H, 2);
+    float *h = test_rand_vec(T * H, 1), *E = test_rand_vec(V * H, 2);
     int32_t targets[6] = {0, 5000, -1, (int32_t)V - 1, 4096, 17};
     float *scratch = malloc(sizeof(float) * T * LMHEAD_VOCAB_BLOCK);
     dt_weight w = {.dtype = DT_F32, .data = E, .rows = V, .cols = H};
@@ -91,11 +80,11 @@ TEST(ops_lmhead_ce_matches_full_softmax) {
 /* The recurrence against the closed form S_t = a_t (I - b_t k k^T) S_{t-1} + b_t k v^T in double. */
 TEST(ops_deltanet_matches_closed_form) {
     int T = 70, Hk = 1, Hv = 2, dk = 5, dv = 3;
-    float *q = rand_vec(T * Hk * dk, 1), *k = rand_vec(T * Hk * dk, 1), *v = rand_vec(T * Hv * dv, 1);
+    float *q = test_rand_vec(T * Hk * dk, 1), *k = test_rand_vec(T * Hk * dk, 1), *v = test_rand_vec(T * Hv * dv, 1);
     float *beta = malloc(sizeof(float) * T * Hv), *g = malloc(sizeof(float) * T * Hv);
     for (int i = 0; i < T * Hv; i++) {
-        beta[i] = 0.5f + 0.4f * frand();
-        g[i] = -0.3f + 0.25f * frand();
+        beta[i] = 0.5f + 0.4f * test_frand();
+        g[i] = -0.3f + 0.25f * test_frand();
     }
     for (int t = 0; t < T; t++) {  /* unit keys, as after the L2 norm */
         double n = 0;
@@ -127,7 +116,7 @@ TEST(ops_deltanet_matches_closed_form) {
 
 TEST(ops_attention_matches_naive) {
     int T = 9, nh = 4, nkv = 2, hd = 8;
-    float *q = rand_vec(T * nh * hd, 1), *k = rand_vec(T * nkv * hd, 1), *v = rand_vec(T * nkv * hd, 1);
+    float *q = test_rand_vec(T * nh * hd, 1), *k = test_rand_vec(T * nkv * hd, 1), *v = test_rand_vec(T * nkv * hd, 1);
     float *out = malloc(sizeof(float) * T * nh * hd), *ref = malloc(sizeof(float) * T * nh * hd);
     float *scratch = malloc(sizeof(float) * T * T);
     attention_forward(out, q, k, v, T, T, nh, nkv, hd, 0.35f, scratch);
@@ -159,10 +148,9 @@ static float conversion_input(int i) {
     static const float edges[] = {0.0f, -0.0f, 1.0f, 65504.0f, 65520.0f, 1e-7f, 6.1e-5f, 5.96e-8f, 2.98e-8f,
                                   1e30f, -1e-40f, 1.00390625f, 1.01171875f, INFINITY, -INFINITY};
     if (i < (int)(sizeof edges / sizeof edges[0])) return edges[i];
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    uint32_t u = (uint32_t)(rng_state >> 16);
+    static dt_rng r;
+    if (i == (int)(sizeof edges / sizeof edges[0])) dt_rng_seed(&r, 0x9e3779b97f4a7c15ull);
+    uint32_t u = (uint32_t)(dt_rng_next(&r) >> 16);
     if ((u & 0x7f800000u) == 0x7f800000u) u ^= 0x40000000u;  /* keep NaN out of the comparisons */
     float f;
     memcpy(&f, &u, 4);

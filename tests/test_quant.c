@@ -11,18 +11,6 @@
 #include "deltatune/safetensors.h"
 #include "test.h"
 
-static uint64_t rng_state = 0x2545f4914f6cdd1dull;
-static float frand(void) {  /* uniform in (-1, 1), deterministic */
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (float)((rng_state >> 11) * (2.0 / 9007199254740992.0) - 1.0);
-}
-static float *rand_vec(int64_t n, float scale) {
-    float *v = malloc(sizeof(float) * n);
-    for (int64_t i = 0; i < n; i++) v[i] = scale * frand();
-    return v;
-}
 
 /* Code i of a packed row, read bit by bit from the little-endian words (independent of quant.c). */
 static unsigned code_at(const uint32_t *row, int64_t i, int bits) {
@@ -189,7 +177,7 @@ TEST(quant_hand_cases) {
         for (int i = 0; i < 128; i++) CHECKF(d[i] == w[i], "%d-bit constant groups: element %d = %g", bits, i, d[i]);
     }
     /* one huge outlier: it is the edge, so it comes back exactly; the rest collapse near 0 */
-    for (int i = 0; i < 32; i++) w[i] = 0.001f * frand();
+    for (int i = 0; i < 32; i++) w[i] = 0.001f * test_frand();
     w[5] = -65504.0f;
     for (int bi = 0; bi < 6; bi++) {
         int bits = all_bits[bi];
@@ -208,7 +196,7 @@ TEST(quant_hand_cases) {
  * by up to one step; MLX clamps it there, an error of at most one scale (every width, 8-bit too). */
 TEST(quant_error_bound) {
     int64_t rows = 64, cols = 256;
-    float *w = rand_vec(rows * cols, 0.05f);
+    float *w = test_rand_vec(rows * cols, 0.05f);
     for (int64_t i = 0; i < rows * cols; i += 97) w[i] *= 40;  /* some spread between groups */
     for (int bi = 0; bi < 6; bi++) {
         int bits = all_bits[bi];
@@ -242,7 +230,7 @@ TEST(quant_error_bound) {
  * its scales, quant_error_bound) of the first round's. */
 TEST(quant_requantize_stable) {
     int64_t rows = 16, cols = 384;
-    float *w = rand_vec(rows * cols, 0.1f);
+    float *w = test_rand_vec(rows * cols, 0.1f);
     for (int bi = 0; bi < 6; bi++) {
         int bits = all_bits[bi];
         unsigned top = (1u << bits) - 1;
@@ -297,7 +285,7 @@ TEST(quant_pack_unpack) {
         unsigned *codes = malloc(sizeof(unsigned) * rows * cols);
         for (int64_t r = 0; r < rows; r++)
             for (int64_t c = 0; c < cols; c++) {
-                unsigned q = (unsigned)((frand() + 1) * 0.5 * (1 << bits)) & ((1u << bits) - 1);
+                unsigned q = (unsigned)((test_frand() + 1) * 0.5 * (1 << bits)) & ((1u << bits) - 1);
                 if (c < (1 << bits)) q = (unsigned)c;  /* every code at least once */
                 codes[r * cols + c] = q;
                 for (int k = 0; k < bits; k++) {
@@ -382,7 +370,7 @@ TEST(quant_weight_bytes) {
 /* linear forward and backward with a quantized W equal the same with its dequantized fp32 W. */
 TEST(quant_linear_matches_dequantized) {
     int64_t T = 5, in = 2048, out = 1100;  /* 512 rows per block: three blocks, one partial */
-    float *x = rand_vec(T * in, 1), *wf = rand_vec(out * in, 0.05f), *dy = rand_vec(T * out, 1);
+    float *x = test_rand_vec(T * in, 1), *wf = test_rand_vec(out * in, 0.05f), *dy = test_rand_vec(T * out, 1);
     float *yq = malloc(sizeof(float) * T * out), *yf = malloc(sizeof(float) * T * out);
     float *dxq = malloc(sizeof(float) * T * in), *dxf = malloc(sizeof(float) * T * in);
     const int bits[] = {4, 8, 3, 6};
@@ -407,7 +395,7 @@ TEST(quant_linear_matches_dequantized) {
 
 TEST(quant_embedding_matches_dequantized) {
     int64_t V = 300, H = 128, T = 7;
-    float *ef = rand_vec(V * H, 0.1f);
+    float *ef = test_rand_vec(V * H, 0.1f);
     int32_t ids[7] = {0, 299, 5, 5, 150, 1, 298};
     for (int bi = 0; bi < 6; bi++) {
         qweight q;
@@ -428,7 +416,7 @@ TEST(quant_embedding_matches_dequantized) {
 /* The LM head + cross-entropy over a quantized (tied) embedding: loss and dh as with fp32. */
 TEST(quant_lmhead_matches_dequantized) {
     int64_t V = LMHEAD_VOCAB_BLOCK + 300, H = 64, T = 6, chunk = 4;  /* two vocabulary blocks, one partial */
-    float *ef = rand_vec(V * H, 0.2f), *h = rand_vec(T * H, 1);
+    float *ef = test_rand_vec(V * H, 0.2f), *h = test_rand_vec(T * H, 1);
     int32_t targets[6] = {3, -100, (int32_t)V - 1, LMHEAD_VOCAB_BLOCK, 17, 4000};
     float *scratch = malloc(sizeof(float) * (T > chunk ? T : chunk) * V);
     float *dhq = calloc(T * H, sizeof(float)), *dhf = calloc(T * H, sizeof(float));
