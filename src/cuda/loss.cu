@@ -93,9 +93,13 @@ __global__ void __launch_bounds__(NT)
         block_max_sum<NT>(m, s);
         lse = m + __logf(s);
         float zt = 0.f;
-        const bf16 *ht = h + (long long)t * H, *et = E + (long long)tg * H;
-        for (int c = threadIdx.x; c < H; c += NT) zt += ld(ht + c) * ld(et + c);
-        zt = block_sum<NT>(zt);
+        if (E) {
+            const bf16 *ht = h + (long long)t * H, *et = E + (long long)tg * H;
+            for (int c = threadIdx.x; c < H; c += NT) zt += ld(ht + c) * ld(et + c);
+            zt = block_sum<NT>(zt);
+        } else {
+            zt = logits[t * ldV + tg];  // a quantized E: the product's own fp32 logit
+        }
         if (threadIdx.x == 0) row_loss[t] = (double)lse - zt;
     } else if (threadIdx.x == 0) {
         row_loss[t] = 0;
@@ -134,16 +138,43 @@ __global__ void ce_sum(double *loss, const double *row_loss, int n) {
     if (threadIdx.x == 0) *loss += sh[0];
 }
 
-}  // namespace
+// The head's weight, bf16 or quantized (then dequantized slices of ebuf_rows rows into ebuf).
+struct head_weight {
+    const bf16 *E;
+    const cuda_qweight *q;
+    bf16 *ebuf;
+    long long slice;
+};
 
-extern "C" size_t lmhead_ce_scratch_bytes_cuda(int64_t chunk, int64_t V, int H) {
-    (void)H;
-    return align256((size_t)chunk * round8(V) * sizeof(float)) + align256((size_t)chunk * sizeof(double));
+// logits[:, :V] = h E^T for nt tokens.
+void head_logits(float *logits, long long ldV, const bf16 *h, int nt, const head_weight &w, long long V, int H) {
+    if (!w.q) {
+        gemm(false, true, nt, (int)V, H, 1.f, h, H, 0, w.E, H, 0, 0.f, logits, CUDA_R_32F, ldV, 0, 1);
+        return;
+    }
+    for (long long v0 = 0; v0 < V; v0 += w.slice) {
+        long long nv = V - v0 < w.slice ? V - v0 : w.slice;
+        dequantize_rows_cuda((dt_bf16 *)w.ebuf, w.q, v0, nv);
+        gemm(false, true, nt, (int)nv, H, 1.f, h, H, 0, w.ebuf, H, 0, 0.f, logits + v0, CUDA_R_32F, ldV, 0, 1);
+    }
 }
 
-extern "C" void lmhead_ce_cuda(double *loss, float *dh, const dt_bf16 *h_, const int32_t *targets, int64_t N,
-                               const dt_bf16 *E_, int64_t V, int H, float grad_scale, int64_t chunk, void *scratch) {
-    const bf16 *h = (const bf16 *)h_, *E = (const bf16 *)E_;
+// dh += dlogits E, the bf16 gradient rows sitting 2 ldV bf16 apart (the first half of each fp32 row).
+// cuBLAS splits the long reduction over V itself: a split-K of our own measured no faster.
+void head_backward(float *dh, const bf16 *dlogits, long long ldV, int nt, const head_weight &w, long long V, int H) {
+    if (!w.q) {
+        gemm(false, false, nt, H, (int)V, 1.f, dlogits, 2 * ldV, 0, w.E, H, 0, 1.f, dh, CUDA_R_32F, H, 0, 1);
+        return;
+    }
+    for (long long v0 = 0; v0 < V; v0 += w.slice) {
+        long long nv = V - v0 < w.slice ? V - v0 : w.slice;
+        dequantize_rows_cuda((dt_bf16 *)w.ebuf, w.q, v0, nv);
+        gemm(false, false, nt, H, (int)nv, 1.f, dlogits + v0, 2 * ldV, 0, w.ebuf, H, 0, 1.f, dh, CUDA_R_32F, H, 0, 1);
+    }
+}
+
+void lmhead_ce(double *loss, float *dh, const bf16 *h, const int32_t *targets, int64_t N, const head_weight &w,
+               int64_t V, int H, float grad_scale, int64_t chunk, void *scratch) {
     if (N <= 0 || V <= 0) return;
     if (chunk <= 0 || chunk > N) chunk = N;
     long long ldV = round8(V);
@@ -151,13 +182,32 @@ extern "C" void lmhead_ce_cuda(double *loss, float *dh, const dt_bf16 *h_, const
     double *row_loss = (double *)((char *)scratch + align256((size_t)chunk * ldV * sizeof(float)));
     for (int64_t t0 = 0; t0 < N; t0 += chunk) {
         int nt = (int)(N - t0 < chunk ? N - t0 : chunk);
-        gemm(false, true, nt, (int)V, H, 1.f, h + t0 * H, H, 0, E, H, 0, 0.f, logits, CUDA_R_32F, ldV, 0, 1);
-        ce_rows<kThreads><<<nt, kThreads, 0, cuda_stream()>>>(logits, ldV, V, targets + t0, h + t0 * H, E, H,
+        head_logits(logits, ldV, h + t0 * H, nt, w, V, H);
+        ce_rows<kThreads><<<nt, kThreads, 0, cuda_stream()>>>(logits, ldV, V, targets + t0, h + t0 * H, w.E, H,
                                                               row_loss, grad_scale, dh != NULL);
         ce_sum<<<1, 256, 0, cuda_stream()>>>(loss, row_loss, nt);
-        if (!dh) continue;
-        // cuBLAS splits the long reduction over V itself: a split-K of our own measured no faster
-        // the bf16 gradient rows sit 2 ldV bf16 apart (the first half of each fp32 row)
-        gemm(false, false, nt, H, (int)V, 1.f, logits, 2 * ldV, 0, E, H, 0, 1.f, dh + t0 * H, CUDA_R_32F, H, 0, 1);
+        if (dh) head_backward(dh + t0 * H, (const bf16 *)logits, ldV, nt, w, V, H);
     }
+}
+
+}  // namespace
+
+extern "C" void lmhead_ce_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *targets, int64_t N,
+                               const dt_bf16 *E, int64_t V, int H, float grad_scale, int64_t chunk, void *scratch) {
+    head_weight w = {(const bf16 *)E, NULL, NULL, 0};
+    lmhead_ce(loss, dh, (const bf16 *)h, targets, N, w, V, H, grad_scale, chunk, scratch);
+}
+
+extern "C" void lmhead_ce_q_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *targets, int64_t N,
+                                 const cuda_qweight *E, dt_bf16 *ebuf, int64_t ebuf_rows, float grad_scale,
+                                 int64_t chunk, void *scratch) {
+    // slices of whole 8-row steps keep each slice's logits columns 32-byte aligned
+    head_weight w = {NULL, E, (bf16 *)ebuf, (long long)(ebuf_rows / 8 * 8)};
+    if (w.slice <= 0) return;
+    lmhead_ce(loss, dh, (const bf16 *)h, targets, N, w, E->rows, (int)E->cols, grad_scale, chunk, scratch);
+}
+
+extern "C" size_t lmhead_ce_scratch_bytes_cuda(int64_t chunk, int64_t V, int H) {
+    (void)H;
+    return align256((size_t)chunk * round8(V) * sizeof(float)) + align256((size_t)chunk * sizeof(double));
 }

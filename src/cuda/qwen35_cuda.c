@@ -1,7 +1,8 @@
 /* The Qwen3.5 decoder on the GPU, wired from the CUDA ops as src/model/qwen35.c wires the
  * CPU ones, layer for layer: the CPU model is the reference this is tested against
- * (tests/cuda/test_model.c). Weights live on the device in bf16; the residual stream and
- * its gradient in fp32; layer activations in bf16 (see cuda_ops.h for the type rules). */
+ * (tests/cuda/test_model.c). Weights live on the device in bf16, or in their quantized bytes
+ * (dequantized one matrix, or one slice of the LM head, at a time into a shared buffer); the
+ * residual stream and its gradient in fp32; layer activations in bf16 (see cuda_ops.h). */
 #include "deltatune/qwen35_cuda.h"
 
 #include <math.h>
@@ -60,7 +61,10 @@ typedef struct {
 
 struct qwen35_cuda {
     qwen35_config cfg;
-    dt_bf16 *embed, *lm_head;
+    dt_bf16 *embed, *lm_head;   /* NULL where quantized: */
+    cuda_qweight embed_q, lm_head_q;
+    dt_bf16 *wbuf;              /* a quantized base's one dequantized matrix */
+    int64_t wbuf_elems;
     float *final_norm;
     gpu_layer *layers;
     int64_t weight_bytes;
@@ -109,7 +113,7 @@ const char *qwen35_cuda_device_name(void) { return cuda_device_name(); }
 /* ---------------------------------------------------------------- weights */
 
 /* A device bf16 copy of any weight (F32, F16, BF16 or quantized), converted a block of rows at a
- * time. (A quantized base is dequantized here: the GPU path has no quantized products yet.) */
+ * time. */
 static int upload_bf16(dt_bf16 **dst, const dt_weight *w, int64_t *bytes) {
     int64_t n = w->rows * w->cols;
     if (cuda_alloc((void **)dst, sizeof(dt_bf16) * (size_t)n)) return -1;
@@ -141,13 +145,45 @@ static int upload_f32(float **dst, const float *src, int64_t n, int64_t *bytes) 
     return cuda_upload(*dst, src, sizeof(float) * (size_t)n);
 }
 
-static int upload_linear(cuda_linear *g, const dt_linear *l, int64_t *bytes) {
+/* A quantized weight's packed rows, scales and biases, uploaded as they are. */
+static int upload_quantized(cuda_qweight *q, const dt_weight *w, int64_t *bytes) {
+    int64_t packed = w->rows * w->cols * w->qbits / 8, params = w->rows * (w->cols / w->qgroup) * (int64_t)dt_dtype_size(w->qdtype);
+    void *d[3] = {NULL, NULL, NULL};
+    int rc = cuda_alloc(&d[0], (size_t)packed) || cuda_alloc(&d[1], (size_t)params) || cuda_alloc(&d[2], (size_t)params) ||
+             cuda_upload(d[0], w->data, (size_t)packed) || cuda_upload(d[1], w->scales, (size_t)params) ||
+             cuda_upload(d[2], w->biases, (size_t)params);
+    *q = (cuda_qweight){d[0], d[1], d[2], w->qbits, w->qgroup,
+                        w->qdtype == DT_BF16 ? CUDA_BF16 : w->qdtype == DT_F16 ? CUDA_F16 : CUDA_F32, w->rows, w->cols};
+    *bytes += dt_weight_bytes(w);
+    return rc ? -1 : 0;
+}
+
+static void free_quantized(cuda_qweight *q) {
+    cuda_free((void *)q->q);
+    cuda_free((void *)q->scales);
+    cuda_free((void *)q->biases);
+    memset(q, 0, sizeof *q);
+}
+
+/* bf16, or quantized as the host holds it; *wbuf_elems grows to the largest quantized matrix. */
+static int upload_linear(cuda_linear *g, const dt_linear *l, int64_t *bytes, int64_t *wbuf_elems) {
     memset(g, 0, sizeof *g);
     if (!l->w.data) return 0;
     g->in = l->w.cols;
     g->out = l->w.rows;
-    return upload_bf16((dt_bf16 **)&g->W, &l->w, bytes);
+    if (!l->w.qbits) return upload_bf16((dt_bf16 **)&g->W, &l->w, bytes);
+    if (g->in * g->out > *wbuf_elems) *wbuf_elems = g->in * g->out;
+    return upload_quantized(&g->wq, &l->w, bytes);
 }
+
+/* The embedding, or the untied LM head: bf16, or quantized as held. */
+static int upload_table(dt_bf16 **bf, cuda_qweight *q, const dt_weight *w, int64_t *bytes) {
+    *bf = NULL;
+    return w->qbits ? upload_quantized(q, w, bytes) : upload_bf16(bf, w, bytes);
+}
+
+/* The LM head of a quantized base runs through the shared buffer in slices of up to this many rows. */
+#define LM_HEAD_SLICE_ROWS 8192
 
 #define LAYER_LINEARS(X) \
     X(mlp_gate) X(mlp_up) X(mlp_down) X(lin_qkv) X(lin_z) X(lin_b) X(lin_a) X(lin_out) X(att_q) X(att_k) X(att_v) X(att_o)
@@ -167,10 +203,14 @@ int qwen35_cuda_create(qwen35_cuda **out, const qwen35_model *m) {
     g->layers = calloc(c->n_layers, sizeof *g->layers);
     int rc = g->layers ? 0 : dt_err("out of memory");
     int64_t H = c->hidden_size, *wb = &g->weight_bytes;
-    if (rc == 0) rc = upload_bf16(&g->embed, &m->embed, wb);
+    if (rc == 0) rc = upload_table(&g->embed, &g->embed_q, &m->embed, wb);
     if (rc == 0) {
-        if (m->lm_head.data == m->embed.data) g->lm_head = g->embed;
-        else rc = upload_bf16(&g->lm_head, &m->lm_head, wb);
+        if (m->lm_head.data == m->embed.data) {
+            g->lm_head = g->embed;
+            g->lm_head_q = g->embed_q;
+        } else {
+            rc = upload_table(&g->lm_head, &g->lm_head_q, &m->lm_head, wb);
+        }
     }
     if (rc == 0) rc = upload_f32(&g->final_norm, m->final_norm, H, wb);
     int64_t dv = c->lin_v_head_dim, hd = c->head_dim, cd = 2 * (int64_t)c->lin_n_k_heads * c->lin_k_head_dim +
@@ -179,7 +219,7 @@ int qwen35_cuda_create(qwen35_cuda **out, const qwen35_model *m) {
         const qwen35_layer *L = &m->layers[l];
         gpu_layer *G = &g->layers[l];
 #define UP(name) \
-        if (rc == 0) rc = upload_linear(&G->name, &L->name, wb);
+        if (rc == 0) rc = upload_linear(&G->name, &L->name, wb, &g->wbuf_elems);
         LAYER_LINEARS(UP)
 #undef UP
         if (rc == 0) rc = upload_f32(&G->input_norm, L->input_norm, H, wb);
@@ -190,6 +230,19 @@ int qwen35_cuda_create(qwen35_cuda **out, const qwen35_model *m) {
         if (rc == 0) rc = upload_f32(&G->lin_norm, L->lin_norm, dv, wb);
         if (rc == 0) rc = upload_f32(&G->q_norm, L->q_norm, hd, wb);
         if (rc == 0) rc = upload_f32(&G->k_norm, L->k_norm, hd, wb);
+    }
+    if (rc == 0 && g->lm_head_q.bits) {
+        int64_t rows = c->vocab_size < LM_HEAD_SLICE_ROWS ? c->vocab_size : LM_HEAD_SLICE_ROWS;
+        if (rows * H > g->wbuf_elems) g->wbuf_elems = rows * H;
+    }
+    if (rc == 0 && g->wbuf_elems > 0) {
+        rc = cuda_alloc((void **)&g->wbuf, sizeof(dt_bf16) * (size_t)g->wbuf_elems);
+        for (int l = 0; rc == 0 && l < c->n_layers; l++) {
+            gpu_layer *G = &g->layers[l];
+#define WBUF(name) G->name.wbuf = g->wbuf;
+            LAYER_LINEARS(WBUF)
+#undef WBUF
+        }
     }
     if (rc) {
         qwen35_cuda_free(g);
@@ -227,10 +280,13 @@ void qwen35_cuda_free(qwen35_cuda *g) {
     free_workspace(g);
     if (g->lm_head != g->embed) cuda_free(g->lm_head);
     cuda_free(g->embed);
+    if (g->lm_head_q.q != g->embed_q.q) free_quantized(&g->lm_head_q);
+    free_quantized(&g->embed_q);
+    cuda_free(g->wbuf);
     cuda_free(g->final_norm);
     for (int l = 0; g->layers && l < g->cfg.n_layers; l++) {
         gpu_layer *G = &g->layers[l];
-#define FREE(name) cuda_free((void *)G->name.W);
+#define FREE(name) cuda_free((void *)G->name.W), free_quantized(&G->name.wq);
         LAYER_LINEARS(FREE)
 #undef FREE
         float *v[] = {G->input_norm, G->post_norm, G->conv, G->dt_bias, G->a_log, G->lin_norm, G->q_norm, G->k_norm};
@@ -829,6 +885,23 @@ static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_
 
 /* ---------------------------------------------------------------- calls */
 
+/* out (fp32 [N, H]) = the embedding rows of the batch's ids. */
+static void embed(qwen35_cuda *g, float *out, int64_t N) {
+    if (g->embed_q.bits) embedding_forward_q_cuda(out, g->ids, N, &g->embed_q);
+    else embedding_forward_cuda(out, g->ids, N, g->embed, g->cfg.hidden_size);
+}
+
+/* The loss of the final-normed g->hf into g->loss; dh (when not NULL) += its gradient. */
+static void lm_head_loss(qwen35_cuda *g, float *dh, int64_t N, float grad_scale) {
+    const qwen35_config *c = &g->cfg;
+    if (g->lm_head_q.bits)
+        lmhead_ce_q_cuda(g->loss, dh, g->hf, g->targets, N, &g->lm_head_q, g->wbuf, g->wbuf_elems / c->hidden_size,
+                         grad_scale, g->ce_chunk, g->scratch);
+    else
+        lmhead_ce_cuda(g->loss, dh, g->hf, g->targets, N, g->lm_head, c->vocab_size, c->hidden_size, grad_scale,
+                       g->ce_chunk, g->scratch);
+}
+
 static int finish(qwen35_cuda *g, double *loss_sum, const char *what) {
     if (cuda_download(loss_sum, g->loss, sizeof(double)) || cuda_check(what))
         return dt_err_wrap("%s on %s", what, cuda_device_name());
@@ -847,11 +920,10 @@ int qwen35_cuda_eval_loss(qwen35_cuda *g, const qwen35_model *m, const qwen35_ba
     call k = {b->n_tokens, b->n_seqs, 0};
     for (int s = 0; s < b->n_seqs; s++) k.max_len = b->seq_lens[s] > k.max_len ? b->seq_lens[s] : k.max_len;
     int64_t N = k.N, H = c->hidden_size;
-    embedding_forward_cuda(g->h32, g->ids, N, g->embed, (int)H);
+    embed(g, g->h32, N);
     for (int l = 0; l < c->n_layers; l++) layer_forward(g, l, &k, g->h32, g->h32, &g->acts[0]);
     rmsnorm1p_forward_cuda(g->hf, g->h32, g->final_norm, N, (int)H, (float)c->rms_eps);
-    lmhead_ce_cuda(g->loss, NULL, g->hf, g->targets, N, g->lm_head, c->vocab_size, (int)H, 1.0f,
-                   g->ce_chunk, g->scratch);
+    lm_head_loss(g, NULL, N, 1.0f);
     if (finish(g, loss_sum, "the evaluation")) return -1;
     *n_targets = count;
     return 0;
@@ -876,7 +948,7 @@ int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qw
     cuda_prof_push("step");
     /* forward: the residual stream in fp32, each layer's input also kept in bf16 */
     float *h = g->h32, *h_next = g->h32 + NH;
-    PROF("fwd.embed", embedding_forward_cuda(h, g->ids, N, g->embed, (int)H));
+    PROF("fwd.embed", embed(g, h, N));
     for (int l = 0; l < n_layers; l++) {
         cuda_f32_to_bf16(g->hs + l * NH, h, NH);
         layer_forward(g, l, &k, h, h_next, &g->acts[grad_checkpoint ? 0 : l]);
@@ -887,8 +959,7 @@ int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qw
     PROF("lm_head_ce", {
         rmsnorm1p_forward_cuda(g->hf, h, g->final_norm, N, (int)H, eps);
         cuda_zero(g->dh2, sizeof(float) * NH);
-        lmhead_ce_cuda(g->loss, g->dh2, g->hf, g->targets, N, g->lm_head, c->vocab_size, (int)H, (float)grad_scale,
-                       g->ce_chunk, g->scratch);
+        lm_head_loss(g, g->dh2, N, (float)grad_scale);
         cuda_zero(g->dh, sizeof(float) * NH);
         rmsnorm1p_backward_cuda(g->dh, g->dh2, h, g->final_norm, N, (int)H, eps);
     });

@@ -31,6 +31,7 @@ __attribute__((weak)) void cuda_tests_elementwise(void);
 __attribute__((weak)) void cuda_tests_deltanet(void);
 __attribute__((weak)) void cuda_tests_attention_loss(void);
 __attribute__((weak)) void cuda_tests_linear(void);
+__attribute__((weak)) void cuda_tests_quant(void);
 __attribute__((weak)) void cuda_tests_model(void);
 
 #endif

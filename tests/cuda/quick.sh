@@ -10,7 +10,7 @@ tmp=$(mktemp -d)
 blas_inc=$(dirname "$(ls /usr/include/x86_64-linux-gnu/openblas*/cblas.h /usr/include/openblas/cblas.h /usr/include/cblas.h 2>/dev/null | head -1)")
 NVCC=${NVCC:-/usr/local/cuda/bin/nvcc}
 objs=()
-for f in tests/cuda/test_cuda.c src/ops/*.c src/base/error.c src/base/dtype.c src/base/quant.c "$@" src/cuda/runtime.cu; do
+for f in tests/cuda/test_cuda.c src/ops/*.c src/base/error.c src/base/dtype.c src/base/quant.c src/base/mem.c "$@" src/cuda/runtime.cu; do
   [ -f "$f" ] || continue
   case " ${objs[*]-} " in *" $tmp/$(echo "$f" | tr / _).o "*) continue;; esac
   o=$tmp/$(echo "$f" | tr / _).o

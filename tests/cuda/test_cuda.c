@@ -99,7 +99,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     printf("cuda: %s\n", cuda_device_name());
-    /* an argument picks one group: elementwise, deltanet, attention, linear, model */
+    /* an argument picks one group: elementwise, deltanet, attention, linear, quant, model */
     const char *only = argc > 1 ? argv[1] : "";
 #define GROUP(name, fn) \
     if (fn && (!*only || !strcmp(only, name))) fn()
@@ -107,6 +107,7 @@ int main(int argc, char **argv) {
     GROUP("deltanet", cuda_tests_deltanet);
     GROUP("attention", cuda_tests_attention_loss);
     GROUP("linear", cuda_tests_linear);
+    GROUP("quant", cuda_tests_quant);
     GROUP("model", cuda_tests_model);
     printf("cuda: %d passed, %d failed\n", cuda_tests_passed, cuda_tests_failed);
     return cuda_tests_failed ? 1 : 0;

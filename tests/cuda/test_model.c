@@ -17,6 +17,8 @@
 #include "deltatune/dtype.h"
 #include "deltatune/error.h"
 #include "deltatune/optim.h"
+#include "deltatune/quant.h"
+#include "deltatune/quantize_ckpt.h"
 #include "deltatune/qwen35_cuda.h"
 #include "deltatune/rng.h"
 #include "deltatune/trainer.h"
@@ -97,6 +99,32 @@ static int random_model_make(random_model *r, const qwen35_config *c, uint64_t s
             r->data[i][j] = dt_f32_to_bf16((float)v);
         }
         r->w[i] = (dt_weight){.dtype = DT_BF16, .data = r->data[i], .rows = n / cols, .cols = cols};
+    }
+    return 0;
+}
+
+/* Every weight that checkpoint_quantize would quantize, quantized (group 64, bf16 scales and
+ * biases as mlx-lm writes them); the buffers replace the bf16 ones in r->data. */
+static int random_model_quantize(random_model *r, int bits) {
+    const int group = 64;
+    for (int i = 0; i < r->n; i++) {
+        dt_weight *w = &r->w[i];
+        if (!checkpoint_kind_is_quantizable(r->specs[i].kind) || w->cols % group) continue;
+        int64_t groups = w->rows * (w->cols / group), words = w->rows * w->cols * bits / 32;
+        float *f = malloc(sizeof(float) * w->rows * w->cols), *sb = malloc(sizeof(float) * 2 * groups);
+        /* one allocation: the words, then bf16 scales and biases */
+        uint16_t *buf = malloc(sizeof(uint32_t) * words + sizeof(uint16_t) * 2 * groups);
+        if (!f || !sb || !buf) return dt_err("out of memory");
+        dt_weight_rows_f32(f, w, 0, w->rows);
+        quant_quantize((uint32_t *)buf, sb, sb + groups, f, w->rows, w->cols, bits, group);
+        uint16_t *params = buf + 2 * words;
+        dt_from_f32(params, DT_BF16, sb, (size_t)(2 * groups));
+        *w = (dt_weight){.dtype = DT_U32, .data = buf, .rows = w->rows, .cols = w->cols, .qbits = bits, .qgroup = group,
+                         .qdtype = DT_BF16, .scales = params, .biases = params + groups};
+        free(r->data[i]);
+        r->data[i] = buf;
+        free(f);
+        free(sb);
     }
     return 0;
 }
@@ -267,18 +295,45 @@ static void compare_step(const char *name, qwen35_model *m, loras *L, const qwen
     qwen35_cuda_free(g);
 }
 
-static void test_random_model(void) {
+/* The device holds a quantized model in its own bytes (plus one bf16 matrix at a time): at
+ * 8 bits about 8.5/16 of the bf16 model, at 4 bits 4.5/16, with the fp32 norms besides. */
+static void check_quantized_memory(const qwen35_model *m, int bits, const char *name) {
+    qwen35_cuda *g = NULL;
+    int64_t wbytes = 0, peak = 0, bf16 = qwen35_weight_bytes_quantized(&m->cfg, 0, 0);
+    if (qwen35_cuda_create(&g, m)) {
+        fail_msg(name);
+        return;
+    }
+    qwen35_cuda_memory(g, &wbytes, &peak);
+    qwen35_cuda_free(g);
+    double share = (double)wbytes / (double)bf16, bound = bits == 8 ? 0.6 : 0.35;
+    printf("info cuda_%s_memory: weights on the device %.3f of the bf16 model's\n", name, share);
+    if (share < bound) {
+        cuda_tests_passed++;
+    } else {
+        printf("FAIL cuda_%s_memory: weights on the device %.3f of the bf16 model's, expected under %.2f\n", name,
+               share, bound);
+        cuda_tests_failed++;
+    }
+}
+
+/* bits 0: the bf16 model; 8 or 4: its weights quantized, the CPU computing through the same
+ * quantized bytes (in fp32) as the reference. */
+static void test_random_model(int bits) {
     qwen35_config c;
     mid_config(&c);
     random_model r;
     qwen35_model m;
     loras L = {0};
-    if (random_model_make(&r, &c, 7) || qwen35_model_init(&m, &c, r.specs, r.w, r.n)) {
-        fail_msg("model_random");
+    char name[64];
+    snprintf(name, sizeof name, bits ? "model_random_q%d" : "model_random", bits);
+    if (random_model_make(&r, &c, 7) || (bits && random_model_quantize(&r, bits)) ||
+        qwen35_model_init(&m, &c, r.specs, r.w, r.n)) {
+        fail_msg(name);
         return;
     }
     if (attach_random_loras(&m, &L, 8, 11)) {
-        fail_msg("model_random");
+        fail_msg(name);
     } else {
         rand_batch rb;
         int lens[] = {130, 1, 200, 64};
@@ -287,8 +342,11 @@ static void test_random_model(void) {
          * the DeltaNet activations of the CPU model to bf16 moves this model's LoRA gradients by
          * 1.4% (norm) and 2.9% (max) by itself (measured 2026-11-26 with a patched CPU model), so
          * the whole-model gradients are held to 5e-2; every op alone is held to 1e-2 or tighter. */
-        compare_step("model_random_ckpt", &m, &L, &rb.b, true, 5e-2);
-        compare_step("model_random_nockpt", &m, &L, &rb.b, false, 5e-2);
+        char what[96];
+        snprintf(what, sizeof what, "%s_ckpt", name);
+        compare_step(what, &m, &L, &rb.b, true, 5e-2);
+        if (!bits) compare_step("model_random_nockpt", &m, &L, &rb.b, false, 5e-2);
+        if (bits) check_quantized_memory(&m, bits, name);
         free(rb.ids);
         free(rb.labels);
     }
@@ -457,6 +515,8 @@ static void test_adamw(void) {
 
 void cuda_tests_model(void) {
     test_adamw();
-    test_random_model();
+    test_random_model(0);
+    test_random_model(8);
+    test_random_model(4);
     test_golden_training();
 }
