@@ -136,7 +136,8 @@ void deltanet_gates_backward_cuda(dt_bf16 *db, dt_bf16 *da, const float *dbeta, 
 void deltanet_forward_cuda(dt_bf16 *o, const dt_bf16 *qkv, const float *beta, const float *g,
                            const int32_t *seq_starts, int n_seqs, int max_len, cuda_deltanet_dims d, void *scratch);
 /* Scratch of the forward (the chunked form's per-chunk matrices; NULL falls back to the slower
- * token-by-token kernel) and of the backward. */
+ * token-by-token kernel), and of the backward (which is at least the forward's). */
+size_t deltanet_forward_scratch_bytes_cuda(int n_seqs, int max_len, cuda_deltanet_dims d);
 size_t deltanet_scratch_bytes_cuda(int n_seqs, int max_len, cuda_deltanet_dims d);
 /* dqkv (fp32 [N, conv_dim]), dbeta, dg (fp32 [N, Hv]) overwritten, given dout (fp32
  * [N, n_v_heads * dv]). scratch: deltanet_scratch_bytes_cuda bytes. */
@@ -192,10 +193,12 @@ typedef struct {
     int rank;
     float scale, dropout;
     uint64_t dropout_seed;
+    int64_t row0;           /* the rows of this call are rows row0.. of the dropout's matrix */
     const dt_bf16 *A, *B;   /* bf16 copies of the fp32 masters: [rank, in], [out, rank] */
     float *dA, *dB;         /* fp32 gradients, accumulated; NULL: none wanted */
 } cuda_linear;
-size_t linear_scratch_bytes_cuda(int64_t T, int64_t in, int rank);
+/* dropout: whether the LoRA drops out its input (which then needs a [T, in] copy). */
+size_t linear_scratch_bytes_cuda(int64_t T, int64_t in, int rank, int dropout);
 /* y [T, out] (of type yt) = x W^T + LoRA, or y += that when accumulate (fp32 y only). */
 void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x, const cuda_linear *l, int64_t T,
                          void *scratch);

@@ -1461,6 +1461,13 @@ extern "C" void deltanet_forward_cuda(dt_bf16 *o, const dt_bf16 *qkv, const floa
     launch<K_FWD>(a, n_seqs);
 }
 
+extern "C" size_t deltanet_forward_scratch_bytes_cuda(int n_seqs, int max_len, cuda_deltanet_dims d) {
+    // the chunked form's W, Ut, P, G, from the scratch's start (chunked_forward)
+    if (n_seqs <= 0 || max_len <= 0 || d.dk > 256) return 0;
+    dn_args r = make_args(NULL, NULL, NULL, NULL, d);
+    return sizeof(float) * ck_floats(ck_make(r, n_seqs, max_len));
+}
+
 extern "C" size_t deltanet_scratch_bytes_cuda(int n_seqs, int max_len, cuda_deltanet_dims d) {
     // u and dkv, fp32 [N, Hv, dv] each, N <= n_seqs * max_len; then the chunked form's W, Ut, P, G
     size_t uv = sizeof(float) * ck_uv_floats(n_seqs, max_len, d);

@@ -54,12 +54,14 @@ static void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alp
 // (z >> 11) >= ceil(p 2^53): no doubles on the device.
 struct dropout_mask {
     uint64_t seed, threshold;
+    int64_t base;      // the element index of this call's first element (row0 * in)
     float keep_scale;  // 1 / (1 - p), as the CPU computes it in float
 };
 
 static dropout_mask make_mask(const cuda_linear *l) {
     dropout_mask m;
     m.seed = l->dropout_seed;
+    m.base = l->row0 * l->in;
     double t = (double)l->dropout * 9007199254740992.0;
     uint64_t c = (uint64_t)t;
     m.threshold = (double)c < t ? c + 1 : c;
@@ -69,7 +71,7 @@ static dropout_mask make_mask(const cuda_linear *l) {
 }
 
 static __device__ __forceinline__ float dropout_factor(const dropout_mask &m, int64_t idx) {
-    uint64_t z = m.seed + 0x9e3779b97f4a7c15ull * (uint64_t)(idx + 1);
+    uint64_t z = m.seed + 0x9e3779b97f4a7c15ull * (uint64_t)(m.base + idx + 1);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     z ^= z >> 31;
@@ -150,26 +152,26 @@ static void lora_dx_dropout(float *dx, const bf16 *g, const bf16 *A, int64_t T, 
     }
 }
 
-// ---- scratch: [xd: T in bf16 | u: T r bf16 | g: T r bf16], each region 256-byte aligned
+// ---- scratch: [u: T r bf16 | g: T r bf16 | xd: T in bf16, with dropout], each region 256-byte aligned
 static size_t align256(size_t b) { return (b + 255) & ~(size_t)255; }
 
-extern "C" size_t linear_scratch_bytes_cuda(int64_t T, int64_t in, int rank) {
+extern "C" size_t linear_scratch_bytes_cuda(int64_t T, int64_t in, int rank, int dropout) {
     if (rank <= 0 || T <= 0) return 0;
-    return align256((size_t)T * in * sizeof(bf16)) + 2 * align256((size_t)T * rank * sizeof(bf16));
+    return 2 * align256((size_t)T * rank * sizeof(bf16)) + (dropout ? align256((size_t)T * in * sizeof(bf16)) : 0);
 }
 
 struct lora_scratch {
     bf16 *xd, *u, *g;
 };
 
-static lora_scratch carve(void *scratch, int64_t T, int64_t in, int rank) {
+static lora_scratch carve(void *scratch, int64_t T, int rank) {
     char *p = (char *)scratch;
     lora_scratch s;
-    s.xd = (bf16 *)p;
-    p += align256((size_t)T * in * sizeof(bf16));
     s.u = (bf16 *)p;
     p += align256((size_t)T * rank * sizeof(bf16));
     s.g = (bf16 *)p;
+    p += align256((size_t)T * rank * sizeof(bf16));
+    s.xd = (bf16 *)p;
     return s;
 }
 
@@ -206,7 +208,7 @@ extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, cons
         // epilogue reads y while the tensor cores are busy, where the other order costs a whole
         // extra read and write of y (measured 0.109 against 0.120 ms at 4096 x 1024 -> 6144).
         int r = l->rank;
-        lora_scratch s = carve(scratch, T, in, r);
+        lora_scratch s = carve(scratch, T, r);
         const bf16 *xa = lora_input(l, x, T, s.xd);
         // u = scale drop(x) A^T, rounded once to bf16 to feed the next product
         gemm_rm(false, true, T, r, in, l->scale, xa, in, (const bf16 *)l->A, in, 0.f, s.u, CUDA_R_16BF, r,
@@ -229,7 +231,7 @@ extern "C" void linear_backward_cuda(float *dx, const dt_bf16 *dy_, const dt_bf1
     if (!has_lora(l)) return;
     int r = l->rank;
     const bf16 *A = (const bf16 *)l->A, *B = (const bf16 *)l->B;
-    lora_scratch s = carve(scratch, T, in, r);
+    lora_scratch s = carve(scratch, T, r);
     bool want_ab = l->dA || l->dB;
     const bf16 *xa = want_ab ? lora_input(l, x, T, s.xd) : x;
     if (l->dB) {

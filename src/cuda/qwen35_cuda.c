@@ -43,12 +43,13 @@ typedef struct {
 } gpu_acts;
 
 /* The backward's buffers; the MLP part and the mixer part are never live together and
- * share one region. */
+ * share one region. The MLP's backward runs mlp_rows tokens at a time, so its part holds
+ * that many rows: no larger than the mixer's. */
 typedef struct {
-    float *dh_mid, *dxn1, *dxn2;        /* [N, H] fp32 */
+    float *dh_mid, *dxn1;               /* [N, H] fp32 */
     dt_bf16 *dy_bf;                     /* [N, H]: a residual gradient as a product's input */
-    /* MLP */
-    float *dm;
+    /* MLP, [mlp_rows, .] */
+    float *dm, *dxn2;
     dt_bf16 *dgate, *dup;
     /* Gated DeltaNet */
     float *do_norm, *do_raw, *dqkv, *dconv, *dbeta, *dg;
@@ -84,13 +85,21 @@ struct qwen35_cuda {
     bool training;
     gpu_acts *acts;
     gpu_grads grads;
-    float *h32;                 /* 2 x [N, H]: the fp32 residual stream (a layer's input and output) */
-    dt_bf16 *hs;                /* training: [n_layers, N, H], each layer's input kept in bf16 for
-                                   the backward (the forward itself carries fp32) */
-    float *dh, *dh2;            /* [N, H] */
-    dt_bf16 *hf;                /* [N, H] final-normed */
-    void *scratch;
-    size_t scratch_bytes;
+    float *h32;                 /* [N, H]: the fp32 residual stream, updated in place layer by layer */
+    dt_bf16 *hs;                /* training: [n_layers - 1, N, H], the input of each layer but the
+                                   first kept in bf16 for the backward (the first's is the embedding,
+                                   gathered again; the forward itself carries fp32) */
+    float *dh;                  /* [N, H]: the residual stream's gradient, updated in place */
+    dt_bf16 *hf, *hf_block;     /* [N, H] final-normed: in the grads' dxn1 when training, else hf_block */
+    int64_t mlp_rows;           /* tokens per piece of the MLP's backward (mlp_rows_for) */
+    /* Scratch. The linear products use `scratch`. With one set of activations (checkpointing,
+     * evaluation) one allocation holds acts[0] then scratch, and the other ops' scratch runs on
+     * into `scratch` from activations that are dead while they run (acts_layout): `big` from the
+     * MLP part on (the recurrence's forward, attention's core), `big_bwd` from the DeltaNet's
+     * output part on (the recurrence's backward, the LM head). Otherwise all three are one
+     * allocation of their own (scratch_block). */
+    void *scratch, *big, *big_bwd, *scratch_block;
+    size_t scratch_bytes, big_bytes, big_bwd_bytes;
     int64_t ce_chunk;           /* tokens per LM-head chunk of the current call */
     int32_t *ids, *pos, *targets, *seq_starts;   /* device */
     double *loss;               /* device */
@@ -259,12 +268,13 @@ static void free_workspace(qwen35_cuda *g) {
     g->n_acts = 0;
     cuda_free(g->grads.block);
     memset(&g->grads, 0, sizeof g->grads);
-    void *dev[] = {g->h32, g->hs, g->dh, g->dh2, g->hf, g->scratch, g->ids, g->seq_starts, g->loss};  /* pos, targets: in ids */
+    void *dev[] = {g->h32, g->hs, g->dh, g->hf_block, g->scratch_block, g->ids, g->seq_starts, g->loss};  /* pos, targets: in ids */
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) cuda_free(dev[i]);
-    g->h32 = g->dh = g->dh2 = NULL;
+    g->h32 = g->dh = NULL;
     g->hs = NULL;
-    g->hf = NULL;
-    g->scratch = NULL;
+    g->hf = g->hf_block = NULL;
+    g->scratch = g->big = g->big_bwd = g->scratch_block = NULL;
+    g->scratch_bytes = g->big_bytes = g->big_bwd_bytes = 0;
     g->ids = g->pos = g->targets = g->seq_starts = NULL;
     g->loss = NULL;
     free(g->pos_host);
@@ -502,26 +512,33 @@ static void *carve(carver *k, size_t bytes) {
     return p;
 }
 
-static size_t acts_layout(gpu_acts *a, const dims *d, int64_t N, char *base) {
+/* Where a layer's activations fall dead early: from out_off on (the DeltaNet's z, o_raw and
+ * o_norm, read only by the first step of its backward) and from mlp_off on (xn2, h_mid, gate,
+ * up, m: not yet written while the mixer's forward runs, read no more once the MLP's backward is
+ * done). */
+typedef struct {
+    size_t out_off, mlp_off, bytes;
+} acts_offsets;
+
+/* One layer's activations: xn1, the mixer's, then the MLP part. The DeltaNet's conv output
+ * lives in the MLP part for the moment between the conv and the L2 norm (its backward
+ * recomputes it). */
+static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, char *base) {
     carver k = {base, 0};
     size_t B2 = 2 * (size_t)N, B4 = 4 * (size_t)N;
+    acts_offsets o;
     a->xn1 = carve(&k, B2 * d->H);
-    a->xn2 = carve(&k, B2 * d->H);
-    a->h_mid = carve(&k, B4 * d->H);
-    a->gate = carve(&k, B2 * d->I);
-    a->up = carve(&k, B2 * d->I);
-    a->m = carve(&k, B2 * d->I);
     carver mix = k;  /* the mixers share what follows */
     a->mixed = carve(&k, B2 * d->cd);
-    a->conv = carve(&k, B2 * d->cd);
     a->qkv = carve(&k, B2 * d->cd);
-    a->z = carve(&k, B2 * d->vd);
-    a->o_raw = carve(&k, B2 * d->vd);
-    a->o_norm = carve(&k, B2 * d->vd);
     a->b = carve(&k, B2 * d->Hv);
     a->a = carve(&k, B2 * d->Hv);
     a->beta = carve(&k, B4 * d->Hv);
     a->g = carve(&k, B4 * d->Hv);
+    o.out_off = k.off;
+    a->z = carve(&k, B2 * d->vd);
+    a->o_raw = carve(&k, B2 * d->vd);
+    a->o_norm = carve(&k, B2 * d->vd);
     size_t gdn_end = k.off;
     k = mix;
     a->qg = carve(&k, B2 * 2 * d->qd);
@@ -532,20 +549,31 @@ static size_t acts_layout(gpu_acts *a, const dims *d, int64_t N, char *base) {
     a->att = carve(&k, B2 * d->qd);
     a->att_g = carve(&k, B2 * d->qd);
     a->lse = carve(&k, B4 * d->nh);
-    return k.off > gdn_end ? k.off : gdn_end;
+    k.off = k.off > gdn_end ? k.off : gdn_end;
+    o.mlp_off = k.off;
+    a->xn2 = carve(&k, B2 * d->H);
+    a->h_mid = carve(&k, B4 * d->H);
+    a->gate = carve(&k, B2 * d->I);
+    a->up = carve(&k, B2 * d->I);
+    a->m = carve(&k, B2 * d->I);
+    o.bytes = k.off;
+    k.off = o.mlp_off;
+    a->conv = carve(&k, B2 * d->cd);
+    o.bytes = k.off > o.bytes ? k.off : o.bytes;
+    return o;
 }
 
-static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, char *base) {
+static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, int64_t mlp_rows, char *base) {
     carver k = {base, 0};
     size_t B2 = 2 * (size_t)N, B4 = 4 * (size_t)N;
     g->dh_mid = carve(&k, B4 * d->H);
     g->dxn1 = carve(&k, B4 * d->H);
-    g->dxn2 = carve(&k, B4 * d->H);
     g->dy_bf = carve(&k, B2 * d->H);
     carver shared = k;
-    g->dm = carve(&k, B4 * d->I);
-    g->dgate = carve(&k, B2 * d->I);
-    g->dup = carve(&k, B2 * d->I);
+    g->dm = carve(&k, 4 * (size_t)mlp_rows * d->I);
+    g->dgate = carve(&k, 2 * (size_t)mlp_rows * d->I);
+    g->dup = carve(&k, 2 * (size_t)mlp_rows * d->I);
+    g->dxn2 = carve(&k, 4 * (size_t)mlp_rows * d->H);
     size_t end = k.off;
     k = shared;
     /* buffers whose lives do not overlap share memory: do_norm is dead before the recurrence's
@@ -575,45 +603,70 @@ static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, char *base) {
     return k.off > end ? k.off : end;
 }
 
-/* The largest scratch any op but the LM head needs (they run one after another). */
-static size_t scratch_other(const qwen35_cuda *g, int64_t N, int64_t T, int64_t n_seqs) {
-    const qwen35_config *c = &g->cfg;
-    dims d = dims_of(c);
-    int rank = 0;
-    for (int i = 0; i < g->n_loras; i++) rank = g->loras[i].host->rank > rank ? g->loras[i].host->rank : rank;
+/* The most tokens (all N, or a multiple of 128) whose MLP backward fits in the grads' shared
+ * part that the mixers need anyway: the MLP's backward then runs that many at a time.
+ * $DT_CUDA_MLP_ROWS sets it (for the tests). */
+static int64_t mlp_rows_for(const dims *d, int64_t N) {
+    const char *e = getenv("DT_CUDA_MLP_ROWS");  /* tests: pieces of this many tokens */
+    if (e && atoll(e) > 0) return atoll(e) < N ? atoll(e) : N;
+    gpu_grads tmp;
+    size_t mixers = grads_layout(&tmp, d, N, 0, NULL);
+    if (grads_layout(&tmp, d, N, N, NULL) <= mixers) return N;
+    int64_t r = N / 128 * 128;
+    while (r > 128 && grads_layout(&tmp, d, N, r, NULL) > mixers) r -= 128;
+    return r > 0 ? r : N;
+}
+
+/* The scratch of the linear products. */
+static size_t scratch_linear(const qwen35_cuda *g, int64_t N) {
+    dims d = dims_of(&g->cfg);
+    int rank = 0, dropout = 0;
+    for (int i = 0; i < g->n_loras; i++) {
+        rank = g->loras[i].host->rank > rank ? g->loras[i].host->rank : rank;
+        dropout |= g->loras[i].host->dropout > 0;
+    }
     size_t s = 0;
     int64_t ins[] = {d.H, d.I, d.vd, d.qd};
-    for (size_t i = 0; i < sizeof ins / sizeof ins[0]; i++) s = max_sz(s, linear_scratch_bytes_cuda(N, ins[i], rank));
-    cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};
-    s = max_sz(s, deltanet_scratch_bytes_cuda((int)n_seqs, (int)T, dd));
-    return max_sz(s, attention_scratch_bytes_cuda((int)T, c->n_heads, c->n_kv_heads, c->head_dim));
+    for (size_t i = 0; i < sizeof ins / sizeof ins[0]; i++)
+        s = max_sz(s, linear_scratch_bytes_cuda(N, ins[i], rank, dropout));
+    return s;
 }
 
 /* Tokens per LM-head chunk: at least the model's setting (--ce-chunk; 0: all at once), and as
- * many more as fit in the scratch the other ops need anyway: a longer chunk keeps the product
- * busier at no cost in memory. */
-static int64_t ce_chunk_for(const qwen35_cuda *g, const qwen35_model *m, int64_t N, size_t other) {
+ * many more as fit in `bytes` of scratch, which the other ops need anyway: a longer chunk keeps
+ * the product busier at no cost in memory. */
+static int64_t ce_chunk_for(const qwen35_cuda *g, const qwen35_model *m, int64_t N, size_t bytes) {
     if (m->ce_chunk <= 0 || m->ce_chunk >= N) return N;
     int64_t c = m->ce_chunk;
-    while (c < N && lmhead_ce_scratch_bytes_cuda(c + 1, g->cfg.vocab_size, g->cfg.hidden_size) <= other) c++;
+    while (c < N && lmhead_ce_scratch_bytes_cuda(c + 1, g->cfg.vocab_size, g->cfg.hidden_size) <= bytes) c++;
     return c;
 }
 
+static size_t minus(size_t a, size_t b) { return a > b ? a - b : 0; }
+
+/* Bytes of `scratch` for N tokens (sequences up to T), given the dead activations before it that
+ * `big` (mlp bytes) and `big_bwd` (out bytes) also cover (both 0: scratch alone). */
 static size_t scratch_need(const qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, int64_t n_seqs,
-                           int64_t *ce_chunk) {
-    size_t other = scratch_other(g, N, T, n_seqs);
-    *ce_chunk = ce_chunk_for(g, m, N, other);
-    return max_sz(other, lmhead_ce_scratch_bytes_cuda(*ce_chunk, g->cfg.vocab_size, g->cfg.hidden_size));
+                           size_t mlp, size_t out) {
+    const qwen35_config *c = &g->cfg;
+    cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};
+    int64_t ce = m->ce_chunk <= 0 || m->ce_chunk >= N ? N : m->ce_chunk;
+    size_t fwd = max_sz(deltanet_forward_scratch_bytes_cuda((int)n_seqs, (int)T, dd),
+                        attention_scratch_bytes_cuda((int)T, c->n_heads, c->n_kv_heads, c->head_dim));
+    size_t bwd = max_sz(deltanet_scratch_bytes_cuda((int)n_seqs, (int)T, dd),
+                        lmhead_ce_scratch_bytes_cuda(ce, c->vocab_size, c->hidden_size));
+    return max_sz(scratch_linear(g, N), max_sz(minus(fwd, mlp), minus(bwd, out)));
 }
 
 static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, int64_t n_seqs, int n_acts,
                    bool training) {
-    int64_t ce_chunk = 0;
-    size_t need_scratch = scratch_need(g, m, N, T, n_seqs, &ce_chunk);
-    g->ce_chunk = ce_chunk;  /* for this call's N, within the scratch reserved below or before */
     if (g->cap_tokens >= N && g->cap_seq >= T && g->cap_seqs >= n_seqs && g->n_acts >= n_acts &&
-        (!training || g->training) && g->scratch_bytes >= need_scratch)
+        (!training || g->training) &&
+        g->scratch_bytes >= scratch_need(g, m, N, T, n_seqs, g->big_bytes - g->scratch_bytes,
+                                         g->big_bwd_bytes - g->scratch_bytes)) {
+        g->ce_chunk = ce_chunk_for(g, m, N, g->big_bwd_bytes);
         return 0;
+    }
     N = N > g->cap_tokens ? N : g->cap_tokens;
     T = T > g->cap_seq ? T : g->cap_seq;
     n_seqs = n_seqs > g->cap_seqs ? n_seqs : g->cap_seqs;
@@ -629,26 +682,47 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     g->lens_host = malloc(sizeof(int) * n_seqs);
     if (!g->acts || !g->pos_host || !g->starts_host || !g->lens_host) return dt_err("out of memory");
     g->targets_host = g->pos_host + N;
-    g->scratch_bytes = scratch_need(g, m, N, T, n_seqs, &ce_chunk);
-    int rc = cuda_alloc(&g->scratch, g->scratch_bytes);
-    for (int i = 0; rc == 0 && i < n_acts; i++) {
-        size_t bytes = acts_layout(&g->acts[i], &d, N, NULL);
-        rc = cuda_alloc(&g->acts[i].block, bytes);
-        if (rc == 0) acts_layout(&g->acts[i], &d, N, g->acts[i].block), g->n_acts++;
+    acts_offsets o = acts_layout(&g->acts[0], &d, N, NULL);
+    int rc = 0;
+    if (n_acts == 1) {  /* acts[0], then scratch */
+        size_t mlp = o.bytes - o.mlp_off, out = o.bytes - o.out_off;
+        g->scratch_bytes = scratch_need(g, m, N, T, n_seqs, mlp, out);
+        g->big_bytes = mlp + g->scratch_bytes;
+        g->big_bwd_bytes = out + g->scratch_bytes;
+        rc = cuda_alloc(&g->acts[0].block, o.bytes + g->scratch_bytes);
+        if (rc == 0) {
+            char *base = g->acts[0].block;
+            acts_layout(&g->acts[0], &d, N, base);
+            g->n_acts = 1;
+            g->big = base + o.mlp_off;
+            g->big_bwd = base + o.out_off;
+            g->scratch = base + o.bytes;
+        }
+    } else {
+        g->scratch_bytes = g->big_bytes = g->big_bwd_bytes = scratch_need(g, m, N, T, n_seqs, 0, 0);
+        rc = cuda_alloc(&g->scratch_block, g->scratch_bytes);
+        g->scratch = g->big = g->big_bwd = g->scratch_block;
+        for (int i = 0; rc == 0 && i < n_acts; i++) {
+            rc = cuda_alloc(&g->acts[i].block, o.bytes);
+            if (rc == 0) acts_layout(&g->acts[i], &d, N, g->acts[i].block), g->n_acts++;
+        }
     }
-    if (rc == 0) rc = cuda_alloc((void **)&g->h32, sizeof(float) * (size_t)(2 * N * H));
+    if (rc == 0) rc = cuda_alloc((void **)&g->h32, sizeof(float) * (size_t)(N * H));
     if (rc == 0 && training)
-        rc = cuda_alloc((void **)&g->hs, sizeof(dt_bf16) * (size_t)(c->n_layers * N * H));
-    if (rc == 0) rc = cuda_alloc((void **)&g->hf, sizeof(dt_bf16) * (size_t)(N * H));
+        rc = cuda_alloc((void **)&g->hs, sizeof(dt_bf16) * (size_t)((c->n_layers - 1) * N * H + 1));
     if (rc == 0) rc = cuda_alloc((void **)&g->ids, sizeof(int32_t) * 3 * (size_t)N);
     if (rc == 0) rc = cuda_alloc((void **)&g->seq_starts, sizeof(int32_t) * (size_t)(n_seqs + 1));
     if (rc == 0) rc = cuda_alloc((void **)&g->loss, sizeof(double));
     if (rc == 0 && training) {
         rc = cuda_alloc((void **)&g->dh, sizeof(float) * (size_t)(N * H));
-        if (rc == 0) rc = cuda_alloc((void **)&g->dh2, sizeof(float) * (size_t)(N * H));
-        size_t bytes = grads_layout(&g->grads, &d, N, NULL);
+        g->mlp_rows = mlp_rows_for(&d, N);
+        size_t bytes = grads_layout(&g->grads, &d, N, g->mlp_rows, NULL);
         if (rc == 0) rc = cuda_alloc(&g->grads.block, bytes);
-        if (rc == 0) grads_layout(&g->grads, &d, N, g->grads.block);
+        if (rc == 0) grads_layout(&g->grads, &d, N, g->mlp_rows, g->grads.block);
+        g->hf = (dt_bf16 *)g->grads.dxn1;  /* dead while the LM head runs */
+    } else if (rc == 0) {
+        rc = cuda_alloc((void **)&g->hf_block, sizeof(dt_bf16) * (size_t)(N * H));
+        g->hf = g->hf_block;
     }
     if (rc) {
         free_workspace(g);
@@ -656,6 +730,7 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     }
     g->pos = g->ids + N;
     g->targets = g->ids + 2 * N;
+    g->ce_chunk = ce_chunk_for(g, m, N, g->big_bwd_bytes);
     g->cap_tokens = N;
     g->cap_seq = T;
     g->cap_seqs = n_seqs;
@@ -713,7 +788,8 @@ typedef struct {
     int n_seqs, max_len;
 } call;
 
-static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, gpu_acts *a) {
+static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, const float *h_in,
+                                   gpu_acts *a) {
     const qwen35_config *c = &g->cfg;
     dims d = dims_of(c);
     int64_t N = k->N;
@@ -732,15 +808,19 @@ static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const cal
     });
     cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};
     PROF("fwd.gdn.recurrence",
-         deltanet_forward_cuda(a->o_raw, a->qkv, a->beta, a->g, g->seq_starts, k->n_seqs, k->max_len, dd, s));
+         deltanet_forward_cuda(a->o_raw, a->qkv, a->beta, a->g, g->seq_starts, k->n_seqs, k->max_len, dd, g->big));
     PROF("fwd.gdn.out", {
         rmsnorm_gated_forward_cuda(a->o_norm, a->o_raw, a->z, L->lin_norm, N * d.Hv, c->lin_v_head_dim,
                                    (float)c->rms_eps);
+        /* the output projection adds onto h_mid = h_in: the residual for free (h_mid is in the
+         * MLP part, which `big` covered until now) */
+        cuda_copy_f32(a->h_mid, h_in, N * d.H);
         linear_forward_cuda(a->h_mid, CUDA_F32, 1, a->o_norm, &L->lin_out, N, s);
     });
 }
 
-static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, gpu_acts *a) {
+static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, const float *h_in,
+                                    gpu_acts *a) {
     const qwen35_config *c = &g->cfg;
     dims d = dims_of(c);
     int64_t N = k->N;
@@ -759,14 +839,16 @@ static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const ca
                                   c->rope_theta, eps);
     });
     PROF("fwd.attn.core", attention_forward_cuda(a->att, a->lse, a->q, a->k, a->v, g->starts_host, g->lens_host,
-                                                 k->n_seqs, nh, nkv, hd, 1.0f / sqrtf((float)hd), s));
+                                                 k->n_seqs, nh, nkv, hd, 1.0f / sqrtf((float)hd), g->big));
     PROF("fwd.attn.out", {
         attn_gate_forward_cuda(a->att_g, a->att, a->qg, N, nh, hd);
+        cuda_copy_f32(a->h_mid, h_in, N * d.H);  /* as in the DeltaNet mixer */
         linear_forward_cuda(a->h_mid, CUDA_F32, 1, a->att_g, &L->att_o, N, s);
     });
 }
 
-/* h_out = the decoder layer of h_in (h_out may be h_in); intermediates land in a. */
+/* h_out = the decoder layer of h_in (h_out may be h_in); intermediates land in a. h_out NULL:
+ * only the intermediates (a recompute for the backward, which needs no output). */
 static void layer_forward(qwen35_cuda *g, int l, const call *k, const float *h_in, float *h_out, gpu_acts *a) {
     const qwen35_config *c = &g->cfg;
     const gpu_layer *L = &g->layers[l];
@@ -774,17 +856,17 @@ static void layer_forward(qwen35_cuda *g, int l, const call *k, const float *h_i
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
     PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn1, h_in, L->input_norm, N, (int)H, eps));
-    /* the mixer's output projection adds onto h_mid = h_in: the residual for free */
-    cuda_copy_f32(a->h_mid, h_in, N * H);
-    if (c->layer_is_full[l]) attention_mixer_forward(g, L, k, a);
-    else deltanet_mixer_forward(g, L, k, a);
+    if (c->layer_is_full[l]) attention_mixer_forward(g, L, k, h_in, a);
+    else deltanet_mixer_forward(g, L, k, h_in, a);
     PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn2, a->h_mid, L->post_norm, N, (int)H, eps));
     PROF("fwd.mlp", {
         linear_forward_cuda(a->gate, CUDA_BF16, 0, a->xn2, &L->mlp_gate, N, s);
         linear_forward_cuda(a->up, CUDA_BF16, 0, a->xn2, &L->mlp_up, N, s);
         swiglu_forward_cuda(a->m, a->gate, a->up, N * I);
-        cuda_copy_f32(h_out, a->h_mid, N * H);
-        linear_forward_cuda(h_out, CUDA_F32, 1, a->m, &L->mlp_down, N, s);
+        if (h_out) {
+            cuda_copy_f32(h_out, a->h_mid, N * H);
+            linear_forward_cuda(h_out, CUDA_F32, 1, a->m, &L->mlp_down, N, s);
+        }
     });
 }
 
@@ -804,10 +886,13 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
     });
     cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};
     PROF("bwd.gdn.recurrence", deltanet_backward_cuda(G->dqkv, G->dbeta, G->dg, G->do_raw, a->qkv, a->beta, a->g,
-                                                      g->seq_starts, k->n_seqs, k->max_len, dd, s));
+                                                      g->seq_starts, k->n_seqs, k->max_len, dd, g->big_bwd));
     PROF("bwd.gdn.conv_norm_gates", {
         deltanet_gates_backward_cuda(G->db, G->da, G->dbeta, G->dg, a->b, a->a, L->a_log, L->dt_bias, N, (int)d.Hv);
-        deltanet_qk_l2norm_backward_cuda(G->dconv, G->dqkv, a->conv, N, c->lin_n_k_heads, c->lin_k_head_dim, d.cd,
+        /* the conv output, not kept (see acts_layout): recomputed where qkv, now dead, was */
+        dt_bf16 *conv = a->qkv;
+        conv1d_silu_forward_cuda(conv, a->mixed, L->conv, g->pos, N, (int)d.cd, c->conv_kernel);
+        deltanet_qk_l2norm_backward_cuda(G->dconv, G->dqkv, conv, N, c->lin_n_k_heads, c->lin_k_head_dim, d.cd,
                                          1.0f / sqrtf((float)c->lin_k_head_dim), 1e-6f);
         conv1d_silu_backward_cuda(G->dmixed, G->dconv, a->mixed, L->conv, g->pos, N, (int)d.cd, c->conv_kernel);
     });
@@ -835,7 +920,7 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
     });
     PROF("bwd.attn.core", attention_backward_cuda(G->dq, G->dk, G->dv, G->datt, a->att, a->lse, a->q, a->k, a->v,
                                                   g->starts_host, g->lens_host, k->n_seqs, nh, nkv, hd,
-                                                  1.0f / sqrtf((float)hd), s));
+                                                  1.0f / sqrtf((float)hd), g->big));
     PROF("bwd.attn.qk_norm_rope", {
         qk_norm_rope_backward_cuda(G->dqg, 2 * d.qd, 2 * hd, G->dq, a->qg, L->q_norm, g->pos, N, nh, hd,
                                    c->rotary_dim, c->rope_theta, eps);
@@ -851,35 +936,41 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
     });
 }
 
-/* dh_in = d loss / d h_in given dh_out, from the layer's activations a; LoRA gradients
- * accumulate on the device. */
-static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_in, const gpu_acts *a,
-                           const float *dh_out, float *dh_in) {
+/* dh: d loss / d h_out on entry, d loss / d h_in on return, from the layer's activations a;
+ * LoRA gradients accumulate on the device. */
+static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_in, const gpu_acts *a, float *dh) {
     const qwen35_config *c = &g->cfg;
     const gpu_layer *L = &g->layers[l];
     gpu_grads *G = &g->grads;
     int64_t N = k->N, H = c->hidden_size, I = c->intermediate_size;
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
-    PROF("bwd.mlp", {
-        cuda_f32_to_bf16(G->dy_bf, dh_out, N * H);
-        cuda_zero(G->dm, sizeof(float) * N * I);
-        linear_backward_cuda(G->dm, G->dy_bf, a->m, &L->mlp_down, N, s);
-        swiglu_backward_cuda(G->dgate, G->dup, G->dm, a->gate, a->up, N * I);
-        cuda_zero(G->dxn2, sizeof(float) * N * H);
-        linear_backward_cuda(G->dxn2, G->dgate, a->xn2, &L->mlp_gate, N, s);
-        linear_backward_cuda(G->dxn2, G->dup, a->xn2, &L->mlp_up, N, s);
-    });
-    PROF("bwd.norms", {
-        cuda_copy_f32(G->dh_mid, dh_out, N * H);
-        rmsnorm1p_backward_cuda(G->dh_mid, G->dxn2, a->h_mid, L->post_norm, N, (int)H, eps);
-        cuda_f32_to_bf16(G->dy_bf, G->dh_mid, N * H);
-    });
+    /* the MLP and the post-attention norm, mlp_rows tokens at a time (the dropout masks follow
+     * the rows: row0); dh_mid = dh + the norm's input gradient */
+    for (int64_t t0 = 0; t0 < N; t0 += g->mlp_rows) {
+        int64_t n = N - t0 < g->mlp_rows ? N - t0 : g->mlp_rows;
+        cuda_linear down = L->mlp_down, gate = L->mlp_gate, up = L->mlp_up;
+        down.row0 = gate.row0 = up.row0 = t0;
+        PROF("bwd.mlp", {
+            cuda_f32_to_bf16(G->dy_bf, dh + t0 * H, n * H);
+            cuda_zero(G->dm, sizeof(float) * n * I);
+            linear_backward_cuda(G->dm, G->dy_bf, a->m + t0 * I, &down, n, s);
+            swiglu_backward_cuda(G->dgate, G->dup, G->dm, a->gate + t0 * I, a->up + t0 * I, n * I);
+            cuda_zero(G->dxn2, sizeof(float) * n * H);
+            linear_backward_cuda(G->dxn2, G->dgate, a->xn2 + t0 * H, &gate, n, s);
+            linear_backward_cuda(G->dxn2, G->dup, a->xn2 + t0 * H, &up, n, s);
+        });
+        PROF("bwd.norms", {
+            cuda_copy_f32(G->dh_mid + t0 * H, dh + t0 * H, n * H);
+            rmsnorm1p_backward_cuda(G->dh_mid + t0 * H, G->dxn2, a->h_mid + t0 * H, L->post_norm, n, (int)H, eps);
+        });
+    }
+    PROF("bwd.norms", cuda_f32_to_bf16(G->dy_bf, G->dh_mid, N * H));
     if (c->layer_is_full[l]) attention_mixer_backward(g, L, k, a, G);
     else deltanet_mixer_backward(g, L, k, a, G);
     PROF("bwd.norms", {
-        cuda_copy_f32(dh_in, G->dh_mid, N * H);
-        rmsnorm1p_backward_cuda(dh_in, G->dxn1, h_in, L->input_norm, N, (int)H, eps);
+        cuda_copy_f32(dh, G->dh_mid, N * H);
+        rmsnorm1p_backward_cuda(dh, G->dxn1, h_in, L->input_norm, N, (int)H, eps);
     });
 }
 
@@ -896,10 +987,10 @@ static void lm_head_loss(qwen35_cuda *g, float *dh, int64_t N, float grad_scale)
     const qwen35_config *c = &g->cfg;
     if (g->lm_head_q.bits)
         lmhead_ce_q_cuda(g->loss, dh, g->hf, g->targets, N, &g->lm_head_q, g->wbuf, g->wbuf_elems / c->hidden_size,
-                         grad_scale, g->ce_chunk, g->scratch);
+                         grad_scale, g->ce_chunk, g->big_bwd);
     else
         lmhead_ce_cuda(g->loss, dh, g->hf, g->targets, N, g->lm_head, c->vocab_size, c->hidden_size, grad_scale,
-                       g->ce_chunk, g->scratch);
+                       g->ce_chunk, g->big_bwd);
 }
 
 static int finish(qwen35_cuda *g, double *loss_sum, const char *what) {
@@ -947,37 +1038,33 @@ int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qw
     float eps = (float)c->rms_eps;
     cuda_prof_push("step");
     /* forward: the residual stream in fp32, each layer's input also kept in bf16 */
-    float *h = g->h32, *h_next = g->h32 + NH;
+    float *h = g->h32;
     PROF("fwd.embed", embed(g, h, N));
     for (int l = 0; l < n_layers; l++) {
-        cuda_f32_to_bf16(g->hs + l * NH, h, NH);
-        layer_forward(g, l, &k, h, h_next, &g->acts[grad_checkpoint ? 0 : l]);
-        float *t = h;
-        h = h_next;
-        h_next = t;
+        if (l > 0) cuda_f32_to_bf16(g->hs + (l - 1) * NH, h, NH);
+        layer_forward(g, l, &k, h, h, &g->acts[grad_checkpoint ? 0 : l]);
     }
     PROF("lm_head_ce", {
         rmsnorm1p_forward_cuda(g->hf, h, g->final_norm, N, (int)H, eps);
-        cuda_zero(g->dh2, sizeof(float) * NH);
-        lm_head_loss(g, g->dh2, N, (float)grad_scale);
+        float *dhf = g->grads.dh_mid;  /* the LM head's gradient; the grads are free until the layers' */
+        cuda_zero(dhf, sizeof(float) * NH);
+        lm_head_loss(g, dhf, N, (float)grad_scale);
         cuda_zero(g->dh, sizeof(float) * NH);
-        rmsnorm1p_backward_cuda(g->dh, g->dh2, h, g->final_norm, N, (int)H, eps);
+        rmsnorm1p_backward_cuda(g->dh, dhf, h, g->final_norm, N, (int)H, eps);
     });
     /* backward, layer by layer, from each layer's kept input (in the buffer of the last output, no
      * longer needed); with checkpointing the layer is first recomputed from it */
     float *h_in = h;
     for (int l = n_layers - 1; l >= 0; l--) {
         gpu_acts *a = &g->acts[grad_checkpoint ? 0 : l];
-        cuda_bf16_to_f32(h_in, g->hs + l * NH, NH);
+        if (l > 0) cuda_bf16_to_f32(h_in, g->hs + (l - 1) * NH, NH);
+        else embed(g, h_in, N);
         if (grad_checkpoint) {
             cuda_prof_push("recompute");
-            layer_forward(g, l, &k, h_in, h_next, a);
+            layer_forward(g, l, &k, h_in, NULL, a);
             cuda_prof_pop();
         }
-        layer_backward(g, l, &k, h_in, a, g->dh, g->dh2);
-        float *t = g->dh;
-        g->dh = g->dh2;
-        g->dh2 = t;
+        layer_backward(g, l, &k, h_in, a, g->dh);
     }
     cuda_prof_pop();
     if (finish(g, loss_sum, "the training step")) return -1;

@@ -17,6 +17,7 @@ typedef struct {
     float dropout;
     cuda_dtype yt;
     int accumulate, with_dx, with_grads;
+    int pieces;  /* the GPU calls in two pieces of rows (row0), as the model's chunked MLP backward */
 } lcase;
 
 static float *copy_vec(const float *v, int64_t n) {
@@ -35,8 +36,9 @@ static void run_case(const lcase *c) {
     int64_t T = c->T, in = c->in, out = c->out;
     int r = c->rank;
     char tag[128], name[256];
-    snprintf(tag, sizeof tag, "T%lld %lld->%lld r%d p%g %s%s", (long long)T, (long long)in, (long long)out, r,
-             c->dropout, c->yt == CUDA_BF16 ? "bf16" : "f32", c->accumulate ? " acc" : "");
+    snprintf(tag, sizeof tag, "T%lld %lld->%lld r%d p%g %s%s%s", (long long)T, (long long)in, (long long)out, r,
+             c->dropout, c->yt == CUDA_BF16 ? "bf16" : "f32", c->accumulate ? " acc" : "",
+             c->pieces ? " in pieces" : "");
 
     /* LoRA's term about as large as the base term, so a wrong LoRA path cannot hide */
     float *x = rounded_rvec(T * in, 1.f), *W = rounded_rvec(out * in, 1.f / sqrtf((float)in));
@@ -69,7 +71,7 @@ static void run_case(const lcase *c) {
     float *d_dx = test_dev_f32(dx0, T * in), *d_dA = test_dev_f32(dA0, (int64_t)r * in);
     float *d_dB = test_dev_f32(dB0, out * r);
     void *scratch = NULL;
-    size_t sb = linear_scratch_bytes_cuda(T, in, r);
+    size_t sb = linear_scratch_bytes_cuda(T, in, r, c->dropout > 0);
     if (!d_x || !d_W || !d_A || !d_B || !d_dy || !d_y || !d_dx || !d_dA || !d_dB || cuda_alloc(&scratch, sb)) {
         snprintf(name, sizeof name, "linear %s: device buffers", tag);
         test_cuda_ok(name);
@@ -79,14 +81,27 @@ static void run_case(const lcase *c) {
     cuda_linear l = {.W = d_W, .in = in, .out = out, .rank = r, .scale = lo.scale, .dropout = c->dropout,
                      .dropout_seed = lo.dropout_seed, .A = d_A, .B = d_B,
                      .dA = c->with_grads ? d_dA : NULL, .dB = c->with_grads ? d_dB : NULL};
-    linear_forward_cuda(d_y, c->yt, c->accumulate, d_x, &l, T, scratch);
+    /* rows [0, cut) then [cut, T), each call told where its rows start */
+    int64_t bounds[3] = {0, c->pieces ? T / 3 : T, T};
+    size_t ysz = c->yt == CUDA_BF16 ? 2 : 4;
+    for (int p = 0; p < 2; p++) {
+        cuda_linear lp = l;
+        lp.row0 = bounds[p];
+        linear_forward_cuda((char *)d_y + bounds[p] * out * ysz, c->yt, c->accumulate, d_x + bounds[p] * in, &lp,
+                            bounds[p + 1] - bounds[p], scratch);
+    }
     snprintf(name, sizeof name, "linear_forward %s", tag);
     if (test_cuda_ok(name) == 0) {
         float *y = c->yt == CUDA_BF16 ? test_host_bf16(d_y, T * out) : test_host_f32(d_y, T * out);
         test_expect_close(name, y, y_cpu, T * out, 1e-2);
         free(y);
     }
-    linear_backward_cuda(c->with_dx ? d_dx : NULL, d_dy, d_x, &l, T, scratch);
+    for (int p = 0; p < 2; p++) {
+        cuda_linear lp = l;
+        lp.row0 = bounds[p];
+        linear_backward_cuda(c->with_dx ? d_dx + bounds[p] * in : NULL, d_dy + bounds[p] * out, d_x + bounds[p] * in,
+                             &lp, bounds[p + 1] - bounds[p], scratch);
+    }
     snprintf(name, sizeof name, "linear_backward %s%s%s", tag, c->with_dx ? "" : " dx=NULL",
              c->with_grads ? "" : " dA,dB=NULL");
     if (test_cuda_ok(name) == 0) {
@@ -130,7 +145,7 @@ static void time_shape(int64_t T, int64_t in, int64_t out, int r, float p, cuda_
     void *d_y = NULL, *scratch = NULL;
     free(h);
     if (!d_x || !d_W || !d_dy || !d_A || !d_B || !d_dx || !d_dA || !d_dB || cuda_alloc(&d_y, sizeof(float) * T * out) ||
-        cuda_alloc(&scratch, linear_scratch_bytes_cuda(T, in, r))) {
+        cuda_alloc(&scratch, linear_scratch_bytes_cuda(T, in, r, 1))) {
         printf("timing: no memory\n");
         goto done;
     }
@@ -199,36 +214,39 @@ void cuda_tests_linear(void) {
     }
     static const lcase cases[] = {
         /* odd shapes */
-        {37, 70, 130, 0, 0.f, CUDA_F32, 0, 1, 1},
-        {37, 70, 130, 0, 0.f, CUDA_BF16, 0, 0, 1},
-        {37, 70, 130, 0, 0.f, CUDA_F32, 1, 1, 1},
-        {37, 70, 130, 8, 0.f, CUDA_F32, 1, 1, 1},
-        {37, 70, 130, 8, 0.f, CUDA_BF16, 0, 0, 1},
-        {37, 70, 130, 8, 0.1f, CUDA_F32, 0, 1, 1},
-        {37, 70, 130, 8, 0.1f, CUDA_BF16, 0, 1, 0},
-        {37, 70, 130, 5, 0.1f, CUDA_F32, 1, 0, 1},
-        {37, 72, 130, 16, 0.1f, CUDA_F32, 1, 1, 1},
-        {1, 64, 16, 16, 0.1f, CUDA_BF16, 0, 1, 1},
-        {63, 130, 1, 3, 0.f, CUDA_F32, 1, 1, 1},
+        {37, 70, 130, 0, 0.f, CUDA_F32, 0, 1, 1, 0},
+        {37, 70, 130, 0, 0.f, CUDA_BF16, 0, 0, 1, 0},
+        {37, 70, 130, 0, 0.f, CUDA_F32, 1, 1, 1, 0},
+        {37, 70, 130, 8, 0.f, CUDA_F32, 1, 1, 1, 0},
+        {37, 70, 130, 8, 0.f, CUDA_BF16, 0, 0, 1, 0},
+        {37, 70, 130, 8, 0.1f, CUDA_F32, 0, 1, 1, 0},
+        {37, 70, 130, 8, 0.1f, CUDA_BF16, 0, 1, 0, 0},
+        {37, 70, 130, 5, 0.1f, CUDA_F32, 1, 0, 1, 0},
+        {37, 72, 130, 16, 0.1f, CUDA_F32, 1, 1, 1, 0},
+        {1, 64, 16, 16, 0.1f, CUDA_BF16, 0, 1, 1, 0},
+        {63, 130, 1, 3, 0.f, CUDA_F32, 1, 1, 1, 0},
         /* in and out multiples of 8: the rank <= 16 projection kernel, with ragged T and r */
-        {37, 72, 136, 5, 0.f, CUDA_F32, 1, 1, 1},
-        {37, 72, 136, 16, 0.1f, CUDA_BF16, 0, 1, 1},
-        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 1, 1},
-        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 0, 1},
-        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 1, 0},
-        {1, 64, 8, 3, 0.f, CUDA_F32, 0, 1, 1},
+        {37, 72, 136, 5, 0.f, CUDA_F32, 1, 1, 1, 0},
+        {37, 72, 136, 16, 0.1f, CUDA_BF16, 0, 1, 1, 0},
+        /* in pieces of rows, the dropout mask following them */
+        {37, 72, 136, 16, 0.1f, CUDA_F32, 1, 1, 1, 1},
+        {100, 70, 130, 8, 0.3f, CUDA_BF16, 0, 1, 1, 1},
+        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 1, 1, 0},
+        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 0, 1, 0},
+        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 1, 0, 0},
+        {1, 64, 8, 3, 0.f, CUDA_F32, 0, 1, 1, 0},
         /* rank above 16: cuBLAS throughout */
-        {64, 128, 96, 32, 0.f, CUDA_F32, 1, 1, 1},
+        {64, 128, 96, 32, 0.f, CUDA_F32, 1, 1, 1, 0},
         /* Qwen3.5-0.8B at 2 x 2048 tokens, r16 */
-        {4096, 1024, 6144, 0, 0.f, CUDA_BF16, 0, 1, 1},
-        {4096, 1024, 6144, 16, 0.f, CUDA_BF16, 0, 1, 1},
-        {4096, 1024, 2048, 16, 0.1f, CUDA_BF16, 0, 1, 1},
-        {4096, 1024, 16, 16, 0.f, CUDA_BF16, 0, 1, 1},
-        {4096, 1024, 3584, 16, 0.1f, CUDA_BF16, 0, 0, 1},
-        {4096, 3584, 1024, 16, 0.f, CUDA_F32, 1, 1, 1},
-        {4096, 2048, 1024, 16, 0.1f, CUDA_F32, 1, 1, 1},
-        {4096, 1024, 4096, 16, 0.f, CUDA_BF16, 0, 1, 1},
-        {4096, 1024, 512, 16, 0.1f, CUDA_BF16, 0, 1, 0},
+        {4096, 1024, 6144, 0, 0.f, CUDA_BF16, 0, 1, 1, 0},
+        {4096, 1024, 6144, 16, 0.f, CUDA_BF16, 0, 1, 1, 0},
+        {4096, 1024, 2048, 16, 0.1f, CUDA_BF16, 0, 1, 1, 0},
+        {4096, 1024, 16, 16, 0.f, CUDA_BF16, 0, 1, 1, 0},
+        {4096, 1024, 3584, 16, 0.1f, CUDA_BF16, 0, 0, 1, 0},
+        {4096, 3584, 1024, 16, 0.f, CUDA_F32, 1, 1, 1, 0},
+        {4096, 2048, 1024, 16, 0.1f, CUDA_F32, 1, 1, 1, 0},
+        {4096, 1024, 4096, 16, 0.f, CUDA_BF16, 0, 1, 1, 0},
+        {4096, 1024, 512, 16, 0.1f, CUDA_BF16, 0, 1, 0, 0},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
     if (t && atoi(t) == 1) timing();

@@ -162,7 +162,7 @@ static void test_linear(void) {
     dt_bf16 *dy = dev_rand_bf16(T * out, 1.f);
     cuda_alloc((void **)&wbuf, sizeof(dt_bf16) * out * in);
     void *scratch = NULL;
-    cuda_alloc(&scratch, linear_scratch_bytes_cuda(T, in, r));
+    cuda_alloc(&scratch, linear_scratch_bytes_cuda(T, in, r, 1));
     float *y[2], *dx[2], *dA[2], *dB[2];
     for (int k = 0; k < 2; k++) {
         y[k] = dev_rand_f32(T * out, 1.f);
