@@ -17,6 +17,12 @@ cublasHandle_t cuda_cublas(void);
 
 typedef __nv_bfloat16 bf16;
 
+// Row-major C[M, N] (+)= alpha op(A)[M, K] op(B)[K, N], batched with strides (elements), bf16 in,
+// fp32 accumulate, C of type ct; a failure is recorded as the error (linear.cu).
+void cuda_gemm(bool ta, bool tb, int M, int N, int K, float alpha, const void *A, long long lda, long long sA,
+               const void *B, long long ldb, long long sB, float beta, void *C, cudaDataType ct, long long ldc,
+               long long sC, int batch);
+
 static __device__ __forceinline__ float ld(const bf16 *p) { return __bfloat162float(*p); }
 static __device__ __forceinline__ float ld(const float *p) { return *p; }
 static __device__ __forceinline__ void st(bf16 *p, float v) { *p = __float2bfloat16(v); }

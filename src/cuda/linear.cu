@@ -48,6 +48,20 @@ static void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alp
                  what);
 }
 
+// cuBLAS is column-major: a row-major matrix is its transpose there, so C = op(A) op(B) is
+// C^T = op(B)^T op(A)^T with the operands swapped and the same transpose flags.
+void cuda_gemm(bool ta, bool tb, int M, int N, int K, float alpha, const void *A, long long lda, long long sA,
+               const void *B, long long ldb, long long sB, float beta, void *C, cudaDataType ct, long long ldc,
+               long long sC, int batch) {
+    if (M <= 0 || N <= 0) return;
+    ensure_workspace();
+    cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    check_cublas(cublasGemmStridedBatchedEx(cuda_cublas(), ob, oa, N, M, K, &alpha, B, CUDA_R_16BF, (int)ldb, sB, A,
+                                            CUDA_R_16BF, (int)lda, sA, &beta, C, ct, (int)ldc, sC, batch,
+                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                 "batched product");
+}
+
 // ---- the CPU's hash dropout (ops/linear.c), bit for bit
 // It keeps element idx when u = (z >> 11) 2^-53 >= p (u compared in double against the
 // float p). Both sides are exact multiples of 2^-53, so the test is the integer
@@ -227,7 +241,8 @@ extern "C" void linear_backward_cuda(float *dx, const dt_bf16 *dy_, const dt_bf1
     const bf16 *dy = (const bf16 *)dy_, *x = (const bf16 *)x_;
     int64_t in = l->in, out = l->out;
     // dx += dy W
-    if (dx) gemm_rm(false, false, T, in, out, 1.f, dy, out, base_weight(l), in, 1.f, dx, CUDA_R_32F, in, "linear backward");
+    if (dx)
+        gemm_rm(false, false, T, in, out, 1.f, dy, out, base_weight(l), in, 1.f, dx, CUDA_R_32F, in, "linear backward");
     if (!has_lora(l)) return;
     int r = l->rank;
     const bf16 *A = (const bf16 *)l->A, *B = (const bf16 *)l->B;

@@ -12,6 +12,7 @@
 
 #include "cuda/cuda_internal.h"
 #include "cuda/reduce.cuh"
+#include "cuda/vec.cuh"
 
 namespace {
 
@@ -19,43 +20,6 @@ const int kThreads = 1024;
 
 long long round8(long long x) { return (x + 7) & ~7LL; }
 size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
-
-void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const void *A, long long lda, long long sA,
-          const void *B, long long ldb, long long sB, float beta, void *C, cudaDataType ct, long long ldc,
-          long long sC, int batch) {
-    // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T (see attention.cu)
-    cublasStatus_t st = cublasGemmStridedBatchedEx(
-        cuda_cublas(), tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B,
-        CUDA_R_16BF, (int)ldb, sB, A, CUDA_R_16BF, (int)lda, sA, &beta, C, ct, (int)ldc, sC, batch,
-        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    if (st != CUBLAS_STATUS_SUCCESS) fprintf(stderr, "lmhead_ce: cuBLAS GEMM failed (%d)\n", (int)st);
-}
-
-template <int NT>
-__device__ float block_sum(float v) {
-    __shared__ float sh[32];
-    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(~0u, v, o);
-    int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-    if (l == 0) sh[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        v = l < NT / 32 ? sh[l] : 0.f;
-        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(~0u, v, o);
-        if (l == 0) sh[0] = v;
-    }
-    __syncthreads();
-    v = sh[0];
-    __syncthreads();
-    return v;
-}
-
-__device__ __forceinline__ uint4 pack8(const float x[8]) {
-    uint4 u;
-    __nv_bfloat162 *p = (__nv_bfloat162 *)&u;
-#pragma unroll
-    for (int k = 0; k < 4; k++) p[k] = __floats2bfloat162_rn(x[2 * k], x[2 * k + 1]);
-    return u;
-}
 
 // One block per token of the chunk; row t of the fp32 logits is ldV (a multiple of 8) long,
 // columns V .. ldV are padding. The bf16 gradient of row t lands in the first half of the same
@@ -119,7 +83,7 @@ __global__ void __launch_bounds__(NT)
             }
         }
         __syncthreads();
-        if (c < nv) gz[c] = pack8(x);
+        if (c < nv) stv<8>((bf16 *)(gz + c), x);
         __syncthreads();
     }
 }
@@ -149,13 +113,13 @@ struct head_weight {
 // logits[:, :V] = h E^T for nt tokens.
 void head_logits(float *logits, long long ldV, const bf16 *h, int nt, const head_weight &w, long long V, int H) {
     if (!w.q) {
-        gemm(false, true, nt, (int)V, H, 1.f, h, H, 0, w.E, H, 0, 0.f, logits, CUDA_R_32F, ldV, 0, 1);
+        cuda_gemm(false, true, nt, (int)V, H, 1.f, h, H, 0, w.E, H, 0, 0.f, logits, CUDA_R_32F, ldV, 0, 1);
         return;
     }
     for (long long v0 = 0; v0 < V; v0 += w.slice) {
         long long nv = V - v0 < w.slice ? V - v0 : w.slice;
         dequantize_rows_cuda((dt_bf16 *)w.ebuf, w.q, v0, nv);
-        gemm(false, true, nt, (int)nv, H, 1.f, h, H, 0, w.ebuf, H, 0, 0.f, logits + v0, CUDA_R_32F, ldV, 0, 1);
+        cuda_gemm(false, true, nt, (int)nv, H, 1.f, h, H, 0, w.ebuf, H, 0, 0.f, logits + v0, CUDA_R_32F, ldV, 0, 1);
     }
 }
 
@@ -163,13 +127,14 @@ void head_logits(float *logits, long long ldV, const bf16 *h, int nt, const head
 // cuBLAS splits the long reduction over V itself: a split-K of our own measured no faster.
 void head_backward(float *dh, const bf16 *dlogits, long long ldV, int nt, const head_weight &w, long long V, int H) {
     if (!w.q) {
-        gemm(false, false, nt, H, (int)V, 1.f, dlogits, 2 * ldV, 0, w.E, H, 0, 1.f, dh, CUDA_R_32F, H, 0, 1);
+        cuda_gemm(false, false, nt, H, (int)V, 1.f, dlogits, 2 * ldV, 0, w.E, H, 0, 1.f, dh, CUDA_R_32F, H, 0, 1);
         return;
     }
     for (long long v0 = 0; v0 < V; v0 += w.slice) {
         long long nv = V - v0 < w.slice ? V - v0 : w.slice;
         dequantize_rows_cuda((dt_bf16 *)w.ebuf, w.q, v0, nv);
-        gemm(false, false, nt, H, (int)nv, 1.f, dlogits + v0, 2 * ldV, 0, w.ebuf, H, 0, 1.f, dh, CUDA_R_32F, H, 0, 1);
+        cuda_gemm(false, false, nt, H, (int)nv, 1.f, dlogits + v0, 2 * ldV, 0, w.ebuf, H, 0, 1.f, dh, CUDA_R_32F, H, 0,
+                  1);
     }
 }
 

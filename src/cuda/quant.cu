@@ -6,6 +6,7 @@
 // row, whatever the width (a row is a little-endian bit stream; for 2, 4 and 8 bits that is the
 // uint32 words' LSB-first packing), so one thread decodes eight values from one load.
 #include "cuda/cuda_internal.h"
+#include "cuda/vec.cuh"
 
 namespace {
 
@@ -49,24 +50,15 @@ __device__ __forceinline__ void decode8(float o[8], const cuda_qweight &w, int64
         o[j] = __bfloat162float(__float2bfloat16(fmaf(s, (float)((uint32_t)(v >> (w.bits * j)) & mask), b)));
 }
 
-__device__ __forceinline__ uint4 pack8(const float x[8]) {
-    uint4 u;
-    __nv_bfloat162 *p = (__nv_bfloat162 *)&u;
-#pragma unroll
-    for (int k = 0; k < 4; k++) p[k] = __floats2bfloat162_rn(x[2 * k], x[2 * k + 1]);
-    return u;
-}
-
 // A block per row (grid-stride over rows), its threads over the row's 8-value packs: no 64-bit
 // division per pack to find the row.
 __global__ void dequantize_kernel(bf16 *out, cuda_qweight w, int64_t r0, int64_t nr) {
     int64_t per_row = w.cols / 8;
     for (int64_t r = blockIdx.x; r < nr; r += gridDim.x) {
-        uint4 *o = (uint4 *)(out + r * w.cols);
         for (int64_t k = threadIdx.x; k < per_row; k += blockDim.x) {
             float x[8];
             decode8(x, w, r0 + r, 8 * k);
-            o[k] = pack8(x);
+            stv<8>(out + r * w.cols + 8 * k, x);
         }
     }
 }

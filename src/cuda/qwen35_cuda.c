@@ -156,11 +156,12 @@ static int upload_f32(float **dst, const float *src, int64_t n, int64_t *bytes) 
 
 /* A quantized weight's packed rows, scales and biases, uploaded as they are. */
 static int upload_quantized(cuda_qweight *q, const dt_weight *w, int64_t *bytes) {
-    int64_t packed = w->rows * w->cols * w->qbits / 8, params = w->rows * (w->cols / w->qgroup) * (int64_t)dt_dtype_size(w->qdtype);
+    size_t packed = (size_t)(w->rows * w->cols * w->qbits / 8);
+    size_t params = (size_t)(w->rows * (w->cols / w->qgroup)) * dt_dtype_size(w->qdtype);
     void *d[3] = {NULL, NULL, NULL};
-    int rc = cuda_alloc(&d[0], (size_t)packed) || cuda_alloc(&d[1], (size_t)params) || cuda_alloc(&d[2], (size_t)params) ||
-             cuda_upload(d[0], w->data, (size_t)packed) || cuda_upload(d[1], w->scales, (size_t)params) ||
-             cuda_upload(d[2], w->biases, (size_t)params);
+    int rc = cuda_alloc(&d[0], packed) || cuda_alloc(&d[1], params) || cuda_alloc(&d[2], params) ||
+             cuda_upload(d[0], w->data, packed) || cuda_upload(d[1], w->scales, params) ||
+             cuda_upload(d[2], w->biases, params);
     *q = (cuda_qweight){d[0], d[1], d[2], w->qbits, w->qgroup,
                         w->qdtype == DT_BF16 ? CUDA_BF16 : w->qdtype == DT_F16 ? CUDA_F16 : CUDA_F32, w->rows, w->cols};
     *bytes += dt_weight_bytes(w);

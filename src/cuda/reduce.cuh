@@ -1,5 +1,5 @@
-// Block-wide reductions of the online softmax: (max, sum of exp(x - max)) pairs merged across a
-// block, for the attention's and the LM head's row log-sum-exp.
+// Block-wide reductions: a sum, and the online softmax's (max, sum of exp(x - max)) pairs merged
+// across a block, for the attention's and the LM head's rows.
 #ifndef DT_CUDA_REDUCE_CUH
 #define DT_CUDA_REDUCE_CUH
 
@@ -32,6 +32,25 @@ static __device__ void block_max_sum(float &m, float &s) {
     m = sm[0];
     s = ss[0];
     __syncthreads();  // the arrays may be reused
+}
+
+// The sum over the block; every thread gets it.
+template <int NT>
+static __device__ float block_sum(float v) {
+    __shared__ float sh[32];
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(~0u, v, o);
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    if (l == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        v = l < NT / 32 ? sh[l] : 0.f;
+        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(~0u, v, o);
+        if (l == 0) sh[0] = v;
+    }
+    __syncthreads();
+    v = sh[0];
+    __syncthreads();  // sh may be reused
+    return v;
 }
 
 #endif
