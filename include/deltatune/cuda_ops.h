@@ -216,11 +216,11 @@ size_t lmhead_ce_scratch_bytes_cuda(int64_t chunk, int64_t V, int H);
 void lmhead_ce_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *targets, int64_t N,
                     const dt_bf16 *E, int64_t V, int H, float grad_scale, int64_t chunk, void *scratch);
 /* The same with a quantized E (V = E->rows, H = E->cols): its rows are dequantized ebuf_rows at a
- * time into ebuf (ebuf_rows * H bf16; at least 8 rows), twice per chunk when training, and the
- * target's logit is the product's own. */
+ * time into ebuf (ebuf_rows * H bf16; at least 8 rows), once per chunk of tokens and pass (two
+ * when training), chunks as long as scratch_bytes allow; the target's logit is the product's own. */
 void lmhead_ce_q_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *targets, int64_t N,
-                      const cuda_qweight *E, dt_bf16 *ebuf, int64_t ebuf_rows, float grad_scale, int64_t chunk,
-                      void *scratch);
+                      const cuda_qweight *E, dt_bf16 *ebuf, int64_t ebuf_rows, float grad_scale, void *scratch,
+                      size_t scratch_bytes);
 
 /* ---- optim.cu ---- */
 /* AdamW over n fp32 parameters (adamw_update's arithmetic, optim.h) with the gradient first

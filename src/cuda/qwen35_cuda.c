@@ -988,7 +988,7 @@ static void lm_head_loss(qwen35_cuda *g, float *dh, int64_t N, float grad_scale)
     const qwen35_config *c = &g->cfg;
     if (g->lm_head_q.bits)
         lmhead_ce_q_cuda(g->loss, dh, g->hf, g->targets, N, &g->lm_head_q, g->wbuf, g->wbuf_elems / c->hidden_size,
-                         grad_scale, g->ce_chunk, g->big_bwd);
+                         grad_scale, g->big_bwd, g->big_bwd_bytes);
     else
         lmhead_ce_cuda(g->loss, dh, g->hf, g->targets, N, g->lm_head, c->vocab_size, c->hidden_size, grad_scale,
                        g->ce_chunk, g->big_bwd);

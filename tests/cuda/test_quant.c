@@ -198,9 +198,11 @@ static void test_linear(void) {
     qcase_free(&c);
 }
 
-/* lmhead_ce_q_cuda in slices (a ragged last one) against lmhead_ce_cuda on the dequantized E. */
+/* lmhead_ce_q_cuda in slices (a ragged last one) and chunks of tokens (its scratch too small for
+ * all 96: it takes 24 at a time) against lmhead_ce_cuda on the dequantized E (40 at a time). */
 static void test_lmhead(void) {
     int64_t N = 96, V = 1003, H = 256, chunk = 40, slice = 300;
+    size_t qscratch = (size_t)chunk * 296 * 4 + 4 * 1024;
     qcase c;
     if (qcase_make(&c, V, H, 8, 64, DT_BF16, 1.f)) {
         test_cuda_ok("lmhead_q8");
@@ -222,7 +224,7 @@ static void test_lmhead(void) {
         cuda_upload(ld[k], &zero, sizeof(double));
         dh[k] = dev_rand_f32(N * H, 0.f);
         if (k)
-            lmhead_ce_q_cuda(ld[k], dh[k], h, tgd, N, &c.d, ebuf, slice, 1.f / N, chunk, scratch);
+            lmhead_ce_q_cuda(ld[k], dh[k], h, tgd, N, &c.d, ebuf, slice, 1.f / N, scratch, qscratch);
         else
             lmhead_ce_cuda(ld[k], dh[k], h, tgd, N, E, V, (int)H, 1.f / N, chunk, scratch);
     }
