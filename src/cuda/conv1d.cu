@@ -18,39 +18,59 @@
 // enough that instruction count shows. Past x < -87 the sum overflows and sigmoid is 0.
 static __device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
 
+// The K taps of channels c0 .. c0 + VC - 1, in registers.
+template <int K, int VC>
+static __device__ __forceinline__ void load_taps(float wr[K][VC], const float *w, int c0) {
+#pragma unroll
+    for (int v = 0; v < VC; v++)
+#pragma unroll
+        for (int j = 0; j < K; j++) wr[j][v] = w[(int64_t)(c0 + v) * K + j];
+}
+
+// Rows first .. first + R - 1 of those channels, zero outside [0, N).
+template <int R, int VC>
+static __device__ __forceinline__ void load_window(float xw[R][VC], const bf16 *x, int64_t first, int64_t N, int C,
+                                                   int c0) {
+#pragma unroll
+    for (int m = 0; m < R; m++) {
+        int64_t s = first + m;
+        if (s >= 0 && s < N) ldv<VC>(xw[m], x + s * C + c0);
+        else
+#pragma unroll
+            for (int v = 0; v < VC; v++) xw[m][v] = 0;
+    }
+}
+
+// The conv before SiLU of the token at window row q + K - 1: taps j >= jmin (the earlier ones
+// fall before its sequence's start).
+template <int K, int VC, int R>
+static __device__ __forceinline__ void conv_at(float u[VC], const float wr[K][VC], const float xw[R][VC], int q,
+                                               int jmin) {
+#pragma unroll
+    for (int v = 0; v < VC; v++) u[v] = 0;
+#pragma unroll
+    for (int j = 0; j < K; j++)
+        if (j >= jmin)
+#pragma unroll
+            for (int v = 0; v < VC; v++) u[v] += wr[j][v] * xw[q + j][v];
+}
+
 template <int K, int VC>
 __global__ void __launch_bounds__(CONV_THREADS)
     conv1d_silu_fwd_kernel(bf16 *y, const bf16 *x, const float *w, const int32_t *pos, int64_t N, int C) {
     int c0 = (blockIdx.x * CONV_THREADS + threadIdx.x) * VC;
     if (c0 >= C) return;
     float wr[K][VC];
-#pragma unroll
-    for (int v = 0; v < VC; v++)
-#pragma unroll
-        for (int j = 0; j < K; j++) wr[j][v] = w[(int64_t)(c0 + v) * K + j];
+    load_taps<K, VC>(wr, w, c0);
     for (int64_t t0 = (int64_t)blockIdx.y * CONV_TT; t0 < N; t0 += (int64_t)gridDim.y * CONV_TT) {
         float xw[CONV_TT + K - 1][VC];  // rows t0 - K + 1 ..
-#pragma unroll
-        for (int m = 0; m < CONV_TT + K - 1; m++) {
-            int64_t s = t0 - K + 1 + m;
-            if (s >= 0 && s < N) ldv<VC>(xw[m], x + s * C + c0);
-            else
-#pragma unroll
-                for (int v = 0; v < VC; v++) xw[m][v] = 0;
-        }
+        load_window<CONV_TT + K - 1, VC>(xw, x, t0 - K + 1, N, C, c0);
 #pragma unroll
         for (int q = 0; q < CONV_TT; q++) {
             int64_t t = t0 + q;
             if (t >= N) break;
-            int jmin = K - 1 - __ldg(pos + t);  // taps before the sequence start see zeros
             float u[VC];
-#pragma unroll
-            for (int v = 0; v < VC; v++) u[v] = 0;
-#pragma unroll
-            for (int j = 0; j < K; j++)
-                if (j >= jmin)
-#pragma unroll
-                    for (int v = 0; v < VC; v++) u[v] += wr[j][v] * xw[q + j][v];
+            conv_at<K, VC, CONV_TT + K - 1>(u, wr, xw, q, K - 1 - __ldg(pos + t));
 #pragma unroll
             for (int v = 0; v < VC; v++) u[v] *= sigmoid_f(u[v]);
             stv<VC>(y + t * C + c0, u);
@@ -68,20 +88,10 @@ __global__ void __launch_bounds__(CONV_THREADS)
     int c0 = (blockIdx.x * CONV_THREADS + threadIdx.x) * VC;
     if (c0 >= C) return;
     float wr[K][VC];
-#pragma unroll
-    for (int v = 0; v < VC; v++)
-#pragma unroll
-        for (int j = 0; j < K; j++) wr[j][v] = w[(int64_t)(c0 + v) * K + j];
+    load_taps<K, VC>(wr, w, c0);
     for (int64_t s0 = (int64_t)blockIdx.y * CONV_TT; s0 < N; s0 += (int64_t)gridDim.y * CONV_TT) {
         float xw[NT + K - 1][VC];  // rows s0 - K + 1 ..
-#pragma unroll
-        for (int m = 0; m < NT + K - 1; m++) {
-            int64_t s = s0 - K + 1 + m;
-            if (s >= 0 && s < N) ldv<VC>(xw[m], x + s * C + c0);
-            else
-#pragma unroll
-                for (int v = 0; v < VC; v++) xw[m][v] = 0;
-        }
+        load_window<NT + K - 1, VC>(xw, x, s0 - K + 1, N, C, c0);
         float du[NT][VC];
         int start[NT];  // token s0 + q's sequence starts at row s0 + start[q]
 #pragma unroll
@@ -95,13 +105,7 @@ __global__ void __launch_bounds__(CONV_THREADS)
             }
             start[q] = q - __ldg(pos + t);
             float u[VC], g[VC];
-#pragma unroll
-            for (int v = 0; v < VC; v++) u[v] = 0;
-#pragma unroll
-            for (int j = 0; j < K; j++)
-                if (q - K + 1 + j >= start[q])
-#pragma unroll
-                    for (int v = 0; v < VC; v++) u[v] += wr[j][v] * xw[q + j][v];
+            conv_at<K, VC, NT + K - 1>(u, wr, xw, q, K - 1 + start[q] - q);
             ldv<VC>(g, dy + t * C + c0);
 #pragma unroll
             for (int v = 0; v < VC; v++) {

@@ -86,6 +86,28 @@ __global__ void __launch_bounds__(QK_WARPS * 32)
     }
 }
 
+// Values i .. i + V - 1 of a head's rotated pairs: x's halves (a, b), the norm weight's (wa, wb),
+// and dy turned back by the rotation (da, db) at position p.
+template <int V>
+static __device__ __forceinline__ void rotated_pair(float *a, float *b, float *wa, float *wb, float *da, float *db,
+                                                    const bf16 *xr, const float *w, const float *dyr, const float *sf,
+                                                    int i, int half, float p) {
+    float ga[V], gb[V];
+    ldv<V>(a, xr + i);
+    ldv<V>(b, xr + i + half);
+    ldv<V>(wa, w + i);
+    ldv<V>(wb, w + i + half);
+    ldv<V>(ga, dyr + i);
+    ldv<V>(gb, dyr + i + half);
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        float s, c;
+        sincosf(p * sf[i + k], &s, &c);
+        da[k] = ga[k] * c + gb[k] * s;
+        db[k] = gb[k] * c - ga[k] * s;
+    }
+}
+
 // The inverse rotation of dy gives the gradient g of the normed values; then the RMSNorm's
 // backward: dx = r (dn - n mean(n dn)), n = x r, dn = g (1 + w).
 template <int V>
@@ -107,20 +129,12 @@ __global__ void __launch_bounds__(QK_WARPS * 32)
     float p = (float)__ldg(pos + t);
     float ss = 0, dot = 0;  // sum x^2, sum x dn
     for (int i = lane * V; i < half; i += 32 * V) {
-        float a[V], b[V], wa[V], wb[V], ga[V], gb[V];
-        ldv<V>(a, xr + i);
-        ldv<V>(b, xr + i + half);
-        ldv<V>(wa, w + i);
-        ldv<V>(wb, w + i + half);
-        ldv<V>(ga, dyr + i);
-        ldv<V>(gb, dyr + i + half);
+        float a[V], b[V], wa[V], wb[V], da[V], db[V];
+        rotated_pair<V>(a, b, wa, wb, da, db, xr, w, dyr, sf, i, half, p);
 #pragma unroll
         for (int k = 0; k < V; k++) {
-            float s, c;
-            sincosf(p * sf[i + k], &s, &c);
-            float da = ga[k] * c + gb[k] * s, db = gb[k] * c - ga[k] * s;
             ss += a[k] * a[k] + b[k] * b[k];
-            dot += a[k] * da * (1.0f + wa[k]) + b[k] * db * (1.0f + wb[k]);
+            dot += a[k] * da[k] * (1.0f + wa[k]) + b[k] * db[k] * (1.0f + wb[k]);
         }
     }
     for (int i = 2 * half + lane * V; i < hd; i += 32 * V) {
@@ -139,20 +153,12 @@ __global__ void __launch_bounds__(QK_WARPS * 32)
     float r = rsqrtf(ss / hd + eps), cc = r * r * r * dot / hd;
     bf16 *dxr = dx + xo;
     for (int i = lane * V; i < half; i += 32 * V) {
-        float a[V], b[V], wa[V], wb[V], ga[V], gb[V];
-        ldv<V>(a, xr + i);
-        ldv<V>(b, xr + i + half);
-        ldv<V>(wa, w + i);
-        ldv<V>(wb, w + i + half);
-        ldv<V>(ga, dyr + i);
-        ldv<V>(gb, dyr + i + half);
+        float a[V], b[V], wa[V], wb[V], da[V], db[V];
+        rotated_pair<V>(a, b, wa, wb, da, db, xr, w, dyr, sf, i, half, p);
 #pragma unroll
         for (int k = 0; k < V; k++) {
-            float s, c;
-            sincosf(p * sf[i + k], &s, &c);
-            float da = ga[k] * c + gb[k] * s, db = gb[k] * c - ga[k] * s;
-            a[k] = r * da * (1.0f + wa[k]) - a[k] * cc;
-            b[k] = r * db * (1.0f + wb[k]) - b[k] * cc;
+            a[k] = r * da[k] * (1.0f + wa[k]) - a[k] * cc;
+            b[k] = r * db[k] * (1.0f + wb[k]) - b[k] * cc;
         }
         stv<V>(dxr + i, a);
         stv<V>(dxr + i + half, b);
