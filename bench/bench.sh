@@ -26,15 +26,7 @@ if [[ ! -f "$model/model.safetensors" ]]; then
   "$dt" init-model --preset "$preset" --out "$model" --seed 1 --dtype bf16 --force
 fi
 vocab=$("$dt" info --model "$model" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["config"]["vocab_size"])')
-python3 - "$data" "$rows" "$seq" "$vocab" <<'PY'
-import json, random, sys
-path, rows, seq, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-rng = random.Random(0)
-with open(path, "w") as f:
-    for _ in range(rows):
-        ids = [rng.randrange(vocab) for _ in range(seq)]
-        f.write(json.dumps({"input_ids": ids, "labels": ids}) + "\n")
-PY
+python3 "$here/random_tokens.py" "$data" "$rows" "$seq" "$vocab"
 
 echo "bench: $(uname -m), $(nproc) cores, $(date -u +%Y-%m-%d)" >&2
 for bs in 1 "$rows"; do

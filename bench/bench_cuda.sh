@@ -55,15 +55,7 @@ for preset in $presets; do
   data="$out/tokens-$rows-x-$seq.jsonl"
   vocab=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c.get("text_config", c)["vocab_size"])' \
           "$model/config.json")
-  python3 - "$data" "$rows" "$seq" "$vocab" <<'PY'
-import json, random, sys
-path, rows, seq, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-rng = random.Random(0)
-with open(path, "w") as f:
-    for _ in range(rows):
-        ids = [rng.randrange(vocab) for _ in range(seq)]
-        f.write(json.dumps({"input_ids": ids, "labels": ids}) + "\n")
-PY
+  python3 "$here/random_tokens.py" "$data" "$rows" "$seq" "$vocab"
 
   run="$out/cuda-train-$preset"
   rm -rf "$run"

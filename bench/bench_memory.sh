@@ -19,12 +19,7 @@ for mp in ${BENCH_MEMORY_PRESETS:-0.8b}; do
       "$dt" init-model --preset "$mp" --out "$base" --seed 1 --dtype bf16 --force >/dev/null 2>&1
   vocab=$("$dt" info --model "$base" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["config"]["vocab_size"])')
   mdata="$out/tokens-1-x-$mem_seq.jsonl"
-  python3 - "$mdata" "$mem_seq" "$vocab" <<'PY'
-import json, random, sys
-rng = random.Random(0)
-ids = [rng.randrange(int(sys.argv[3])) for _ in range(int(sys.argv[2]))]
-open(sys.argv[1], "w").write(json.dumps({"input_ids": ids, "labels": ids}) + "\n")
-PY
+  python3 "$here/random_tokens.py" "$mdata" 1 "$mem_seq" "$vocab"
   for fmt in ${BENCH_MEMORY_FORMATS:-bf16 8 4}; do
     m="$base"
     if [[ $fmt != bf16 ]]; then
