@@ -60,6 +60,9 @@ const dt_weight *checkpoint_weight(const checkpoint *ck, qwen35_wkind kind, int 
 void *checkpoint_own(checkpoint *ck, size_t bytes);
 /* The five zero-centred RMSNorms MLX stores +1 (not linear_attn.norm). */
 int checkpoint_norm_is_shifted(qwen35_wkind kind);
+/* The files of a model folder besides config.json and the weights (generation config, tokenizer,
+ * chat template) that a checkpoint written from it carries over; NULL-terminated. */
+extern const char *const checkpoint_side_files[];
 /* The kinds MLX quantizes: every Linear and the embedding (not norms, conv1d, A_log, dt_bias). */
 int checkpoint_kind_is_quantizable(qwen35_wkind kind);
 

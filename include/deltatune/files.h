@@ -16,6 +16,9 @@ void io_format_shape(char *buf, size_t cap, const int64_t *shape, int ndim);
 int io_write_file_atomic(const char *path, const char *data, size_t len);
 /* mkdir -p */
 int io_make_dirs(const char *dir);
+/* Each file of names (NULL-terminated) that exists in src_dir, copied into dst_dir through
+ * io_write_file_atomic; errors name the file. */
+int io_copy_files(const char *src_dir, const char *dst_dir, const char *const *names);
 
 /* The JSON side files (config.json, indexes, adapter and trainer state) go through these two,
  * so every reader reports bad JSON the same way and every writer is atomic. */

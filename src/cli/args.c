@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "deltatune/error.h"
+#include "deltatune/files.h"
 #include "deltatune/quant.h"
 
 #define ARGS_MAX 64
@@ -192,6 +193,14 @@ int args_parse_command(const arg_spec *specs, int n, int argc, char **argv, cons
         return EXIT_OK;
     }
     return r ? cli_usage_fail(cmd) : -1;
+}
+
+int args_check_out_model(const char *out, bool force) {
+    char *config = io_path_join(out, "config.json");
+    bool occupied = config && io_file_exists(config);
+    free(config);
+    if (occupied && !force) return dt_err("%s already holds a model (config.json); pass --force to overwrite it", out);
+    return 0;
 }
 
 int args_check_quantize(int bits, int group) {

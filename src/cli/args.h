@@ -83,5 +83,7 @@ int cmd_train(int argc, char **argv);
 
 /* 0, or an error (a usage error for the caller) for --quantize / --group-size values out of the scheme. */
 int args_check_quantize(int bits, int group);
+/* 0, or an error when --out already holds a model (its config.json) and force is off. */
+int args_check_out_model(const char *out, bool force);
 
 #endif

@@ -29,13 +29,7 @@ static int run(const merge_opts *o) {
     int out_dtype = -1;
     for (size_t i = 0; o->dtype && i < sizeof dtypes / sizeof dtypes[0]; i++)
         if (!strcmp(o->dtype, dtypes[i].name)) out_dtype = (int)dtypes[i].dt;
-    char *existing = io_path_join(o->out, "config.json");
-    bool occupied = existing && io_file_exists(existing);
-    free(existing);
-    if (occupied && !o->force) {
-        dt_err("%s already holds a model (config.json); pass --force to overwrite it", o->out);
-        return cli_fail(CMD, EXIT_RUNTIME);
-    }
+    if (args_check_out_model(o->out, o->force)) return cli_fail(CMD, EXIT_RUNTIME);
     checkpoint ck;
     lora_adapter ad;
     if (checkpoint_open(&ck, o->model)) return cli_fail(CMD, EXIT_RUNTIME);

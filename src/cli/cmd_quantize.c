@@ -31,13 +31,7 @@ typedef struct {
 } quantize_opts;
 
 static int run(const quantize_opts *o) {
-    char *existing = io_path_join(o->out, "config.json");
-    bool occupied = existing && io_file_exists(existing);
-    free(existing);
-    if (occupied && !o->force) {
-        dt_err("%s already holds a model (config.json); pass --force to overwrite it", o->out);
-        return cli_fail(CMD, EXIT_RUNTIME);
-    }
+    if (args_check_out_model(o->out, o->force)) return cli_fail(CMD, EXIT_RUNTIME);
     checkpoint ck;
     if (checkpoint_open(&ck, o->model)) return cli_fail(CMD, EXIT_RUNTIME);
     double t0 = dt_seconds();

@@ -690,6 +690,12 @@ static const void *aligned_data(checkpoint *ck, const st_tensor *t) {
     return copy;
 }
 
+const char *const checkpoint_side_files[] = {
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja",    "vocab.json",     "merges.txt",            "added_tokens.json",
+    NULL,
+};
+
 int checkpoint_norm_is_shifted(qwen35_wkind kind) {
     return kind == W_INPUT_NORM || kind == W_POST_NORM || kind == W_FINAL_NORM || kind == W_ATT_QNORM ||
            kind == W_ATT_KNORM;

@@ -127,6 +127,21 @@ json_t *io_load_json(const char *path) {
     return root;
 }
 
+int io_copy_files(const char *src_dir, const char *dst_dir, const char *const *names) {
+    int rc = 0;
+    for (int i = 0; rc == 0 && names[i]; i++) {
+        char *from = io_path_join(src_dir, names[i]), *to = io_path_join(dst_dir, names[i]), *data = NULL;
+        size_t len = 0;
+        if (!from || !to) rc = dt_err("out of memory");
+        else if (io_file_exists(from))
+            rc = io_read_file(from, &data, &len) ? dt_err_wrap("%s", from) : io_write_file_atomic(to, data, len);
+        free(data);
+        free(from);
+        free(to);
+    }
+    return rc;
+}
+
 int io_write_json_atomic(const char *path, const json_t *root, size_t flags) {
     char *text = json_dumps(root, flags);
     size_t n = text ? strlen(text) : 0;

@@ -9,21 +9,6 @@
 #include "deltatune/files.h"
 #include "ops/blas.h"
 
-/* Files of a model folder besides the weights that a standalone checkpoint needs. */
-static const char *const side_files[] = {
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", NULL,
-};
-
-static int copy_file(const char *src, const char *dst) {
-    char *data;
-    size_t len;
-    if (io_read_file(src, &data, &len)) return dt_err_wrap("%s", src);
-    int rc = io_write_file_atomic(dst, data, len);
-    free(data);
-    return rc;
-}
-
 /* The adapter module whose target is the tensor called name, or NULL. */
 static const lora_module *module_for(const checkpoint *ck, const lora_adapter *a, const char *name) {
     for (int i = 0; i < a->n_modules; i++) {
@@ -98,13 +83,9 @@ int checkpoint_merge(const checkpoint *ck, const lora_adapter *a, const char *ou
     if (rc == 0 && stats->merged != a->n_modules)
         rc = dt_err("%lld of the adapter's %d modules found no tensor", (long long)(a->n_modules - stats->merged),
                     a->n_modules);
-    for (int i = 0; rc == 0 && side_files[i]; i++) {
-        char *from = io_path_join(ck->dir, side_files[i]), *to = io_path_join(out_dir, side_files[i]);
-        if (!from || !to) rc = dt_err("out of memory");
-        else if (io_file_exists(from)) rc = copy_file(from, to);
-        free(from);
-        free(to);
-    }
+    static const char *const config[] = {"config.json", NULL};
+    if (rc == 0) rc = io_copy_files(ck->dir, out_dir, config);
+    if (rc == 0) rc = io_copy_files(ck->dir, out_dir, checkpoint_side_files);
     if (rc != 0 && path) remove(path);  /* a config without its weights would mislead */
     free(path);
     free(entries);

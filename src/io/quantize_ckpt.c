@@ -115,20 +115,6 @@ void checkpoint_quant_summary(char *buf, size_t cap, const checkpoint *ck, const
 
 /* ---------------------------------------------------------------- writing the MLX layout */
 
-static const char *const side_files[] = {
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", NULL,
-};
-
-static int copy_file(const char *src, const char *dst) {
-    char *data;
-    size_t len;
-    if (io_read_file(src, &data, &len)) return dt_err_wrap("%s", src);
-    int rc = io_write_file_atomic(dst, data, len);
-    free(data);
-    return rc;
-}
-
 /* The dtype the model's float tensors are kept in: the embedding's (its scales' when quantized). */
 static dt_dtype model_dtype(const checkpoint *ck) {
     const dt_weight *e = checkpoint_weight(ck, W_EMBED, -1);
@@ -298,13 +284,7 @@ int checkpoint_write_mlx(const checkpoint *ck, const char *out_dir, ckpt_write_s
                     out_dir);
     if (rc == 0) rc = write_weights(ck, path, st);
     int wrote = rc == 0;
-    for (int i = 0; rc == 0 && side_files[i]; i++) {
-        char *from = io_path_join(ck->dir, side_files[i]), *to = io_path_join(out_dir, side_files[i]);
-        if (!from || !to) rc = dt_err("out of memory");
-        else if (io_file_exists(from)) rc = copy_file(from, to);
-        free(from);
-        free(to);
-    }
+    if (rc == 0) rc = io_copy_files(ck->dir, out_dir, checkpoint_side_files);
     if (rc == 0) rc = write_config(ck, out_dir);
     if (rc != 0 && wrote) remove(path);  /* weights without their config would mislead */
     free(index);
