@@ -48,6 +48,11 @@ typedef struct {
     int n_tokens;
 } qwen35_batch;
 
+/* 0 if the batch is well formed for a model of vocab_size (no empty sequence, lengths adding to
+ * n_tokens, ids and labels inside the vocabulary), with *longest its longest sequence; else an
+ * error naming the sequence or position. */
+int qwen35_batch_check(const qwen35_batch *b, int vocab_size, int64_t *longest);
+
 /* weights[i] belongs to specs[i] (as produced by qwen35_tensor_specs). */
 int qwen35_model_init(qwen35_model *m, const qwen35_config *cfg,
                       const qwen35_tensor_spec *specs, const dt_weight *weights, int n);

@@ -21,6 +21,10 @@
 #include "cuda/reduce.cuh"
 #include "cuda/vec.cuh"
 
+extern "C" {
+#include "deltatune/error.h"
+}
+
 namespace {
 
 const int kThreads = 1024;
@@ -221,7 +225,17 @@ extern "C" void lmhead_ce_q_cuda(double *loss, float *dh, const dt_bf16 *h_, con
     long long slice = ebuf_rows / 8 * 8 < V ? ebuf_rows / 8 * 8 : V;
     if (N <= 0 || V <= 0 || slice <= 0) return;
     long long chunk = N;
-    while (chunk > 1 && slice_scratch_bytes(chunk, slice) > scratch_bytes) chunk = (chunk + 1) / 2;
+    while (slice_scratch_bytes(chunk, slice) > scratch_bytes) {  // fewer tokens, then narrower slices
+        if (chunk > 1) {
+            chunk = (chunk + 1) / 2;
+        } else if (slice > 8) {
+            slice = slice / 16 * 8 > 8 ? slice / 16 * 8 : 8;
+        } else {
+            dt_err("the LM head's scratch of %zu bytes holds not even one token's slice", scratch_bytes);
+            fprintf(stderr, "deltatune: %s\n", dt_errmsg());
+            return;
+        }
+    }
     long long ld = round8(slice);
     slice_scratch sc = slice_carve(scratch, chunk, slice);
     for (long long t0 = 0; t0 < N; t0 += chunk) {

@@ -742,22 +742,9 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
 /* Checks the batch as the CPU model does, then uploads ids, positions, targets and starts. */
 static int prepare(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b, int n_acts, bool training,
                    int64_t *n_targets) {
-    int64_t total = 0, longest = 0;
-    for (int s = 0; s < b->n_seqs; s++) {
-        if (b->seq_lens[s] <= 0) return dt_err("sequence %d of the batch is empty", s);
-        total += b->seq_lens[s];
-        longest = b->seq_lens[s] > longest ? b->seq_lens[s] : longest;
-    }
-    if (total != b->n_tokens || total == 0)
-        return dt_err("batch lengths add to %lld, not %d tokens", (long long)total, b->n_tokens);
-    int V = g->cfg.vocab_size;
+    int64_t total = b->n_tokens, longest = 0;
+    if (qwen35_batch_check(b, g->cfg.vocab_size, &longest)) return -1;
     const int32_t *labels = b->labels ? b->labels : b->ids;
-    for (int64_t t = 0; t < total; t++) {
-        if (b->ids[t] < 0 || b->ids[t] >= V)
-            return dt_err("token id %d at position %lld is outside the vocabulary [0, %d)", b->ids[t], (long long)t, V);
-        if (labels[t] >= V)
-            return dt_err("label %d at position %lld is outside the vocabulary [0, %d)", labels[t], (long long)t, V);
-    }
     if (reserve(g, m, total, longest, b->n_seqs, n_acts, training)) return -1;
     int64_t off = 0, count = 0;
     for (int s = 0; s < b->n_seqs; s++) {

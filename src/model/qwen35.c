@@ -472,24 +472,34 @@ static void layer_backward(qwen35_model *m, int l, const qwen35_batch *b, const 
 
 /* ---------------------------------------------------------------- batches */
 
-/* Checks the batch and fills positions (from 0 in every sequence) and targets (the
- * next position's label within the same sequence, -1 when ignored). */
-static int prepare_batch(qwen35_model *m, const qwen35_batch *b, int n_acts, bool training) {
-    int64_t total = 0, longest = 0;
+int qwen35_batch_check(const qwen35_batch *b, int vocab_size, int64_t *longest) {
+    int64_t total = 0;
+    *longest = 0;
     for (int s = 0; s < b->n_seqs; s++) {
         if (b->seq_lens[s] <= 0) return dt_err("sequence %d of the batch is empty", s);
         total += b->seq_lens[s];
-        longest = b->seq_lens[s] > longest ? b->seq_lens[s] : longest;
+        *longest = b->seq_lens[s] > *longest ? b->seq_lens[s] : *longest;
     }
-    if (total != b->n_tokens) return dt_err("batch lengths add to %lld, not %d tokens", (long long)total, b->n_tokens);
-    int V = m->cfg.vocab_size;
+    if (total != b->n_tokens || total == 0)
+        return dt_err("batch lengths add to %lld, not %d tokens", (long long)total, b->n_tokens);
     const int32_t *labels = b->labels ? b->labels : b->ids;
     for (int64_t t = 0; t < total; t++) {
-        if (b->ids[t] < 0 || b->ids[t] >= V)
-            return dt_err("token id %d at position %lld is outside the vocabulary [0, %d)", b->ids[t], (long long)t, V);
-        if (labels[t] >= V)
-            return dt_err("label %d at position %lld is outside the vocabulary [0, %d)", labels[t], (long long)t, V);
+        if (b->ids[t] < 0 || b->ids[t] >= vocab_size)
+            return dt_err("token id %d at position %lld is outside the vocabulary [0, %d)", b->ids[t], (long long)t,
+                          vocab_size);
+        if (labels[t] >= vocab_size)
+            return dt_err("label %d at position %lld is outside the vocabulary [0, %d)", labels[t], (long long)t,
+                          vocab_size);
     }
+    return 0;
+}
+
+/* Checks the batch and fills positions (from 0 in every sequence) and targets (the
+ * next position's label within the same sequence, -1 when ignored). */
+static int prepare_batch(qwen35_model *m, const qwen35_batch *b, int n_acts, bool training) {
+    int64_t total = b->n_tokens, longest = 0;
+    if (qwen35_batch_check(b, m->cfg.vocab_size, &longest)) return -1;
+    const int32_t *labels = b->labels ? b->labels : b->ids;
     if (ws_reserve(m, total, longest, n_acts, training)) return -1;
     qwen35_workspace *ws = m->ws;
     FOR_SEQS(b, s, off)

@@ -11,6 +11,8 @@ extern int cuda_tests_passed, cuda_tests_failed;
 
 float test_urand(void);                       /* uniform in [-1, 1) */
 float *test_rvec(int64_t n, float scale);     /* malloc'd, scale * urand() */
+float *test_rvec_bf16(int64_t n, float scale);  /* the same, rounded to bf16 */
+float *test_copy(const float *h, int64_t n);  /* malloc'd copy */
 /* Rounds h (n floats) to bf16 in place, so the CPU reference sees what the GPU sees. */
 void test_round_bf16(float *h, int64_t n);
 /* Device copies (NULL on failure): fp32, or bf16 of h (round h first for a fair reference). */

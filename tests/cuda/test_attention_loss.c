@@ -10,11 +10,6 @@
 #include "deltatune/dtype.h"
 #include "deltatune/ops.h"
 
-static float *rvec_bf16(int64_t n, float scale) {
-    float *v = test_rvec(n, scale);
-    test_round_bf16(v, n);
-    return v;
-}
 
 static double now_ms(void) {
     struct timespec ts;
@@ -34,8 +29,8 @@ static void attn_case(const char *name, const int *lens, int n_seqs, int nh, int
     int64_t qn = (int64_t)N * nh * hd, kn = (int64_t)N * nkv * hd, qld = (int64_t)nh * hd, kvld = (int64_t)nkv * hd;
     float scale = 1.0f / sqrtf((float)hd);
     /* q larger than k: scores of std ~1, so the softmax is neither flat nor one-hot */
-    float *q = rvec_bf16(qn, 3.0f), *k = rvec_bf16(kn, 1.0f), *v = rvec_bf16(kn, 1.0f);
-    float *dout = rvec_bf16(qn, 1.0f);
+    float *q = test_rvec_bf16(qn, 3.0f), *k = test_rvec_bf16(kn, 1.0f), *v = test_rvec_bf16(kn, 1.0f);
+    float *dout = test_rvec_bf16(qn, 1.0f);
     float *out_c = calloc(qn, sizeof(float)), *dq_c = calloc(qn, sizeof(float));
     float *dk_c = calloc(kn, sizeof(float)), *dv_c = calloc(kn, sizeof(float));
     float *scr = malloc(sizeof(float) * 2 * (size_t)ml * ml);
@@ -130,9 +125,9 @@ static void attn_case(const char *name, const int *lens, int n_seqs, int nh, int
 /* ---- LM head + cross-entropy ---- */
 
 static void loss_case(const char *name, int64_t N, int64_t V, int H, int64_t chunk, int train) {
-    float *h = rvec_bf16(N * H, 1.0f);
+    float *h = test_rvec_bf16(N * H, 1.0f);
     /* logits of std ~2 whatever H */
-    float *E = rvec_bf16(V * H, 0.2f * sqrtf(1024.0f / H));
+    float *E = test_rvec_bf16(V * H, 0.2f * sqrtf(1024.0f / H));
     uint16_t *Eb = malloc(sizeof(uint16_t) * V * H);
     for (int64_t i = 0; i < V * H; i++) Eb[i] = dt_f32_to_bf16(E[i]);
     dt_weight Ew = {.dtype = DT_BF16, .data = Eb, .rows = V, .cols = H};

@@ -26,6 +26,18 @@ float *test_rvec(int64_t n, float scale) {
     return v;
 }
 
+float *test_rvec_bf16(int64_t n, float scale) {
+    float *v = test_rvec(n, scale);
+    test_round_bf16(v, n);
+    return v;
+}
+
+float *test_copy(const float *h, int64_t n) {
+    float *c = malloc(sizeof(float) * (n > 0 ? n : 1));
+    memcpy(c, h, sizeof(float) * (n > 0 ? n : 0));
+    return c;
+}
+
 void test_round_bf16(float *h, int64_t n) {
     for (int64_t i = 0; i < n; i++) h[i] = dt_bf16_to_f32(dt_f32_to_bf16(h[i]));
 }

@@ -14,17 +14,6 @@
 
 static float *zeros(int64_t n) { return calloc(n > 0 ? n : 1, sizeof(float)); }
 
-static float *copy_of(const float *h, int64_t n) {
-    float *c = malloc(sizeof(float) * (n > 0 ? n : 1));
-    memcpy(c, h, sizeof(float) * n);
-    return c;
-}
-
-static float *rbf16(int64_t n, float scale) {
-    float *v = test_rvec(n, scale);
-    test_round_bf16(v, n);
-    return v;
-}
 
 /* Packed positions: each sequence counts from 0. */
 static int32_t *packed_pos(const int *lens, int n_seqs, int64_t *N) {
@@ -51,7 +40,7 @@ static void test_convert_add(int64_t n, int off) {
     cuda_add_f32(dy + off, dx + off, m);
     snprintf(name, sizeof name, "f32_to_bf16 n=%lld off=%d", (long long)m, off);
     if (!test_cuda_ok(name)) {
-        float *g = test_host_bf16(db, n), *c = copy_of(x, n);
+        float *g = test_host_bf16(db, n), *c = test_copy(x, n);
         test_round_bf16(c, n);
         test_expect_close(name, g + off, c + off, m, 0);
         free(g);
@@ -60,7 +49,7 @@ static void test_convert_add(int64_t n, int off) {
     cuda_bf16_to_f32(dc + off, db + off, m);
     snprintf(name, sizeof name, "bf16_to_f32 n=%lld off=%d", (long long)m, off);
     if (!test_cuda_ok(name)) {
-        float *g = test_host_f32(dc, n), *c = copy_of(x, n);
+        float *g = test_host_f32(dc, n), *c = test_copy(x, n);
         test_round_bf16(c, n);
         test_expect_close(name, g + off, c + off, m, 0);
         free(g);
@@ -68,7 +57,7 @@ static void test_convert_add(int64_t n, int off) {
     }
     snprintf(name, sizeof name, "add_f32 n=%lld off=%d", (long long)m, off);
     if (!test_cuda_ok(name)) {
-        float *g = test_host_f32(dy, n), *c = copy_of(y0, n);
+        float *g = test_host_f32(dy, n), *c = test_copy(y0, n);
         for (int64_t i = off; i < n; i++) c[i] += x[i];
         test_expect_close(name, g, c, n, 0);
         free(g);
@@ -81,7 +70,7 @@ static void test_convert_add(int64_t n, int off) {
 static void test_embedding(int64_t V, int H, int64_t T) {
     char name[96];
     snprintf(name, sizeof name, "embedding V=%lld H=%d T=%lld", (long long)V, H, (long long)T);
-    float *E = rbf16(V * H, 1.0f);
+    float *E = test_rvec_bf16(V * H, 1.0f);
     int32_t *ids = malloc(sizeof(int32_t) * T);
     for (int64_t t = 0; t < T; t++) ids[t] = (int32_t)((test_urand() + 1) * 0.5 * V) % (int32_t)V;
     ids[0] = (int32_t)V - 1;
@@ -111,7 +100,7 @@ static void test_rmsnorm1p(int64_t rows, int D) {
     int64_t n = rows * D;
     float eps = 1e-6f;
     float *x = test_rvec(n, 2.0f), *w = test_rvec(D, 0.5f), *dy = test_rvec(n, 1.0f), *dx0 = test_rvec(n, 1.0f);
-    float *y = zeros(n), *dxc = copy_of(dx0, n);
+    float *y = zeros(n), *dxc = test_copy(dx0, n);
     rmsnorm1p_forward(y, x, w, rows, D, eps);
     rmsnorm1p_backward(dxc, NULL, dy, x, w, rows, D, eps);
     float *d_x = test_dev_f32(x, n), *d_w = test_dev_f32(w, D), *d_dy = test_dev_f32(dy, n), *d_dx = test_dev_f32(dx0, n);
@@ -142,7 +131,7 @@ static void test_rmsnorm_gated(int64_t rows, int D) {
     char name[96];
     int64_t n = rows * D;
     float eps = 1e-6f;
-    float *x = rbf16(n, 2.0f), *z = rbf16(n, 3.0f), *w = test_rvec(D, 1.0f), *dy = test_rvec(n, 1.0f);
+    float *x = test_rvec_bf16(n, 2.0f), *z = test_rvec_bf16(n, 3.0f), *w = test_rvec(D, 1.0f), *dy = test_rvec(n, 1.0f);
     float *y = zeros(n), *dxc = zeros(n), *dzc = zeros(n);
     rmsnorm_gated_forward(y, x, z, w, rows, D, eps);
     rmsnorm_gated_backward(dxc, dzc, NULL, dy, x, z, w, rows, D, eps);
@@ -183,7 +172,7 @@ static void test_qk_norm_rope(const int *lens, int n_seqs, int nh, int hd, int r
     float eps = 1e-6f;
     int64_t row_stride = (int64_t)(gated ? 2 : 1) * nh * hd, n = N * nh * hd, nx = N * row_stride;
     int head_stride = (gated ? 2 : 1) * hd;
-    float *xs = rbf16(nx, 2.0f), *w = test_rvec(hd, 0.5f), *dy = test_rvec(n, 1.0f), *fill = rbf16(nx, 1.0f);
+    float *xs = test_rvec_bf16(nx, 2.0f), *w = test_rvec(hd, 0.5f), *dy = test_rvec(n, 1.0f), *fill = test_rvec_bf16(nx, 1.0f);
     /* the CPU path: split, rmsnorm1p per head, rope */
     float *x = zeros(n), *y = zeros(n), *dx = zeros(n);
     for (int64_t t = 0; t < N; t++)
@@ -191,7 +180,7 @@ static void test_qk_norm_rope(const int *lens, int n_seqs, int nh, int hd, int r
             memcpy(x + (t * nh + h) * hd, xs + t * row_stride + (int64_t)h * head_stride, sizeof(float) * hd);
     rmsnorm1p_forward(y, x, w, N * nh, hd, eps);
     rope_forward(y, pos, N, nh, hd, rot_dim, theta);
-    float *d = copy_of(dy, n);
+    float *d = test_copy(dy, n);
     rope_backward(d, pos, N, nh, hd, rot_dim, theta);
     rmsnorm1p_backward(dx, NULL, d, x, w, N * nh, hd, eps);
 
@@ -231,8 +220,8 @@ static void test_attn_gate(int64_t N, int nh, int hd) {
     char name[192], what[64];
     snprintf(what, sizeof what, "N=%lld nh=%d hd=%d", (long long)N, nh, hd);
     int64_t n = N * nh * hd;
-    float *x = rbf16(n, 2.0f), *qg = rbf16(2 * n, 4.0f), *dy = test_rvec(n, 1.0f), *fill = rbf16(2 * n, 1.0f);
-    float *gate = zeros(n), *y = copy_of(x, n), *dx = zeros(n), *dgate = zeros(n);
+    float *x = test_rvec_bf16(n, 2.0f), *qg = test_rvec_bf16(2 * n, 4.0f), *dy = test_rvec(n, 1.0f), *fill = test_rvec_bf16(2 * n, 1.0f);
+    float *gate = zeros(n), *y = test_copy(x, n), *dx = zeros(n), *dgate = zeros(n);
     for (int64_t r = 0; r < N * nh; r++) memcpy(gate + r * hd, qg + r * 2 * hd + hd, sizeof(float) * hd);
     sigmoid_gate_forward(y, gate, n);
     sigmoid_gate_backward(dx, dgate, dy, x, gate, n);
@@ -274,7 +263,7 @@ static void test_attn_gate(int64_t N, int nh, int hd) {
 static void test_swiglu(int64_t n, int off) {
     char name[96];
     int64_t m = n - off;
-    float *g = rbf16(n, 4.0f), *u = rbf16(n, 2.0f), *dm = test_rvec(n, 1.0f);
+    float *g = test_rvec_bf16(n, 4.0f), *u = test_rvec_bf16(n, 2.0f), *dm = test_rvec(n, 1.0f);
     float *mc = zeros(n), *dgc = zeros(n), *duc = zeros(n);
     swiglu_forward(mc + off, g + off, u + off, m);
     swiglu_backward(dgc + off, duc + off, dm + off, g + off, u + off, m);
@@ -311,7 +300,7 @@ static void test_conv1d(const int *lens, int n_seqs, int C, int K) {
     int32_t *pos = packed_pos(lens, n_seqs, &N);
     int64_t n = N * C;
     snprintf(what, sizeof what, "N=%lld seqs=%d C=%d K=%d", (long long)N, n_seqs, C, K);
-    float *x = rbf16(n, 2.0f), *w = test_rvec((int64_t)C * K, 0.7f), *dy = test_rvec(n, 1.0f);
+    float *x = test_rvec_bf16(n, 2.0f), *w = test_rvec((int64_t)C * K, 0.7f), *dy = test_rvec(n, 1.0f);
     float *y = zeros(n), *dx = zeros(n);
     int64_t off = 0;
     for (int s = 0; s < n_seqs; s++) {

@@ -20,17 +20,6 @@ typedef struct {
     int pieces;  /* the GPU calls in two pieces of rows (row0), as the model's chunked MLP backward */
 } lcase;
 
-static float *copy_vec(const float *v, int64_t n) {
-    float *c = malloc(sizeof(float) * (n > 0 ? n : 1));
-    memcpy(c, v, sizeof(float) * n);
-    return c;
-}
-
-static float *rounded_rvec(int64_t n, float scale) {
-    float *v = test_rvec(n, scale);
-    test_round_bf16(v, n);
-    return v;
-}
 
 static void run_case(const lcase *c) {
     int64_t T = c->T, in = c->in, out = c->out;
@@ -41,10 +30,10 @@ static void run_case(const lcase *c) {
              c->pieces ? " in pieces" : "");
 
     /* LoRA's term about as large as the base term, so a wrong LoRA path cannot hide */
-    float *x = rounded_rvec(T * in, 1.f), *W = rounded_rvec(out * in, 1.f / sqrtf((float)in));
-    float *A = rounded_rvec((int64_t)r * in, 1.f / sqrtf((float)in));
-    float *B = rounded_rvec(out * r, r ? 1.f / sqrtf((float)r) : 1.f);
-    float *dy = rounded_rvec(T * out, 1.f);
+    float *x = test_rvec_bf16(T * in, 1.f), *W = test_rvec_bf16(out * in, 1.f / sqrtf((float)in));
+    float *A = test_rvec_bf16((int64_t)r * in, 1.f / sqrtf((float)in));
+    float *B = test_rvec_bf16(out * r, r ? 1.f / sqrtf((float)r) : 1.f);
+    float *dy = test_rvec_bf16(T * out, 1.f);
     float *y0 = test_rvec(T * out, 1.f);  /* the residual for accumulate, garbage otherwise */
     if (c->yt == CUDA_BF16) test_round_bf16(y0, T * out);
     float *dx0 = test_rvec(T * in, 1.f), *dA0 = test_rvec((int64_t)r * in, 1.f), *dB0 = test_rvec(out * r, 1.f);
@@ -58,7 +47,7 @@ static void run_case(const lcase *c) {
     linear_forward(y_cpu, x, &L, T);
     if (c->accumulate)
         for (int64_t i = 0; i < T * out; i++) y_cpu[i] += y0[i];
-    float *dx_cpu = copy_vec(dx0, T * in), *dA_cpu = copy_vec(dA0, (int64_t)r * in), *dB_cpu = copy_vec(dB0, out * r);
+    float *dx_cpu = test_copy(dx0, T * in), *dA_cpu = test_copy(dA0, (int64_t)r * in), *dB_cpu = test_copy(dB0, out * r);
     lo.dA = c->with_grads ? dA_cpu : NULL;
     lo.dB = c->with_grads ? dB_cpu : NULL;
     linear_backward(c->with_dx ? dx_cpu : NULL, dy, x, &L, T);
