@@ -1,5 +1,5 @@
 // The Gated DeltaNet on the GPU: the q/k L2 norm, the gates, and the gated delta rule
-// (qwen35.md §2.2, §3.2, §3.3; CPU reference src/ops/deltanet.c, src/ops/norm.c).
+// (qwen35.mt §2.2, §3.2, §3.3; CPU reference src/ops/deltanet.c, src/ops/norm.c).
 //
 // Two implementations of the recurrence. By default the chunked form (below, "the chunked
 // form"): tensor-core products over chunks of 32 tokens, for the forward and all three
@@ -613,6 +613,19 @@ constexpr int CC = 32;    // tokens per chunk
 constexpr int CWB = 32;   // value columns per chunk-kernel block
 constexpr int PNT = 256;  // threads of both kernels
 constexpr int CNW = PNT / 32;
+// A walk's warps: one 16 x 8 tile each of a [CC x CC] or [CC x CWB] product; NS tiles each of the
+// [DKP x CWB] state, rows (warp + CNW j) / NTC of column tile warp % NTC. (Blocks of 16 columns,
+// two to an SM, measured 5% slower: the walks are bound by instructions, not by latency.)
+constexpr int NTC = CWB / 8;
+static_assert(CC == 32 && CNW == 8 && 2 * NTC == CNW, "the walks' warp layout");
+template <int DKP>
+__host__ __device__ constexpr int walk_state_tiles() {
+    return DKP / 16 * NTC / CNW;
+}
+template <typename K>
+static void walk_attributes(K kernel, size_t bytes) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+}
 
 enum { CK_FWD, CK_F1, CK_F2 };
 
@@ -641,10 +654,28 @@ static __device__ __forceinline__ void cp_async16z(void *smem, const void *gmem,
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
 }
 
-static __device__ __forceinline__ uint32_t tf32(float x) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
+// one float (the gates' beta: a column of [N, Hv], no wider copy lines up)
+static __device__ __forceinline__ void cp_async4z(void *smem, const void *gmem, bool ok) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    int bytes = ok ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+
+// beta of tokens [t0, t0 + n) of value head h into dst[CC], zero past n
+static __device__ __forceinline__ void load_beta(float *dst, const float *beta, int64_t t0, int n, int Hv, int h) {
+    int t = threadIdx.x - 32;  // the second warp: the first is busy with other lines
+    if (t >= 0 && t < CC) cp_async4z(dst + t, beta + (t0 + (t < n ? t : 0)) * Hv + h, t < n);
+}
+
+// x rounded to the nearest tf32 (ties away from zero, as cvt.rna.tf32.f32 for finite x) on its
+// bits: sm_90 has no instruction for that conversion, and its emulation took a quarter of the
+// walks' instructions.
+static __device__ __forceinline__ uint32_t tf32(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
+// x's tf32 head (truncated) and the tf32 head of the rest: x = hi + lo to about 2^-20 of x, in three
+// instructions; the lost bits are far below what 3xTF32 keeps
+static __device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) {
+    hi = __float_as_uint(x) & 0xffffe000u;
+    lo = __float_as_uint(x - __uint_as_float(hi)) & 0xffffe000u;
 }
 // a bf16 is exact as a tf32: its bits, shifted
 static __device__ __forceinline__ uint32_t bf_bits(const bf16 *p) {
@@ -663,55 +694,58 @@ static __device__ __forceinline__ void mma_tf32(float *c, uint32_t a0, uint32_t 
 
 // The products on fp32 operands: one tf32 product, or with X3 three (3xTF32: a = a_hi + a_lo,
 // a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi, about fp32's precision) where the backward's
-// sums (dg: a suffix sum that cancels to about zero) need it. bf16 operands are exact.
-static __device__ __forceinline__ void split(float x, uint32_t &hi, uint32_t &lo) {
-    hi = tf32(x);
-    lo = tf32(x - __uint_as_float(hi));
+// sums (dg: a suffix sum that cancels to about zero) need it. bf16 operands are exact. A
+// fragment is split once and used for every tile it meets: splitting is most of the work.
+struct frag_a {  // the A operand of one m16n8k8 product: hi and, with X3, lo parts
+    uint32_t h[4], l[4];
+};
+struct frag_b {
+    uint32_t h[2], l[2];
+};
+template <bool X3>
+static __device__ __forceinline__ frag_a split_a(float a0, float a1, float a2, float a3) {
+    frag_a f;
+    float v[4] = {a0, a1, a2, a3};
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        if (X3) split_tf32(v[e], f.h[e], f.l[e]);
+        else f.h[e] = tf32(v[e]), f.l[e] = 0u;
+    }
+    return f;
+}
+template <bool X3>
+static __device__ __forceinline__ frag_b split_b(float b0, float b1) {
+    frag_b f;
+    float v[2] = {b0, b1};
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        if (X3) split_tf32(v[e], f.h[e], f.l[e]);
+        else f.h[e] = tf32(v[e]), f.l[e] = 0u;
+    }
+    return f;
+}
+template <bool X3>
+static __device__ __forceinline__ void mma_ss(float *c, const frag_a &a, const frag_b &b) {
+    if (X3) {
+        mma_tf32(c, a.l[0], a.l[1], a.l[2], a.l[3], b.h[0], b.h[1]);
+        mma_tf32(c, a.h[0], a.h[1], a.h[2], a.h[3], b.l[0], b.l[1]);
+    }
+    mma_tf32(c, a.h[0], a.h[1], a.h[2], a.h[3], b.h[0], b.h[1]);
+}
+template <bool X3>  // a exact (bf16 bits)
+static __device__ __forceinline__ void mma_es(float *c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              const frag_b &b) {
+    if (X3) mma_tf32(c, a0, a1, a2, a3, b.l[0], b.l[1]);
+    mma_tf32(c, a0, a1, a2, a3, b.h[0], b.h[1]);
+}
+template <bool X3>  // b exact (bf16 bits)
+static __device__ __forceinline__ void mma_se(float *c, const frag_a &a, uint32_t b0, uint32_t b1) {
+    if (X3) mma_tf32(c, a.l[0], a.l[1], a.l[2], a.l[3], b0, b1);
+    mma_tf32(c, a.h[0], a.h[1], a.h[2], a.h[3], b0, b1);
 }
 template <bool X3>
 static __device__ __forceinline__ void mma_ff(float *c, float a0, float a1, float a2, float a3, float b0, float b1) {
-    if (!X3) {
-        mma_tf32(c, tf32(a0), tf32(a1), tf32(a2), tf32(a3), tf32(b0), tf32(b1));
-    } else {
-        uint32_t ah[4], al[4], bh[2], bl[2];
-        split(a0, ah[0], al[0]);
-        split(a1, ah[1], al[1]);
-        split(a2, ah[2], al[2]);
-        split(a3, ah[3], al[3]);
-        split(b0, bh[0], bl[0]);
-        split(b1, bh[1], bl[1]);
-        mma_tf32(c, al[0], al[1], al[2], al[3], bh[0], bh[1]);
-        mma_tf32(c, ah[0], ah[1], ah[2], ah[3], bl[0], bl[1]);
-        mma_tf32(c, ah[0], ah[1], ah[2], ah[3], bh[0], bh[1]);
-    }
-}
-template <bool X3>  // a exact (bf16)
-static __device__ __forceinline__ void mma_bf(float *c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, float b0,
-                                              float b1) {
-    if (!X3) {
-        mma_tf32(c, a0, a1, a2, a3, tf32(b0), tf32(b1));
-    } else {
-        uint32_t bh[2], bl[2];
-        split(b0, bh[0], bl[0]);
-        split(b1, bh[1], bl[1]);
-        mma_tf32(c, a0, a1, a2, a3, bl[0], bl[1]);
-        mma_tf32(c, a0, a1, a2, a3, bh[0], bh[1]);
-    }
-}
-template <bool X3>  // b exact (bf16)
-static __device__ __forceinline__ void mma_fb(float *c, float a0, float a1, float a2, float a3, uint32_t b0,
-                                              uint32_t b1) {
-    if (!X3) {
-        mma_tf32(c, tf32(a0), tf32(a1), tf32(a2), tf32(a3), b0, b1);
-    } else {
-        uint32_t ah[4], al[4];
-        split(a0, ah[0], al[0]);
-        split(a1, ah[1], al[1]);
-        split(a2, ah[2], al[2]);
-        split(a3, ah[3], al[3]);
-        mma_tf32(c, al[0], al[1], al[2], al[3], b0, b1);
-        mma_tf32(c, ah[0], ah[1], ah[2], ah[3], b0, b1);
-    }
+    mma_ss<X3>(c, split_a<X3>(a0, a1, a2, a3), split_b<X3>(b0, b1));
 }
 
 // q, k rows [t0, t0 + CC) of key head kh into bf16 [CC][LQ] buffers: rows past n and columns
@@ -868,7 +902,7 @@ template <int DKP>
 struct ck_layout {
     static constexpr int LW = DKP + 4, LQ = DKP + 8, LK = DKP + 16, LP = CC + 4, LU = CWB + 8, LS = CWB + 8;
     static constexpr size_t W = 0, Q = W + 2 * 4 * CC * LW, K = Q + 2 * 2 * CC * LQ, P = K + 2 * 2 * CC * LK,
-                            U = P + 2 * 4 * CC * LP, G = U + 2 * 4 * CC * LU, S = G + 2 * 4 * CC,
+                            U = P + 2 * 4 * CC * LP, G = U + 2 * 4 * CC * LU, B = G + 2 * 4 * CC, S = B + 2 * 4 * CC,
                             Uc = S + 4 * DKP * LS, Uk = Uc + 4 * CC * LU, Y = Uk + 4 * CC * LU,
                             M = Y + 2 * 4 * CC * LU, bytes_fwd = Y, bytes_bwd = M + 4 * CC * LP;
 };
@@ -876,11 +910,13 @@ struct ck_layout {
 template <int DKP, int MODE, bool X3>
 __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
     using L = ck_layout<DKP>;
+    constexpr int NS = walk_state_tiles<DKP>();
     extern __shared__ float4 smem4[];
     char *sm = reinterpret_cast<char *>(smem4);
     float *Wb = reinterpret_cast<float *>(sm + L::W), *Pb = reinterpret_cast<float *>(sm + L::P),
           *Ub = reinterpret_cast<float *>(sm + L::U), *Gb = reinterpret_cast<float *>(sm + L::G),
-          *Ss = reinterpret_cast<float *>(sm + L::S), *Uc = reinterpret_cast<float *>(sm + L::Uc),
+          *Bb = reinterpret_cast<float *>(sm + L::B), *Ss = reinterpret_cast<float *>(sm + L::S),
+          *Uc = reinterpret_cast<float *>(sm + L::Uc),
           *Uk = reinterpret_cast<float *>(sm + L::Uk), *Yb = reinterpret_cast<float *>(sm + L::Y),
           *Ms = reinterpret_cast<float *>(sm + L::M);
     bf16 *Qb = reinterpret_cast<bf16 *>(sm + L::Q), *Kb = reinterpret_cast<bf16 *>(sm + L::K);
@@ -917,6 +953,7 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
             cp_async16(ud + t * L::LU + i, Ug + t * a.dvp + i);
         }
         if (tid < CC / 4) cp_async16(gd + tid * 4, Gg + tid * 4);
+        if (MODE == CK_F1) load_beta(Bb + buf * CC, a.beta, t0, n, a.Hv, h);
         load_qk<DKP, L::LQ, L::LK>(Qb + buf * CC * L::LQ, Kb + buf * CC * L::LK, a.qkv, a.conv_dim, kcol, hcol, t0, n,
                                    a.dk, a.qk_vec);
         if (MODE != CK_FWD) {
@@ -935,9 +972,9 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
         asm volatile("cp.async.commit_group;\n" ::: "memory");
     };
 
-    float accS[DKP / 32][4];
+    float accS[NS][4];
 #pragma unroll
-    for (int j = 0; j < DKP / 32; j++)
+    for (int j = 0; j < NS; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) accS[j][e] = 0.0f;
 
@@ -949,37 +986,39 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
         __syncthreads();  // this chunk landed; the last one is done with the other buffers and Ss
         if (c + 1 < n_chunks) issue(c + 1);
         const float *wb = Wb + buf * CC * L::LW, *pb = Pb + buf * CC * L::LP, *ub = Ub + buf * CC * L::LU,
-                    *gb = Gb + buf * CC, *yb = Yb + buf * CC * L::LU;
+                    *gb = Gb + buf * CC, *yb = Yb + buf * CC * L::LU, *bb = Bb + buf * CC;
         const bf16 *qb = Qb + buf * CC * L::LQ, *kb = Kb + buf * CC * L::LK;
         float glast = gb[n - 1];
 
         // D = Ut - W S0 (and Q S0 for the output) for this warp's 16 x 8 tile; two chains each
         int mt = warp >> 2, nt = warp & 3;
         float accU[2][4] = {}, accO[2][4] = {};
+        {
 #pragma unroll 4
-        for (int k0 = 0; k0 < DKP; k0 += 8) {
-            int p = (k0 >> 3) & 1;
-            float b0 = Ss[(k0 + tq) * L::LS + nt * 8 + gq], b1 = Ss[(k0 + tq + 4) * L::LS + nt * 8 + gq];
-            const float *w = wb + (mt * 16 + gq) * L::LW + k0 + tq;
-            mma_ff<X3>(accU[p], w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4], b0, b1);
-            if (MODE == CK_FWD) {
-                const bf16 *q = qb + (mt * 16 + gq) * L::LQ + k0 + tq;
-                mma_bf<X3>(accO[p], bf_bits(q), bf_bits(q + 8 * L::LQ), bf_bits(q + 4), bf_bits(q + 8 * L::LQ + 4), b0,
-                           b1);
+            for (int k0 = 0; k0 < DKP; k0 += 8) {
+                int p = (k0 >> 3) & 1;
+                frag_b sf = split_b<X3>(Ss[(k0 + tq) * L::LS + nt * 8 + gq], Ss[(k0 + tq + 4) * L::LS + nt * 8 + gq]);
+                const float *w = wb + (mt * 16 + gq) * L::LW + k0 + tq;
+                mma_ss<X3>(accU[p], split_a<X3>(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4]), sf);
+                if (MODE == CK_FWD) {
+                    const bf16 *q = qb + (mt * 16 + gq) * L::LQ + k0 + tq;
+                    mma_es<X3>(accO[p], bf_bits(q), bf_bits(q + 8 * L::LQ), bf_bits(q + 4), bf_bits(q + 8 * L::LQ + 4),
+                               sf);
+                }
             }
-        }
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int r = mt * 16 + gq + (e >> 1) * 8, col = nt * 8 + 2 * tq + (e & 1);
-            float d = r < n ? ub[r * L::LU + col] - (accU[0][e] + accU[1][e]) : 0.0f;
-            Uc[r * L::LU + col] = d;
-            Uk[r * L::LU + col] = r < n ? d * expf(glast - gb[r]) : 0.0f;
-            if (MODE == CK_FWD) accO[0][e] = (accO[0][e] + accO[1][e]) * expf(gb[r]);
-            if (MODE == CK_F1 && r < n && cb * CWB + col < a.dv) {
-                // u = delta / beta feeds dk through beta u (0 either way) and dbeta, which reaches b
-                // times beta (1 - beta): a beta that underflowed to 0 must give 0 here, not 0/0
-                float bt = a.beta[(t0 + r) * a.Hv + h];
-                a.u[(t0 + r) * vstride + (int64_t)h * a.dv + cb * CWB + col] = bt != 0.0f ? d / bt : 0.0f;
+            for (int e = 0; e < 4; e++) {
+                int r = mt * 16 + gq + (e >> 1) * 8, col = nt * 8 + 2 * tq + (e & 1);
+                float d = r < n ? ub[r * L::LU + col] - (accU[0][e] + accU[1][e]) : 0.0f;
+                Uc[r * L::LU + col] = d;
+                Uk[r * L::LU + col] = r < n ? d * expf(glast - gb[r]) : 0.0f;
+                if (MODE == CK_FWD) accO[0][e] = (accO[0][e] + accO[1][e]) * expf(gb[r]);
+                if (MODE == CK_F1 && r < n && cb * CWB + col < a.dv) {
+                    // u = delta / beta feeds dk through beta u (0 either way) and dbeta, which reaches b
+                    // times beta (1 - beta): a beta that underflowed to 0 must give 0 here, not 0/0
+                    float bt = bb[r];
+                    a.u[(t0 + r) * vstride + (int64_t)h * a.dv + cb * CWB + col] = bt != 0.0f ? d / bt : 0.0f;
+                }
             }
         }
         __syncthreads();
@@ -1012,80 +1051,110 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
                 Ms[t * L::LP + sI] = in ? expf(gb[t] - gb[sI]) * accM[e] : 0.0f;
             }
             __syncthreads();
-            // X = diag(gamma) Y S0^T + M K: tiles (mt, nt) of [CC x DKP], added into dqkv
+            // X = diag(gamma) Y S0^T + M K, added into dqkv: this warp's tiles of [CC x DKP] are both
+            // row tiles of column tiles warp + CNW i, so each fragment is split once for NX or 2 tiles
+            constexpr int NX = DKP / 64;
             float *xdst = a.dqkv + (MODE == CK_F1 ? 0 : kcol) + hcol;
-            float qdot[2] = {0, 0};
+            float x1[2][NX][4] = {}, x2[2][NX][4] = {};
 #pragma unroll
-            for (int j = 0; j < DKP / 32; j++) {
-                int idx = warp + CNW * j, m2 = idx / (DKP / 8), n2 = idx % (DKP / 8);
-                float x1[4] = {0, 0, 0, 0}, x2[4] = {0, 0, 0, 0};
+            for (int k0 = 0; k0 < CWB; k0 += 8) {
+                frag_a ya[2];
 #pragma unroll
-                for (int k0 = 0; k0 < CWB; k0 += 8) {
-                    const float *y = yb + (m2 * 16 + gq) * L::LU + k0 + tq, *sv = Ss + (n2 * 8 + gq) * L::LS + k0 + tq;
-                    mma_ff<X3>(x1, y[0], y[8 * L::LU], y[4], y[8 * L::LU + 4], sv[0], sv[4]);
+                for (int m = 0; m < 2; m++) {
+                    const float *y = yb + (m * 16 + gq) * L::LU + k0 + tq;
+                    ya[m] = split_a<X3>(y[0], y[8 * L::LU], y[4], y[8 * L::LU + 4]);
                 }
 #pragma unroll
-                for (int k0 = 0; k0 < CC; k0 += 8) {
-                    const float *m = Ms + (m2 * 16 + gq) * L::LP + k0 + tq;
-                    const bf16 *kk = kb + (k0 + tq) * L::LK + n2 * 8 + gq;
-                    mma_fb<X3>(x2, m[0], m[8 * L::LP], m[4], m[8 * L::LP + 4], bf_bits(kk), bf_bits(kk + 4 * L::LK));
+                for (int i = 0; i < NX; i++) {
+                    const float *sv = Ss + ((warp + CNW * i) * 8 + gq) * L::LS + k0 + tq;
+                    frag_b sf = split_b<X3>(sv[0], sv[4]);
+#pragma unroll
+                    for (int m = 0; m < 2; m++) mma_ss<X3>(x1[m][i], ya[m], sf);
+                }
+            }
+#pragma unroll
+            for (int k0 = 0; k0 < CC; k0 += 8) {
+                frag_a ma[2];
+#pragma unroll
+                for (int m = 0; m < 2; m++) {
+                    const float *mm = Ms + (m * 16 + gq) * L::LP + k0 + tq;
+                    ma[m] = split_a<X3>(mm[0], mm[8 * L::LP], mm[4], mm[8 * L::LP + 4]);
                 }
 #pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    int r = m2 * 16 + gq + hf * 8, i = n2 * 8 + 2 * tq;
-                    float gr = expf(gb[r]);
-                    float v0 = fmaf(gr, x1[2 * hf], x2[2 * hf]), v1 = fmaf(gr, x1[2 * hf + 1], x2[2 * hf + 1]);
-                    if (r < n && i < a.dk) {
-                        float *dst = xdst + (t0 + r) * a.conv_dim + i;
+                for (int i = 0; i < NX; i++) {
+                    const bf16 *kk = kb + (k0 + tq) * L::LK + (warp + CNW * i) * 8 + gq;
+                    uint32_t k0b = bf_bits(kk), k1b = bf_bits(kk + 4 * L::LK);
+#pragma unroll
+                    for (int m = 0; m < 2; m++) mma_se<X3>(x2[m][i], ma[m], k0b, k1b);
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < 2; m++) {
+                float qdot[2] = {0, 0};
+#pragma unroll
+                for (int i = 0; i < NX; i++) {
+#pragma unroll
+                    for (int hf = 0; hf < 2; hf++) {
+                        int r = m * 16 + gq + hf * 8, c2 = (warp + CNW * i) * 8 + 2 * tq;
+                        float gr = expf(gb[r]);
+                        float v0 = fmaf(gr, x1[m][i][2 * hf], x2[m][i][2 * hf]),
+                              v1 = fmaf(gr, x1[m][i][2 * hf + 1], x2[m][i][2 * hf + 1]);
+                        if (r < n && c2 < a.dk) {
+                            float *dst = xdst + (t0 + r) * a.conv_dim + c2;
 #if __CUDA_ARCH__ >= 900
-                        if (a.x_vec) atomicAdd(reinterpret_cast<float2 *>(dst), make_float2(v0, v1));
-                        else
+                            if (a.x_vec) atomicAdd(reinterpret_cast<float2 *>(dst), make_float2(v0, v1));
+                            else
 #endif
-                        {
-                            atomicAdd(dst, v0);
-                            if (i + 1 < a.dk) atomicAdd(dst + 1, v1);
-                        }
-                        if (MODE == CK_F1) {
-                            const bf16 *q = qb + r * L::LQ + i;
-                            qdot[hf] = fmaf(__bfloat162float(q[0]), v0, fmaf(__bfloat162float(q[1]), v1, qdot[hf]));
+                            {
+                                atomicAdd(dst, v0);
+                                if (c2 + 1 < a.dk) atomicAdd(dst + 1, v1);
+                            }
+                            if (MODE == CK_F1) {
+                                const bf16 *q = qb + r * L::LQ + c2;
+                                qdot[hf] = fmaf(__bfloat162float(q[0]), v0, fmaf(__bfloat162float(q[1]), v1, qdot[hf]));
+                            }
                         }
                     }
                 }
-                if (MODE == CK_F1 && (j + 1 == DKP / 32 || (warp + CNW * (j + 1)) / (DKP / 8) != m2)) {
-                    // this warp is done with row tile m2: q . dq over its columns
+                if (MODE == CK_F1) {  // q . dq of row tile m over this warp's columns
 #pragma unroll
                     for (int hf = 0; hf < 2; hf++) {
                         float v = qdot[hf];
                         v += __shfl_xor_sync(0xffffffffu, v, 1);
                         v += __shfl_xor_sync(0xffffffffu, v, 2);
-                        int r = m2 * 16 + gq + hf * 8;
+                        int r = m * 16 + gq + hf * 8;
                         if (tq == 0 && r < n) atomicAdd(a.dg + (t0 + r) * a.Hv + h, v);
-                        qdot[hf] = 0;
                     }
                 }
             }
             __syncthreads();  // S0 read by all: now it may be replaced
         }
 
-        // S = gamma_last S0 + K^T Uk, this warp's tiles of the state
+        // S = gamma_last S0 + K^T Uk, this warp's tiles of the state: rows (warp + CNW j) / NTC, one
+        // column tile n3 for all of them, so each of Uk's fragments is split once
         float gl = expf(glast);
+        int n3 = warp % NTC;
 #pragma unroll
-        for (int j = 0; j < DKP / 32; j++) {
-            int idx = warp + CNW * j, m3 = idx >> 2, n3 = idx & 3;
+        for (int j = 0; j < NS; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) accS[j][e] *= gl;
 #pragma unroll
-            for (int k0 = 0; k0 < CC; k0 += 8) {
-                const bf16 *kk = kb + (k0 + tq) * L::LK + m3 * 16 + gq;
-                mma_bf<X3>(accS[j], bf_bits(kk), bf_bits(kk + 8), bf_bits(kk + 4 * L::LK), bf_bits(kk + 4 * L::LK + 8),
-                           Uk[(k0 + tq) * L::LU + n3 * 8 + gq], Uk[(k0 + tq + 4) * L::LU + n3 * 8 + gq]);
-            }
+        for (int k0 = 0; k0 < CC; k0 += 8) {
+            frag_b uf = split_b<X3>(Uk[(k0 + tq) * L::LU + n3 * 8 + gq], Uk[(k0 + tq + 4) * L::LU + n3 * 8 + gq]);
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int r = m3 * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
-                Ss[r * L::LS + col] = accS[j][e];
+            for (int j = 0; j < NS; j++) {
+                const bf16 *kk = kb + (k0 + tq) * L::LK + (warp + CNW * j) / NTC * 16 + gq;
+                mma_es<X3>(accS[j], bf_bits(kk), bf_bits(kk + 8), bf_bits(kk + 4 * L::LK), bf_bits(kk + 4 * L::LK + 8),
+                           uf);
             }
         }
+#pragma unroll
+        for (int j = 0; j < NS; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = (warp + CNW * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
+                Ss[r * L::LS + col] = accS[j][e];
+            }
     }
 }
 
@@ -1105,8 +1174,10 @@ struct rv_layout {
     static constexpr size_t W = 0, Q = W + 2 * 4 * CC * LW, K = Q + 2 * 2 * CC * LQ, D = K + 2 * 2 * CC * LK,
                             G = D + 2 * 4 * CC * LU, B = G + 2 * 4 * CC, DO = B + 2 * 4 * CC, U = DO + 2 * 4 * CC * LU,
                             R = U + 2 * 4 * CC * LU, Ds = R + 4 * DKP * LS, DDs = Ds + 4 * CC * LU,
-                            DOg = DDs + 4 * CC * LU, DDg = DOg + 4 * CC * LU, M1 = DDg + 4 * CC * LU,
-                            M2 = M1 + 4 * CC * LP, bytes = M2 + 4 * CC * LP;
+                            DOg = DDs + 4 * CC * LU, DDg = DOg + 4 * CC * LU, M = DDg + 4 * CC * LU;
+    // M1 and M2 [CC][LP] live in the chunk's W buffer, read no more once DD is known, if they fit
+    static constexpr bool M_IN_W = 2 * LP <= LW;
+    static constexpr size_t bytes = M + (M_IN_W ? 0 : 2 * 4 * CC * LP);
 };
 
 // [CC][CWB] columns cb * CWB.. of an fp32 [N, Hv, dv] array into dst (stride LU), zero past n / dv
@@ -1123,10 +1194,10 @@ static __device__ __forceinline__ void load_cols(float *dst, const float *src, i
     }
 }
 
-template <int DKP, bool XK>
+template <int DKP, bool XK, bool X3>
 __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
     using L = rv_layout<DKP>;
-    constexpr bool X3 = true;
+    constexpr int NS = walk_state_tiles<DKP>();
     extern __shared__ float4 smem4[];
     char *sm = reinterpret_cast<char *>(smem4);
     float *Wb = reinterpret_cast<float *>(sm + L::W), *Db = reinterpret_cast<float *>(sm + L::D),
@@ -1134,8 +1205,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
           *DOb = reinterpret_cast<float *>(sm + L::DO), *Ub = reinterpret_cast<float *>(sm + L::U),
           *Rs = reinterpret_cast<float *>(sm + L::R), *Ds = reinterpret_cast<float *>(sm + L::Ds),
           *DDs = reinterpret_cast<float *>(sm + L::DDs), *DOg = reinterpret_cast<float *>(sm + L::DOg),
-          *DDg = reinterpret_cast<float *>(sm + L::DDg), *M1 = reinterpret_cast<float *>(sm + L::M1),
-          *M2 = reinterpret_cast<float *>(sm + L::M2);
+          *DDg = reinterpret_cast<float *>(sm + L::DDg);
     bf16 *Qb = reinterpret_cast<bf16 *>(sm + L::Q), *Kb = reinterpret_cast<bf16 *>(sm + L::K);
 
     int s = blockIdx.x / a.Hv, h = blockIdx.x % a.Hv, kh = h / a.group, cb = blockIdx.y;
@@ -1162,18 +1232,19 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
             cp_async16(dd + t * L::LU + i, Dg + t * a.dvp + i);
         }
         if (tid < CC / 4) cp_async16(Gb + buf * CC + tid * 4, Gg + tid * 4);
-        if (tid >= 32 && tid < 32 + CC) Bb[buf * CC + tid - 32] = tid - 32 < n ? a.beta[(t0 + tid - 32) * a.Hv + h] : 0.0f;
+        load_beta(Bb + buf * CC, a.beta, t0, n, a.Hv, h);
         load_qk<DKP, L::LQ, L::LK>(Qb + buf * CC * L::LQ, Kb + buf * CC * L::LK, a.qkv, a.conv_dim, kcol, hcol, t0, n,
                                    a.dk, a.qk_vec);
+
         int64_t vo = t0 * vstride + (int64_t)h * a.dv + cb * CWB;
         load_cols<L::LU>(DOb + buf * CC * L::LU, a.dout + vo, vstride, n, cb * CWB, a.dv, a.y_vec);
         load_cols<L::LU>(Ub + buf * CC * L::LU, a.u + vo, vstride, n, cb * CWB, a.dv, a.y_vec);
         asm volatile("cp.async.commit_group;\n" ::: "memory");
     };
 
-    float accR[DKP / 32][4];
+    float accR[NS][4];
 #pragma unroll
-    for (int j = 0; j < DKP / 32; j++)
+    for (int j = 0; j < NS; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) accR[j][e] = 0.0f;
 
@@ -1187,6 +1258,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
         const float *wb = Wb + buf * CC * L::LW, *db = Db + buf * CC * L::LU, *gb = Gb + buf * CC,
                     *bb = Bb + buf * CC, *dob = DOb + buf * CC * L::LU, *ub = Ub + buf * CC * L::LU;
         const bf16 *qb = Qb + buf * CC * L::LQ, *kb = Kb + buf * CC * L::LK;
+        float *M1 = L::M_IN_W ? Wb + buf * CC * L::LW : reinterpret_cast<float *>(sm + L::M), *M2 = M1 + CC * L::LP;
         float glast = gb[n - 1];
 
         // DD = DDt + Wr R0 (this warp's 16 x 8 tile), and what follows from dd per token
@@ -1241,8 +1313,9 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
             for (int k0 = 0; k0 < CWB; k0 += 8) {
                 const float *x = Ds + (mt * 16 + gq) * L::LU + k0 + tq, *y1 = dob + (nt * 8 + gq) * L::LU + k0 + tq,
                             *y2 = DDs + (nt * 8 + gq) * L::LU + k0 + tq;
-                mma_ff<XK>(m1, x[0], x[8 * L::LU], x[4], x[8 * L::LU + 4], y1[0], y1[4]);
-                mma_ff<XK>(m2, x[0], x[8 * L::LU], x[4], x[8 * L::LU + 4], y2[0], y2[4]);
+                frag_a xf = split_a<XK>(x[0], x[8 * L::LU], x[4], x[8 * L::LU + 4]);
+                mma_ss<XK>(m1, xf, split_b<XK>(y1[0], y1[4]));
+                mma_ss<XK>(m2, xf, split_b<XK>(y2[0], y2[4]));
             }
 #pragma unroll
             for (int e = 0; e < 4; e++) {
@@ -1254,80 +1327,116 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
         }
         __syncthreads();
 
-        // dk1 = lambda Delta R0^T + M1 Q - M2 K, added into dqkv's k columns
+        // dk1 = lambda Delta R0^T + M1 Q - M2 K, added into dqkv's k columns; the tiles as in
+        // dn_chunk_kernel's X (both row tiles of column tiles warp + CNW i)
         {
+            constexpr int NX = DKP / 64;
             float *xdst = a.dqkv + kcol + hcol;
+            float x1[2][NX][4] = {}, x2[2][NX][4] = {};
 #pragma unroll
-            for (int j = 0; j < DKP / 32; j++) {
-                int idx = warp + CNW * j, m2 = idx / (DKP / 8), n2 = idx % (DKP / 8);
-                float x1[4] = {0, 0, 0, 0}, x2[4] = {0, 0, 0, 0};
+            for (int k0 = 0; k0 < CWB; k0 += 8) {
+                frag_a da[2];
 #pragma unroll
-                for (int k0 = 0; k0 < CWB; k0 += 8) {
-                    const float *x = Ds + (m2 * 16 + gq) * L::LU + k0 + tq, *rv = Rs + (n2 * 8 + gq) * L::LS + k0 + tq;
-                    mma_ff<XK>(x1, x[0], x[8 * L::LU], x[4], x[8 * L::LU + 4], rv[0], rv[4]);
+                for (int m = 0; m < 2; m++) {
+                    const float *x = Ds + (m * 16 + gq) * L::LU + k0 + tq;
+                    da[m] = split_a<XK>(x[0], x[8 * L::LU], x[4], x[8 * L::LU + 4]);
                 }
 #pragma unroll
-                for (int k0 = 0; k0 < CC; k0 += 8) {
-                    const float *m = M1 + (m2 * 16 + gq) * L::LP + k0 + tq, *mm = M2 + (m2 * 16 + gq) * L::LP + k0 + tq;
-                    const bf16 *qq = qb + (k0 + tq) * L::LQ + n2 * 8 + gq, *kk = kb + (k0 + tq) * L::LK + n2 * 8 + gq;
-                    mma_fb<XK>(x2, m[0], m[8 * L::LP], m[4], m[8 * L::LP + 4], bf_bits(qq), bf_bits(qq + 4 * L::LQ));
-                    mma_fb<XK>(x2, -mm[0], -mm[8 * L::LP], -mm[4], -mm[8 * L::LP + 4], bf_bits(kk),
-                               bf_bits(kk + 4 * L::LK));
+                for (int i = 0; i < NX; i++) {
+                    const float *rv = Rs + ((warp + CNW * i) * 8 + gq) * L::LS + k0 + tq;
+                    frag_b rf = split_b<XK>(rv[0], rv[4]);
+#pragma unroll
+                    for (int m = 0; m < 2; m++) mma_ss<XK>(x1[m][i], da[m], rf);
+                }
+            }
+#pragma unroll
+            for (int k0 = 0; k0 < CC; k0 += 8) {
+                frag_a m1a[2], m2a[2];
+#pragma unroll
+                for (int m = 0; m < 2; m++) {
+                    const float *p1 = M1 + (m * 16 + gq) * L::LP + k0 + tq, *p2 = M2 + (m * 16 + gq) * L::LP + k0 + tq;
+                    m1a[m] = split_a<XK>(p1[0], p1[8 * L::LP], p1[4], p1[8 * L::LP + 4]);
+                    m2a[m] = split_a<XK>(-p2[0], -p2[8 * L::LP], -p2[4], -p2[8 * L::LP + 4]);
                 }
 #pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    int r = m2 * 16 + gq + hf * 8, i = n2 * 8 + 2 * tq;
-                    float lam = expf(glast - gb[r]);
-                    float v0 = fmaf(lam, x1[2 * hf], x2[2 * hf]), v1 = fmaf(lam, x1[2 * hf + 1], x2[2 * hf + 1]);
-                    if (r < n && i < a.dk) {
-                        float *dst = xdst + (t0 + r) * a.conv_dim + i;
-#if __CUDA_ARCH__ >= 900
-                        if (a.x_vec) atomicAdd(reinterpret_cast<float2 *>(dst), make_float2(v0, v1));
-                        else
-#endif
-                        {
-                            atomicAdd(dst, v0);
-                            if (i + 1 < a.dk) atomicAdd(dst + 1, v1);
-                        }
+                for (int i = 0; i < NX; i++) {
+                    int c8 = (warp + CNW * i) * 8 + gq;
+                    const bf16 *qq = qb + (k0 + tq) * L::LQ + c8, *kk = kb + (k0 + tq) * L::LK + c8;
+                    uint32_t q0 = bf_bits(qq), q1 = bf_bits(qq + 4 * L::LQ);
+                    uint32_t k0b = bf_bits(kk), k1b = bf_bits(kk + 4 * L::LK);
+#pragma unroll
+                    for (int m = 0; m < 2; m++) {
+                        mma_se<XK>(x2[m][i], m1a[m], q0, q1);
+                        mma_se<XK>(x2[m][i], m2a[m], k0b, k1b);
                     }
                 }
             }
+#pragma unroll
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+                for (int i = 0; i < NX; i++)
+#pragma unroll
+                    for (int hf = 0; hf < 2; hf++) {
+                        int r = m * 16 + gq + hf * 8, c2 = (warp + CNW * i) * 8 + 2 * tq;
+                        float lam = expf(glast - gb[r]);
+                        float v0 = fmaf(lam, x1[m][i][2 * hf], x2[m][i][2 * hf]),
+                              v1 = fmaf(lam, x1[m][i][2 * hf + 1], x2[m][i][2 * hf + 1]);
+                        if (r < n && c2 < a.dk) {
+                            float *dst = xdst + (t0 + r) * a.conv_dim + c2;
+#if __CUDA_ARCH__ >= 900
+                            if (a.x_vec) atomicAdd(reinterpret_cast<float2 *>(dst), make_float2(v0, v1));
+                            else
+#endif
+                            {
+                                atomicAdd(dst, v0);
+                                if (c2 + 1 < a.dk) atomicAdd(dst + 1, v1);
+                            }
+                        }
+                    }
         }
         __syncthreads();  // R0 read by all: now it may be replaced
 
-        // R0 = gamma_last R0 + Q^T DOg + K^T DDg
+        // R0 = gamma_last R0 + Q^T DOg + K^T DDg: the state's tiles as in dn_chunk_kernel
         float gl = expf(glast);
+        int n3 = warp % NTC;
 #pragma unroll
-        for (int j = 0; j < DKP / 32; j++) {
-            int idx = warp + CNW * j, m3 = idx >> 2, n3 = idx & 3;
+        for (int j = 0; j < NS; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) accR[j][e] *= gl;
 #pragma unroll
-            for (int k0 = 0; k0 < CC; k0 += 8) {
-                const bf16 *qq = qb + (k0 + tq) * L::LQ + m3 * 16 + gq, *kk = kb + (k0 + tq) * L::LK + m3 * 16 + gq;
-                mma_bf<X3>(accR[j], bf_bits(qq), bf_bits(qq + 8), bf_bits(qq + 4 * L::LQ), bf_bits(qq + 4 * L::LQ + 8),
-                           DOg[(k0 + tq) * L::LU + n3 * 8 + gq], DOg[(k0 + tq + 4) * L::LU + n3 * 8 + gq]);
-                mma_bf<X3>(accR[j], bf_bits(kk), bf_bits(kk + 8), bf_bits(kk + 4 * L::LK), bf_bits(kk + 4 * L::LK + 8),
-                           DDg[(k0 + tq) * L::LU + n3 * 8 + gq], DDg[(k0 + tq + 4) * L::LU + n3 * 8 + gq]);
-            }
+        for (int k0 = 0; k0 < CC; k0 += 8) {
+            frag_b of = split_b<X3>(DOg[(k0 + tq) * L::LU + n3 * 8 + gq], DOg[(k0 + tq + 4) * L::LU + n3 * 8 + gq]),
+                   df = split_b<X3>(DDg[(k0 + tq) * L::LU + n3 * 8 + gq], DDg[(k0 + tq + 4) * L::LU + n3 * 8 + gq]);
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int r = m3 * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
-                Rs[r * L::LS + col] = accR[j][e];
+            for (int j = 0; j < NS; j++) {
+                int r16 = (warp + CNW * j) / NTC * 16 + gq;
+                const bf16 *qq = qb + (k0 + tq) * L::LQ + r16, *kk = kb + (k0 + tq) * L::LK + r16;
+                mma_es<X3>(accR[j], bf_bits(qq), bf_bits(qq + 8), bf_bits(qq + 4 * L::LQ), bf_bits(qq + 4 * L::LQ + 8),
+                           of);
+                mma_es<X3>(accR[j], bf_bits(kk), bf_bits(kk + 8), bf_bits(kk + 4 * L::LK), bf_bits(kk + 4 * L::LK + 8),
+                           df);
             }
         }
+#pragma unroll
+        for (int j = 0; j < NS; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = (warp + CNW * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
+                Rs[r * L::LS + col] = accR[j][e];
+            }
     }
 }
 
-template <int DKP, bool XK>
+template <int DKP, bool XK, bool X3>
 void ck_rev(const ck_args &a, int n_seqs) {
     using L = rv_layout<DKP>;
     static bool attr_set = false;
     if (!attr_set) {
-        cudaFuncSetAttribute(dn_rev_kernel<DKP, XK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::bytes);
+        walk_attributes(dn_rev_kernel<DKP, XK, X3>, L::bytes);
         attr_set = true;
     }
-    dn_rev_kernel<DKP, XK><<<dim3((unsigned)(n_seqs * a.Hv), (unsigned)(a.dvp / CWB)), PNT, L::bytes, cuda_stream()>>>(a);
+    dim3 grid((unsigned)(n_seqs * a.Hv), (unsigned)(a.dvp / CWB));
+    dn_rev_kernel<DKP, XK, X3><<<grid, PNT, L::bytes, cuda_stream()>>>(a);
 }
 
 template <int DKP>
@@ -1351,7 +1460,7 @@ void ck_walk(const ck_args &a, int n_seqs) {
     size_t bytes = MODE == CK_FWD ? L::bytes_fwd : L::bytes_bwd;
     static bool attr_set = false;
     if (!attr_set) {
-        cudaFuncSetAttribute(dn_chunk_kernel<DKP, MODE, X3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+        walk_attributes(dn_chunk_kernel<DKP, MODE, X3>, bytes);
         attr_set = true;
     }
     dn_chunk_kernel<DKP, MODE, X3><<<dim3((unsigned)(n_seqs * a.Hv), (unsigned)(a.dvp / CWB)), PNT, bytes, cuda_stream()>>>(a);
@@ -1428,6 +1537,10 @@ static bool r_recurrent() {
 
 // DT_DELTANET_PREC=x3: the products that feed dk alone (F2, and R's dk1) in 3xTF32 too, as
 // those that feed dg always are; by default single tf32 (dk's error ~1e-5 of its largest).
+static bool prec_x1() {  // EXPERIMENT: everything in single tf32
+    const char *e = getenv("DT_DELTANET_PREC");
+    return e && strcmp(e, "x1") == 0;
+}
 static bool prec_x3() {
     const char *e = getenv("DT_DELTANET_PREC");
     return e && strcmp(e, "x3") == 0;
@@ -1520,12 +1633,14 @@ extern "C" void deltanet_backward_cuda(float *dqkv, float *dbeta, float *dg, con
         cuda_prof_pop();
         cuda_prof_push("deltanet_bwd_f1");
         c.y = dout;
-        ck_walk_any<CK_F1, true>(c, n_seqs);
+        if (prec_x1()) ck_walk_any<CK_F1, false>(c, n_seqs);
+        else ck_walk_any<CK_F1, true>(c, n_seqs);
         cuda_prof_pop();
         cuda_prof_push("deltanet_bwd_r");
         if (!rev) launch<K_R>(a, n_seqs);
-        else if (c.dkp == 64) prec_x3() ? ck_rev<64, true>(c, n_seqs) : ck_rev<64, false>(c, n_seqs);
-        else prec_x3() ? ck_rev<128, true>(c, n_seqs) : ck_rev<128, false>(c, n_seqs);
+        else if (prec_x1()) c.dkp == 64 ? ck_rev<64, false, false>(c, n_seqs) : ck_rev<128, false, false>(c, n_seqs);
+        else if (c.dkp == 64) prec_x3() ? ck_rev<64, true, true>(c, n_seqs) : ck_rev<64, false, true>(c, n_seqs);
+        else prec_x3() ? ck_rev<128, true, true>(c, n_seqs) : ck_rev<128, false, true>(c, n_seqs);
         cuda_prof_pop();
         cuda_prof_push("deltanet_bwd_f2");
         c.y = a.dkv;
