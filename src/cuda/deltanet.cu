@@ -775,7 +775,12 @@ __global__ void __launch_bounds__(PNT, REV ? 2 : 4) dn_prep_kernel(ck_args a) {
     constexpr int LQ = DKP + 8, LA = CC + 1;
     extern __shared__ float4 smem4[];
     bf16 *Qs = reinterpret_cast<bf16 *>(smem4), *Ks = Qs + CC * LQ;
-    float *As = reinterpret_cast<float *>(Ks + CC * LQ), *Gs = As + CC * LA, *Bs = Gs + CC, *Ps = Bs + CC;
+    float *As = reinterpret_cast<float *>(Ks + CC * LQ), *Gs = As + CC * LA, *Bs = Gs + CC, *Es = Bs + CC,
+          *Ps = Es + CC;
+    // the right-hand sides' rows, staged so that the substitutions' chains never wait on global
+    // memory: v (bf16, the forward's) or dout (fp32, the reverse pass's), [CC][dvp + 8]
+    char *ys = reinterpret_cast<char *>(Ps + CC * LA);
+    int LY = a.dvp + 8;
     int slot = blockIdx.x, s = slot / a.cps, c = slot % a.cps, h = blockIdx.y, kh = h / a.group, tid = threadIdx.x;
     int64_t start = a.seq_starts[s], len = a.seq_starts[s + 1] - start;
     if ((int64_t)c * CC >= len) return;
@@ -785,6 +790,30 @@ __global__ void __launch_bounds__(PNT, REV ? 2 : 4) dn_prep_kernel(ck_args a) {
     int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
 
     load_qk<DKP, LQ, LQ>(Qs, Ks, a.qkv, a.conv_dim, kcol, (int64_t)kh * a.dk, t0, n, a.dk, a.qk_vec);
+    if (!REV) {
+        bf16 *vs = reinterpret_cast<bf16 *>(ys);
+        const bf16 *vg = a.qkv + t0 * a.conv_dim + 2 * kcol + (int64_t)h * a.dv;
+        bool vec = a.qk_vec && a.dv % 8 == 0;
+        for (int e = tid; e < CC * (a.dvp / 8); e += PNT) {
+            int t = e / (a.dvp / 8), i = e % (a.dvp / 8) * 8;
+            bool ok = t < n && i < a.dv;
+            if (vec) cp_async16z(vs + t * LY + i, vg + (ok ? t * a.conv_dim + i : 0), ok);
+            else
+                for (int x = 0; x < 8; x++)
+                    vs[t * LY + i + x] = t < n && i + x < a.dv ? vg[t * a.conv_dim + i + x] : __float2bfloat16(0.0f);
+        }
+    } else {
+        float *dys = reinterpret_cast<float *>(ys);
+        const float *dog = a.dout + t0 * (int64_t)a.Hv * a.dv + (int64_t)h * a.dv;
+        int64_t vstride = (int64_t)a.Hv * a.dv;
+        for (int e = tid; e < CC * (a.dvp / 4); e += PNT) {
+            int t = e / (a.dvp / 4), i = e % (a.dvp / 4) * 4;
+            bool ok = t < n && i < a.dv;
+            if (a.y_vec) cp_async16z(dys + t * LY + i, dog + (ok ? t * vstride + i : 0), ok);
+            else
+                for (int x = 0; x < 4; x++) dys[t * LY + i + x] = t < n && i + x < a.dv ? dog[t * vstride + i + x] : 0.0f;
+        }
+    }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
     if (tid < CC) Gs[tid] = tid < n ? a.g[(t0 + tid) * a.Hv + h] : 0.0f;
     if (tid >= 32 && tid < 32 + CC) Bs[tid - 32] = tid - 32 < n ? a.beta[(t0 + tid - 32) * a.Hv + h] : 0.0f;
@@ -822,21 +851,20 @@ __global__ void __launch_bounds__(PNT, REV ? 2 : 4) dn_prep_kernel(ck_args a) {
         }
     }
     if (!REV && tid < CC) a.G[sb * CC + tid] = Gs[tid];
+    // the factors of K's rows: beta e^G (W) or e^(G_last - G) (Wr)
+    if (tid < CC) Es[tid] = tid >= n ? 0.0f : REV ? expf(Gs[n - 1] - Gs[tid]) : Bs[tid] * expf(Gs[tid]);
     __syncthreads();
     if (!REV) {
     // forward substitution, one column of [W | Ut] per thread, the column in registers
-    const bf16 *vrow = a.qkv + t0 * a.conv_dim + 2 * kcol + (int64_t)h * a.dv;
+    const bf16 *vs = reinterpret_cast<const bf16 *>(ys);
     for (int j = tid; j < DKP + a.dvp; j += PNT) {
         bool isk = j < DKP;
         int jv = j - DKP;
         float x[CC];
 #pragma unroll
         for (int t = 0; t < CC; t++) {
-            float b = 0;
-            if (t < n) {
-                if (isk) b = Bs[t] * expf(Gs[t]) * __bfloat162float(Ks[t * LQ + j]);
-                else if (jv < a.dv) b = Bs[t] * ld(vrow + t * a.conv_dim + jv);
-            }
+            // rows past n: Es and Bs are 0 there, v's rows zero
+            float b = isk ? Es[t] * __bfloat162float(Ks[t * LQ + j]) : Bs[t] * __bfloat162float(vs[t * LY + jv]);
 #pragma unroll
             for (int u = 0; u < t; u++) b = fmaf(-As[t * LA + u], x[u], b);
             x[t] = b;
@@ -853,21 +881,20 @@ __global__ void __launch_bounds__(PNT, REV ? 2 : 4) dn_prep_kernel(ck_args a) {
     }
     } else {
     // the reverse pass's: backward substitution with (I + A^T), one column of [Wr | DDt] per thread
+    const float *dys = reinterpret_cast<const float *>(ys);
     for (int j = tid; j < DKP + a.dvp; j += PNT) {
-        float glast = Gs[n - 1];
         bool isk = j < DKP;
         int jv = j - DKP;
         float x[CC];
         if (isk) {
 #pragma unroll
-            for (int t = 0; t < CC; t++) x[t] = t < n ? expf(glast - Gs[t]) * __bfloat162float(Ks[t * LQ + j]) : 0.0f;
-        } else {  // P^T do, a row of P at a time
-            const float *dy = a.dout + t0 * (int64_t)a.Hv * a.dv + (int64_t)h * a.dv + jv;
+            for (int t = 0; t < CC; t++) x[t] = Es[t] * __bfloat162float(Ks[t * LQ + j]);
+        } else {  // P^T do, a row of P at a time (dout's rows past n are zero)
 #pragma unroll
             for (int t = 0; t < CC; t++) x[t] = 0.0f;
 #pragma unroll
             for (int u = 0; u < CC; u++) {
-                float yu = u < n && jv < a.dv ? dy[(int64_t)u * a.Hv * a.dv] : 0.0f;
+                float yu = dys[u * LY + jv];
 #pragma unroll
                 for (int t = 0; t <= u; t++) x[t] = fmaf(Ps[u * LA + t], yu, x[t]);
             }
@@ -892,9 +919,10 @@ __global__ void __launch_bounds__(PNT, REV ? 2 : 4) dn_prep_kernel(ck_args a) {
     }
 }
 
+// the prep kernel's shared memory: q, k, A, G, beta, the K factors, P, and the staged rows
 template <int DKP>
-constexpr size_t prep_bytes() {
-    return 2 * 2 * CC * (DKP + 8) + 4 * (2 * CC * (CC + 1) + 2 * CC);
+size_t prep_bytes(int dvp, bool rev) {
+    return 2 * 2 * CC * (DKP + 8) + 4 * (2 * CC * (CC + 1) + 3 * CC) + (size_t)(rev ? 4 : 2) * CC * (dvp + 8);
 }
 
 // Shared-memory strides (elements), chosen so the fragment loads hit 32 distinct banks.
@@ -1441,17 +1469,14 @@ void ck_rev(const ck_args &a, int n_seqs) {
 
 template <int DKP>
 void ck_prep(const ck_args &a) {
-    static bool attr_set = false;
-    if (!attr_set) {
-        cudaFuncSetAttribute(dn_prep_kernel<DKP, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)prep_bytes<DKP>());
-        cudaFuncSetAttribute(dn_prep_kernel<DKP, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)prep_bytes<DKP>());
-        attr_set = true;
-    }
+    size_t fwd = prep_bytes<DKP>(a.dvp, false), rev = prep_bytes<DKP>(a.dvp, true);
+    cudaFuncSetAttribute(dn_prep_kernel<DKP, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fwd);
     dim3 grid((unsigned)a.n_slots, (unsigned)a.Hv);
-    dn_prep_kernel<DKP, false><<<grid, PNT, prep_bytes<DKP>(), cuda_stream()>>>(a);
-    if (a.Wr) dn_prep_kernel<DKP, true><<<grid, PNT, prep_bytes<DKP>(), cuda_stream()>>>(a);
+    dn_prep_kernel<DKP, false><<<grid, PNT, fwd, cuda_stream()>>>(a);
+    if (a.Wr) {
+        cudaFuncSetAttribute(dn_prep_kernel<DKP, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)rev);
+        dn_prep_kernel<DKP, true><<<grid, PNT, rev, cuda_stream()>>>(a);
+    }
 }
 
 template <int DKP, int MODE, bool X3>
