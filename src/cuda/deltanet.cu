@@ -811,7 +811,8 @@ __global__ void __launch_bounds__(PNT, REV ? 2 : 4) dn_prep_kernel(ck_args a) {
             bool ok = t < n && i < a.dv;
             if (a.y_vec) cp_async16z(dys + t * LY + i, dog + (ok ? t * vstride + i : 0), ok);
             else
-                for (int x = 0; x < 4; x++) dys[t * LY + i + x] = t < n && i + x < a.dv ? dog[t * vstride + i + x] : 0.0f;
+                for (int x = 0; x < 4; x++)
+                    dys[t * LY + i + x] = t < n && i + x < a.dv ? dog[t * vstride + i + x] : 0.0f;
         }
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
