@@ -17,6 +17,9 @@ cublasHandle_t cuda_cublas(void);
 
 typedef __nv_bfloat16 bf16;
 
+// The device's multiprocessors (asked once).
+int cuda_sm_count(void);
+
 // Row-major C[M, N] (+)= alpha op(A)[M, K] op(B)[K, N], batched with strides (elements), bf16 in,
 // fp32 accumulate, C of type ct; a failure is recorded as the error (linear.cu).
 void cuda_gemm(bool ta, bool tb, int M, int N, int K, float alpha, const void *A, long long lda, long long sA,

@@ -610,17 +610,23 @@ dn_args make_args(const dt_bf16 *qkv, const float *beta, const float *g, const i
 // products' inputs are rounded (to tf32, ~5e-4; q, k are bf16 and exact), the state stays fp32.
 
 constexpr int CC = 32;    // tokens per chunk
-constexpr int CWB = 32;   // value columns per chunk-kernel block
+constexpr int CWB = 32;   // value columns per walk block, at least (dvp is dv rounded up to it)
 constexpr int PNT = 256;  // threads of both kernels
 constexpr int CNW = PNT / 32;
-// A walk's warps: one 16 x 8 tile each of a [CC x CC] or [CC x CWB] product; NS tiles each of the
-// [DKP x CWB] state, rows (warp + CNW j) / NTC of column tile warp % NTC. (Blocks of 16 columns,
-// two to an SM, measured 5% slower: the walks are bound by instructions, not by latency.)
-constexpr int NTC = CWB / 8;
-static_assert(CC == 32 && CNW == 8 && 2 * NTC == CNW, "the walks' warp layout");
-template <int DKP>
+// A walk's warps, for blocks of CW value columns (NTC column tiles of 8): one 16 x 8 tile each of
+// a [CC x CC] product; DT tiles each of a [CC x CW] one (D, DD), rows (warp + CNW i) / NTC of
+// column tile warp % NTC; NS tiles each of the [DKP x CW] state, rows (warp + CNW j) / NTC of the
+// same column tile. Blocks of 32 columns, or of 64 where those would take more than one wave of
+// the SMs (4B: 256 blocks of 32 on 132 SMs): fewer blocks share the loads of W, q and k.
+// (Blocks of 16 columns, two to an SM, measured 5% slower: the walks are bound by instructions.)
+template <int CW>
+struct walk_warps {
+    static constexpr int NTC = CW / 8, DT = 2 * NTC / CNW;
+    static_assert(CC == 32 && CNW == 8 && DT >= 1 && 2 * NTC == DT * CNW && CNW % NTC == 0, "the walks' warps");
+};
+template <int DKP, int CW>
 __host__ __device__ constexpr int walk_state_tiles() {
-    return DKP / 16 * NTC / CNW;
+    return DKP / 16 * (CW / 8) / CNW;
 }
 template <typename K>
 static void walk_attributes(K kernel, size_t bytes) {
@@ -927,19 +933,19 @@ size_t prep_bytes(int dvp, bool rev) {
 }
 
 // Shared-memory strides (elements), chosen so the fragment loads hit 32 distinct banks.
-template <int DKP>
+template <int DKP, int CW>
 struct ck_layout {
-    static constexpr int LW = DKP + 4, LQ = DKP + 8, LK = DKP + 16, LP = CC + 4, LU = CWB + 8, LS = CWB + 8;
+    static constexpr int LW = DKP + 4, LQ = DKP + 8, LK = DKP + 16, LP = CC + 4, LU = CW + 8, LS = CW + 8;
     static constexpr size_t W = 0, Q = W + 2 * 4 * CC * LW, K = Q + 2 * 2 * CC * LQ, P = K + 2 * 2 * CC * LK,
                             U = P + 2 * 4 * CC * LP, G = U + 2 * 4 * CC * LU, B = G + 2 * 4 * CC, S = B + 2 * 4 * CC,
                             Uc = S + 4 * DKP * LS, Uk = Uc + 4 * CC * LU, Y = Uk + 4 * CC * LU,
                             M = Y + 2 * 4 * CC * LU, bytes_fwd = Y, bytes_bwd = M + 4 * CC * LP;
 };
 
-template <int DKP, int MODE, bool X3>
+template <int DKP, int MODE, bool X3, int CW>
 __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
-    using L = ck_layout<DKP>;
-    constexpr int NS = walk_state_tiles<DKP>();
+    using L = ck_layout<DKP, CW>;
+    constexpr int NS = walk_state_tiles<DKP, CW>(), NTC = walk_warps<CW>::NTC, DT = walk_warps<CW>::DT;
     extern __shared__ float4 smem4[];
     char *sm = reinterpret_cast<char *>(smem4);
     float *Wb = reinterpret_cast<float *>(sm + L::W), *Pb = reinterpret_cast<float *>(sm + L::P),
@@ -963,7 +969,7 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
         int buf = c & 1, slot = s * a.cps + c, n = (int)min((int64_t)CC, len - (int64_t)c * CC);
         size_t sb = (size_t)h * a.n_slots + slot;
         int64_t t0 = start + (int64_t)c * CC;
-        const float *Wg = a.W + sb * CC * DKP, *Pg = a.P + sb * CC * CC, *Ug = a.Ut + sb * CC * a.dvp + cb * CWB,
+        const float *Wg = a.W + sb * CC * DKP, *Pg = a.P + sb * CC * CC, *Ug = a.Ut + sb * CC * a.dvp + cb * CW,
                     *Gg = a.G + sb * CC;
         float *wd = Wb + buf * CC * L::LW, *pd = Pb + buf * CC * L::LP, *ud = Ub + buf * CC * L::LU,
               *gd = Gb + buf * CC;
@@ -977,8 +983,8 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
                 cp_async16(pd + t * L::LP + i, Pg + t * CC + i);
             }
         }
-        for (int e = tid; e < CC * CWB / 4; e += PNT) {
-            int t = e / (CWB / 4), i = (e % (CWB / 4)) * 4;
+        for (int e = tid; e < CC * CW / 4; e += PNT) {
+            int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
             cp_async16(ud + t * L::LU + i, Ug + t * a.dvp + i);
         }
         if (tid < CC / 4) cp_async16(gd + tid * 4, Gg + tid * 4);
@@ -987,15 +993,15 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
                                    a.dk, a.qk_vec);
         if (MODE != CK_FWD) {
             float *yd = Yb + buf * CC * L::LU;
-            const float *yg = a.y + t0 * vstride + (int64_t)h * a.dv + cb * CWB;
-            for (int e = tid; e < CC * CWB / 4; e += PNT) {
-                int t = e / (CWB / 4), i = (e % (CWB / 4)) * 4;
-                bool ok = t < n && cb * CWB + i < a.dv;
+            const float *yg = a.y + t0 * vstride + (int64_t)h * a.dv + cb * CW;
+            for (int e = tid; e < CC * CW / 4; e += PNT) {
+                int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
+                bool ok = t < n && cb * CW + i < a.dv;
                 if (a.y_vec) cp_async16z(yd + t * L::LU + i, yg + (ok ? t * vstride + i : 0), ok);
                 else
 #pragma unroll
                     for (int x = 0; x < 4; x++)
-                        yd[t * L::LU + i + x] = t < n && cb * CWB + i + x < a.dv ? yg[t * vstride + i + x] : 0.0f;
+                        yd[t * L::LU + i + x] = t < n && cb * CW + i + x < a.dv ? yg[t * vstride + i + x] : 0.0f;
             }
         }
         asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -1019,57 +1025,66 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
         const bf16 *qb = Qb + buf * CC * L::LQ, *kb = Kb + buf * CC * L::LK;
         float glast = gb[n - 1];
 
-        // D = Ut - W S0 (and Q S0 for the output) for this warp's 16 x 8 tile; two chains each
-        int mt = warp >> 2, nt = warp & 3;
-        float accU[2][4] = {}, accO[2][4] = {};
-        {
+        // D = Ut - W S0 (and Q S0 for the output) for this warp's DT tiles, all of column tile dn:
+        // S's fragment is split once for them; two chains each
+        int mt = warp >> 2, nt = warp & 3, dn = warp % NTC;
+        float accU[DT][2][4] = {}, accO[DT][2][4] = {};
 #pragma unroll 4
-            for (int k0 = 0; k0 < DKP; k0 += 8) {
-                int p = (k0 >> 3) & 1;
-                frag_b sf = split_b<X3>(Ss[(k0 + tq) * L::LS + nt * 8 + gq], Ss[(k0 + tq + 4) * L::LS + nt * 8 + gq]);
-                const float *w = wb + (mt * 16 + gq) * L::LW + k0 + tq;
-                mma_ss<X3>(accU[p], split_a<X3>(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4]), sf);
-                if (MODE == CK_FWD) {
-                    const bf16 *q = qb + (mt * 16 + gq) * L::LQ + k0 + tq;
-                    mma_es<X3>(accO[p], bf_bits(q), bf_bits(q + 8 * L::LQ), bf_bits(q + 4), bf_bits(q + 8 * L::LQ + 4),
-                               sf);
-                }
-            }
+        for (int k0 = 0; k0 < DKP; k0 += 8) {
+            int p = (k0 >> 3) & 1;
+            frag_b sf = split_b<X3>(Ss[(k0 + tq) * L::LS + dn * 8 + gq], Ss[(k0 + tq + 4) * L::LS + dn * 8 + gq]);
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int r = mt * 16 + gq + (e >> 1) * 8, col = nt * 8 + 2 * tq + (e & 1);
-                float d = r < n ? ub[r * L::LU + col] - (accU[0][e] + accU[1][e]) : 0.0f;
-                Uc[r * L::LU + col] = d;
-                Uk[r * L::LU + col] = r < n ? d * expf(glast - gb[r]) : 0.0f;
-                if (MODE == CK_FWD) accO[0][e] = (accO[0][e] + accO[1][e]) * expf(gb[r]);
-                if (MODE == CK_F1 && r < n && cb * CWB + col < a.dv) {
-                    // u = delta / beta feeds dk through beta u (0 either way) and dbeta, which reaches b
-                    // times beta (1 - beta): a beta that underflowed to 0 must give 0 here, not 0/0
-                    float bt = bb[r];
-                    a.u[(t0 + r) * vstride + (int64_t)h * a.dv + cb * CWB + col] = bt != 0.0f ? d / bt : 0.0f;
+            for (int i = 0; i < DT; i++) {
+                int r16 = (warp + CNW * i) / NTC * 16 + gq;
+                const float *w = wb + r16 * L::LW + k0 + tq;
+                mma_ss<X3>(accU[i][p], split_a<X3>(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4]), sf);
+                if (MODE == CK_FWD) {
+                    const bf16 *q = qb + r16 * L::LQ + k0 + tq;
+                    mma_es<X3>(accO[i][p], bf_bits(q), bf_bits(q + 8 * L::LQ), bf_bits(q + 4),
+                               bf_bits(q + 8 * L::LQ + 4), sf);
                 }
             }
         }
+#pragma unroll
+        for (int i = 0; i < DT; i++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = (warp + CNW * i) / NTC * 16 + gq + (e >> 1) * 8, col = dn * 8 + 2 * tq + (e & 1);
+                float d = r < n ? ub[r * L::LU + col] - (accU[i][0][e] + accU[i][1][e]) : 0.0f;
+                Uc[r * L::LU + col] = d;
+                Uk[r * L::LU + col] = r < n ? d * expf(glast - gb[r]) : 0.0f;
+                if (MODE == CK_FWD) accO[i][0][e] = (accO[i][0][e] + accO[i][1][e]) * expf(gb[r]);
+                if (MODE == CK_F1 && r < n && cb * CW + col < a.dv) {
+                    // u = delta / beta feeds dk through beta u (0 either way) and dbeta, which reaches b
+                    // times beta (1 - beta): a beta that underflowed to 0 must give 0 here, not 0/0
+                    float bt = bb[r];
+                    a.u[(t0 + r) * vstride + (int64_t)h * a.dv + cb * CW + col] = bt != 0.0f ? d / bt : 0.0f;
+                }
+            }
         __syncthreads();
 
         if (MODE == CK_FWD) {  // O = gamma Q S0 + P D, written out
 #pragma unroll
-            for (int k0 = 0; k0 < CC; k0 += 8) {
-                if (k0 >= mt * 16 + 16) break;  // P is lower triangular
-                const float *p = pb + (mt * 16 + gq) * L::LP + k0 + tq;
-                mma_ff<X3>(accO[0], p[0], p[8 * L::LP], p[4], p[8 * L::LP + 4], Uc[(k0 + tq) * L::LU + nt * 8 + gq],
-                           Uc[(k0 + tq + 4) * L::LU + nt * 8 + gq]);
-            }
+            for (int i = 0; i < DT; i++) {
+                int m16 = (warp + CNW * i) / NTC * 16;
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int r = mt * 16 + gq + (e >> 1) * 8, col = cb * CWB + nt * 8 + 2 * tq + (e & 1);
-                if (r < n && col < a.dv) st(a.o + (t0 + r) * vstride + (int64_t)h * a.dv + col, accO[0][e]);
+                for (int k0 = 0; k0 < CC; k0 += 8) {
+                    if (k0 >= m16 + 16) break;  // P is lower triangular
+                    const float *p = pb + (m16 + gq) * L::LP + k0 + tq;
+                    mma_ff<X3>(accO[i][0], p[0], p[8 * L::LP], p[4], p[8 * L::LP + 4],
+                               Uc[(k0 + tq) * L::LU + dn * 8 + gq], Uc[(k0 + tq + 4) * L::LU + dn * 8 + gq]);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int r = m16 + gq + (e >> 1) * 8, col = cb * CW + dn * 8 + 2 * tq + (e & 1);
+                    if (r < n && col < a.dv) st(a.o + (t0 + r) * vstride + (int64_t)h * a.dv + col, accO[i][0][e]);
+                }
             }
         } else {
             // M = mask * decay * (Y D^T), this warp's 16 x 8 tile of [CC x CC]
             float accM[4] = {0, 0, 0, 0};
 #pragma unroll
-            for (int k0 = 0; k0 < CWB; k0 += 8) {
+            for (int k0 = 0; k0 < CW; k0 += 8) {
                 const float *y = yb + (mt * 16 + gq) * L::LU + k0 + tq, *d = Uc + (nt * 8 + gq) * L::LU + k0 + tq;
                 mma_ff<X3>(accM, y[0], y[8 * L::LU], y[4], y[8 * L::LU + 4], d[0], d[4]);
             }
@@ -1086,7 +1101,7 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
             float *xdst = a.dqkv + (MODE == CK_F1 ? 0 : kcol) + hcol;
             float x1[2][NX][4] = {}, x2[2][NX][4] = {};
 #pragma unroll
-            for (int k0 = 0; k0 < CWB; k0 += 8) {
+            for (int k0 = 0; k0 < CW; k0 += 8) {
                 frag_a ya[2];
 #pragma unroll
                 for (int m = 0; m < 2; m++) {
@@ -1197,9 +1212,9 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
 //     M1[t][s] = e^{G_s - G_t} (delta_t . do_s) (s >= t), M2[t][s] = e^{G_s - G_t} beta_s (delta_t . dd_s) (s > t),
 //   R0 for the previous chunk = gamma_last R0 + Q^T diag(gamma) DO - K^T diag(beta gamma) DD.
 // dd and the state in 3xTF32 (dg sums v . dv), dk1 (M1, M2 and its products) in tf32 unless XK.
-template <int DKP>
+template <int DKP, int CW>
 struct rv_layout {
-    static constexpr int LW = DKP + 4, LQ = DKP + 8, LK = DKP + 16, LP = CC + 4, LU = CWB + 8, LS = CWB + 8;
+    static constexpr int LW = DKP + 4, LQ = DKP + 8, LK = DKP + 16, LP = CC + 4, LU = CW + 8, LS = CW + 8;
     static constexpr size_t W = 0, Q = W + 2 * 4 * CC * LW, K = Q + 2 * 2 * CC * LQ, D = K + 2 * 2 * CC * LK,
                             G = D + 2 * 4 * CC * LU, B = G + 2 * 4 * CC, DO = B + 2 * 4 * CC, U = DO + 2 * 4 * CC * LU,
                             R = U + 2 * 4 * CC * LU, Ds = R + 4 * DKP * LS, DDs = Ds + 4 * CC * LU,
@@ -1209,12 +1224,12 @@ struct rv_layout {
     static constexpr size_t bytes = M + (M_IN_W ? 0 : 2 * 4 * CC * LP);
 };
 
-// [CC][CWB] columns cb * CWB.. of an fp32 [N, Hv, dv] array into dst (stride LU), zero past n / dv
-template <int LU>
+// [CC][CW] columns col0.. of an fp32 [N, Hv, dv] array into dst (stride LU), zero past n / dv
+template <int LU, int CW>
 static __device__ __forceinline__ void load_cols(float *dst, const float *src, int64_t vstride, int n, int col0, int dv,
                                                  bool vec) {
-    for (int e = threadIdx.x; e < CC * CWB / 4; e += PNT) {
-        int t = e / (CWB / 4), i = (e % (CWB / 4)) * 4;
+    for (int e = threadIdx.x; e < CC * CW / 4; e += PNT) {
+        int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
         bool ok = t < n && col0 + i < dv;
         if (vec) cp_async16z(dst + t * LU + i, src + (ok ? t * vstride + i : 0), ok);
         else
@@ -1223,10 +1238,11 @@ static __device__ __forceinline__ void load_cols(float *dst, const float *src, i
     }
 }
 
-template <int DKP, bool XK, bool X3>
+template <int DKP, bool XK, int CW>
 __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
-    using L = rv_layout<DKP>;
-    constexpr int NS = walk_state_tiles<DKP>();
+    using L = rv_layout<DKP, CW>;
+    constexpr bool X3 = true;
+    constexpr int NS = walk_state_tiles<DKP, CW>(), NTC = walk_warps<CW>::NTC, DT = walk_warps<CW>::DT;
     extern __shared__ float4 smem4[];
     char *sm = reinterpret_cast<char *>(smem4);
     float *Wb = reinterpret_cast<float *>(sm + L::W), *Db = reinterpret_cast<float *>(sm + L::D),
@@ -1250,14 +1266,14 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
         int buf = c & 1, slot = s * a.cps + c, n = (int)min((int64_t)CC, len - (int64_t)c * CC);
         size_t sb = (size_t)h * a.n_slots + slot;
         int64_t t0 = start + (int64_t)c * CC;
-        const float *Wg = a.Wr + sb * CC * DKP, *Dg = a.DDt + sb * CC * a.dvp + cb * CWB, *Gg = a.G + sb * CC;
+        const float *Wg = a.Wr + sb * CC * DKP, *Dg = a.DDt + sb * CC * a.dvp + cb * CW, *Gg = a.G + sb * CC;
         float *wd = Wb + buf * CC * L::LW, *dd = Db + buf * CC * L::LU;
         for (int e = tid; e < CC * DKP / 4; e += PNT) {
             int t = e / (DKP / 4), i = (e % (DKP / 4)) * 4;
             cp_async16(wd + t * L::LW + i, Wg + t * DKP + i);
         }
-        for (int e = tid; e < CC * CWB / 4; e += PNT) {
-            int t = e / (CWB / 4), i = (e % (CWB / 4)) * 4;
+        for (int e = tid; e < CC * CW / 4; e += PNT) {
+            int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
             cp_async16(dd + t * L::LU + i, Dg + t * a.dvp + i);
         }
         if (tid < CC / 4) cp_async16(Gb + buf * CC + tid * 4, Gg + tid * 4);
@@ -1265,9 +1281,9 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
         load_qk<DKP, L::LQ, L::LK>(Qb + buf * CC * L::LQ, Kb + buf * CC * L::LK, a.qkv, a.conv_dim, kcol, hcol, t0, n,
                                    a.dk, a.qk_vec);
 
-        int64_t vo = t0 * vstride + (int64_t)h * a.dv + cb * CWB;
-        load_cols<L::LU>(DOb + buf * CC * L::LU, a.dout + vo, vstride, n, cb * CWB, a.dv, a.y_vec);
-        load_cols<L::LU>(Ub + buf * CC * L::LU, a.u + vo, vstride, n, cb * CWB, a.dv, a.y_vec);
+        int64_t vo = t0 * vstride + (int64_t)h * a.dv + cb * CW;
+        load_cols<L::LU, CW>(DOb + buf * CC * L::LU, a.dout + vo, vstride, n, cb * CW, a.dv, a.y_vec);
+        load_cols<L::LU, CW>(Ub + buf * CC * L::LU, a.u + vo, vstride, n, cb * CW, a.dv, a.y_vec);
         asm volatile("cp.async.commit_group;\n" ::: "memory");
     };
 
@@ -1290,22 +1306,29 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
         float *M1 = L::M_IN_W ? Wb + buf * CC * L::LW : reinterpret_cast<float *>(sm + L::M), *M2 = M1 + CC * L::LP;
         float glast = gb[n - 1];
 
-        // DD = DDt + Wr R0 (this warp's 16 x 8 tile), and what follows from dd per token
-        int mt = warp >> 2, nt = warp & 3;
-        {
-            float acc[2][4] = {};
+        // DD = DDt + Wr R0 (this warp's DT tiles, all of column tile dn, as D in dn_chunk_kernel),
+        // and what follows from dd per token
+        int mt = warp >> 2, nt = warp & 3, dn = warp % NTC;
+        float acc[DT][2][4] = {};
 #pragma unroll 4
-            for (int k0 = 0; k0 < DKP; k0 += 8) {
-                const float *w = wb + (mt * 16 + gq) * L::LW + k0 + tq;
-                mma_ff<X3>(acc[(k0 >> 3) & 1], w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4],
-                           Rs[(k0 + tq) * L::LS + nt * 8 + gq], Rs[(k0 + tq + 4) * L::LS + nt * 8 + gq]);
+        for (int k0 = 0; k0 < DKP; k0 += 8) {
+            frag_b rf = split_b<X3>(Rs[(k0 + tq) * L::LS + dn * 8 + gq], Rs[(k0 + tq + 4) * L::LS + dn * 8 + gq]);
+#pragma unroll
+            for (int i = 0; i < DT; i++) {
+                const float *w = wb + ((warp + CNW * i) / NTC * 16 + gq) * L::LW + k0 + tq;
+                mma_ss<X3>(acc[i][(k0 >> 3) & 1], split_a<X3>(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4]), rf);
             }
+        }
+#pragma unroll
+        for (int i = 0; i < DT; i++) {
+            int m16 = (warp + CNW * i) / NTC * 16;
             float pb[2] = {0, 0}, pg[2] = {0, 0};
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int r = mt * 16 + gq + (e >> 1) * 8, col = nt * 8 + 2 * tq + (e & 1), cg = cb * CWB + col;
+                int r = m16 + gq + (e >> 1) * 8, col = dn * 8 + 2 * tq + (e & 1), cg = cb * CW + col;
                 bool ok = r < n && cg < a.dv;
-                float d = ok ? db[r * L::LU + col] + acc[0][e] + acc[1][e] : 0.0f, be = bb[r], u = ub[r * L::LU + col];
+                float d = ok ? db[r * L::LU + col] + acc[i][0][e] + acc[i][1][e] : 0.0f, be = bb[r],
+                      u = ub[r * L::LU + col];
                 if (ok) {
                     float v = ld(a.qkv + (t0 + r) * a.conv_dim + 2 * kcol + (int64_t)h * a.dv + cg);
                     a.dqkv[(t0 + r) * a.conv_dim + 2 * kcol + (int64_t)h * a.dv + cg] = be * d;
@@ -1326,7 +1349,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
                 y += __shfl_xor_sync(0xffffffffu, y, 1);
                 x += __shfl_xor_sync(0xffffffffu, x, 2);
                 y += __shfl_xor_sync(0xffffffffu, y, 2);
-                int r = mt * 16 + gq + hf * 8;
+                int r = m16 + gq + hf * 8;
                 if (tq == 0 && r < n) {
                     atomicAdd(a.dbeta + (t0 + r) * a.Hv + h, x);
                     atomicAdd(a.dg + (t0 + r) * a.Hv + h, y);
@@ -1339,7 +1362,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
         {
             float m1[4] = {0, 0, 0, 0}, m2[4] = {0, 0, 0, 0};
 #pragma unroll
-            for (int k0 = 0; k0 < CWB; k0 += 8) {
+            for (int k0 = 0; k0 < CW; k0 += 8) {
                 const float *x = Ds + (mt * 16 + gq) * L::LU + k0 + tq, *y1 = dob + (nt * 8 + gq) * L::LU + k0 + tq,
                             *y2 = DDs + (nt * 8 + gq) * L::LU + k0 + tq;
                 frag_a xf = split_a<XK>(x[0], x[8 * L::LU], x[4], x[8 * L::LU + 4]);
@@ -1363,7 +1386,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
             float *xdst = a.dqkv + kcol + hcol;
             float x1[2][NX][4] = {}, x2[2][NX][4] = {};
 #pragma unroll
-            for (int k0 = 0; k0 < CWB; k0 += 8) {
+            for (int k0 = 0; k0 < CW; k0 += 8) {
                 frag_a da[2];
 #pragma unroll
                 for (int m = 0; m < 2; m++) {
@@ -1456,16 +1479,16 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
     }
 }
 
-template <int DKP, bool XK, bool X3>
+template <int DKP, bool XK, int CW>
 void ck_rev(const ck_args &a, int n_seqs) {
-    using L = rv_layout<DKP>;
+    using L = rv_layout<DKP, CW>;
     static bool attr_set = false;
     if (!attr_set) {
-        walk_attributes(dn_rev_kernel<DKP, XK, X3>, L::bytes);
+        walk_attributes(dn_rev_kernel<DKP, XK, CW>, L::bytes);
         attr_set = true;
     }
-    dim3 grid((unsigned)(n_seqs * a.Hv), (unsigned)(a.dvp / CWB));
-    dn_rev_kernel<DKP, XK, X3><<<grid, PNT, L::bytes, cuda_stream()>>>(a);
+    dim3 grid((unsigned)(n_seqs * a.Hv), (unsigned)(a.dvp / CW));
+    dn_rev_kernel<DKP, XK, CW><<<grid, PNT, L::bytes, cuda_stream()>>>(a);
 }
 
 template <int DKP>
@@ -1480,23 +1503,43 @@ void ck_prep(const ck_args &a) {
     }
 }
 
-template <int DKP, int MODE, bool X3>
+template <int DKP, int MODE, bool X3, int CW>
 void ck_walk(const ck_args &a, int n_seqs) {
-    using L = ck_layout<DKP>;
+    using L = ck_layout<DKP, CW>;
     size_t bytes = MODE == CK_FWD ? L::bytes_fwd : L::bytes_bwd;
     static bool attr_set = false;
     if (!attr_set) {
-        walk_attributes(dn_chunk_kernel<DKP, MODE, X3>, bytes);
+        walk_attributes(dn_chunk_kernel<DKP, MODE, X3, CW>, bytes);
         attr_set = true;
     }
-    dn_chunk_kernel<DKP, MODE, X3><<<dim3((unsigned)(n_seqs * a.Hv), (unsigned)(a.dvp / CWB)), PNT, bytes, cuda_stream()>>>(a);
+    dim3 grid((unsigned)(n_seqs * a.Hv), (unsigned)(a.dvp / CW));
+    dn_chunk_kernel<DKP, MODE, X3, CW><<<grid, PNT, bytes, cuda_stream()>>>(a);
+}
+
+// Value columns per walk block: 64 where blocks of 32 would take more than one wave of the SMs,
+// for the models' dk (128) and a dv that 64 divides (dvp stays dv); DT_DELTANET_CW=32|64 forces
+// it (the tests run both).
+static int walk_cols(const ck_args &a, int n_seqs) {
+    if (a.dkp != 128 || a.dv % 64 != 0) return 32;
+    const char *e = getenv("DT_DELTANET_CW");
+    if (e && *e) return atoi(e) == 64 ? 64 : 32;
+    return (int64_t)n_seqs * a.Hv * (a.dvp / 32) > cuda_sm_count() ? 64 : 32;
 }
 
 template <int MODE, bool X3>
 void ck_walk_any(const ck_args &a, int n_seqs) {
-    if (a.dkp == 64) ck_walk<64, MODE, X3>(a, n_seqs);
-    else if (a.dkp == 128) ck_walk<128, MODE, X3>(a, n_seqs);
-    else ck_walk<256, MODE, X3>(a, n_seqs);
+    if (a.dkp == 64) ck_walk<64, MODE, X3, 32>(a, n_seqs);
+    else if (a.dkp == 256) ck_walk<256, MODE, X3, 32>(a, n_seqs);
+    else if (walk_cols(a, n_seqs) == 64) ck_walk<128, MODE, X3, 64>(a, n_seqs);
+    else ck_walk<128, MODE, X3, 32>(a, n_seqs);
+}
+
+// the reverse pass (dk <= 128)
+template <bool XK>
+void ck_rev_any(const ck_args &a, int n_seqs) {
+    if (a.dkp == 64) ck_rev<64, XK, 32>(a, n_seqs);
+    else if (walk_cols(a, n_seqs) == 64) ck_rev<128, XK, 64>(a, n_seqs);
+    else ck_rev<128, XK, 32>(a, n_seqs);
 }
 
 void ck_prep_any(const ck_args &a) {
@@ -1563,10 +1606,6 @@ static bool r_recurrent() {
 
 // DT_DELTANET_PREC=x3: the products that feed dk alone (F2, and R's dk1) in 3xTF32 too, as
 // those that feed dg always are; by default single tf32 (dk's error ~1e-5 of its largest).
-static bool prec_x1() {  // EXPERIMENT: everything in single tf32
-    const char *e = getenv("DT_DELTANET_PREC");
-    return e && strcmp(e, "x1") == 0;
-}
 static bool prec_x3() {
     const char *e = getenv("DT_DELTANET_PREC");
     return e && strcmp(e, "x3") == 0;
@@ -1659,14 +1698,12 @@ extern "C" void deltanet_backward_cuda(float *dqkv, float *dbeta, float *dg, con
         cuda_prof_pop();
         cuda_prof_push("deltanet_bwd_f1");
         c.y = dout;
-        if (prec_x1()) ck_walk_any<CK_F1, false>(c, n_seqs);
-        else ck_walk_any<CK_F1, true>(c, n_seqs);
+        ck_walk_any<CK_F1, true>(c, n_seqs);
         cuda_prof_pop();
         cuda_prof_push("deltanet_bwd_r");
         if (!rev) launch<K_R>(a, n_seqs);
-        else if (prec_x1()) c.dkp == 64 ? ck_rev<64, false, false>(c, n_seqs) : ck_rev<128, false, false>(c, n_seqs);
-        else if (c.dkp == 64) prec_x3() ? ck_rev<64, true, true>(c, n_seqs) : ck_rev<64, false, true>(c, n_seqs);
-        else prec_x3() ? ck_rev<128, true, true>(c, n_seqs) : ck_rev<128, false, true>(c, n_seqs);
+        else if (prec_x3()) ck_rev_any<true>(c, n_seqs);
+        else ck_rev_any<false>(c, n_seqs);
         cuda_prof_pop();
         cuda_prof_push("deltanet_bwd_f2");
         c.y = a.dkv;

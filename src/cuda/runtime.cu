@@ -19,6 +19,17 @@ static bool ready;
 cudaStream_t cuda_stream(void) { return stream; }
 cublasHandle_t cuda_cublas(void) { return cublas; }
 
+int cuda_sm_count(void) {
+    static int n;
+    if (n <= 0) {
+        int dev = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
+            n = 1;
+    }
+    return n;
+}
+
 extern "C" int cuda_device_count(void) {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {

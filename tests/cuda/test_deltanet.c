@@ -1,8 +1,9 @@
 /* The Gated DeltaNet ops of src/cuda/deltanet.cu against the CPU ops (src/ops/deltanet.c,
  * src/ops/norm.c): the q/k L2 norm, the gates, and the gated delta rule over packed
  * sequences, forward and backward, by the default (chunked) path and by the selectable
- * others (DT_DELTANET=recurrent, DT_DELTANET_R=recurrent, DT_DELTANET_PREC=x3).
- * DT_CUDA_TIMING=1 also times each at the Qwen3.5-0.8B sizes (2 x 2048 tokens, 16 heads of 128). */
+ * others (DT_DELTANET=recurrent, DT_DELTANET_R=recurrent, DT_DELTANET_PREC=x3, DT_DELTANET_CW=64).
+ * DT_CUDA_TIMING=1 also times each at the Qwen3.5-0.8B and 4B sizes (2 x 2048 tokens, 16 or 32 value
+ * heads of 128). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -126,10 +127,12 @@ static void test_recurrence(const int *lens, int n_seqs, int Hk, int Hv, int dk,
         starts[s + 1] = (int32_t)N;
         if (lens[s] > max_len) max_len = lens[s];
     }
-    char tag[96], name[160];
-    const char *m1 = getenv("DT_DELTANET"), *m2 = getenv("DT_DELTANET_R"), *m3 = getenv("DT_DELTANET_PREC");
-    snprintf(tag, sizeof tag, "N%lld/%dseq Hk%d Hv%d dk%d dv%d%s%s%s%s%s%s", (long long)N, n_seqs, Hk, Hv, dk, dv,
-             m1 ? " " : "", m1 ? m1 : "", m2 ? " R=" : "", m2 ? m2 : "", m3 ? " prec=" : "", m3 ? m3 : "");
+    char tag[128], name[192];
+    const char *m1 = getenv("DT_DELTANET"), *m2 = getenv("DT_DELTANET_R"), *m3 = getenv("DT_DELTANET_PREC"),
+               *m4 = getenv("DT_DELTANET_CW");
+    snprintf(tag, sizeof tag, "N%lld/%dseq Hk%d Hv%d dk%d dv%d%s%s%s%s%s%s%s%s", (long long)N, n_seqs, Hk, Hv, dk, dv,
+             m1 ? " " : "", m1 ? m1 : "", m2 ? " R=" : "", m2 ? m2 : "", m3 ? " prec=" : "", m3 ? m3 : "",
+             m4 ? " cw=" : "", m4 ? m4 : "");
 
     /* realistic inputs: q, k L2-normalised (q scaled), v free; beta in (0, 1); g < 0 with
      * a few very strong decays (e^g underflows toward 0) */
@@ -247,18 +250,20 @@ void cuda_tests_deltanet(void) {
     static const int two[] = {2048, 2048}, ragged[] = {1, 63, 130}, odd[] = {5, 17, 40}, big_k[] = {300, 77},
                      one[] = {129};
     test_recurrence(two, 2, 16, 16, 128, 128, timing);  /* Qwen3.5-0.8B */
+    test_recurrence(two, 2, 16, 32, 128, 128, timing);  /* Qwen3.5-4B: walk blocks of 64 columns */
     test_recurrence(ragged, 3, 8, 16, 128, 128, 0);     /* Hv = 2 Hk */
     test_recurrence(odd, 3, 2, 4, 18, 10, 0);           /* odd sizes: unaligned rows, padded columns */
     test_recurrence(big_k, 2, 1, 2, 256, 64, 0);        /* dk 256 */
     test_recurrence(one, 1, 3, 3, 64, 200, 0);          /* several column blocks, the last partial */
     static const int chunky[] = {32, 31, 33, 64, 95, 1000};
     test_recurrence(chunky, 6, 4, 8, 128, 96, 0);        /* chunk edges of the chunked form */
-    /* the slower paths stay selectable, so they stay tested: the recurrent kernels
+    /* the other paths stay selectable, so they stay tested: the recurrent kernels
      * (DT_DELTANET=recurrent), the chunked backward with the recurrent reverse pass
-     * (DT_DELTANET_R=recurrent), dk's products in 3xTF32 (DT_DELTANET_PREC=x3) */
-    static const char *vars[] = {"DT_DELTANET", "DT_DELTANET_R", "DT_DELTANET_PREC"};
-    static const char *vals[] = {"recurrent", "recurrent", "x3"};
-    for (int k = 0; k < 3; k++) {
+     * (DT_DELTANET_R=recurrent), dk's products in 3xTF32 (DT_DELTANET_PREC=x3), walk blocks of
+     * 64 value columns where 32 would be chosen (DT_DELTANET_CW=64) */
+    static const char *vars[] = {"DT_DELTANET", "DT_DELTANET_R", "DT_DELTANET_PREC", "DT_DELTANET_CW"};
+    static const char *vals[] = {"recurrent", "recurrent", "x3", "64"};
+    for (int k = 0; k < 4; k++) {
         const char *prev = getenv(vars[k]);
         char *saved = prev ? strdup(prev) : NULL;
         setenv(vars[k], vals[k], 1);
