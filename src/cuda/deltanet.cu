@@ -1,5 +1,5 @@
 // The Gated DeltaNet on the GPU: the q/k L2 norm, the gates, and the gated delta rule
-// (qwen35.mt §2.2, §3.2, §3.3; CPU reference src/ops/deltanet.c, src/ops/norm.c).
+// (qwen35.md §2.2, §3.2, §3.3; CPU reference src/ops/deltanet.c, src/ops/norm.c).
 //
 // Two implementations of the recurrence. By default the chunked form (below, "the chunked
 // form"): tensor-core products over chunks of 32 tokens, for the forward and all three
