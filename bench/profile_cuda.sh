@@ -22,7 +22,8 @@ command -v ncu >/dev/null || { echo "profile-cuda: ncu (Nsight Compute) is not o
 
 model="$out/qwen35-$preset-bf16-text"
 if [[ ! -f "$model/model.safetensors" ]]; then
-  "$dt" init-model --preset "$preset" --out "$model" --seed 1 --dtype bf16 --layout text --force 2>/dev/null
+  "$dt" init-model --preset "$preset" --out "$model" --seed 1 --dtype bf16 --layout text --force 2>"$out/profile-$preset.err" \
+      || { echo "profile-cuda: init-model --preset $preset failed: $(tail -n 1 "$out/profile-$preset.err")" >&2; exit 1; }
 fi
 vocab=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c.get("text_config", c)["vocab_size"])' \
         "$model/config.json")
@@ -32,7 +33,9 @@ train=("$dt" train --device cuda --model "$model" --data "$data" --out "$out/pro
        --grad-accum 1 --steps 1 --max-seq-len 2048 --no-shuffle)
 
 csv="$out/profile-$preset.csv"
-ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw "${train[@]}" >"$csv" 2>"$out/profile-$preset.err"
+ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw "${train[@]}" >"$csv" 2>"$out/profile-$preset.err" \
+    && grep -q '"Kernel Name"' "$csv" \
+    || { echo "profile-cuda: the profiled step failed or recorded no kernels; see $out/profile-$preset.err" >&2; exit 1; }
 python3 - "$csv" "$preset" <<'PY'
 import collections, csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
