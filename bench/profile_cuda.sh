@@ -23,7 +23,7 @@ command -v ncu >/dev/null || { echo "profile-cuda: ncu (Nsight Compute) is not o
 model="$out/qwen35-$preset-bf16-text"
 if [[ ! -f "$model/model.safetensors" ]]; then
   "$dt" init-model --preset "$preset" --out "$model" --seed 1 --dtype bf16 --layout text --force 2>"$out/profile-$preset.err" \
-      || { echo "profile-cuda: init-model --preset $preset failed: $(tail -n 1 "$out/profile-$preset.err")" >&2; exit 1; }
+      || { echo "profile-cuda: init-model --preset $preset failed: $(head -n 1 "$out/profile-$preset.err")" >&2; exit 1; }
 fi
 vocab=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c.get("text_config", c)["vocab_size"])' \
         "$model/config.json")
