@@ -13,6 +13,8 @@
 // dK, dV (sums over the group's heads) are one GEMM with the reduction over G mq rows. Groups
 // batch with a stride of hd through K and V's rows.
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "cuda/cuda_internal.h"
 #include "cuda/reduce.cuh"
@@ -158,6 +160,222 @@ int longest(const int *seq_lens, int n_seqs) {
     return ml;
 }
 
+// ---------------------------------------------------------------- the fused forward
+//
+// For head dims of 64, 128 and 256 (Qwen3.5's is 256) the forward is one kernel, in the manner
+// of FlashAttention-2: a block of 4 warps owns 64 query rows of one head (16 a warp), walks the
+// key tiles of 64 up to the diagonal with the scores and probabilities in registers (bf16
+// mma.sync, fp32 accumulation), and keeps a running max and sum per row, so no score reaches
+// memory. q, k and v tiles come into shared memory by cp.async (V's tile loading while QK^T is
+// computed, the next K's while PV is), rows XOR-swizzled in 16-byte chunks so that ldmatrix reads
+// no bank twice. Other head dims take the cuBLAS path above.
+
+const int kFT = 64;  // query rows and key rows per tile
+
+__device__ __forceinline__ void cp16z(void *smem, const void *gmem, bool ok) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t *r, const void *smem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const void *smem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+// c += a b: one m16n8k16 tile, bf16 in, fp32 accumulate
+__device__ __forceinline__ void mma_bf16(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// Element offset of 16-byte chunk c of row r in a [rows][HD] bf16 tile, swizzled.
+template <int HD>
+__device__ __forceinline__ int swz(int r, int c) {
+    return r * HD + ((c ^ (r & 7)) << 3);
+}
+
+// rows [row0, row0 + kFT) of src (leading dimension ld, from column col) into a tile, rows at
+// or past n zero
+template <int HD>
+__device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *src, long long ld, int row0, int n) {
+    const int CPR = HD / 8;
+    for (int x = threadIdx.x; x < kFT * CPR; x += 128) {
+        int r = x / CPR, c = x % CPR;
+        bool ok = row0 + r < n;
+        cp16z(dst + swz<HD>(r, c), src + (ok ? (long long)(row0 + r) * ld + c * 8 : 0), ok);
+    }
+}
+
+const int kMaxSeqs = 64;  // sequences per launch
+struct seq_table {
+    int start[kMaxSeqs], len[kMaxSeqs];
+};
+
+template <int HD>
+__global__ void __launch_bounds__(128, HD >= 128 ? 2 : 3)
+    flash_fwd_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, seq_table seqs, int nh,
+                     int nkv, int n_tiles, float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + kFT * HD, *Vs = Ks + kFT * HD;
+    int sh = blockIdx.x, s = sh / nh, h = sh % nh;
+    int qt = n_tiles - 1 - blockIdx.y;  // the longest rows first
+    int len = seqs.len[s], i0 = qt * kFT;
+    if (i0 >= len) return;
+    long long start = seqs.start[s], qld = (long long)nh * HD, kvld = (long long)nkv * HD;
+    int kvh = h / (nh / nkv);
+    const bf16 *qh = q + start * qld + h * HD, *kh = k + start * kvld + kvh * HD, *vh = v + start * kvld + kvh * HD;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units: exp2 is one instruction
+
+    load_tile<HD>(Qs, qh, qld, i0, len);
+    load_tile<HD>(Ks, kh, kvld, 0, len);
+    cp_commit();
+
+    float o[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g + 8: max, partial sum
+    int qrow = warp * 16;                                     // the warp's rows in the tile
+    int row0 = i0 + qrow + g, row1 = row0 + 8;
+
+    for (int j = 0; j <= qt; j++) {
+        cp_wait_all();
+        __syncthreads();  // K_j (and Q) in; every warp done with V_{j-1}
+        load_tile<HD>(Vs, vh, kvld, j * kFT, len);
+        cp_commit();
+
+        float sc[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            uint32_t a[4];
+            ldsm_x4(a, Qs + swz<HD>(qrow + (lane & 15), 2 * kk + (lane >> 4)));
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                uint32_t b[4];
+                ldsm_x4(b, Ks + swz<HD>(16 * p + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
+                mma_bf16(sc[2 * p], a, b[0], b[1]);
+                mma_bf16(sc[2 * p + 1], a, b[2], b[3]);
+            }
+        }
+        // scale, mask the diagonal tile's upper triangle, the running max and sum per row
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            int key = j * kFT + 8 * n + 2 * t;
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                sc[n][e] = key + e <= row0 ? sc[n][e] * sl2 : -INFINITY;
+                sc[n][2 + e] = key + e <= row1 ? sc[n][2 + e] * sl2 : -INFINITY;
+                mx0 = fmaxf(mx0, sc[n][e]);
+                mx1 = fmaxf(mx1, sc[n][2 + e]);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        // the first tile (key 0) leaves every row's max finite
+        float al0 = exp2f(m0 - mx0), al1 = exp2f(m1 - mx1);
+        m0 = mx0, m1 = mx1;
+        l0 *= al0, l1 *= al1;
+        uint32_t pa[4][4];  // P as the A fragments of the PV product, k-step by k-step
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            float p0 = exp2f(sc[n][0] - m0), p1 = exp2f(sc[n][1] - m0);
+            float p2 = exp2f(sc[n][2] - m1), p3 = exp2f(sc[n][3] - m1);
+            l0 += p0 + p1;
+            l1 += p2 + p3;
+            pa[n >> 1][(n & 1) * 2] = pack_bf16(p0, p1);
+            pa[n >> 1][(n & 1) * 2 + 1] = pack_bf16(p2, p3);
+        }
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) o[n][0] *= al0, o[n][1] *= al0, o[n][2] *= al1, o[n][3] *= al1;
+
+        cp_wait_all();
+        __syncthreads();  // V_j in; every warp done with K_j
+        if (j < qt) load_tile<HD>(Ks, kh, kvld, (j + 1) * kFT, len);
+        cp_commit();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+#pragma unroll
+            for (int p = 0; p < HD / 16; p++) {
+                uint32_t b[4];
+                ldsm_x4_t(b, Vs + swz<HD>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * p + (lane >> 4)));
+                mma_bf16(o[2 * p], pa[kk], b[0], b[1]);
+                mma_bf16(o[2 * p + 1], pa[kk], b[2], b[3]);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    float r0 = 1.f / l0, r1 = 1.f / l1;
+    bf16 *o0 = out + (start + row0) * qld + h * HD, *o1 = out + (start + row1) * qld + h * HD;
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+        int c = 8 * n + 2 * t;
+        if (row0 < len) *(uint32_t *)(o0 + c) = pack_bf16(o[n][0] * r0, o[n][1] * r0);
+        if (row1 < len) *(uint32_t *)(o1 + c) = pack_bf16(o[n][2] * r1, o[n][3] * r1);
+    }
+    if (t == 0) {
+        const float ln2 = 0.6931471805599453f;
+        if (row0 < len) lse[(start + row0) * nh + h] = (m0 + __log2f(l0)) * ln2;
+        if (row1 < len) lse[(start + row1) * nh + h] = (m1 + __log2f(l1)) * ln2;
+    }
+}
+
+template <int HD>
+void flash_forward(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int *seq_starts,
+                   const int *seq_lens, int n_seqs, int nh, int nkv, float scale) {
+    size_t smem = 3 * (size_t)kFT * HD * sizeof(bf16);
+    static bool attr;
+    if (!attr) {
+        cudaFuncSetAttribute(flash_fwd_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        attr = true;
+    }
+    for (int s0 = 0; s0 < n_seqs; s0 += kMaxSeqs) {
+        seq_table tab;
+        int n = n_seqs - s0 < kMaxSeqs ? n_seqs - s0 : kMaxSeqs, tiles = 0;
+        for (int s = 0; s < n; s++) {
+            tab.start[s] = seq_starts[s0 + s];
+            tab.len[s] = seq_lens[s0 + s];
+            int nt = (tab.len[s] + kFT - 1) / kFT;
+            tiles = nt > tiles ? nt : tiles;
+        }
+        if (tiles == 0) continue;
+        flash_fwd_kernel<HD><<<dim3(n * nh, tiles), 128, smem, cuda_stream()>>>(out, lse, q, k, v, tab, nh, nkv,
+                                                                                 tiles, scale);
+    }
+}
+
+// Whether the fused forward takes this call: its head dims, and 16-byte rows for cp.async.
+// DT_ATTENTION=unfused keeps the cuBLAS path (the tests' and timings' comparison).
+bool flash_ok(const void *q, const void *k, const void *v, int hd) {
+    if (hd != 64 && hd != 128 && hd != 256) return false;
+    const char *e = getenv("DT_ATTENTION");
+    if (e && strcmp(e, "unfused") == 0) return false;
+    return ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 16 == 0;
+}
+
 }  // namespace
 
 extern "C" size_t attention_scratch_bytes_cuda(int max_len, int nh, int nkv, int hd) {
@@ -174,6 +392,12 @@ extern "C" void attention_forward_cuda(dt_bf16 *out_, float *lse, const dt_bf16 
     const bf16 *q = (const bf16 *)q_, *k = (const bf16 *)k_, *v = (const bf16 *)v_;
     int ml = longest(seq_lens, n_seqs);
     if (ml <= 0) return;
+    if (flash_ok(q, k, v, hd)) {
+        if (hd == 64) flash_forward<64>(out, lse, q, k, v, seq_starts, seq_lens, n_seqs, nh, nkv, scale);
+        else if (hd == 128) flash_forward<128>(out, lse, q, k, v, seq_starts, seq_lens, n_seqs, nh, nkv, scale);
+        else flash_forward<256>(out, lse, q, k, v, seq_starts, seq_lens, n_seqs, nh, nkv, scale);
+        return;
+    }
     int qb = query_block(ml), G = nh / nkv;
     Layout L = carve(scratch, ml, nh, hd);
     long long qld = (long long)nh * hd, kvld = (long long)nkv * hd;
