@@ -63,9 +63,10 @@ void embedding_forward_cuda(float *out, const int32_t *ids, int64_t T, const dt_
 /* ---- norm.cu ---- */
 /* y (bf16) = x / rms(x) * (1 + w) over rows of D; x fp32 (the residual stream), w fp32 [D]. */
 void rmsnorm1p_forward_cuda(dt_bf16 *y, const float *x, const float *w, int64_t rows, int D, float eps);
-/* dx (fp32) += the input gradient, given dy (fp32) and the forward's x. */
-void rmsnorm1p_backward_cuda(float *dx, const float *dy, const float *x, const float *w, int64_t rows, int D,
-                             float eps);
+/* dx (fp32) = dx_in + the input gradient, given dy (fp32) and the forward's x; dx_in NULL: zero,
+ * and it may be dx (dx += the gradient). dx_bf, when not NULL, receives dx as bf16 too. */
+void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, const float *dx_in, const float *dy, const float *x,
+                             const float *w, int64_t rows, int D, float eps);
 /* y (bf16) = w * x / rms(x) * silu(z) over rows of D; x, z bf16, w fp32 [D]. */
 void rmsnorm_gated_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const dt_bf16 *z, const float *w, int64_t rows,
                                 int D, float eps);
@@ -202,10 +203,10 @@ size_t linear_scratch_bytes_cuda(int64_t T, int64_t in, int rank, int dropout);
 /* y [T, out] (of type yt) = x W^T + LoRA, or y += that when accumulate (fp32 y only). */
 void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x, const cuda_linear *l, int64_t T,
                          void *scratch);
-/* dx (fp32, may be NULL) += dy W + the LoRA path; dA, dB += their gradients. x is the
- * forward's input, dy bf16 [T, out]. */
-void linear_backward_cuda(float *dx, const dt_bf16 *dy, const dt_bf16 *x, const cuda_linear *l, int64_t T,
-                          void *scratch);
+/* dx (fp32, may be NULL) = dy W + the LoRA path, or dx += that when accumulate; dA, dB += their
+ * gradients. x is the forward's input, dy bf16 [T, out]. */
+void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, const dt_bf16 *x, const cuda_linear *l,
+                          int64_t T, void *scratch);
 
 /* ---- loss.cu ---- */
 /* Cross-entropy of the LM head fused with it: h (bf16 [N, H], final-normed) times E^T

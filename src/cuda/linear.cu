@@ -115,12 +115,13 @@ __global__ void dropout_copy8_kernel(bf16 *xd, const bf16 *x, int64_t n8, dropou
     }
 }
 
-// dx[t, i] += factor(t in + i) sum_j g[t, j] A[j, i]: LoRA's part of dx through the dropout
-// mask. With rank r small this is memory-bound on dx: one pass over it, rather than a GEMM
-// into scratch and a masking pass. V consecutive columns per thread. (Without dropout,
+// dx[t, i] (+)= factor(t in + i) sum_j g[t, j] A[j, i] (added when acc, else written): LoRA's
+// part of dx through the dropout mask. With rank r small this is memory-bound on dx: one pass
+// over it, rather than a GEMM into scratch and a masking pass. V consecutive columns per thread. (Without dropout,
 // cuBLAS's beta = 1 product measured a little faster than this kernel, so it keeps that.)
 template <int V>
-__global__ void lora_dx_dropout_kernel(float *dx, const bf16 *g, const bf16 *A, int64_t in, int r, dropout_mask m) {
+__global__ void lora_dx_dropout_kernel(float *dx, bool acc, const bf16 *g, const bf16 *A, int64_t in, int r,
+                                       dropout_mask m) {
     extern __shared__ float gs[];
     int64_t t = blockIdx.x;
     for (int j = threadIdx.x; j < r; j += blockDim.x) gs[j] = ld(g + t * r + j);
@@ -130,39 +131,40 @@ __global__ void lora_dx_dropout_kernel(float *dx, const bf16 *g, const bf16 *A, 
     float *d = dx + t * in + i0;
     int64_t idx = t * in + i0;
     if constexpr (V == 4) {
-        float4 acc = make_float4(0, 0, 0, 0);
+        float4 sum = make_float4(0, 0, 0, 0);
         for (int j = 0; j < r; j++) {
             float gj = gs[j];
             uint2 raw = *(const uint2 *)(A + (int64_t)j * in + i0);  // 4 bf16
             float2 lo = __bfloat1622float2(*(const __nv_bfloat162 *)&raw.x);
             float2 hi = __bfloat1622float2(*(const __nv_bfloat162 *)&raw.y);
-            acc.x += gj * lo.x;
-            acc.y += gj * lo.y;
-            acc.z += gj * hi.x;
-            acc.w += gj * hi.y;
+            sum.x += gj * lo.x;
+            sum.y += gj * lo.y;
+            sum.z += gj * hi.x;
+            sum.w += gj * hi.y;
         }
-        float4 o = *(float4 *)d;
-        o.x += acc.x * dropout_factor(m, idx);
-        o.y += acc.y * dropout_factor(m, idx + 1);
-        o.z += acc.z * dropout_factor(m, idx + 2);
-        o.w += acc.w * dropout_factor(m, idx + 3);
+        float4 o = acc ? *(float4 *)d : make_float4(0, 0, 0, 0);
+        o.x += sum.x * dropout_factor(m, idx);
+        o.y += sum.y * dropout_factor(m, idx + 1);
+        o.z += sum.z * dropout_factor(m, idx + 2);
+        o.w += sum.w * dropout_factor(m, idx + 3);
         *(float4 *)d = o;
     } else {
-        float acc = 0;
-        for (int j = 0; j < r; j++) acc += gs[j] * ld(A + (int64_t)j * in + i0);
-        *d += acc * dropout_factor(m, idx);
+        float sum = 0;
+        for (int j = 0; j < r; j++) sum += gs[j] * ld(A + (int64_t)j * in + i0);
+        *d = (acc ? *d : 0.f) + sum * dropout_factor(m, idx);
     }
 }
 
-static void lora_dx_dropout(float *dx, const bf16 *g, const bf16 *A, int64_t T, int64_t in, int r, dropout_mask m) {
+static void lora_dx_dropout(float *dx, bool acc, const bf16 *g, const bf16 *A, int64_t T, int64_t in, int r,
+                            dropout_mask m) {
     size_t smem = sizeof(float) * r;
     // float4 / 4-bf16 accesses need every row 16 / 8-byte aligned
     if (in % 4 == 0 && (uintptr_t)dx % 16 == 0 && (uintptr_t)A % 8 == 0) {
         dim3 grid((unsigned)T, (unsigned)((in / 4 + 127) / 128));
-        lora_dx_dropout_kernel<4><<<grid, 128, smem, cuda_stream()>>>(dx, g, A, in, r, m);
+        lora_dx_dropout_kernel<4><<<grid, 128, smem, cuda_stream()>>>(dx, acc, g, A, in, r, m);
     } else {
         dim3 grid((unsigned)T, (unsigned)((in + 127) / 128));
-        lora_dx_dropout_kernel<1><<<grid, 128, smem, cuda_stream()>>>(dx, g, A, in, r, m);
+        lora_dx_dropout_kernel<1><<<grid, 128, smem, cuda_stream()>>>(dx, acc, g, A, in, r, m);
     }
 }
 
@@ -234,33 +236,38 @@ extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, cons
     gemm_rm(false, true, T, out, in, 1.f, x, in, W, in, beta, y, ct, out, "linear forward");
 }
 
-extern "C" void linear_backward_cuda(float *dx, const dt_bf16 *dy_, const dt_bf16 *x_, const cuda_linear *l, int64_t T,
-                                     void *scratch) {
+extern "C" void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy_, const dt_bf16 *x_,
+                                     const cuda_linear *l, int64_t T, void *scratch) {
     if (T <= 0) return;
     ensure_workspace();
     const bf16 *dy = (const bf16 *)dy_, *x = (const bf16 *)x_;
     int64_t in = l->in, out = l->out;
-    // dx += dy W
-    if (dx)
-        gemm_rm(false, false, T, in, out, 1.f, dy, out, base_weight(l), in, 1.f, dx, CUDA_R_32F, in, "linear backward");
-    if (!has_lora(l)) return;
-    int r = l->rank;
-    const bf16 *A = (const bf16 *)l->A, *B = (const bf16 *)l->B;
-    lora_scratch s = carve(scratch, T, r);
-    bool want_ab = l->dA || l->dB;
-    const bf16 *xa = want_ab ? lora_input(l, x, T, s.xd) : x;
-    if (l->dB) {
-        // dB += scale dy^T u, u recomputed (with the same mask) rather than stored
-        gemm_rm(false, true, T, r, in, l->scale, xa, in, A, in, 0.f, s.u, CUDA_R_16BF, r, "lora down (recompute)");
-        gemm_rm(true, false, out, r, T, 1.f, dy, out, s.u, r, 1.f, l->dB, CUDA_R_32F, r, "lora dB");
+    float beta = accumulate ? 1.f : 0.f;  // dx's, until something has been written to it
+    if (has_lora(l) && (l->dA || l->dB || dx)) {
+        int r = l->rank;
+        const bf16 *A = (const bf16 *)l->A, *B = (const bf16 *)l->B;
+        lora_scratch s = carve(scratch, T, r);
+        bool want_ab = l->dA || l->dB;
+        const bf16 *xa = want_ab ? lora_input(l, x, T, s.xd) : x;
+        if (l->dB) {
+            // dB += scale dy^T u, u recomputed (with the same mask) rather than stored
+            gemm_rm(false, true, T, r, in, l->scale, xa, in, A, in, 0.f, s.u, CUDA_R_16BF, r, "lora down (recompute)");
+            gemm_rm(true, false, out, r, T, 1.f, dy, out, s.u, r, 1.f, l->dB, CUDA_R_32F, r, "lora dB");
+        }
+        if (l->dA || dx) {
+            // g = scale dy B: the gradient of u before its scale, scaled once here for dA and dx
+            gemm_rm(false, false, T, r, out, l->scale, dy, out, B, r, 0.f, s.g, CUDA_R_16BF, r, "lora dy B");
+            if (l->dA) gemm_rm(true, false, r, in, T, 1.f, s.g, r, xa, in, 1.f, l->dA, CUDA_R_32F, in, "lora dA");
+        }
+        // LoRA's part of dx first, so that the base product below adds onto it in its epilogue
+        // while the tensor cores are busy (as in the forward), and a dx that is not accumulated
+        // into needs no zeroing pass
+        if (dx && l->dropout > 0) lora_dx_dropout(dx, accumulate, s.g, A, T, in, r, make_mask(l));
+        else if (dx) gemm_rm(false, false, T, in, r, 1.f, s.g, r, A, in, beta, dx, CUDA_R_32F, in, "lora dx");
+        beta = 1.f;
     }
-    if (!l->dA && !dx) return;
-    // g = scale dy B: the gradient of u before its scale, scaled once here for dA and dx
-    gemm_rm(false, false, T, r, out, l->scale, dy, out, B, r, 0.f, s.g, CUDA_R_16BF, r, "lora dy B");
-    if (l->dA) gemm_rm(true, false, r, in, T, 1.f, s.g, r, xa, in, 1.f, l->dA, CUDA_R_32F, in, "lora dA");
-    if (!dx) return;
-    if (l->dropout > 0)
-        lora_dx_dropout(dx, s.g, A, T, in, r, make_mask(l));
-    else
-        gemm_rm(false, false, T, in, r, 1.f, s.g, r, A, in, 1.f, dx, CUDA_R_32F, in, "lora dx");
+    // dx (+)= dy W
+    if (dx)
+        gemm_rm(false, false, T, in, out, 1.f, dy, out, base_weight(l), in, beta, dx, CUDA_R_32F, in,
+                "linear backward");
 }

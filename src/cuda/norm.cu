@@ -74,23 +74,35 @@ __global__ void __launch_bounds__(NORM_THREADS)
     }
 }
 
-// dx += r (dn - n mean(n dn)), n = x r, dn = dy (1 + w)
+// v = p[i .. i + V), or zeros when p is NULL
+template <int V>
+__device__ __forceinline__ void load_or_zero(float *v, const float *p, int64_t i) {
+    if (p) ldv<V>(v, p + i);
+    else
+#pragma unroll
+        for (int k = 0; k < V; k++) v[k] = 0.0f;
+}
+
+// dx = res + r (dn - n mean(n dn)), n = x r, dn = dy (1 + w); res NULL: zero, res may be dx;
+// dxb (when not NULL) = dx as bf16
 template <int G, int V, int NC>
-__global__ void __launch_bounds__(NORM_THREADS) rmsnorm1p_bwd_kernel(float *dx, const float *dy, const float *x,
-                                                                     const float *w, int64_t rows, int D, float eps) {
+__global__ void __launch_bounds__(NORM_THREADS)
+    rmsnorm1p_bwd_kernel(float *dx, bf16 *dxb, const float *res, const float *dy, const float *x, const float *w,
+                         int64_t rows, int D, float eps) {
     constexpr int NR = NC > 0 ? NC : 1;
     int64_t row = (int64_t)blockIdx.x * (NORM_THREADS / G) + threadIdx.x / G;
     int lane = threadIdx.x % G;
     bool live = row < rows;
     const float *xr = x + row * D, *dyr = dy + row * D;
     float *dxr = dx + row * D;
+    const float *rr = res ? res + row * D : NULL;
     float a[NR][V], g[NR][V], b[NR][V], o[NR][V];
     float s[2] = {0, 0};  // sum x^2, sum x dn
     if (live) ROW_CHUNKS {
             ldv<V>(a[SLOT], xr + i);
             ldv<V>(g[SLOT], dyr + i);
             ldv<V>(b[SLOT], w + i);
-            if (NC > 0) ldv<V>(o[SLOT], dxr + i);
+            if (NC > 0) load_or_zero<V>(o[SLOT], rr, i);
 #pragma unroll
             for (int k = 0; k < V; k++) {
                 s[0] += a[SLOT][k] * a[SLOT][k];
@@ -102,10 +114,14 @@ __global__ void __launch_bounds__(NORM_THREADS) rmsnorm1p_bwd_kernel(float *dx, 
     float r = rsqrtf(s[0] / D + eps);
     float cc = r * r * r * s[1] / D;  // dx += r dn - x r^3 mean(x dn)
     ROW_CHUNKS {
-        if (NC == 0) ldv<V>(a[SLOT], xr + i), ldv<V>(g[SLOT], dyr + i), ldv<V>(b[SLOT], w + i), ldv<V>(o[SLOT], dxr + i);
+        if (NC == 0) {
+            ldv<V>(a[SLOT], xr + i), ldv<V>(g[SLOT], dyr + i), ldv<V>(b[SLOT], w + i);
+            load_or_zero<V>(o[SLOT], rr, i);
+        }
 #pragma unroll
         for (int k = 0; k < V; k++) o[SLOT][k] += r * g[SLOT][k] * (1.0f + b[SLOT][k]) - a[SLOT][k] * cc;
         stv<V>(dxr + i, o[SLOT]);
+        if (dxb) stv<V>(dxb + row * D + i, o[SLOT]);
     }
 }
 
@@ -220,13 +236,15 @@ extern "C" void rmsnorm1p_forward_cuda(dt_bf16 *y, const float *x, const float *
         NORM_LAUNCH(rmsnorm1p_fwd_kernel, 1, rows, D, yb, x, w, rows, D, eps);
 }
 
-extern "C" void rmsnorm1p_backward_cuda(float *dx, const float *dy, const float *x, const float *w, int64_t rows, int D,
-                                        float eps) {
+extern "C" void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, const float *dx_in, const float *dy, const float *x,
+                                        const float *w, int64_t rows, int D, float eps) {
     if (rows <= 0 || D <= 0) return;
-    if (D % 4 == 0 && aligned_to(dx, 16) && aligned_to(dy, 16) && aligned_to(x, 16) && aligned_to(w, 16))
-        NORM_LAUNCH(rmsnorm1p_bwd_kernel, 4, rows, D, dx, dy, x, w, rows, D, eps);
+    bf16 *dxb = (bf16 *)dx_bf;
+    if (D % 4 == 0 && aligned_to(dx, 16) && aligned_to(dxb, 8) && aligned_to(dx_in, 16) && aligned_to(dy, 16) &&
+        aligned_to(x, 16) && aligned_to(w, 16))
+        NORM_LAUNCH(rmsnorm1p_bwd_kernel, 4, rows, D, dx, dxb, dx_in, dy, x, w, rows, D, eps);
     else
-        NORM_LAUNCH(rmsnorm1p_bwd_kernel, 1, rows, D, dx, dy, x, w, rows, D, eps);
+        NORM_LAUNCH(rmsnorm1p_bwd_kernel, 1, rows, D, dx, dxb, dx_in, dy, x, w, rows, D, eps);
 }
 
 extern "C" void rmsnorm_gated_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const dt_bf16 *z, const float *w, int64_t rows,

@@ -867,8 +867,7 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
     int64_t N = k->N;
     void *s = g->scratch;
     PROF("bwd.gdn.out", {
-        cuda_zero(G->do_norm, sizeof(float) * N * d.vd);
-        linear_backward_cuda(G->do_norm, G->dy_bf, a->o_norm, &L->lin_out, N, s);
+        linear_backward_cuda(G->do_norm, 0, G->dy_bf, a->o_norm, &L->lin_out, N, s);
         rmsnorm_gated_backward_cuda(G->do_raw, G->dz, G->do_norm, a->o_raw, a->z, L->lin_norm, N * d.Hv,
                                     c->lin_v_head_dim, (float)c->rms_eps);
     });
@@ -885,11 +884,10 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
         conv1d_silu_backward_cuda(G->dmixed, G->dconv, a->mixed, L->conv, g->pos, N, (int)d.cd, c->conv_kernel);
     });
     PROF("bwd.gdn.in_proj", {
-        cuda_zero(G->dxn1, sizeof(float) * N * d.H);
-        linear_backward_cuda(G->dxn1, G->dmixed, a->xn1, &L->lin_qkv, N, s);
-        linear_backward_cuda(G->dxn1, G->dz, a->xn1, &L->lin_z, N, s);
-        linear_backward_cuda(G->dxn1, G->db, a->xn1, &L->lin_b, N, s);
-        linear_backward_cuda(G->dxn1, G->da, a->xn1, &L->lin_a, N, s);
+        linear_backward_cuda(G->dxn1, 0, G->dmixed, a->xn1, &L->lin_qkv, N, s);
+        linear_backward_cuda(G->dxn1, 1, G->dz, a->xn1, &L->lin_z, N, s);
+        linear_backward_cuda(G->dxn1, 1, G->db, a->xn1, &L->lin_b, N, s);
+        linear_backward_cuda(G->dxn1, 1, G->da, a->xn1, &L->lin_a, N, s);
     });
 }
 
@@ -902,8 +900,7 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
     PROF("bwd.attn.out", {
-        cuda_zero(G->datt_g, sizeof(float) * N * d.qd);
-        linear_backward_cuda(G->datt_g, G->dy_bf, a->att_g, &L->att_o, N, s);
+        linear_backward_cuda(G->datt_g, 0, G->dy_bf, a->att_g, &L->att_o, N, s);
         attn_gate_backward_cuda(G->datt, G->dqg, G->datt_g, a->att, a->qg, N, nh, hd);
     });
     PROF("bwd.attn.core", attention_backward_cuda(G->dq, G->dk, G->dv, G->datt, a->att, a->lse, a->q, a->k, a->v,
@@ -917,15 +914,15 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
         cuda_f32_to_bf16(G->dv_bf, G->dv, N * d.kvd);
     });
     PROF("bwd.attn.in_proj", {
-        cuda_zero(G->dxn1, sizeof(float) * N * d.H);
-        linear_backward_cuda(G->dxn1, G->dqg, a->xn1, &L->att_q, N, s);
-        linear_backward_cuda(G->dxn1, G->dk_pre, a->xn1, &L->att_k, N, s);
-        linear_backward_cuda(G->dxn1, G->dv_bf, a->xn1, &L->att_v, N, s);
+        linear_backward_cuda(G->dxn1, 0, G->dqg, a->xn1, &L->att_q, N, s);
+        linear_backward_cuda(G->dxn1, 1, G->dk_pre, a->xn1, &L->att_k, N, s);
+        linear_backward_cuda(G->dxn1, 1, G->dv_bf, a->xn1, &L->att_v, N, s);
     });
 }
 
 /* dh: d loss / d h_out on entry, d loss / d h_in on return, from the layer's activations a;
- * LoRA gradients accumulate on the device. */
+ * LoRA gradients accumulate on the device. G->dy_bf holds dh as bf16 on entry and on return (the
+ * norms' backward that wrote dh wrote it too). */
 static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_in, const gpu_acts *a, float *dh) {
     const qwen35_config *c = &g->cfg;
     const gpu_layer *L = &g->layers[l];
@@ -934,31 +931,27 @@ static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
     /* the MLP and the post-attention norm, mlp_rows tokens at a time (the dropout masks follow
-     * the rows: row0); dh_mid = dh + the norm's input gradient */
+     * the rows: row0); dh_mid = dh + the norm's input gradient, its bf16 over dh's rows of dy_bf
+     * once the MLP has read them */
     for (int64_t t0 = 0; t0 < N; t0 += g->mlp_rows) {
         int64_t n = N - t0 < g->mlp_rows ? N - t0 : g->mlp_rows;
         cuda_linear down = L->mlp_down, gate = L->mlp_gate, up = L->mlp_up;
         down.row0 = gate.row0 = up.row0 = t0;
         PROF("bwd.mlp", {
-            cuda_f32_to_bf16(G->dy_bf, dh + t0 * H, n * H);
-            cuda_zero(G->dm, sizeof(float) * n * I);
-            linear_backward_cuda(G->dm, G->dy_bf, a->m + t0 * I, &down, n, s);
+            linear_backward_cuda(G->dm, 0, G->dy_bf + t0 * H, a->m + t0 * I, &down, n, s);
             swiglu_backward_cuda(G->dgate, G->dup, G->dm, a->gate + t0 * I, a->up + t0 * I, n * I);
-            cuda_zero(G->dxn2, sizeof(float) * n * H);
-            linear_backward_cuda(G->dxn2, G->dgate, a->xn2 + t0 * H, &gate, n, s);
-            linear_backward_cuda(G->dxn2, G->dup, a->xn2 + t0 * H, &up, n, s);
+            linear_backward_cuda(G->dxn2, 0, G->dgate, a->xn2 + t0 * H, &gate, n, s);
+            linear_backward_cuda(G->dxn2, 1, G->dup, a->xn2 + t0 * H, &up, n, s);
         });
         PROF("bwd.norms", {
-            cuda_copy_f32(G->dh_mid + t0 * H, dh + t0 * H, n * H);
-            rmsnorm1p_backward_cuda(G->dh_mid + t0 * H, G->dxn2, a->h_mid + t0 * H, L->post_norm, n, (int)H, eps);
+            rmsnorm1p_backward_cuda(G->dh_mid + t0 * H, G->dy_bf + t0 * H, dh + t0 * H, G->dxn2, a->h_mid + t0 * H,
+                                    L->post_norm, n, (int)H, eps);
         });
     }
-    PROF("bwd.norms", cuda_f32_to_bf16(G->dy_bf, G->dh_mid, N * H));
     if (c->layer_is_full[l]) attention_mixer_backward(g, L, k, a, G);
     else deltanet_mixer_backward(g, L, k, a, G);
     PROF("bwd.norms", {
-        cuda_copy_f32(dh, G->dh_mid, N * H);
-        rmsnorm1p_backward_cuda(dh, G->dxn1, h_in, L->input_norm, N, (int)H, eps);
+        rmsnorm1p_backward_cuda(dh, G->dy_bf, G->dh_mid, G->dxn1, h_in, L->input_norm, N, (int)H, eps);
     });
 }
 
@@ -1037,8 +1030,7 @@ int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qw
         float *dhf = g->grads.dh_mid;  /* the LM head's gradient; the grads are free until the layers' */
         cuda_zero(dhf, sizeof(float) * NH);
         lm_head_loss(g, dhf, N, (float)grad_scale);
-        cuda_zero(g->dh, sizeof(float) * NH);
-        rmsnorm1p_backward_cuda(g->dh, dhf, h, g->final_norm, N, (int)H, eps);
+        rmsnorm1p_backward_cuda(g->dh, g->grads.dy_bf, NULL, dhf, h, g->final_norm, N, (int)H, eps);
     });
     /* backward, layer by layer, from each layer's kept input (in the buffer of the last output, no
      * longer needed); with checkpointing the layer is first recomputed from it */

@@ -112,17 +112,31 @@ static void test_rmsnorm1p(int64_t rows, int D) {
         test_expect_close(name, g, y, n, 1e-2);
         free(g);
     }
-    rmsnorm1p_backward_cuda(d_dx, d_dy, d_x, d_w, rows, D, eps);
+    /* the same from a separate dx_in, into a dx of garbage, and from none (dx_in NULL: the
+     * gradient alone) */
+    float *d_in = test_dev_f32(dx0, n), *d_out = test_dev_f32(dy, n), *d_alone = test_dev_f32(dy, n);
+    dt_bf16 *d_out_bf = test_dev_bf16(dy, n);
+    rmsnorm1p_backward_cuda(d_out, d_out_bf, d_in, d_dy, d_x, d_w, rows, D, eps);
+    rmsnorm1p_backward_cuda(d_alone, NULL, NULL, d_dy, d_x, d_w, rows, D, eps);
+    rmsnorm1p_backward_cuda(d_dx, NULL, d_dx, d_dy, d_x, d_w, rows, D, eps);
     snprintf(name, sizeof name, "rmsnorm1p_backward dx+= rows=%lld D=%d", (long long)rows, D);
     if (!test_cuda_ok(name)) {
-        float *g = test_host_f32(d_dx, n);
+        float *g = test_host_f32(d_dx, n), *g2 = test_host_f32(d_out, n), *g3 = test_host_f32(d_alone, n);
+        float *g4 = test_host_bf16(d_out_bf, n);
         test_expect_close(name, g, dxc, n, 1e-4);
+        snprintf(name, sizeof name, "rmsnorm1p_backward dx=dx_in+ rows=%lld D=%d", (long long)rows, D);
+        test_expect_close(name, g2, dxc, n, 1e-4);
+        snprintf(name, sizeof name, "rmsnorm1p_backward dx=dx_in+, bf16 copy rows=%lld D=%d", (long long)rows, D);
+        test_expect_close(name, g4, dxc, n, 1e-2);
         /* the accumulated part alone, so the random start cannot hide an error in it */
         for (int64_t i = 0; i < n; i++) g[i] -= dx0[i], dxc[i] -= dx0[i];
         snprintf(name, sizeof name, "rmsnorm1p_backward increment rows=%lld D=%d", (long long)rows, D);
         test_expect_close(name, g, dxc, n, 1e-4);
-        free(g);
+        snprintf(name, sizeof name, "rmsnorm1p_backward dx_in=NULL rows=%lld D=%d", (long long)rows, D);
+        test_expect_close(name, g3, dxc, n, 1e-4);
+        free(g), free(g2), free(g3), free(g4);
     }
+    cuda_free(d_in), cuda_free(d_out), cuda_free(d_alone), cuda_free(d_out_bf);
     cuda_free(d_x), cuda_free(d_w), cuda_free(d_dy), cuda_free(d_dx), cuda_free(d_y);
     free(x), free(w), free(dy), free(dx0), free(y), free(dxc);
 }
@@ -387,7 +401,7 @@ static void timing(void) {
     TIME("add_f32 4096x1024", N * H * 12, cuda_add_f32(f3, f1, N * H));
     TIME("embedding 4096x1024", N * H * 6, embedding_forward_cuda(f3, ids, N, E, H));
     TIME("rmsnorm1p_fwd 4096x1024", N * H * 6, rmsnorm1p_forward_cuda(b3, f1, w, N, H, 1e-6f));
-    TIME("rmsnorm1p_bwd 4096x1024", N * H * 16, rmsnorm1p_backward_cuda(f3, f2, f1, w, N, H, 1e-6f));
+    TIME("rmsnorm1p_bwd 4096x1024", N * H * 16, rmsnorm1p_backward_cuda(f3, NULL, f3, f2, f1, w, N, H, 1e-6f));
     TIME("rmsnorm_gated_fwd 65536x128", N * Hv * dv * 6, rmsnorm_gated_forward_cuda(b3, b1, b2, w, N * Hv, dv, 1e-6f));
     TIME("rmsnorm_gated_bwd 65536x128", N * Hv * dv * 14,
          rmsnorm_gated_backward_cuda(f3, b3, f2, b1, b2, w, N * Hv, dv, 1e-6f));

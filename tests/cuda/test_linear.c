@@ -47,9 +47,11 @@ static void run_case(const lcase *c) {
     linear_forward(y_cpu, x, &L, T);
     if (c->accumulate)
         for (int64_t i = 0; i < T * out; i++) y_cpu[i] += y0[i];
+    /* the backward accumulates into dx as the forward into y, or overwrites the garbage there */
     float *dx_cpu = test_copy(dx0, T * in), *dA_cpu = test_copy(dA0, (int64_t)r * in), *dB_cpu = test_copy(dB0, out * r);
     lo.dA = c->with_grads ? dA_cpu : NULL;
     lo.dB = c->with_grads ? dB_cpu : NULL;
+    if (c->with_dx && !c->accumulate) memset(dx_cpu, 0, sizeof(float) * T * in);
     linear_backward(c->with_dx ? dx_cpu : NULL, dy, x, &L, T);
 
     /* GPU */
@@ -88,8 +90,8 @@ static void run_case(const lcase *c) {
     for (int p = 0; p < 2; p++) {
         cuda_linear lp = l;
         lp.row0 = bounds[p];
-        linear_backward_cuda(c->with_dx ? d_dx + bounds[p] * in : NULL, d_dy + bounds[p] * out, d_x + bounds[p] * in,
-                             &lp, bounds[p + 1] - bounds[p], scratch);
+        linear_backward_cuda(c->with_dx ? d_dx + bounds[p] * in : NULL, c->accumulate, d_dy + bounds[p] * out,
+                             d_x + bounds[p] * in, &lp, bounds[p + 1] - bounds[p], scratch);
     }
     snprintf(name, sizeof name, "linear_backward %s%s%s", tag, c->with_dx ? "" : " dx=NULL",
              c->with_grads ? "" : " dA,dB=NULL");
@@ -149,10 +151,10 @@ static void time_shape(int64_t T, int64_t in, int64_t out, int r, float p, cuda_
     double fenq = (now_s() - t0) / iters * 1e3;  /* the host's issue time: near the total when launch-bound */
     cuda_check("timing");
     double fwd = (now_s() - t0) / iters * 1e3;
-    for (int i = 0; i < 3; i++) linear_backward_cuda(dxp, d_dy, d_x, &l, T, scratch);
+    for (int i = 0; i < 3; i++) linear_backward_cuda(dxp, 1, d_dy, d_x, &l, T, scratch);
     cuda_check("timing");
     t0 = now_s();
-    for (int i = 0; i < iters; i++) linear_backward_cuda(dxp, d_dy, d_x, &l, T, scratch);
+    for (int i = 0; i < iters; i++) linear_backward_cuda(dxp, 1, d_dy, d_x, &l, T, scratch);
     double benq = (now_s() - t0) / iters * 1e3;
     cuda_check("timing");
     double bwd = (now_s() - t0) / iters * 1e3;
