@@ -132,6 +132,98 @@ __global__ void __launch_bounds__(CONV_THREADS)
     }
 }
 
+// ---- the conv's backward with the q/k L2 norm's that follows it in the DeltaNet (deltanet.cu)
+//
+// dx from d(normed qkv) in one pass: each token's conv output c = silu(u) recomputed from x, the
+// L2 norm's backward per head, dc = s' (dq - c s^2 (c . dq)) (s' = scale s, s = (|c|^2 + eps)^-1/2),
+// then the conv's. Three passes before (the conv recomputed and stored, the norm's backward in
+// place over fp32 dqkv, the conv's reading that back), 550 MB of traffic per 0.8B layer against 200.
+// A block of 128 threads holds 256 channels (two heads of 128 of q or k, or part of v, which is
+// not normed) and a warp pair's sums meet in shared memory; each thread has the conv backward's
+// tokens, its CONV_TT and the K - 1 after them whose du its rows need (whose norms are thus done
+// by both tiles that need them).
+const int CL_HEAD = 128;  // head dim of the fused path (Qwen3.5's)
+
+template <int K>
+__global__ void __launch_bounds__(CONV_THREADS)
+    conv_l2norm_bwd_kernel(bf16 *dx, const float *dqkv, const bf16 *x, const float *w, const int32_t *pos, int64_t N,
+                           int C, int64_t qk_end, int64_t q_end, float q_scale, float eps) {
+    constexpr int VC = 2, NT = CONV_TT + K - 1;
+    __shared__ float red[CONV_THREADS / 32][NT][2];
+    int c0 = (blockIdx.x * CONV_THREADS + threadIdx.x) * VC, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    bool normed = (int64_t)blockIdx.x * CONV_THREADS * VC < qk_end;  // the block's channels are q/k or v alike
+    float scale = c0 < q_end ? q_scale : 1.0f;
+    float wr[K][VC];
+    load_taps<K, VC>(wr, w, c0);
+    for (int64_t s0 = (int64_t)blockIdx.y * CONV_TT; s0 < N; s0 += (int64_t)gridDim.y * CONV_TT) {
+        float xw[NT + K - 1][VC];  // rows s0 - K + 1 ..
+        load_window<NT + K - 1, VC>(xw, x, s0 - K + 1, N, C, c0);
+        float u[NT][VC], g[NT][VC];
+        int start[NT];  // token s0 + q's sequence starts at row s0 + start[q]
+#pragma unroll
+        for (int q = 0; q < NT; q++) {
+            int64_t t = s0 + q;
+            bool live = t < N;
+            start[q] = live ? q - __ldg(pos + t) : q + 1;  // no row reaches a token past the end
+            conv_at<K, VC, NT + K - 1>(u[q], wr, xw, q, K - 1 + start[q] - q);
+            if (live) ldv<VC>(g[q], dqkv + t * C + c0);
+            else
+#pragma unroll
+                for (int v = 0; v < VC; v++) g[q][v] = 0;
+            if (normed) {
+                float ss = 0, dot = 0;
+#pragma unroll
+                for (int v = 0; v < VC; v++) {
+                    float c = u[q][v] * sigmoid_f(u[q][v]);
+                    ss += c * c;
+                    dot += c * g[q][v];
+                }
+#pragma unroll
+                for (int o = 16; o; o >>= 1) {
+                    ss += __shfl_xor_sync(0xffffffffu, ss, o);
+                    dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                }
+                if (lane == 0) red[warp][q][0] = ss, red[warp][q][1] = dot;
+            }
+        }
+        if (normed) __syncthreads();
+        float du[NT][VC];
+        int w0 = warp & ~1;  // the warp pair of this thread's head
+#pragma unroll
+        for (int q = 0; q < NT; q++) {
+            float a = 1.0f, b = 0.0f;  // dc = a dq - b c
+            if (normed) {
+                float ss = red[w0][q][0] + red[w0 + 1][q][0], dot = red[w0][q][1] + red[w0 + 1][q][1];
+                float s = rsqrtf(ss + eps);
+                a = scale * s;
+                b = a * s * s * dot;
+            }
+#pragma unroll
+            for (int v = 0; v < VC; v++) {
+                float sg = sigmoid_f(u[q][v]), c = u[q][v] * sg;
+                du[q][v] = (a * g[q][v] - b * c) * sg * (1.0f + u[q][v] * (1.0f - sg));
+            }
+        }
+        if (normed) __syncthreads();  // red is rewritten by the next tile
+#pragma unroll
+        for (int q = 0; q < CONV_TT; q++) {
+            int64_t s = s0 + q;
+            if (s >= N) break;
+            float o[VC];
+#pragma unroll
+            for (int v = 0; v < VC; v++) o[v] = 0;
+#pragma unroll
+            for (int j = 0; j < K; j++) {
+                int qt = q + K - 1 - j;
+                if (q >= start[qt])
+#pragma unroll
+                    for (int v = 0; v < VC; v++) o[v] += wr[j][v] * du[qt][v];
+            }
+            stv<VC>(dx + s * C + c0, o);
+        }
+    }
+}
+
 // Any other kernel size: one thread per (token, channel), straight from global memory.
 static __device__ float conv_u(const bf16 *x, const float *w, int64_t t, int64_t start, int64_t c, int C, int K) {
     float u = 0;
@@ -206,4 +298,23 @@ extern "C" void conv1d_silu_backward_cuda(dt_bf16 *dx, const float *dy, const dt
     bool vecw = C % CONV_VC == 0 && aligned_to(x, 2 * CONV_VC) && aligned_to(dx, 2 * CONV_VC) &&
                 aligned_to(dy, 4 * CONV_VC);
     CONV_DISPATCH(conv1d_silu_bwd_kernel, conv1d_silu_bwd_generic, dxb, dy, xb, w, pos, N, C);
+}
+
+extern "C" void deltanet_conv_backward_cuda(dt_bf16 *dmixed, float *dqkv, const dt_bf16 *mixed, const float *w,
+                                            const int32_t *pos, int64_t N, int K, int n_k_heads, int dk, int64_t C,
+                                            float q_scale, float eps, dt_bf16 *conv) {
+    if (N <= 0 || C <= 0 || K <= 0) return;
+    int64_t qk_end = 2 * (int64_t)n_k_heads * dk;
+    int tiles = (int)((N + CONV_TT - 1) / CONV_TT);
+    bool fused = K == 4 && dk == CL_HEAD && C % (2 * CONV_THREADS) == 0 && aligned_to(mixed, 4) &&
+                 aligned_to(dmixed, 4) && aligned_to(dqkv, 8);
+    if (fused) {
+        dim3 grid((unsigned)(C / (2 * CONV_THREADS)), (unsigned)(tiles < 65535 ? tiles : 65535));
+        conv_l2norm_bwd_kernel<4><<<grid, CONV_THREADS, 0, cuda_stream()>>>(
+            (bf16 *)dmixed, dqkv, (const bf16 *)mixed, w, pos, N, (int)C, qk_end, qk_end / 2, q_scale, eps);
+        return;
+    }
+    conv1d_silu_forward_cuda(conv, mixed, w, pos, N, (int)C, K);
+    deltanet_qk_l2norm_backward_cuda(dqkv, dqkv, conv, N, n_k_heads, dk, C, q_scale, eps);
+    conv1d_silu_backward_cuda(dmixed, dqkv, mixed, w, pos, N, (int)C, K);
 }

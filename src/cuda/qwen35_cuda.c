@@ -52,7 +52,7 @@ typedef struct {
     float *dm, *dxn2;
     dt_bf16 *dgate, *dup;
     /* Gated DeltaNet */
-    float *do_norm, *do_raw, *dqkv, *dconv, *dbeta, *dg;
+    float *do_norm, *do_raw, *dqkv, *dbeta, *dg;
     dt_bf16 *dz, *dmixed, *db, *da;
     /* attention */
     float *datt_g, *dq, *dk, *dv;
@@ -578,15 +578,14 @@ static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, int64_t mlp_r
     size_t end = k.off;
     k = shared;
     /* buffers whose lives do not overlap share memory: do_norm is dead before the recurrence's
-     * backward writes dqkv, dmixed is written once do_raw is dead, and the L2-norm backward turns
-     * dqkv into dconv in place */
+     * backward writes dqkv, dmixed is written once do_raw is dead (the conv's backward may
+     * overwrite dqkv) */
     char *early = carve(&k, max_sz(B4 * d->vd, B2 * d->cd));
     g->do_raw = (float *)early;
     g->dmixed = (dt_bf16 *)early;
     g->dz = carve(&k, B2 * d->vd);
     g->dqkv = carve(&k, B4 * max_sz(d->cd, d->vd));
     g->do_norm = g->dqkv;
-    g->dconv = g->dqkv;
     g->dbeta = carve(&k, B4 * d->Hv);
     g->dg = carve(&k, B4 * d->Hv);
     g->db = carve(&k, B2 * d->Hv);
@@ -876,12 +875,11 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
                                                       g->seq_starts, k->n_seqs, k->max_len, dd, g->big_bwd));
     PROF("bwd.gdn.conv_norm_gates", {
         deltanet_gates_backward_cuda(G->db, G->da, G->dbeta, G->dg, a->b, a->a, L->a_log, L->dt_bias, N, (int)d.Hv);
-        /* the conv output, not kept (see acts_layout): recomputed where qkv, now dead, was */
-        dt_bf16 *conv = a->qkv;
-        conv1d_silu_forward_cuda(conv, a->mixed, L->conv, g->pos, N, (int)d.cd, c->conv_kernel);
-        deltanet_qk_l2norm_backward_cuda(G->dconv, G->dqkv, conv, N, c->lin_n_k_heads, c->lin_k_head_dim, d.cd,
-                                         1.0f / sqrtf((float)c->lin_k_head_dim), 1e-6f);
-        conv1d_silu_backward_cuda(G->dmixed, G->dconv, a->mixed, L->conv, g->pos, N, (int)d.cd, c->conv_kernel);
+        /* the conv output, not kept (see acts_layout), is recomputed from mixed; where the three
+         * ops run apart, it goes where qkv, now dead, was */
+        deltanet_conv_backward_cuda(G->dmixed, G->dqkv, a->mixed, L->conv, g->pos, N, c->conv_kernel,
+                                    c->lin_n_k_heads, c->lin_k_head_dim, d.cd, 1.0f / sqrtf((float)c->lin_k_head_dim),
+                                    1e-6f, a->qkv);
     });
     PROF("bwd.gdn.in_proj", {
         linear_backward_cuda(G->dxn1, 0, G->dmixed, a->xn1, &L->lin_qkv, N, s);

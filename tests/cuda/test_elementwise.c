@@ -343,6 +343,46 @@ static void test_conv1d(const int *lens, int n_seqs, int C, int K) {
     free(pos), free(x), free(w), free(dy), free(y), free(dx);
 }
 
+/* deltanet_conv_backward_cuda (the conv + SiLU and q/k L2 norm's backward in one) against the CPU's
+ * three ops: conv1d_silu_forward, l2norm_backward (q scaled, k not, v passed through),
+ * conv1d_silu_backward. */
+static void test_conv_l2norm(const int *lens, int n_seqs, int Hk, int dk, int vd, int K) {
+    char name[192];
+    int64_t N, C = 2 * (int64_t)Hk * dk + vd, kd = (int64_t)Hk * dk;
+    int32_t *pos = packed_pos(lens, n_seqs, &N);
+    int64_t n = N * C;
+    float q_scale = 1.0f / sqrtf((float)dk), eps = 1e-6f;
+    float *x = test_rvec_bf16(n, 2.0f), *w = test_rvec((int64_t)C * K, 0.7f), *dq = test_rvec(n, 1.0f);
+    float *conv = zeros(n), *dconv = zeros(n), *dx = zeros(n);
+    int64_t off = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        conv1d_silu_forward(conv + off * C, x + off * C, w, lens[s], C, K);
+        off += lens[s];
+    }
+    l2norm_backward(dconv, dq, conv, N, Hk, dk, C, eps, q_scale);
+    l2norm_backward(dconv + kd, dq + kd, conv + kd, N, Hk, dk, C, eps, 1.0f);
+    for (int64_t t = 0; t < N; t++)
+        for (int64_t i = 2 * kd; i < C; i++) dconv[t * C + i] = dq[t * C + i];
+    off = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        conv1d_silu_backward(dx + off * C, NULL, dconv + off * C, x + off * C, w, lens[s], C, K);
+        off += lens[s];
+    }
+    dt_bf16 *d_x = test_dev_bf16(x, n), *d_dx = test_dev_bf16(dq, n), *d_conv = test_dev_bf16(dq, n);
+    float *d_w = test_dev_f32(w, (int64_t)C * K), *d_dq = test_dev_f32(dq, n);
+    int32_t *d_pos = test_dev_i32(pos, N);
+    deltanet_conv_backward_cuda(d_dx, d_dq, d_x, d_w, d_pos, N, K, Hk, dk, C, q_scale, eps, d_conv);
+    snprintf(name, sizeof name, "deltanet_conv_backward N=%lld seqs=%d Hk=%d dk=%d vd=%d K=%d", (long long)N, n_seqs,
+             Hk, dk, vd, K);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_dx, n);
+        test_expect_close(name, g, dx, n, 1e-2);
+        free(g);
+    }
+    cuda_free(d_x), cuda_free(d_dx), cuda_free(d_conv), cuda_free(d_w), cuda_free(d_dq), cuda_free(d_pos);
+    free(pos), free(x), free(w), free(dq), free(conv), free(dconv), free(dx);
+}
+
 /* ---- timing (DT_CUDA_TIMING=1): printed, never asserted ---- */
 
 static double now_s(void) {
@@ -456,6 +496,10 @@ void cuda_tests_elementwise(void) {
     test_conv1d(odd, 3, 37, 4); /* odd C: one channel per thread */
     test_conv1d(odd, 3, 38, 3);
     test_conv1d(tiny, 2, 10, 6); /* no specialised kernel for K = 6 */
+    test_conv_l2norm(ragged, 3, 16, 128, 2048, 4); /* 0.8B's heads: the one-pass kernel */
+    test_conv_l2norm(two, 2, 2, 128, 512, 4);
+    test_conv_l2norm(odd, 3, 1, 128, 100, 4);      /* channels not a multiple of 256: the three ops */
+    test_conv_l2norm(odd, 3, 3, 16, 40, 4);        /* heads of 16: the three ops */
 
     const char *tm = getenv("DT_CUDA_TIMING");
     if (tm && *tm == '1') timing();
