@@ -109,9 +109,13 @@ void conv1d_silu_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const float *w, cons
 /* dx (bf16, overwritten) given dy (fp32). */
 void conv1d_silu_backward_cuda(dt_bf16 *dx, const float *dy, const dt_bf16 *x, const float *w, const int32_t *pos,
                                int64_t N, int C, int K);
-/* The DeltaNet's conv + SiLU and q/k L2 norm (deltanet_qk_l2norm_forward_cuda) backward together:
- * dmixed (bf16 [N, C], overwritten) given dqkv (fp32 [N, C], the normed q, k and the v's
- * gradient) and the conv's input mixed. One pass where K = 4 and dk = 128 (C a multiple of 256);
+/* The DeltaNet's conv + SiLU then q/k L2 norm (deltanet_qk_l2norm_forward_cuda) in one: qkv (bf16
+ * [N, C]) from mixed, in one pass where K = 4 and dk = 128 (C a multiple of 256), otherwise by
+ * the two ops with conv (bf16 [N, C]) as scratch. */
+void deltanet_conv_forward_cuda(dt_bf16 *qkv, const dt_bf16 *mixed, const float *w, const int32_t *pos, int64_t N,
+                                int K, int n_k_heads, int dk, int64_t C, float q_scale, float eps, dt_bf16 *conv);
+/* Their backward together: dmixed (bf16 [N, C], overwritten) given dqkv (fp32 [N, C], the normed
+ * q, k and the v's gradient) and the conv's input mixed. One pass where the forward's is one;
  * otherwise the three ops, with conv (bf16 [N, C]) as scratch and dqkv overwritten. */
 void deltanet_conv_backward_cuda(dt_bf16 *dmixed, float *dqkv, const dt_bf16 *mixed, const float *w,
                                  const int32_t *pos, int64_t N, int K, int n_k_heads, int dk, int64_t C, float q_scale,

@@ -132,6 +132,10 @@ __global__ void __launch_bounds__(CONV_THREADS)
     }
 }
 
+// The conv's output as the separate ops store it (and transformers' bf16 model has it): the
+// fused kernels below norm the same values.
+static __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
 // ---- the conv's backward with the q/k L2 norm's that follows it in the DeltaNet (deltanet.cu)
 //
 // dx from d(normed qkv) in one pass: each token's conv output c = silu(u) recomputed from x, the
@@ -174,7 +178,7 @@ __global__ void __launch_bounds__(CONV_THREADS)
                 float ss = 0, dot = 0;
 #pragma unroll
                 for (int v = 0; v < VC; v++) {
-                    float c = u[q][v] * sigmoid_f(u[q][v]);
+                    float c = bf16_round(u[q][v] * sigmoid_f(u[q][v]));
                     ss += c * c;
                     dot += c * g[q][v];
                 }
@@ -200,7 +204,7 @@ __global__ void __launch_bounds__(CONV_THREADS)
             }
 #pragma unroll
             for (int v = 0; v < VC; v++) {
-                float sg = sigmoid_f(u[q][v]), c = u[q][v] * sg;
+                float sg = sigmoid_f(u[q][v]), c = bf16_round(u[q][v] * sg);
                 du[q][v] = (a * g[q][v] - b * c) * sg * (1.0f + u[q][v] * (1.0f - sg));
             }
         }
@@ -221,6 +225,54 @@ __global__ void __launch_bounds__(CONV_THREADS)
             }
             stv<VC>(dx + s * C + c0, o);
         }
+    }
+}
+
+// The forward the same way: each token's conv output, then its L2 norm per q/k head, written as
+// the normed qkv (v passed through); the conv output never reaches memory.
+template <int K>
+__global__ void __launch_bounds__(CONV_THREADS)
+    conv_l2norm_fwd_kernel(bf16 *y, const bf16 *x, const float *w, const int32_t *pos, int64_t N, int C,
+                           int64_t qk_end, int64_t q_end, float q_scale, float eps) {
+    constexpr int VC = 2;
+    __shared__ float red[CONV_THREADS / 32][CONV_TT];
+    int c0 = (blockIdx.x * CONV_THREADS + threadIdx.x) * VC, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    bool normed = (int64_t)blockIdx.x * CONV_THREADS * VC < qk_end;
+    float scale = c0 < q_end ? q_scale : 1.0f;
+    float wr[K][VC];
+    load_taps<K, VC>(wr, w, c0);
+    for (int64_t t0 = (int64_t)blockIdx.y * CONV_TT; t0 < N; t0 += (int64_t)gridDim.y * CONV_TT) {
+        float xw[CONV_TT + K - 1][VC];  // rows t0 - K + 1 ..
+        load_window<CONV_TT + K - 1, VC>(xw, x, t0 - K + 1, N, C, c0);
+        float cv[CONV_TT][VC];
+#pragma unroll
+        for (int q = 0; q < CONV_TT; q++) {
+            int64_t t = t0 + q;
+            conv_at<K, VC, CONV_TT + K - 1>(cv[q], wr, xw, q, t < N ? K - 1 - __ldg(pos + t) : K);
+            float ss = 0;
+#pragma unroll
+            for (int v = 0; v < VC; v++) {
+                cv[q][v] = bf16_round(cv[q][v] * sigmoid_f(cv[q][v]));
+                ss += cv[q][v] * cv[q][v];
+            }
+            if (normed) {
+#pragma unroll
+                for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+                if (lane == 0) red[warp][q] = ss;
+            }
+        }
+        if (normed) __syncthreads();
+        int w0 = warp & ~1;
+#pragma unroll
+        for (int q = 0; q < CONV_TT; q++) {
+            int64_t t = t0 + q;
+            if (t >= N) break;
+            float f = normed ? scale * rsqrtf(red[w0][q] + red[w0 + 1][q] + eps) : 1.0f;
+#pragma unroll
+            for (int v = 0; v < VC; v++) cv[q][v] *= f;
+            stv<VC>(y + t * C + c0, cv[q]);
+        }
+        if (normed) __syncthreads();
     }
 }
 
@@ -300,17 +352,38 @@ extern "C" void conv1d_silu_backward_cuda(dt_bf16 *dx, const float *dy, const dt
     CONV_DISPATCH(conv1d_silu_bwd_kernel, conv1d_silu_bwd_generic, dxb, dy, xb, w, pos, N, C);
 }
 
+// Whether the one-pass kernels take these: K = 4, heads of 128, blocks of 256 channels, and
+// aligned for their two-channel accesses.
+static bool conv_l2norm_fused(int K, int dk, int64_t C, const void *x, const void *y) {
+    return K == 4 && dk == CL_HEAD && C % (2 * CONV_THREADS) == 0 && aligned_to(x, 4) && aligned_to(y, 4);
+}
+
+static dim3 conv_l2norm_grid(int64_t N, int64_t C) {
+    int64_t tiles = (N + CONV_TT - 1) / CONV_TT;
+    return dim3((unsigned)(C / (2 * CONV_THREADS)), (unsigned)(tiles < 65535 ? tiles : 65535));
+}
+
+extern "C" void deltanet_conv_forward_cuda(dt_bf16 *qkv, const dt_bf16 *mixed, const float *w, const int32_t *pos,
+                                           int64_t N, int K, int n_k_heads, int dk, int64_t C, float q_scale,
+                                           float eps, dt_bf16 *conv) {
+    if (N <= 0 || C <= 0 || K <= 0) return;
+    int64_t qk_end = 2 * (int64_t)n_k_heads * dk;
+    if (conv_l2norm_fused(K, dk, C, mixed, qkv)) {
+        conv_l2norm_fwd_kernel<4><<<conv_l2norm_grid(N, C), CONV_THREADS, 0, cuda_stream()>>>(
+            (bf16 *)qkv, (const bf16 *)mixed, w, pos, N, (int)C, qk_end, qk_end / 2, q_scale, eps);
+        return;
+    }
+    conv1d_silu_forward_cuda(conv, mixed, w, pos, N, (int)C, K);
+    deltanet_qk_l2norm_forward_cuda(qkv, conv, N, n_k_heads, dk, C, q_scale, eps);
+}
+
 extern "C" void deltanet_conv_backward_cuda(dt_bf16 *dmixed, float *dqkv, const dt_bf16 *mixed, const float *w,
                                             const int32_t *pos, int64_t N, int K, int n_k_heads, int dk, int64_t C,
                                             float q_scale, float eps, dt_bf16 *conv) {
     if (N <= 0 || C <= 0 || K <= 0) return;
     int64_t qk_end = 2 * (int64_t)n_k_heads * dk;
-    int tiles = (int)((N + CONV_TT - 1) / CONV_TT);
-    bool fused = K == 4 && dk == CL_HEAD && C % (2 * CONV_THREADS) == 0 && aligned_to(mixed, 4) &&
-                 aligned_to(dmixed, 4) && aligned_to(dqkv, 8);
-    if (fused) {
-        dim3 grid((unsigned)(C / (2 * CONV_THREADS)), (unsigned)(tiles < 65535 ? tiles : 65535));
-        conv_l2norm_bwd_kernel<4><<<grid, CONV_THREADS, 0, cuda_stream()>>>(
+    if (conv_l2norm_fused(K, dk, C, mixed, dmixed) && aligned_to(dqkv, 8)) {
+        conv_l2norm_bwd_kernel<4><<<conv_l2norm_grid(N, C), CONV_THREADS, 0, cuda_stream()>>>(
             (bf16 *)dmixed, dqkv, (const bf16 *)mixed, w, pos, N, (int)C, qk_end, qk_end / 2, q_scale, eps);
         return;
     }

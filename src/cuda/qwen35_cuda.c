@@ -521,9 +521,9 @@ typedef struct {
     size_t out_off, mlp_off, bytes;
 } acts_offsets;
 
-/* One layer's activations: xn1, the mixer's, then the MLP part. The DeltaNet's conv output
- * lives in the MLP part for the moment between the conv and the L2 norm (its backward
- * recomputes it). */
+/* One layer's activations: xn1, the mixer's, then the MLP part. The DeltaNet's conv output,
+ * where the conv and the L2 norm run as separate ops (deltanet_conv_forward_cuda), lives in the
+ * MLP part for the moment between them (its backward recomputes it). */
 static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, char *base) {
     carver k = {base, 0};
     size_t B2 = 2 * (size_t)N, B4 = 4 * (size_t)N;
@@ -788,9 +788,8 @@ static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const cal
         linear_forward_cuda(a->a, CUDA_BF16, 0, a->xn1, &L->lin_a, N, s);
     });
     PROF("fwd.gdn.conv_norm_gates", {
-        conv1d_silu_forward_cuda(a->conv, a->mixed, L->conv, g->pos, N, (int)d.cd, c->conv_kernel);
-        deltanet_qk_l2norm_forward_cuda(a->qkv, a->conv, N, c->lin_n_k_heads, c->lin_k_head_dim, d.cd,
-                                        1.0f / sqrtf((float)c->lin_k_head_dim), 1e-6f);
+        deltanet_conv_forward_cuda(a->qkv, a->mixed, L->conv, g->pos, N, c->conv_kernel, c->lin_n_k_heads,
+                                   c->lin_k_head_dim, d.cd, 1.0f / sqrtf((float)c->lin_k_head_dim), 1e-6f, a->conv);
         deltanet_gates_forward_cuda(a->beta, a->g, a->b, a->a, L->a_log, L->dt_bias, N, (int)d.Hv);
     });
     cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};

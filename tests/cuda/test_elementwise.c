@@ -343,9 +343,9 @@ static void test_conv1d(const int *lens, int n_seqs, int C, int K) {
     free(pos), free(x), free(w), free(dy), free(y), free(dx);
 }
 
-/* deltanet_conv_backward_cuda (the conv + SiLU and q/k L2 norm's backward in one) against the CPU's
- * three ops: conv1d_silu_forward, l2norm_backward (q scaled, k not, v passed through),
- * conv1d_silu_backward. */
+/* deltanet_conv_forward_cuda and deltanet_conv_backward_cuda (the conv + SiLU then q/k L2 norm,
+ * and its backward, in one) against the CPU's ops: conv1d_silu_forward, l2norm_forward and
+ * _backward (q scaled, k not, v passed through), conv1d_silu_backward. */
 static void test_conv_l2norm(const int *lens, int n_seqs, int Hk, int dk, int vd, int K) {
     char name[192];
     int64_t N, C = 2 * (int64_t)Hk * dk + vd, kd = (int64_t)Hk * dk;
@@ -359,6 +359,9 @@ static void test_conv_l2norm(const int *lens, int n_seqs, int Hk, int dk, int vd
         conv1d_silu_forward(conv + off * C, x + off * C, w, lens[s], C, K);
         off += lens[s];
     }
+    float *qkv = test_copy(conv, n);
+    l2norm_forward(qkv, N, Hk, dk, C, eps, q_scale);
+    l2norm_forward(qkv + kd, N, Hk, dk, C, eps, 1.0f);
     l2norm_backward(dconv, dq, conv, N, Hk, dk, C, eps, q_scale);
     l2norm_backward(dconv + kd, dq + kd, conv + kd, N, Hk, dk, C, eps, 1.0f);
     for (int64_t t = 0; t < N; t++)
@@ -371,6 +374,15 @@ static void test_conv_l2norm(const int *lens, int n_seqs, int Hk, int dk, int vd
     dt_bf16 *d_x = test_dev_bf16(x, n), *d_dx = test_dev_bf16(dq, n), *d_conv = test_dev_bf16(dq, n);
     float *d_w = test_dev_f32(w, (int64_t)C * K), *d_dq = test_dev_f32(dq, n);
     int32_t *d_pos = test_dev_i32(pos, N);
+    dt_bf16 *d_qkv = test_dev_bf16(dq, n);  /* garbage to overwrite */
+    deltanet_conv_forward_cuda(d_qkv, d_x, d_w, d_pos, N, K, Hk, dk, C, q_scale, eps, d_conv);
+    snprintf(name, sizeof name, "deltanet_conv_forward N=%lld seqs=%d Hk=%d dk=%d vd=%d K=%d", (long long)N, n_seqs,
+             Hk, dk, vd, K);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_qkv, n);
+        test_expect_close(name, g, qkv, n, 1e-2);
+        free(g);
+    }
     deltanet_conv_backward_cuda(d_dx, d_dq, d_x, d_w, d_pos, N, K, Hk, dk, C, q_scale, eps, d_conv);
     snprintf(name, sizeof name, "deltanet_conv_backward N=%lld seqs=%d Hk=%d dk=%d vd=%d K=%d", (long long)N, n_seqs,
              Hk, dk, vd, K);
@@ -380,7 +392,8 @@ static void test_conv_l2norm(const int *lens, int n_seqs, int Hk, int dk, int vd
         free(g);
     }
     cuda_free(d_x), cuda_free(d_dx), cuda_free(d_conv), cuda_free(d_w), cuda_free(d_dq), cuda_free(d_pos);
-    free(pos), free(x), free(w), free(dq), free(conv), free(dconv), free(dx);
+    cuda_free(d_qkv);
+    free(pos), free(x), free(w), free(dq), free(conv), free(dconv), free(dx), free(qkv);
 }
 
 /* ---- timing (DT_CUDA_TIMING=1): printed, never asserted ---- */
