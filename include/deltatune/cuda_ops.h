@@ -211,13 +211,15 @@ typedef struct {
 } cuda_linear;
 /* dropout: whether the LoRA drops out its input (which then needs a [T, in] copy). */
 size_t linear_scratch_bytes_cuda(int64_t T, int64_t in, int rank, int dropout);
-/* y [T, out] (of type yt) = x W^T + LoRA, or y += that when accumulate (fp32 y only). */
+/* y [T, out] (of type yt) = x W^T + LoRA, or y += that when accumulate (fp32 y only). u_keep (bf16
+ * [T, rank], may be NULL) receives LoRA's u = scale drop(x) A^T for the backward. */
 void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x, const cuda_linear *l, int64_t T,
-                         void *scratch);
+                         void *scratch, dt_bf16 *u_keep);
 /* dx (fp32, may be NULL) = dy W + the LoRA path, or dx += that when accumulate; dA, dB += their
- * gradients. x is the forward's input, dy bf16 [T, out]. */
+ * gradients. x is the forward's input, dy bf16 [T, out]; u_kept the forward's u_keep, or NULL
+ * (u is recomputed). */
 void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, const dt_bf16 *x, const cuda_linear *l,
-                          int64_t T, void *scratch);
+                          int64_t T, void *scratch, const dt_bf16 *u_kept);
 
 /* ---- loss.cu ---- */
 /* Cross-entropy of the LM head fused with it: h (bf16 [N, H], final-normed) times E^T

@@ -212,7 +212,7 @@ static const bf16 *lora_input(const cuda_linear *l, const bf16 *x, int64_t T, bf
 }
 
 extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x_, const cuda_linear *l,
-                                    int64_t T, void *scratch) {
+                                    int64_t T, void *scratch, dt_bf16 *u_keep) {
     if (T <= 0 || l->out <= 0) return;
     ensure_workspace();
     const bf16 *x = (const bf16 *)x_, *W = base_weight(l);
@@ -226,10 +226,11 @@ extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, cons
         int r = l->rank;
         lora_scratch s = carve(scratch, T, r);
         const bf16 *xa = lora_input(l, x, T, s.xd);
-        // u = scale drop(x) A^T, rounded once to bf16 to feed the next product
-        gemm_rm(false, true, T, r, in, l->scale, xa, in, (const bf16 *)l->A, in, 0.f, s.u, CUDA_R_16BF, r,
-                "lora down");
-        gemm_rm(false, true, T, out, r, 1.f, s.u, r, (const bf16 *)l->B, r, beta, y, ct, out, "lora up");
+        // u = scale drop(x) A^T, rounded once to bf16 to feed the next product (and kept for the
+        // backward where it says where)
+        bf16 *u = u_keep ? (bf16 *)u_keep : s.u;
+        gemm_rm(false, true, T, r, in, l->scale, xa, in, (const bf16 *)l->A, in, 0.f, u, CUDA_R_16BF, r, "lora down");
+        gemm_rm(false, true, T, out, r, 1.f, u, r, (const bf16 *)l->B, r, beta, y, ct, out, "lora up");
         beta = 1.f;
     }
     // y = x W^T (+ y): the residual add for free when accumulating into the fp32 stream
@@ -237,7 +238,7 @@ extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, cons
 }
 
 extern "C" void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy_, const dt_bf16 *x_,
-                                     const cuda_linear *l, int64_t T, void *scratch) {
+                                     const cuda_linear *l, int64_t T, void *scratch, const dt_bf16 *u_kept) {
     if (T <= 0) return;
     ensure_workspace();
     const bf16 *dy = (const bf16 *)dy_, *x = (const bf16 *)x_;
@@ -250,9 +251,14 @@ extern "C" void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *d
         bool want_ab = l->dA || l->dB;
         const bf16 *xa = want_ab ? lora_input(l, x, T, s.xd) : x;
         if (l->dB) {
-            // dB += scale dy^T u, u recomputed (with the same mask) rather than stored
-            gemm_rm(false, true, T, r, in, l->scale, xa, in, A, in, 0.f, s.u, CUDA_R_16BF, r, "lora down (recompute)");
-            gemm_rm(true, false, out, r, T, 1.f, dy, out, s.u, r, 1.f, l->dB, CUDA_R_32F, r, "lora dB");
+            // dB += scale dy^T u, with the forward's u or u recomputed (with the same mask)
+            const bf16 *u = (const bf16 *)u_kept;
+            if (!u) {
+                gemm_rm(false, true, T, r, in, l->scale, xa, in, A, in, 0.f, s.u, CUDA_R_16BF, r,
+                        "lora down (recompute)");
+                u = s.u;
+            }
+            gemm_rm(true, false, out, r, T, 1.f, dy, out, u, r, 1.f, l->dB, CUDA_R_32F, r, "lora dB");
         }
         if (l->dA || dx) {
             // g = scale dy B: the gradient of u before its scale, scaled once here for dA and dx

@@ -33,6 +33,7 @@ typedef struct {
 /* One layer's forward activations (a layer is DeltaNet or attention: the mixer fields of the
  * other kind stay NULL-sized views into the same region). */
 typedef struct {
+    dt_bf16 *lora_u;  /* the LoRAs' u = scale drop(x) A^T for the backward: U_SLOTS of [N, rank] */
     dt_bf16 *xn1, *xn2, *gate, *up, *m;
     float *h_mid;
     dt_bf16 *mixed, *conv, *qkv, *z, *o_raw, *o_norm, *b, *a;
@@ -41,6 +42,11 @@ typedef struct {
     float *lse;
     void *block;
 } gpu_acts;
+
+/* A layer's products by their slot of lora_u (the mixers' share the first five; the MLP's down
+ * projection has none, as the recompute for the backward skips it). */
+enum { U_QKV_Q, U_Z_K, U_B_V, U_A, U_OUT, U_GATE, U_UP, U_SLOTS };
+
 
 /* The backward's buffers; the MLP part and the mixer part are never live together and
  * share one region. The MLP's backward runs mlp_rows tokens at a time, so its part holds
@@ -81,6 +87,7 @@ struct qwen35_cuda {
     double *norm_acc;
     /* the workspace, sized for cap_tokens tokens and sequences up to cap_seq */
     int64_t cap_tokens, cap_seq, cap_seqs;
+    int u_rank;                 /* the acts' lora_u slots hold cap_tokens rows of this rank */
     int n_acts;
     bool training;
     gpu_acts *acts;
@@ -524,10 +531,11 @@ typedef struct {
 /* One layer's activations: xn1, the mixer's, then the MLP part. The DeltaNet's conv output,
  * where the conv and the L2 norm run as separate ops (deltanet_conv_forward_cuda), lives in the
  * MLP part for the moment between them (its backward recomputes it). */
-static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, char *base) {
+static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, int lora_rank, char *base) {
     carver k = {base, 0};
     size_t B2 = 2 * (size_t)N, B4 = 4 * (size_t)N;
     acts_offsets o;
+    a->lora_u = carve(&k, B2 * lora_rank * U_SLOTS);
     a->xn1 = carve(&k, B2 * d->H);
     carver mix = k;  /* the mixers share what follows */
     a->mixed = carve(&k, B2 * d->cd);
@@ -617,14 +625,21 @@ static int64_t mlp_rows_for(const dims *d, int64_t N) {
     return r > 0 ? r : N;
 }
 
+/* The largest LoRA rank (0: none); *dropout: whether any drops out its input. */
+static int lora_rank_max(const qwen35_cuda *g, int *dropout) {
+    int rank = 0;
+    *dropout = 0;
+    for (int i = 0; i < g->n_loras; i++) {
+        rank = g->loras[i].host->rank > rank ? g->loras[i].host->rank : rank;
+        *dropout |= g->loras[i].host->dropout > 0;
+    }
+    return rank;
+}
+
 /* The scratch of the linear products. */
 static size_t scratch_linear(const qwen35_cuda *g, int64_t N) {
     dims d = dims_of(&g->cfg);
-    int rank = 0, dropout = 0;
-    for (int i = 0; i < g->n_loras; i++) {
-        rank = g->loras[i].host->rank > rank ? g->loras[i].host->rank : rank;
-        dropout |= g->loras[i].host->dropout > 0;
-    }
+    int dropout, rank = lora_rank_max(g, &dropout);
     size_t s = 0;
     int64_t ins[] = {d.H, d.I, d.vd, d.qd};
     for (size_t i = 0; i < sizeof ins / sizeof ins[0]; i++)
@@ -682,7 +697,8 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     g->lens_host = malloc(sizeof(int) * n_seqs);
     if (!g->acts || !g->pos_host || !g->starts_host || !g->lens_host) return dt_err("out of memory");
     g->targets_host = g->pos_host + N;
-    acts_offsets o = acts_layout(&g->acts[0], &d, N, NULL);
+    int dropout, rank = lora_rank_max(g, &dropout);
+    acts_offsets o = acts_layout(&g->acts[0], &d, N, rank, NULL);
     int rc = 0;
     if (n_acts == 1) {  /* acts[0], then scratch */
         size_t mlp = o.bytes - o.mlp_off, out = o.bytes - o.out_off;
@@ -692,7 +708,7 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
         rc = cuda_alloc(&g->acts[0].block, o.bytes + g->scratch_bytes);
         if (rc == 0) {
             char *base = g->acts[0].block;
-            acts_layout(&g->acts[0], &d, N, base);
+            acts_layout(&g->acts[0], &d, N, rank, base);
             g->n_acts = 1;
             g->big = base + o.mlp_off;
             g->big_bwd = base + o.out_off;
@@ -704,7 +720,7 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
         g->scratch = g->big = g->big_bwd = g->scratch_block;
         for (int i = 0; rc == 0 && i < n_acts; i++) {
             rc = cuda_alloc(&g->acts[i].block, o.bytes);
-            if (rc == 0) acts_layout(&g->acts[i], &d, N, g->acts[i].block), g->n_acts++;
+            if (rc == 0) acts_layout(&g->acts[i], &d, N, rank, g->acts[i].block), g->n_acts++;
         }
     }
     if (rc == 0) rc = cuda_alloc((void **)&g->h32, sizeof(float) * (size_t)(N * H));
@@ -732,6 +748,7 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     g->targets = g->ids + 2 * N;
     g->ce_chunk = ce_chunk_for(g, m, N, g->big_bwd_bytes);
     g->cap_tokens = N;
+    g->u_rank = rank;
     g->cap_seq = T;
     g->cap_seqs = n_seqs;
     g->training = training;
@@ -770,22 +787,29 @@ static int prepare(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b,
 
 /* ---------------------------------------------------------------- forward */
 
+/* Slot `slot` of a's lora_u, from its first row. */
+static dt_bf16 *u_slot(const qwen35_cuda *g, const gpu_acts *a, int slot) {
+    return a->lora_u + (size_t)slot * g->cap_tokens * g->u_rank;
+}
+
 typedef struct {
     int64_t N;
     int n_seqs, max_len;
 } call;
 
-static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, const float *h_in,
+/* The mixers: their output projection adds onto res, which holds h_in (res may be h_in itself) or
+ * gets a copy of it. */
+static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, const float *h_in, float *res,
                                    gpu_acts *a) {
     const qwen35_config *c = &g->cfg;
     dims d = dims_of(c);
     int64_t N = k->N;
     void *s = g->scratch;
     PROF("fwd.gdn.in_proj", {
-        linear_forward_cuda(a->mixed, CUDA_BF16, 0, a->xn1, &L->lin_qkv, N, s);
-        linear_forward_cuda(a->z, CUDA_BF16, 0, a->xn1, &L->lin_z, N, s);
-        linear_forward_cuda(a->b, CUDA_BF16, 0, a->xn1, &L->lin_b, N, s);
-        linear_forward_cuda(a->a, CUDA_BF16, 0, a->xn1, &L->lin_a, N, s);
+        linear_forward_cuda(a->mixed, CUDA_BF16, 0, a->xn1, &L->lin_qkv, N, s, u_slot(g, a, U_QKV_Q));
+        linear_forward_cuda(a->z, CUDA_BF16, 0, a->xn1, &L->lin_z, N, s, u_slot(g, a, U_Z_K));
+        linear_forward_cuda(a->b, CUDA_BF16, 0, a->xn1, &L->lin_b, N, s, u_slot(g, a, U_B_V));
+        linear_forward_cuda(a->a, CUDA_BF16, 0, a->xn1, &L->lin_a, N, s, u_slot(g, a, U_A));
     });
     PROF("fwd.gdn.conv_norm_gates", {
         deltanet_conv_forward_cuda(a->qkv, a->mixed, L->conv, g->pos, N, c->conv_kernel, c->lin_n_k_heads,
@@ -798,14 +822,14 @@ static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const cal
     PROF("fwd.gdn.out", {
         rmsnorm_gated_forward_cuda(a->o_norm, a->o_raw, a->z, L->lin_norm, N * d.Hv, c->lin_v_head_dim,
                                    (float)c->rms_eps);
-        /* the output projection adds onto h_mid = h_in: the residual for free (h_mid is in the
-         * MLP part, which `big` covered until now) */
-        cuda_copy_f32(a->h_mid, h_in, N * d.H);
-        linear_forward_cuda(a->h_mid, CUDA_F32, 1, a->o_norm, &L->lin_out, N, s);
+        /* the output projection adds onto the residual: the add for free (where res is h_mid, in
+         * the MLP part, which `big` covered until now, h_in is copied there only now) */
+        if (res != h_in) cuda_copy_f32(res, h_in, N * d.H);
+        linear_forward_cuda(res, CUDA_F32, 1, a->o_norm, &L->lin_out, N, s, u_slot(g, a, U_OUT));
     });
 }
 
-static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, const float *h_in,
+static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, const float *h_in, float *res,
                                     gpu_acts *a) {
     const qwen35_config *c = &g->cfg;
     dims d = dims_of(c);
@@ -814,9 +838,9 @@ static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const ca
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
     PROF("fwd.attn.in_proj", {
-        linear_forward_cuda(a->qg, CUDA_BF16, 0, a->xn1, &L->att_q, N, s);
-        linear_forward_cuda(a->k_pre, CUDA_BF16, 0, a->xn1, &L->att_k, N, s);
-        linear_forward_cuda(a->v, CUDA_BF16, 0, a->xn1, &L->att_v, N, s);
+        linear_forward_cuda(a->qg, CUDA_BF16, 0, a->xn1, &L->att_q, N, s, u_slot(g, a, U_QKV_Q));
+        linear_forward_cuda(a->k_pre, CUDA_BF16, 0, a->xn1, &L->att_k, N, s, u_slot(g, a, U_Z_K));
+        linear_forward_cuda(a->v, CUDA_BF16, 0, a->xn1, &L->att_v, N, s, u_slot(g, a, U_B_V));
     });
     PROF("fwd.attn.qk_norm_rope", {
         qk_norm_rope_forward_cuda(a->q, a->qg, 2 * d.qd, 2 * hd, L->q_norm, g->pos, N, nh, hd, c->rotary_dim,
@@ -828,31 +852,34 @@ static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const ca
                                                  k->n_seqs, nh, nkv, hd, 1.0f / sqrtf((float)hd), g->big));
     PROF("fwd.attn.out", {
         attn_gate_forward_cuda(a->att_g, a->att, a->qg, N, nh, hd);
-        cuda_copy_f32(a->h_mid, h_in, N * d.H);  /* as in the DeltaNet mixer */
-        linear_forward_cuda(a->h_mid, CUDA_F32, 1, a->att_g, &L->att_o, N, s);
+        if (res != h_in) cuda_copy_f32(res, h_in, N * d.H);  /* as in the DeltaNet mixer */
+        linear_forward_cuda(res, CUDA_F32, 1, a->att_g, &L->att_o, N, s, u_slot(g, a, U_OUT));
     });
 }
 
-/* h_out = the decoder layer of h_in (h_out may be h_in); intermediates land in a. h_out NULL:
- * only the intermediates (a recompute for the backward, which needs no output). */
-static void layer_forward(qwen35_cuda *g, int l, const call *k, const float *h_in, float *h_out, gpu_acts *a) {
+/* h_out = the decoder layer of h_in (h_out may be h_in); intermediates land in a, h_mid (the
+ * residual between mixer and MLP) only when keep_mid (a backward will read a without a
+ * recompute). h_out NULL: only the intermediates, h_mid included (a recompute for the backward,
+ * which needs no output). */
+static void layer_forward(qwen35_cuda *g, int l, const call *k, const float *h_in, float *h_out, gpu_acts *a,
+                          bool keep_mid) {
     const qwen35_config *c = &g->cfg;
     const gpu_layer *L = &g->layers[l];
     int64_t N = k->N, H = c->hidden_size, I = c->intermediate_size;
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
+    /* the residual stream through the layer: h_out itself, in place, or h_mid */
+    float *res = h_out ? h_out : a->h_mid;
     PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn1, h_in, L->input_norm, N, (int)H, eps));
-    if (c->layer_is_full[l]) attention_mixer_forward(g, L, k, h_in, a);
-    else deltanet_mixer_forward(g, L, k, h_in, a);
-    PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn2, a->h_mid, L->post_norm, N, (int)H, eps));
+    if (c->layer_is_full[l]) attention_mixer_forward(g, L, k, h_in, res, a);
+    else deltanet_mixer_forward(g, L, k, h_in, res, a);
+    if (h_out && keep_mid) cuda_copy_f32(a->h_mid, h_out, N * H);
+    PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn2, res, L->post_norm, N, (int)H, eps));
     PROF("fwd.mlp", {
-        linear_forward_cuda(a->gate, CUDA_BF16, 0, a->xn2, &L->mlp_gate, N, s);
-        linear_forward_cuda(a->up, CUDA_BF16, 0, a->xn2, &L->mlp_up, N, s);
+        linear_forward_cuda(a->gate, CUDA_BF16, 0, a->xn2, &L->mlp_gate, N, s, u_slot(g, a, U_GATE));
+        linear_forward_cuda(a->up, CUDA_BF16, 0, a->xn2, &L->mlp_up, N, s, u_slot(g, a, U_UP));
         swiglu_forward_cuda(a->m, a->gate, a->up, N * I);
-        if (h_out) {
-            cuda_copy_f32(h_out, a->h_mid, N * H);
-            linear_forward_cuda(h_out, CUDA_F32, 1, a->m, &L->mlp_down, N, s);
-        }
+        if (h_out) linear_forward_cuda(h_out, CUDA_F32, 1, a->m, &L->mlp_down, N, s, NULL);
     });
 }
 
@@ -865,7 +892,7 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
     int64_t N = k->N;
     void *s = g->scratch;
     PROF("bwd.gdn.out", {
-        linear_backward_cuda(G->do_norm, 0, G->dy_bf, a->o_norm, &L->lin_out, N, s);
+        linear_backward_cuda(G->do_norm, 0, G->dy_bf, a->o_norm, &L->lin_out, N, s, u_slot(g, a, U_OUT));
         rmsnorm_gated_backward_cuda(G->do_raw, G->dz, G->do_norm, a->o_raw, a->z, L->lin_norm, N * d.Hv,
                                     c->lin_v_head_dim, (float)c->rms_eps);
     });
@@ -881,10 +908,10 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
                                     1e-6f, a->qkv);
     });
     PROF("bwd.gdn.in_proj", {
-        linear_backward_cuda(G->dxn1, 0, G->dmixed, a->xn1, &L->lin_qkv, N, s);
-        linear_backward_cuda(G->dxn1, 1, G->dz, a->xn1, &L->lin_z, N, s);
-        linear_backward_cuda(G->dxn1, 1, G->db, a->xn1, &L->lin_b, N, s);
-        linear_backward_cuda(G->dxn1, 1, G->da, a->xn1, &L->lin_a, N, s);
+        linear_backward_cuda(G->dxn1, 0, G->dmixed, a->xn1, &L->lin_qkv, N, s, u_slot(g, a, U_QKV_Q));
+        linear_backward_cuda(G->dxn1, 1, G->dz, a->xn1, &L->lin_z, N, s, u_slot(g, a, U_Z_K));
+        linear_backward_cuda(G->dxn1, 1, G->db, a->xn1, &L->lin_b, N, s, u_slot(g, a, U_B_V));
+        linear_backward_cuda(G->dxn1, 1, G->da, a->xn1, &L->lin_a, N, s, u_slot(g, a, U_A));
     });
 }
 
@@ -897,7 +924,7 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
     PROF("bwd.attn.out", {
-        linear_backward_cuda(G->datt_g, 0, G->dy_bf, a->att_g, &L->att_o, N, s);
+        linear_backward_cuda(G->datt_g, 0, G->dy_bf, a->att_g, &L->att_o, N, s, u_slot(g, a, U_OUT));
         attn_gate_backward_cuda(G->datt, G->dqg, G->datt_g, a->att, a->qg, N, nh, hd);
     });
     PROF("bwd.attn.core", attention_backward_cuda(G->dq, G->dk, G->dv, G->datt, a->att, a->lse, a->q, a->k, a->v,
@@ -911,9 +938,9 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
         cuda_f32_to_bf16(G->dv_bf, G->dv, N * d.kvd);
     });
     PROF("bwd.attn.in_proj", {
-        linear_backward_cuda(G->dxn1, 0, G->dqg, a->xn1, &L->att_q, N, s);
-        linear_backward_cuda(G->dxn1, 1, G->dk_pre, a->xn1, &L->att_k, N, s);
-        linear_backward_cuda(G->dxn1, 1, G->dv_bf, a->xn1, &L->att_v, N, s);
+        linear_backward_cuda(G->dxn1, 0, G->dqg, a->xn1, &L->att_q, N, s, u_slot(g, a, U_QKV_Q));
+        linear_backward_cuda(G->dxn1, 1, G->dk_pre, a->xn1, &L->att_k, N, s, u_slot(g, a, U_Z_K));
+        linear_backward_cuda(G->dxn1, 1, G->dv_bf, a->xn1, &L->att_v, N, s, u_slot(g, a, U_B_V));
     });
 }
 
@@ -935,10 +962,12 @@ static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_
         cuda_linear down = L->mlp_down, gate = L->mlp_gate, up = L->mlp_up;
         down.row0 = gate.row0 = up.row0 = t0;
         PROF("bwd.mlp", {
-            linear_backward_cuda(G->dm, 0, G->dy_bf + t0 * H, a->m + t0 * I, &down, n, s);
+            /* the recompute skips the down projection: its u is recomputed here */
+            linear_backward_cuda(G->dm, 0, G->dy_bf + t0 * H, a->m + t0 * I, &down, n, s, NULL);
             swiglu_backward_cuda(G->dgate, G->dup, G->dm, a->gate + t0 * I, a->up + t0 * I, n * I);
-            linear_backward_cuda(G->dxn2, 0, G->dgate, a->xn2 + t0 * H, &gate, n, s);
-            linear_backward_cuda(G->dxn2, 1, G->dup, a->xn2 + t0 * H, &up, n, s);
+            linear_backward_cuda(G->dxn2, 0, G->dgate, a->xn2 + t0 * H, &gate, n, s,
+                                 u_slot(g, a, U_GATE) + t0 * gate.rank);
+            linear_backward_cuda(G->dxn2, 1, G->dup, a->xn2 + t0 * H, &up, n, s, u_slot(g, a, U_UP) + t0 * up.rank);
         });
         PROF("bwd.norms", {
             rmsnorm1p_backward_cuda(G->dh_mid + t0 * H, G->dy_bf + t0 * H, dh + t0 * H, G->dxn2, a->h_mid + t0 * H,
@@ -990,7 +1019,7 @@ int qwen35_cuda_eval_loss(qwen35_cuda *g, const qwen35_model *m, const qwen35_ba
     for (int s = 0; s < b->n_seqs; s++) k.max_len = b->seq_lens[s] > k.max_len ? b->seq_lens[s] : k.max_len;
     int64_t N = k.N, H = c->hidden_size;
     embed(g, g->h32, N);
-    for (int l = 0; l < c->n_layers; l++) layer_forward(g, l, &k, g->h32, g->h32, &g->acts[0]);
+    for (int l = 0; l < c->n_layers; l++) layer_forward(g, l, &k, g->h32, g->h32, &g->acts[0], false);
     rmsnorm1p_forward_cuda(g->hf, g->h32, g->final_norm, N, (int)H, (float)c->rms_eps);
     lm_head_loss(g, NULL, N, 1.0f);
     if (finish(g, loss_sum, "the evaluation")) return -1;
@@ -1020,7 +1049,7 @@ int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qw
     PROF("fwd.embed", embed(g, h, N));
     for (int l = 0; l < n_layers; l++) {
         if (l > 0) cuda_f32_to_bf16(g->hs + (l - 1) * NH, h, NH);
-        layer_forward(g, l, &k, h, h, &g->acts[grad_checkpoint ? 0 : l]);
+        layer_forward(g, l, &k, h, h, &g->acts[grad_checkpoint ? 0 : l], !grad_checkpoint);
     }
     PROF("lm_head_ce", {
         rmsnorm1p_forward_cuda(g->hf, h, g->final_norm, N, (int)H, eps);
@@ -1038,7 +1067,7 @@ int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qw
         else embed(g, h_in, N);
         if (grad_checkpoint) {
             cuda_prof_push("recompute");
-            layer_forward(g, l, &k, h_in, NULL, a);
+            layer_forward(g, l, &k, h_in, NULL, a, true);
             cuda_prof_pop();
         }
         layer_backward(g, l, &k, h_in, a, g->dh);

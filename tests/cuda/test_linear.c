@@ -18,6 +18,7 @@ typedef struct {
     cuda_dtype yt;
     int accumulate, with_dx, with_grads;
     int pieces;  /* the GPU calls in two pieces of rows (row0), as the model's chunked MLP backward */
+    int keep_u;  /* the forward keeps u for the backward (u_keep, u_kept), as the model does */
 } lcase;
 
 
@@ -27,7 +28,7 @@ static void run_case(const lcase *c) {
     char tag[128], name[256];
     snprintf(tag, sizeof tag, "T%lld %lld->%lld r%d p%g %s%s%s", (long long)T, (long long)in, (long long)out, r,
              c->dropout, c->yt == CUDA_BF16 ? "bf16" : "f32", c->accumulate ? " acc" : "",
-             c->pieces ? " in pieces" : "");
+             c->pieces ? (c->keep_u ? " in pieces, u kept" : " in pieces") : c->keep_u ? " u kept" : "");
 
     /* LoRA's term about as large as the base term, so a wrong LoRA path cannot hide */
     float *x = test_rvec_bf16(T * in, 1.f), *W = test_rvec_bf16(out * in, 1.f / sqrtf((float)in));
@@ -63,7 +64,10 @@ static void run_case(const lcase *c) {
     float *d_dB = test_dev_f32(dB0, out * r);
     void *scratch = NULL;
     size_t sb = linear_scratch_bytes_cuda(T, in, r, c->dropout > 0);
-    if (!d_x || !d_W || !d_A || !d_B || !d_dy || !d_y || !d_dx || !d_dA || !d_dB || cuda_alloc(&scratch, sb)) {
+    /* u's rows, garbage until the forward writes them */
+    dt_bf16 *d_u = c->keep_u ? test_dev_bf16(dy, T * r) : NULL;
+    if (!d_x || !d_W || !d_A || !d_B || !d_dy || !d_y || !d_dx || !d_dA || !d_dB || (c->keep_u && !d_u) ||
+        cuda_alloc(&scratch, sb)) {
         snprintf(name, sizeof name, "linear %s: device buffers", tag);
         test_cuda_ok(name);
         cuda_tests_failed++;
@@ -79,7 +83,7 @@ static void run_case(const lcase *c) {
         cuda_linear lp = l;
         lp.row0 = bounds[p];
         linear_forward_cuda((char *)d_y + bounds[p] * out * ysz, c->yt, c->accumulate, d_x + bounds[p] * in, &lp,
-                            bounds[p + 1] - bounds[p], scratch);
+                            bounds[p + 1] - bounds[p], scratch, d_u ? d_u + bounds[p] * r : NULL);
     }
     snprintf(name, sizeof name, "linear_forward %s", tag);
     if (test_cuda_ok(name) == 0) {
@@ -91,7 +95,8 @@ static void run_case(const lcase *c) {
         cuda_linear lp = l;
         lp.row0 = bounds[p];
         linear_backward_cuda(c->with_dx ? d_dx + bounds[p] * in : NULL, c->accumulate, d_dy + bounds[p] * out,
-                             d_x + bounds[p] * in, &lp, bounds[p + 1] - bounds[p], scratch);
+                             d_x + bounds[p] * in, &lp, bounds[p + 1] - bounds[p], scratch,
+                             d_u ? d_u + bounds[p] * r : NULL);
     }
     snprintf(name, sizeof name, "linear_backward %s%s%s", tag, c->with_dx ? "" : " dx=NULL",
              c->with_grads ? "" : " dA,dB=NULL");
@@ -114,7 +119,7 @@ static void run_case(const lcase *c) {
     }
 done:
     cuda_free(d_x), cuda_free(d_W), cuda_free(d_A), cuda_free(d_B), cuda_free(d_dy), cuda_free(d_y);
-    cuda_free(d_dx), cuda_free(d_dA), cuda_free(d_dB), cuda_free(scratch);
+    cuda_free(d_dx), cuda_free(d_dA), cuda_free(d_dB), cuda_free(scratch), cuda_free(d_u);
     free(x), free(W), free(A), free(B), free(dy), free(y0), free(dx0), free(dA0), free(dB0);
     free(y_cpu), free(dx_cpu), free(dA_cpu), free(dB_cpu);
 }
@@ -144,17 +149,17 @@ static void time_shape(int64_t T, int64_t in, int64_t out, int r, float p, cuda_
                      .A = d_A, .B = d_B, .dA = want_ab ? d_dA : NULL, .dB = want_ab ? d_dB : NULL};
     float *dxp = want_dx ? d_dx : NULL;
     const int iters = 30;
-    for (int i = 0; i < 3; i++) linear_forward_cuda(d_y, yt, 0, d_x, &l, T, scratch);
+    for (int i = 0; i < 3; i++) linear_forward_cuda(d_y, yt, 0, d_x, &l, T, scratch, NULL);
     cuda_check("timing");
     double t0 = now_s();
-    for (int i = 0; i < iters; i++) linear_forward_cuda(d_y, yt, 0, d_x, &l, T, scratch);
+    for (int i = 0; i < iters; i++) linear_forward_cuda(d_y, yt, 0, d_x, &l, T, scratch, NULL);
     double fenq = (now_s() - t0) / iters * 1e3;  /* the host's issue time: near the total when launch-bound */
     cuda_check("timing");
     double fwd = (now_s() - t0) / iters * 1e3;
-    for (int i = 0; i < 3; i++) linear_backward_cuda(dxp, 1, d_dy, d_x, &l, T, scratch);
+    for (int i = 0; i < 3; i++) linear_backward_cuda(dxp, 1, d_dy, d_x, &l, T, scratch, NULL);
     cuda_check("timing");
     t0 = now_s();
-    for (int i = 0; i < iters; i++) linear_backward_cuda(dxp, 1, d_dy, d_x, &l, T, scratch);
+    for (int i = 0; i < iters; i++) linear_backward_cuda(dxp, 1, d_dy, d_x, &l, T, scratch, NULL);
     double benq = (now_s() - t0) / iters * 1e3;
     cuda_check("timing");
     double bwd = (now_s() - t0) / iters * 1e3;
@@ -205,39 +210,42 @@ void cuda_tests_linear(void) {
     }
     static const lcase cases[] = {
         /* odd shapes */
-        {37, 70, 130, 0, 0.f, CUDA_F32, 0, 1, 1, 0},
-        {37, 70, 130, 0, 0.f, CUDA_BF16, 0, 0, 1, 0},
-        {37, 70, 130, 0, 0.f, CUDA_F32, 1, 1, 1, 0},
-        {37, 70, 130, 8, 0.f, CUDA_F32, 1, 1, 1, 0},
-        {37, 70, 130, 8, 0.f, CUDA_BF16, 0, 0, 1, 0},
-        {37, 70, 130, 8, 0.1f, CUDA_F32, 0, 1, 1, 0},
-        {37, 70, 130, 8, 0.1f, CUDA_BF16, 0, 1, 0, 0},
-        {37, 70, 130, 5, 0.1f, CUDA_F32, 1, 0, 1, 0},
-        {37, 72, 130, 16, 0.1f, CUDA_F32, 1, 1, 1, 0},
-        {1, 64, 16, 16, 0.1f, CUDA_BF16, 0, 1, 1, 0},
-        {63, 130, 1, 3, 0.f, CUDA_F32, 1, 1, 1, 0},
+        {37, 70, 130, 0, 0.f, CUDA_F32, 0, 1, 1, 0, 0},
+        {37, 70, 130, 0, 0.f, CUDA_BF16, 0, 0, 1, 0, 0},
+        {37, 70, 130, 0, 0.f, CUDA_F32, 1, 1, 1, 0, 0},
+        {37, 70, 130, 8, 0.f, CUDA_F32, 1, 1, 1, 0, 0},
+        {37, 70, 130, 8, 0.f, CUDA_BF16, 0, 0, 1, 0, 0},
+        {37, 70, 130, 8, 0.1f, CUDA_F32, 0, 1, 1, 0, 0},
+        {37, 70, 130, 8, 0.1f, CUDA_F32, 0, 1, 1, 0, 1},
+        {37, 70, 130, 8, 0.1f, CUDA_BF16, 0, 1, 0, 0, 0},
+        {37, 70, 130, 5, 0.1f, CUDA_F32, 1, 0, 1, 0, 0},
+        {37, 72, 130, 16, 0.1f, CUDA_F32, 1, 1, 1, 0, 0},
+        {1, 64, 16, 16, 0.1f, CUDA_BF16, 0, 1, 1, 0, 0},
+        {63, 130, 1, 3, 0.f, CUDA_F32, 1, 1, 1, 0, 0},
         /* in and out multiples of 8: the rank <= 16 projection kernel, with ragged T and r */
-        {37, 72, 136, 5, 0.f, CUDA_F32, 1, 1, 1, 0},
-        {37, 72, 136, 16, 0.1f, CUDA_BF16, 0, 1, 1, 0},
+        {37, 72, 136, 5, 0.f, CUDA_F32, 1, 1, 1, 0, 0},
+        {37, 72, 136, 16, 0.1f, CUDA_BF16, 0, 1, 1, 0, 0},
         /* in pieces of rows, the dropout mask following them */
-        {37, 72, 136, 16, 0.1f, CUDA_F32, 1, 1, 1, 1},
-        {100, 70, 130, 8, 0.3f, CUDA_BF16, 0, 1, 1, 1},
-        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 1, 1, 0},
-        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 0, 1, 0},
-        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 1, 0, 0},
-        {1, 64, 8, 3, 0.f, CUDA_F32, 0, 1, 1, 0},
+        {37, 72, 136, 16, 0.1f, CUDA_F32, 1, 1, 1, 1, 0},
+        {100, 70, 130, 8, 0.3f, CUDA_BF16, 0, 1, 1, 1, 0},
+        {100, 70, 130, 8, 0.3f, CUDA_BF16, 0, 1, 1, 1, 1},
+        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 1, 1, 0, 0},
+        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 0, 1, 0, 0},
+        {100, 264, 40, 16, 0.f, CUDA_F32, 1, 1, 0, 0, 0},
+        {1, 64, 8, 3, 0.f, CUDA_F32, 0, 1, 1, 0, 0},
         /* rank above 16: cuBLAS throughout */
-        {64, 128, 96, 32, 0.f, CUDA_F32, 1, 1, 1, 0},
+        {64, 128, 96, 32, 0.f, CUDA_F32, 1, 1, 1, 0, 0},
         /* Qwen3.5-0.8B at 2 x 2048 tokens, r16 */
-        {4096, 1024, 6144, 0, 0.f, CUDA_BF16, 0, 1, 1, 0},
-        {4096, 1024, 6144, 16, 0.f, CUDA_BF16, 0, 1, 1, 0},
-        {4096, 1024, 2048, 16, 0.1f, CUDA_BF16, 0, 1, 1, 0},
-        {4096, 1024, 16, 16, 0.f, CUDA_BF16, 0, 1, 1, 0},
-        {4096, 1024, 3584, 16, 0.1f, CUDA_BF16, 0, 0, 1, 0},
-        {4096, 3584, 1024, 16, 0.f, CUDA_F32, 1, 1, 1, 0},
-        {4096, 2048, 1024, 16, 0.1f, CUDA_F32, 1, 1, 1, 0},
-        {4096, 1024, 4096, 16, 0.f, CUDA_BF16, 0, 1, 1, 0},
-        {4096, 1024, 512, 16, 0.1f, CUDA_BF16, 0, 1, 0, 0},
+        {4096, 1024, 6144, 0, 0.f, CUDA_BF16, 0, 1, 1, 0, 0},
+        {4096, 1024, 6144, 16, 0.f, CUDA_BF16, 0, 1, 1, 0, 0},
+        {4096, 1024, 6144, 16, 0.f, CUDA_BF16, 0, 1, 1, 0, 1},
+        {4096, 1024, 2048, 16, 0.1f, CUDA_BF16, 0, 1, 1, 0, 0},
+        {4096, 1024, 16, 16, 0.f, CUDA_BF16, 0, 1, 1, 0, 0},
+        {4096, 1024, 3584, 16, 0.1f, CUDA_BF16, 0, 0, 1, 0, 0},
+        {4096, 3584, 1024, 16, 0.f, CUDA_F32, 1, 1, 1, 0, 0},
+        {4096, 2048, 1024, 16, 0.1f, CUDA_F32, 1, 1, 1, 0, 0},
+        {4096, 1024, 4096, 16, 0.f, CUDA_BF16, 0, 1, 1, 0, 0},
+        {4096, 1024, 512, 16, 0.1f, CUDA_BF16, 0, 1, 0, 0, 0},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
     if (t && atoi(t) == 1) timing();
