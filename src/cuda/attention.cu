@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/async_copy.cuh"
 #include "cuda/cuda_internal.h"
 #include "cuda/reduce.cuh"
 
@@ -172,13 +173,6 @@ int longest(const int *seq_lens, int n_seqs) {
 
 const int kFT = 64;  // query rows and key rows per tile
 
-__device__ __forceinline__ void cp16z(void *smem, const void *gmem, bool ok) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
 __device__ __forceinline__ void ldsm_x4(uint32_t *r, const void *smem) {
     unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -218,7 +212,7 @@ __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *src, long long 
     for (int x = threadIdx.x; x < kFT * CPR; x += 128) {
         int r = x / CPR, c = x % CPR;
         bool ok = row0 + r < n;
-        cp16z(dst + swz<HD>(r, c), src + (ok ? (long long)(row0 + r) * ld + c * 8 : 0), ok);
+        cp_async16z(dst + swz<HD>(r, c), src + (ok ? (long long)(row0 + r) * ld + c * 8 : 0), ok);
     }
 }
 
@@ -245,7 +239,7 @@ __global__ void __launch_bounds__(128, HD >= 128 ? 2 : 3)
 
     load_tile<HD>(Qs, qh, qld, i0, len);
     load_tile<HD>(Ks, kh, kvld, 0, len);
-    cp_commit();
+    cp_async_commit();
 
     float o[HD / 8][4];
 #pragma unroll
@@ -255,10 +249,10 @@ __global__ void __launch_bounds__(128, HD >= 128 ? 2 : 3)
     int row0 = i0 + qrow + g, row1 = row0 + 8;
 
     for (int j = 0; j <= qt; j++) {
-        cp_wait_all();
+        cp_async_wait_all();
         __syncthreads();  // K_j (and Q) in; every warp done with V_{j-1}
         load_tile<HD>(Vs, vh, kvld, j * kFT, len);
-        cp_commit();
+        cp_async_commit();
 
         float sc[8][4];
 #pragma unroll
@@ -309,10 +303,10 @@ __global__ void __launch_bounds__(128, HD >= 128 ? 2 : 3)
 #pragma unroll
         for (int n = 0; n < HD / 8; n++) o[n][0] *= al0, o[n][1] *= al0, o[n][2] *= al1, o[n][3] *= al1;
 
-        cp_wait_all();
+        cp_async_wait_all();
         __syncthreads();  // V_j in; every warp done with K_j
         if (j < qt) load_tile<HD>(Ks, kh, kvld, (j + 1) * kFT, len);
-        cp_commit();
+        cp_async_commit();
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
 #pragma unroll

@@ -55,6 +55,30 @@ static __device__ __forceinline__ void conv_at(float u[VC], const float wr[K][VC
             for (int v = 0; v < VC; v++) u[v] += wr[j][v] * xw[q + j][v];
 }
 
+// dx[s] = sum_j w[j] du[s + K - 1 - j] for the CONV_TT rows s = s0 .. of the thread's channels,
+// over the tokens of each row's own sequence (token s0 + q's starts at row s0 + start[q]).
+template <int K, int VC>
+static __device__ __forceinline__ void store_dx(bf16 *dx, const float du[CONV_TT + K - 1][VC],
+                                                const int start[CONV_TT + K - 1], const float wr[K][VC], int64_t s0,
+                                                int64_t N, int C, int c0) {
+#pragma unroll
+    for (int q = 0; q < CONV_TT; q++) {
+        int64_t s = s0 + q;
+        if (s >= N) break;
+        float o[VC];
+#pragma unroll
+        for (int v = 0; v < VC; v++) o[v] = 0;
+#pragma unroll
+        for (int j = 0; j < K; j++) {
+            int qt = q + K - 1 - j;
+            if (q >= start[qt])
+#pragma unroll
+                for (int v = 0; v < VC; v++) o[v] += wr[j][v] * du[qt][v];
+        }
+        stv<VC>(dx + s * C + c0, o);
+    }
+}
+
 template <int K, int VC>
 __global__ void __launch_bounds__(CONV_THREADS)
     conv1d_silu_fwd_kernel(bf16 *y, const bf16 *x, const float *w, const int32_t *pos, int64_t N, int C) {
@@ -113,22 +137,7 @@ __global__ void __launch_bounds__(CONV_THREADS)
                 du[q][v] = g[v] * sg * (1.0f + u[v] * (1.0f - sg));
             }
         }
-#pragma unroll
-        for (int q = 0; q < CONV_TT; q++) {
-            int64_t s = s0 + q;
-            if (s >= N) break;
-            float o[VC];
-#pragma unroll
-            for (int v = 0; v < VC; v++) o[v] = 0;
-#pragma unroll
-            for (int j = 0; j < K; j++) {
-                int qt = q + K - 1 - j;
-                if (q >= start[qt])
-#pragma unroll
-                    for (int v = 0; v < VC; v++) o[v] += wr[j][v] * du[qt][v];
-            }
-            stv<VC>(dx + s * C + c0, o);
-        }
+        store_dx<K, VC>(dx, du, start, wr, s0, N, C, c0);
     }
 }
 
@@ -209,22 +218,7 @@ __global__ void __launch_bounds__(CONV_THREADS)
             }
         }
         if (normed) __syncthreads();  // red is rewritten by the next tile
-#pragma unroll
-        for (int q = 0; q < CONV_TT; q++) {
-            int64_t s = s0 + q;
-            if (s >= N) break;
-            float o[VC];
-#pragma unroll
-            for (int v = 0; v < VC; v++) o[v] = 0;
-#pragma unroll
-            for (int j = 0; j < K; j++) {
-                int qt = q + K - 1 - j;
-                if (q >= start[qt])
-#pragma unroll
-                    for (int v = 0; v < VC; v++) o[v] += wr[j][v] * du[qt][v];
-            }
-            stv<VC>(dx + s * C + c0, o);
-        }
+        store_dx<K, VC>(dx, du, start, wr, s0, N, C, c0);
     }
 }
 

@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/async_copy.cuh"
 #include "cuda/cuda_internal.h"
 
 // ---------------------------------------------------------------- q/k L2 norm
@@ -175,12 +176,6 @@ __host__ __device__ constexpr size_t smem_bytes(int DKP) {
                   + TC * NW * 2);              // per-warp scalars (dbeta, dg parts)
 }
 
-static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-static __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-
 // q, k of tokens [t0, t0 + n) into dst [TC][q DKP | k DKP] (bf16): in flight with cp.async
 // when aligned, else copied here (rows past dk zero).
 template <int M>
@@ -193,7 +188,7 @@ static __device__ void issue_qk(bf16 *dst, const dn_args &a, int64_t t0, int n, 
             int tt = e / per, r = e - tt * per, which = r >= dk8, j = (r - which * dk8) * 8;
             cp_async16(dst + tt * 2 * DKP + which * DKP + j, a.qkv + (t0 + tt) * a.conv_dim + which * kcol + hcol + j);
         }
-        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        cp_async_commit();
     } else {
         for (int e = threadIdx.x; e < TC * 2 * DKP; e += NT) {
             int tt = e / (2 * DKP), r = e % (2 * DKP), which = r / DKP, i = r % DKP;
@@ -654,12 +649,6 @@ struct ck_args {
     float *dqkv, *dg;   // CK_F1: dq, q . dq; CK_F2: dk
 };
 
-static __device__ __forceinline__ void cp_async16z(void *smem, const void *gmem, bool ok) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    int bytes = ok ? 16 : 0;  // 0: fills zeros, reads nothing
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-
 // one float (the gates' beta: a column of [N, Hv], no wider copy lines up)
 static __device__ __forceinline__ void cp_async4z(void *smem, const void *gmem, bool ok) {
     unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -821,7 +810,7 @@ __global__ void __launch_bounds__(PNT, REV ? 2 : 4) dn_prep_kernel(ck_args a) {
                     dys[t * LY + i + x] = t < n && i + x < a.dv ? dog[t * vstride + i + x] : 0.0f;
         }
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    cp_async_commit();
     if (tid < CC) Gs[tid] = tid < n ? a.g[(t0 + tid) * a.Hv + h] : 0.0f;
     if (tid >= 32 && tid < 32 + CC) Bs[tid - 32] = tid - 32 < n ? a.beta[(t0 + tid - 32) * a.Hv + h] : 0.0f;
     __syncthreads();
@@ -1004,7 +993,7 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
                         yd[t * L::LU + i + x] = t < n && cb * CW + i + x < a.dv ? yg[t * vstride + i + x] : 0.0f;
             }
         }
-        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        cp_async_commit();
     };
 
     float accS[NS][4];
@@ -1284,7 +1273,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
         int64_t vo = t0 * vstride + (int64_t)h * a.dv + cb * CW;
         load_cols<L::LU, CW>(DOb + buf * CC * L::LU, a.dout + vo, vstride, n, cb * CW, a.dv, a.y_vec);
         load_cols<L::LU, CW>(Ub + buf * CC * L::LU, a.u + vo, vstride, n, cb * CW, a.dv, a.y_vec);
-        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        cp_async_commit();
     };
 
     float accR[NS][4];

@@ -117,8 +117,8 @@ __global__ void dropout_copy8_kernel(bf16 *xd, const bf16 *x, int64_t n8, dropou
 
 // dx[t, i] (+)= factor(t in + i) sum_j g[t, j] A[j, i] (added when acc, else written): LoRA's
 // part of dx through the dropout mask. With rank r small this is memory-bound on dx: one pass
-// over it, rather than a GEMM into scratch and a masking pass. V consecutive columns per thread. (Without dropout,
-// cuBLAS's beta = 1 product measured a little faster than this kernel, so it keeps that.)
+// over it, rather than a GEMM into scratch and a masking pass. V consecutive columns per thread.
+// (Without dropout, cuBLAS's product measured a little faster than this kernel, so it keeps that.)
 template <int V>
 __global__ void lora_dx_dropout_kernel(float *dx, bool acc, const bf16 *g, const bf16 *A, int64_t in, int r,
                                        dropout_mask m) {

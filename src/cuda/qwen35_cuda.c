@@ -47,7 +47,6 @@ typedef struct {
  * projection has none, as the recompute for the backward skips it). */
 enum { U_QKV_Q, U_Z_K, U_B_V, U_A, U_OUT, U_GATE, U_UP, U_SLOTS };
 
-
 /* The backward's buffers; the MLP part and the mixer part are never live together and
  * share one region. The MLP's backward runs mlp_rows tokens at a time, so its part holds
  * that many rows: no larger than the mixer's. */

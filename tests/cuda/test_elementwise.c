@@ -376,19 +376,16 @@ static void test_conv_l2norm(const int *lens, int n_seqs, int Hk, int dk, int vd
     int32_t *d_pos = test_dev_i32(pos, N);
     dt_bf16 *d_qkv = test_dev_bf16(dq, n);  /* garbage to overwrite */
     deltanet_conv_forward_cuda(d_qkv, d_x, d_w, d_pos, N, K, Hk, dk, C, q_scale, eps, d_conv);
-    snprintf(name, sizeof name, "deltanet_conv_forward N=%lld seqs=%d Hk=%d dk=%d vd=%d K=%d", (long long)N, n_seqs,
-             Hk, dk, vd, K);
-    if (!test_cuda_ok(name)) {
-        float *g = test_host_bf16(d_qkv, n);
-        test_expect_close(name, g, qkv, n, 1e-2);
-        free(g);
-    }
     deltanet_conv_backward_cuda(d_dx, d_dq, d_x, d_w, d_pos, N, K, Hk, dk, C, q_scale, eps, d_conv);
-    snprintf(name, sizeof name, "deltanet_conv_backward N=%lld seqs=%d Hk=%d dk=%d vd=%d K=%d", (long long)N, n_seqs,
-             Hk, dk, vd, K);
-    if (!test_cuda_ok(name)) {
-        float *g = test_host_bf16(d_dx, n);
-        test_expect_close(name, g, dx, n, 1e-2);
+    const char *which[2] = {"forward", "backward"};
+    dt_bf16 *got[2] = {d_qkv, d_dx};
+    const float *want[2] = {qkv, dx};
+    for (int i = 0; i < 2; i++) {
+        snprintf(name, sizeof name, "deltanet_conv_%s N=%lld seqs=%d Hk=%d dk=%d vd=%d K=%d", which[i], (long long)N,
+                 n_seqs, Hk, dk, vd, K);
+        if (test_cuda_ok(name)) continue;
+        float *g = test_host_bf16(got[i], n);
+        test_expect_close(name, g, want[i], n, 1e-2);
         free(g);
     }
     cuda_free(d_x), cuda_free(d_dx), cuda_free(d_conv), cuda_free(d_w), cuda_free(d_dq), cuda_free(d_pos);
