@@ -204,8 +204,8 @@ __device__ __forceinline__ int swz(int r, int c) {
     return r * HD + ((c ^ (r & 7)) << 3);
 }
 
-// rows [row0, row0 + kFT) of src (leading dimension ld, from column col) into a tile, rows at
-// or past n zero
+// rows [row0, row0 + kFT) of src (leading dimension ld) into a swizzled tile, rows at or past n
+// zero
 template <int HD>
 __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *src, long long ld, int row0, int n) {
     const int CPR = HD / 8;
