@@ -40,6 +40,12 @@ int cuda_zero(void *p, size_t bytes);   /* on the stream, no wait */
 void cuda_copy_f32(float *dst, const float *src, int64_t n);  /* device to device, on the stream */
 /* Waits for the device and reports any error of the launches since the last check. */
 int cuda_check(const char *what);
+/* A CUDA graph: between begin and end the launches on the stream are recorded, not run; end
+ * instantiates them (*exec NULL and an error when the capture failed); launch replays them. */
+int cuda_graph_begin(void);
+int cuda_graph_end(void **exec);
+int cuda_graph_launch(void *exec);
+void cuda_graph_free(void *exec);
 /* Time per named region, from events on the stream (enabled by cuda_prof_enable(1)):
  * push/pop nest; the report sums each name's milliseconds since the last reset. */
 void cuda_prof_enable(int on);
@@ -209,7 +215,9 @@ typedef struct {
     const dt_bf16 *A, *B;   /* bf16 copies of the fp32 masters: [rank, in], [out, rank] */
     float *dA, *dB;         /* fp32 gradients, accumulated; NULL: none wanted */
 } cuda_linear;
-/* dropout: whether the LoRA drops out its input (which then needs a [T, in] copy). */
+/* The scratch of the products below: rank is the sum of the ranks of a group's LoRAs (one
+ * LoRA's for linear_forward_cuda); dropout: whether any drops out its input (which then needs a
+ * [T, in] copy). */
 size_t linear_scratch_bytes_cuda(int64_t T, int64_t in, int rank, int dropout);
 /* y [T, out] (of type yt) = x W^T + LoRA, or y += that when accumulate (fp32 y only). u_keep (bf16
  * [T, rank], may be NULL) receives LoRA's u = scale drop(x) A^T for the backward. */
@@ -220,6 +228,24 @@ void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *
  * (u is recomputed). */
 void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, const dt_bf16 *x, const cuda_linear *l,
                           int64_t T, void *scratch, const dt_bf16 *u_kept);
+/* Linears that read one x (a layer's q, k and v; the DeltaNet's in-projections; the MLP's gate
+ * and up), each as linear_forward_cuda / linear_backward_cuda with its part's y or dy. Where two
+ * or more have a LoRA, all with one scale and no dropout, and each A (and dA) follows the one
+ * before it in memory, their A products run as one on the stacked A [R, in] (R the sum of their
+ * ranks): u = scale x A^T in the forward, dA and LoRA's part of dx in the backward. u_keep,
+ * u_kept: bf16 [T, R], each LoRA's u in its columns, in the parts' order. The backward's dx is the
+ * sum over the parts. */
+typedef struct {
+    void *y;            /* forward: the output, of type yt; accumulate: y += (fp32 y only) */
+    cuda_dtype yt;
+    int accumulate;
+    const dt_bf16 *dy;  /* backward: bf16 [T, out] */
+    const cuda_linear *l;
+} cuda_linear_part;
+void linear_group_forward_cuda(const cuda_linear_part *p, int n, const dt_bf16 *x, int64_t T, void *scratch,
+                               dt_bf16 *u_keep);
+void linear_group_backward_cuda(float *dx, int accumulate, const cuda_linear_part *p, int n, const dt_bf16 *x,
+                                int64_t T, void *scratch, const dt_bf16 *u_kept);
 
 /* ---- loss.cu ---- */
 /* Cross-entropy of the LM head fused with it: h (bf16 [N, H], final-normed) times E^T

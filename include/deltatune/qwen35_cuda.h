@@ -42,6 +42,9 @@ int qwen35_cuda_adamw(qwen35_cuda *g, int64_t step, double lr, const adamw_confi
  * the optimiser on the device, into the device's. */
 int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b, double grad_scale,
                                  bool grad_checkpoint, double *loss_sum, int64_t *n_targets);
+/* How many training steps ran as a replayed CUDA graph: a step whose shapes, checkpointing and
+ * gradient scale repeat those of the step before it is recorded once and replayed after. */
+int64_t qwen35_cuda_graph_launches(const qwen35_cuda *g);
 /* As qwen35_eval_loss. */
 int qwen35_cuda_eval_loss(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b, double *loss_sum,
                           int64_t *n_targets);

@@ -211,69 +211,183 @@ static const bf16 *lora_input(const cuda_linear *l, const bf16 *x, int64_t T, bf
     return xd;
 }
 
-extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x_, const cuda_linear *l,
-                                    int64_t T, void *scratch, dt_bf16 *u_keep) {
-    if (T <= 0 || l->out <= 0) return;
-    ensure_workspace();
-    const bf16 *x = (const bf16 *)x_, *W = base_weight(l);
-    cudaDataType_t ct = yt == CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F;
-    int64_t in = l->in, out = l->out;
-    float beta = accumulate ? 1.f : 0.f;
+// The rank a member adds to its group's u and g: its LoRA's, or 0.
+static int lora_rank(const cuda_linear *l) { return has_lora(l) ? l->rank : 0; }
+
+static int group_rank(const cuda_linear_part *p, int n) {
+    int R = 0;
+    for (int i = 0; i < n; i++) R += lora_rank(p[i].l);
+    return R;
+}
+
+// Whether the group's LoRA members can run their A products as one, on the stacked A [R, in]:
+// two or more of them, one scale, no dropout (each member's mask differs), each A (and dA, when
+// grads) right after the one before.
+static bool stacked(const cuda_linear_part *p, int n, bool grads) {
+    const cuda_linear *prev = NULL;
+    int members = 0;
+    for (int i = 0; i < n; i++) {
+        const cuda_linear *l = p[i].l;
+        if (!has_lora(l)) continue;
+        if (l->dropout > 0) return false;
+        if (prev) {
+            int64_t step = (int64_t)prev->rank * prev->in;
+            if (l->in != prev->in || l->scale != prev->scale || l->A != prev->A + step) return false;
+            if (grads && (!l->dA != !prev->dA || (l->dA && l->dA != prev->dA + step))) return false;
+        }
+        prev = l;
+        members++;
+    }
+    return members > 1;
+}
+
+// The first member with a LoRA (the stacked A starts at its A).
+static const cuda_linear *first_lora(const cuda_linear_part *p, int n) {
+    for (int i = 0; i < n; i++)
+        if (has_lora(p[i].l)) return p[i].l;
+    return NULL;
+}
+
+// One member's products once its u (ld ldu) is in place: y (+)= u B^T, then the base with beta 1.
+static void member_forward(const cuda_linear_part *m, const bf16 *x, int64_t T, const bf16 *u, int ldu) {
+    const cuda_linear *l = m->l;
+    cudaDataType_t ct = m->yt == CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    float beta = m->accumulate ? 1.f : 0.f;
     if (has_lora(l)) {
-        // LoRA first (y = scale drop(x) A^T B^T (+ y)), then the base product with beta = 1: its
-        // epilogue reads y while the tensor cores are busy, where the other order costs a whole
-        // extra read and write of y (measured 0.109 against 0.120 ms at 4096 x 1024 -> 6144).
-        int r = l->rank;
-        lora_scratch s = carve(scratch, T, r);
-        const bf16 *xa = lora_input(l, x, T, s.xd);
-        // u = scale drop(x) A^T, rounded once to bf16 to feed the next product (and kept for the
-        // backward where it says where)
-        bf16 *u = u_keep ? (bf16 *)u_keep : s.u;
-        gemm_rm(false, true, T, r, in, l->scale, xa, in, (const bf16 *)l->A, in, 0.f, u, CUDA_R_16BF, r, "lora down");
-        gemm_rm(false, true, T, out, r, 1.f, u, r, (const bf16 *)l->B, r, beta, y, ct, out, "lora up");
+        // LoRA first, then the base product with beta = 1: its epilogue reads y while the tensor
+        // cores are busy, where the other order costs a whole extra read and write of y
+        // (measured 0.109 against 0.120 ms at 4096 x 1024 -> 6144)
+        gemm_rm(false, true, T, l->out, l->rank, 1.f, u, ldu, (const bf16 *)l->B, l->rank, beta, m->y, ct, l->out,
+                "lora up");
         beta = 1.f;
     }
     // y = x W^T (+ y): the residual add for free when accumulating into the fp32 stream
-    gemm_rm(false, true, T, out, in, 1.f, x, in, W, in, beta, y, ct, out, "linear forward");
+    gemm_rm(false, true, T, l->out, l->in, 1.f, x, l->in, base_weight(l), l->in, beta, m->y, ct, l->out,
+            "linear forward");
 }
 
-extern "C" void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy_, const dt_bf16 *x_,
-                                     const cuda_linear *l, int64_t T, void *scratch, const dt_bf16 *u_kept) {
-    if (T <= 0) return;
+extern "C" void linear_group_forward_cuda(const cuda_linear_part *p, int n, const dt_bf16 *x_, int64_t T,
+                                          void *scratch, dt_bf16 *u_keep) {
+    if (T <= 0 || n <= 0) return;
     ensure_workspace();
-    const bf16 *dy = (const bf16 *)dy_, *x = (const bf16 *)x_;
-    int64_t in = l->in, out = l->out;
-    float beta = accumulate ? 1.f : 0.f;  // dx's, until something has been written to it
-    if (has_lora(l) && (l->dA || l->dB || dx)) {
-        int r = l->rank;
-        const bf16 *A = (const bf16 *)l->A, *B = (const bf16 *)l->B;
-        lora_scratch s = carve(scratch, T, r);
-        bool want_ab = l->dA || l->dB;
-        const bf16 *xa = want_ab ? lora_input(l, x, T, s.xd) : x;
-        if (l->dB) {
-            // dB += scale dy^T u, with the forward's u or u recomputed (with the same mask)
-            const bf16 *u = (const bf16 *)u_kept;
-            if (!u) {
-                gemm_rm(false, true, T, r, in, l->scale, xa, in, A, in, 0.f, s.u, CUDA_R_16BF, r,
-                        "lora down (recompute)");
-                u = s.u;
-            }
-            gemm_rm(true, false, out, r, T, 1.f, dy, out, u, r, 1.f, l->dB, CUDA_R_32F, r, "lora dB");
+    const bf16 *x = (const bf16 *)x_;
+    int R = group_rank(p, n);
+    lora_scratch s = carve(scratch, T, R);
+    // u = scale drop(x) A^T for every member, side by side in [T, R], rounded once to bf16 to feed
+    // the next product (and kept for the backward where it says where)
+    bf16 *u = u_keep ? (bf16 *)u_keep : s.u;
+    if (stacked(p, n, false)) {
+        const cuda_linear *l = first_lora(p, n);
+        gemm_rm(false, true, T, R, l->in, l->scale, x, l->in, (const bf16 *)l->A, l->in, 0.f, u, CUDA_R_16BF, R,
+                "lora down (stacked)");
+    } else {
+        for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
+            const cuda_linear *l = p[i].l;
+            if (!has_lora(l)) continue;
+            const bf16 *xa = lora_input(l, x, T, s.xd);
+            gemm_rm(false, true, T, l->rank, l->in, l->scale, xa, l->in, (const bf16 *)l->A, l->in, 0.f, u + c,
+                    CUDA_R_16BF, R, "lora down");
         }
-        if (l->dA || dx) {
-            // g = scale dy B: the gradient of u before its scale, scaled once here for dA and dx
-            gemm_rm(false, false, T, r, out, l->scale, dy, out, B, r, 0.f, s.g, CUDA_R_16BF, r, "lora dy B");
-            if (l->dA) gemm_rm(true, false, r, in, T, 1.f, s.g, r, xa, in, 1.f, l->dA, CUDA_R_32F, in, "lora dA");
-        }
-        // LoRA's part of dx first, so that the base product below adds onto it in its epilogue
-        // while the tensor cores are busy (as in the forward), and a dx that is not accumulated
-        // into needs no zeroing pass
-        if (dx && l->dropout > 0) lora_dx_dropout(dx, accumulate, s.g, A, T, in, r, make_mask(l));
-        else if (dx) gemm_rm(false, false, T, in, r, 1.f, s.g, r, A, in, beta, dx, CUDA_R_32F, in, "lora dx");
-        beta = 1.f;
     }
-    // dx (+)= dy W
-    if (dx)
-        gemm_rm(false, false, T, in, out, 1.f, dy, out, base_weight(l), in, beta, dx, CUDA_R_32F, in,
-                "linear backward");
+    for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++)
+        if (p[i].l->out > 0) member_forward(&p[i], x, T, u + c, R);
+}
+
+extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x, const cuda_linear *l,
+                                    int64_t T, void *scratch, dt_bf16 *u_keep) {
+    cuda_linear_part p = {y, yt, accumulate, NULL, l};
+    linear_group_forward_cuda(&p, 1, x, T, scratch, u_keep);
+}
+
+// A member's whole LoRA backward on its own (with its own dropout mask): dB += dy^T u, g = scale
+// dy B, dA += g^T drop(x), dx (+)= the mask times g A. u: kept (ld ldu) or NULL (recomputed).
+// Returns whether it wrote dx.
+static bool member_lora_backward(float *dx, bool acc, const bf16 *dy, const bf16 *x, const cuda_linear *l, int64_t T,
+                                 lora_scratch s, const bf16 *u, int ldu) {
+    int r = l->rank;
+    int64_t in = l->in, out = l->out;
+    const bf16 *A = (const bf16 *)l->A, *B = (const bf16 *)l->B;
+    if (!(l->dA || l->dB || dx)) return false;
+    const bf16 *xa = l->dA || l->dB ? lora_input(l, x, T, s.xd) : x;
+    if (l->dB) {
+        // dB += scale dy^T u, with the forward's u or u recomputed (with the same mask)
+        if (!u) {
+            gemm_rm(false, true, T, r, in, l->scale, xa, in, A, in, 0.f, s.u, CUDA_R_16BF, r, "lora down (recompute)");
+            u = s.u;
+            ldu = r;
+        }
+        gemm_rm(true, false, out, r, T, 1.f, dy, out, u, ldu, 1.f, l->dB, CUDA_R_32F, r, "lora dB");
+    }
+    if (!l->dA && !dx) return false;
+    // g = scale dy B: the gradient of u before its scale, scaled once here for dA and dx
+    gemm_rm(false, false, T, r, out, l->scale, dy, out, B, r, 0.f, s.g, CUDA_R_16BF, r, "lora dy B");
+    if (l->dA) gemm_rm(true, false, r, in, T, 1.f, s.g, r, xa, in, 1.f, l->dA, CUDA_R_32F, in, "lora dA");
+    if (!dx) return false;
+    if (l->dropout > 0) lora_dx_dropout(dx, acc, s.g, A, T, in, r, make_mask(l));
+    else gemm_rm(false, false, T, in, r, 1.f, s.g, r, A, in, acc ? 1.f : 0.f, dx, CUDA_R_32F, in, "lora dx");
+    return true;
+}
+
+extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda_linear_part *p, int n,
+                                           const dt_bf16 *x_, int64_t T, void *scratch, const dt_bf16 *u_kept_) {
+    if (T <= 0 || n <= 0) return;
+    ensure_workspace();
+    const bf16 *x = (const bf16 *)x_, *u_kept = (const bf16 *)u_kept_;
+    int R = group_rank(p, n);
+    lora_scratch s = carve(scratch, T, R);
+    bool acc = accumulate != 0;  // dx's, until something has been written to it
+    // LoRA's part of dx first, so that the base products below add onto it in their epilogue
+    // while the tensor cores are busy (as in the forward), and a dx that is not accumulated into
+    // needs no zeroing pass
+    if (stacked(p, n, true)) {
+        const cuda_linear *l0 = first_lora(p, n);
+        int64_t in = l0->in;
+        bool want_db = false, want_da = l0->dA != NULL;
+        for (int i = 0; i < n; i++) want_db |= has_lora(p[i].l) && p[i].l->dB;
+        const bf16 *u = u_kept;
+        if (want_db && !u) {  // every member's u at once, as the forward made them
+            gemm_rm(false, true, T, R, in, l0->scale, x, in, (const bf16 *)l0->A, in, 0.f, s.u, CUDA_R_16BF, R,
+                    "lora down (stacked, recompute)");
+            u = s.u;
+        }
+        // per member: dB += dy^T u and its columns of g = scale dy B
+        for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
+            const cuda_linear *l = p[i].l;
+            if (!has_lora(l)) continue;
+            const bf16 *dy = (const bf16 *)p[i].dy;
+            if (l->dB) gemm_rm(true, false, l->out, l->rank, T, 1.f, dy, l->out, u + c, R, 1.f, l->dB, CUDA_R_32F,
+                               l->rank, "lora dB");
+            if (want_da || dx)
+                gemm_rm(false, false, T, l->rank, l->out, l->scale, dy, l->out, (const bf16 *)l->B, l->rank, 0.f,
+                        s.g + c, CUDA_R_16BF, R, "lora dy B");
+        }
+        // then all members' dA and their part of dx in one product each, on the stacked A
+        if (want_da) gemm_rm(true, false, R, in, T, 1.f, s.g, R, x, in, 1.f, l0->dA, CUDA_R_32F, in, "lora dA (stacked)");
+        if (dx) {
+            gemm_rm(false, false, T, in, R, 1.f, s.g, R, (const bf16 *)l0->A, in, acc ? 1.f : 0.f, dx, CUDA_R_32F,
+                    in, "lora dx (stacked)");
+            acc = true;
+        }
+    } else {
+        for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
+            const cuda_linear *l = p[i].l;
+            if (has_lora(l) && member_lora_backward(dx, acc, (const bf16 *)p[i].dy, x, l, T, s,
+                                                    u_kept ? u_kept + c : NULL, R))
+                acc = true;
+        }
+    }
+    // dx (+)= dy W, member by member
+    for (int i = 0; dx && i < n; i++) {
+        const cuda_linear *l = p[i].l;
+        if (l->out <= 0) continue;
+        gemm_rm(false, false, T, l->in, l->out, 1.f, (const bf16 *)p[i].dy, l->out, base_weight(l), l->in,
+                acc ? 1.f : 0.f, dx, CUDA_R_32F, l->in, "linear backward");
+        acc = true;
+    }
+}
+
+extern "C" void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, const dt_bf16 *x,
+                                     const cuda_linear *l, int64_t T, void *scratch, const dt_bf16 *u_kept) {
+    cuda_linear_part p = {NULL, CUDA_F32, 0, dy, l};
+    linear_group_backward_cuda(dx, accumulate, &p, 1, x, T, scratch, u_kept);
 }

@@ -22,12 +22,14 @@ typedef struct {
     float *input_norm, *post_norm, *conv, *dt_bias, *a_log, *lin_norm, *q_norm, *k_norm;
 } gpu_layer;
 
-/* One LoRA of the host model. Its device arrays live at `off` in the contiguous LoRA blocks
- * (A then B), so an upload, a download or an optimiser step is one operation for all of them. */
+/* One LoRA of the host model. Its device arrays live at off_a (A) and off_b (B) in the contiguous
+ * LoRA blocks, so an upload, a download or an optimiser step is one operation for all of them;
+ * the A of LoRAs whose linears read one input lie one after another (bind_loras), so that their
+ * products run as one (linear_group_forward_cuda). */
 typedef struct {
     dt_lora *host;
     cuda_linear *lin;
-    int64_t off, na, nb;
+    int64_t off_a, off_b, na, nb;
 } gpu_lora;
 
 /* One layer's forward activations (a layer is DeltaNet or attention: the mixer fields of the
@@ -43,9 +45,11 @@ typedef struct {
     void *block;
 } gpu_acts;
 
-/* A layer's products by their slot of lora_u (the mixers' share the first five; the MLP's down
- * projection has none, as the recompute for the backward skips it). */
-enum { U_QKV_Q, U_Z_K, U_B_V, U_A, U_OUT, U_GATE, U_UP, U_SLOTS };
+/* A layer's groups of products by their first slot of lora_u: a group's u [N, R] (R the sum of its
+ * LoRAs' ranks) spans as many slots as the group has linears: the mixer's in-projections (the
+ * DeltaNet's four or attention's three), the mixer's out-projection, the MLP's gate and up. The
+ * MLP's down projection has none, as the recompute for the backward skips it. */
+enum { U_IN = 0, U_OUT = 4, U_MLP = 5, U_SLOTS = 7 };
 
 /* The backward's buffers; the MLP part and the mixer part are never live together and
  * share one region. The MLP's backward runs mlp_rows tokens at a time, so its part holds
@@ -64,6 +68,17 @@ typedef struct {
     dt_bf16 *datt, *dqg, *dk_pre, *dv_bf;
     void *block;
 } gpu_grads;
+
+/* What a recorded step depends on besides the contents of the device buffers: the launches'
+ * shapes (the sequence lengths), the checkpointing, the gradient's scale (a kernel argument) and
+ * the workspace's addresses (ws_gen counts its allocations). */
+typedef struct {
+    int64_t N, ws_gen;
+    int n_seqs;
+    bool ckpt;
+    float grad_scale;
+    int *lens;  /* [n_seqs]; owned where the key is kept */
+} step_key;
 
 struct qwen35_cuda {
     qwen35_config cfg;
@@ -113,13 +128,19 @@ struct qwen35_cuda {
     int *lens_host;
     bool profile;
     int64_t calls;              /* training calls so far: the first (warm-up) is not profiled */
+    int64_t ws_gen;             /* workspace allocations so far: a recorded step's addresses */
+    void *graph;                /* the training step recorded as a CUDA graph (run_step) */
+    int64_t graph_launches;
+    step_key graph_key, last_key;
+    bool graphs_failed;
 };
 
-#define PROF(name, stmt) \
-    do {                 \
+/* Variadic: a braced statement may hold commas (an initialiser list) */
+#define PROF(name, ...)       \
+    do {                      \
         cuda_prof_push(name); \
-        stmt;            \
-        cuda_prof_pop(); \
+        __VA_ARGS__;          \
+        cuda_prof_pop();      \
     } while (0)
 
 bool qwen35_cuda_available(void) { return cuda_device_count() > 0; }
@@ -269,6 +290,8 @@ int qwen35_cuda_create(qwen35_cuda **out, const qwen35_model *m) {
 }
 
 static void free_workspace(qwen35_cuda *g) {
+    cuda_graph_free(g->graph);  /* it holds the addresses freed here */
+    g->graph = NULL;
     for (int i = 0; i < g->n_acts; i++) cuda_free(g->acts[i].block);
     free(g->acts);
     g->acts = NULL;
@@ -295,6 +318,8 @@ static void free_workspace(qwen35_cuda *g) {
 void qwen35_cuda_free(qwen35_cuda *g) {
     if (!g) return;
     free_workspace(g);
+    free(g->graph_key.lens);
+    free(g->last_key.lens);
     if (g->lm_head != g->embed) cuda_free(g->lm_head);
     cuda_free(g->embed);
     if (g->lm_head_q.q != g->embed_q.q) free_quantized(&g->lm_head_q);
@@ -328,7 +353,8 @@ static cuda_linear *gpu_linear_of(gpu_layer *G, const qwen35_layer *L, const dt_
     return NULL;
 }
 
-/* Finds every attached LoRA of m once and lays them out in the contiguous blocks. */
+/* Finds every attached LoRA of m once and lays them out in the contiguous blocks: layer by layer,
+ * the linears that read one input as a group, the A of the group's LoRAs then their B. */
 static int bind_loras(qwen35_cuda *g, const qwen35_model *m) {
     int n = 0;
     for (int l = 0; l < g->cfg.n_layers; l++) {
@@ -342,17 +368,25 @@ static int bind_loras(qwen35_cuda *g, const qwen35_model *m) {
     int64_t P = 0;
     for (int l = 0; l < g->cfg.n_layers; l++) {
         const qwen35_layer *L = &m->layers[l];
-        const dt_linear *all[] = {&L->mlp_gate, &L->mlp_up, &L->mlp_down, &L->lin_qkv, &L->lin_z, &L->lin_b,
-                                  &L->lin_a,    &L->lin_out, &L->att_q,   &L->att_k,   &L->att_v, &L->att_o};
-        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
-            if (!all[i]->lora) continue;
-            gpu_lora *s = &g->loras[g->n_loras++];
-            s->host = (dt_lora *)all[i]->lora;  /* the model holds them const; the gradients are ours to add */
-            s->lin = gpu_linear_of(&g->layers[l], L, all[i]);
-            s->off = P;
-            s->na = (int64_t)s->host->rank * s->host->in;
-            s->nb = s->host->out * (int64_t)s->host->rank;
-            P += s->na + s->nb;
+        const dt_linear *all[] = {&L->lin_qkv, &L->lin_z, &L->lin_b, &L->lin_a, &L->att_q,   &L->att_k,
+                                  &L->att_v,   &L->mlp_gate, &L->mlp_up, &L->lin_out, &L->att_o, &L->mlp_down};
+        static const int group_size[] = {4, 3, 2, 1, 1, 1};
+        for (size_t gi = 0, i0 = 0; gi < sizeof group_size / sizeof group_size[0]; i0 += group_size[gi++]) {
+            int first = g->n_loras;
+            for (size_t i = i0; i < i0 + (size_t)group_size[gi]; i++) {
+                if (!all[i]->lora) continue;
+                gpu_lora *s = &g->loras[g->n_loras++];
+                s->host = (dt_lora *)all[i]->lora;  /* the model holds them const; the gradients are ours to add */
+                s->lin = gpu_linear_of(&g->layers[l], L, all[i]);
+                s->na = (int64_t)s->host->rank * s->host->in;
+                s->nb = s->host->out * (int64_t)s->host->rank;
+                s->off_a = P;
+                P += s->na;
+            }
+            for (int k = first; k < g->n_loras; k++) {
+                g->loras[k].off_b = P;
+                P += g->loras[k].nb;
+            }
         }
     }
     g->lora_params = P;
@@ -370,8 +404,8 @@ static int bind_loras(qwen35_cuda *g, const qwen35_model *m) {
 static void gather(qwen35_cuda *g, bool grads) {
     for (int i = 0; i < g->n_loras; i++) {
         const gpu_lora *s = &g->loras[i];
-        memcpy(g->stage + s->off, grads ? s->host->dA : s->host->A, sizeof(float) * (size_t)s->na);
-        memcpy(g->stage + s->off + s->na, grads ? s->host->dB : s->host->B, sizeof(float) * (size_t)s->nb);
+        memcpy(g->stage + s->off_a, grads ? s->host->dA : s->host->A, sizeof(float) * (size_t)s->na);
+        memcpy(g->stage + s->off_b, grads ? s->host->dB : s->host->B, sizeof(float) * (size_t)s->nb);
     }
 }
 
@@ -395,10 +429,10 @@ static void refresh_loras(qwen35_cuda *g, bool want_grads) {
         l->scale = (float)s->host->scale;
         l->dropout = (float)s->host->dropout;
         l->dropout_seed = s->host->dropout_seed;
-        l->A = g->lora_bf16 + s->off;
-        l->B = g->lora_bf16 + s->off + s->na;
-        l->dA = want_grads && s->host->dA ? g->lora_grad + s->off : NULL;
-        l->dB = want_grads && s->host->dB ? g->lora_grad + s->off + s->na : NULL;
+        l->A = g->lora_bf16 + s->off_a;
+        l->B = g->lora_bf16 + s->off_b;
+        l->dA = want_grads && s->host->dA ? g->lora_grad + s->off_a : NULL;
+        l->dB = want_grads && s->host->dB ? g->lora_grad + s->off_b : NULL;
     }
 }
 
@@ -408,11 +442,11 @@ static int collect_lora_grads(qwen35_cuda *g) {
     if (cuda_download(g->stage, g->lora_grad, bytes) || cuda_zero(g->lora_grad, bytes)) return -1;
     for (int i = 0; i < g->n_loras; i++) {
         const gpu_lora *s = &g->loras[i];
-        const float *src = g->stage + s->off;
+        const float *a = g->stage + s->off_a, *b = g->stage + s->off_b;
         if (s->host->dA)
-            for (int64_t j = 0; j < s->na; j++) s->host->dA[j] += src[j];
+            for (int64_t j = 0; j < s->na; j++) s->host->dA[j] += a[j];
         if (s->host->dB)
-            for (int64_t j = 0; j < s->nb; j++) s->host->dB[j] += src[s->na + j];
+            for (int64_t j = 0; j < s->nb; j++) s->host->dB[j] += b[j];
     }
     return 0;
 }
@@ -440,8 +474,8 @@ int qwen35_cuda_optim_upload(qwen35_cuda *g, const qwen35_model *m, dt_lora *con
             if (!s) return dt_err("LoRA %d of the optimiser is not attached to the model", i);
             const float *a = k == 0 ? loras[i]->A : moments[4 * i + (k - 1)];  /* m_A or v_A */
             const float *b = k == 0 ? loras[i]->B : moments[4 * i + 2 + (k - 1)];
-            memcpy(g->stage + s->off, a, sizeof(float) * (size_t)s->na);
-            memcpy(g->stage + s->off + s->na, b, sizeof(float) * (size_t)s->nb);
+            memcpy(g->stage + s->off_a, a, sizeof(float) * (size_t)s->na);
+            memcpy(g->stage + s->off_b, b, sizeof(float) * (size_t)s->nb);
         }
         if (cuda_upload(dev[k], g->stage, bytes)) return -1;
     }
@@ -461,8 +495,8 @@ int qwen35_cuda_optim_download(qwen35_cuda *g, dt_lora *const *loras, float *con
             if (!s) return dt_err("LoRA %d of the optimiser is not attached to the model", i);
             float *a = k == 0 ? loras[i]->A : moments[4 * i + (k - 1)];
             float *b = k == 0 ? loras[i]->B : moments[4 * i + 2 + (k - 1)];
-            memcpy(a, g->stage + s->off, sizeof(float) * (size_t)s->na);
-            memcpy(b, g->stage + s->off + s->na, sizeof(float) * (size_t)s->nb);
+            memcpy(a, g->stage + s->off_a, sizeof(float) * (size_t)s->na);
+            memcpy(b, g->stage + s->off_b, sizeof(float) * (size_t)s->nb);
         }
     }
     return 0;
@@ -641,8 +675,8 @@ static size_t scratch_linear(const qwen35_cuda *g, int64_t N) {
     int dropout, rank = lora_rank_max(g, &dropout);
     size_t s = 0;
     int64_t ins[] = {d.H, d.I, d.vd, d.qd};
-    for (size_t i = 0; i < sizeof ins / sizeof ins[0]; i++)
-        s = max_sz(s, linear_scratch_bytes_cuda(N, ins[i], rank, dropout));
+    for (size_t i = 0; i < sizeof ins / sizeof ins[0]; i++)  /* a group's u: up to U_OUT LoRAs' */
+        s = max_sz(s, linear_scratch_bytes_cuda(N, ins[i], U_OUT * rank, dropout));
     return s;
 }
 
@@ -747,6 +781,7 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     g->targets = g->ids + 2 * N;
     g->ce_chunk = ce_chunk_for(g, m, N, g->big_bwd_bytes);
     g->cap_tokens = N;
+    g->ws_gen++;
     g->u_rank = rank;
     g->cap_seq = T;
     g->cap_seqs = n_seqs;
@@ -805,10 +840,11 @@ static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const cal
     int64_t N = k->N;
     void *s = g->scratch;
     PROF("fwd.gdn.in_proj", {
-        linear_forward_cuda(a->mixed, CUDA_BF16, 0, a->xn1, &L->lin_qkv, N, s, u_slot(g, a, U_QKV_Q));
-        linear_forward_cuda(a->z, CUDA_BF16, 0, a->xn1, &L->lin_z, N, s, u_slot(g, a, U_Z_K));
-        linear_forward_cuda(a->b, CUDA_BF16, 0, a->xn1, &L->lin_b, N, s, u_slot(g, a, U_B_V));
-        linear_forward_cuda(a->a, CUDA_BF16, 0, a->xn1, &L->lin_a, N, s, u_slot(g, a, U_A));
+        cuda_linear_part p[] = {{a->mixed, CUDA_BF16, 0, NULL, &L->lin_qkv},
+                                {a->z, CUDA_BF16, 0, NULL, &L->lin_z},
+                                {a->b, CUDA_BF16, 0, NULL, &L->lin_b},
+                                {a->a, CUDA_BF16, 0, NULL, &L->lin_a}};
+        linear_group_forward_cuda(p, 4, a->xn1, N, s, u_slot(g, a, U_IN));
     });
     PROF("fwd.gdn.conv_norm_gates", {
         deltanet_conv_forward_cuda(a->qkv, a->mixed, L->conv, g->pos, N, c->conv_kernel, c->lin_n_k_heads,
@@ -837,9 +873,10 @@ static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const ca
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
     PROF("fwd.attn.in_proj", {
-        linear_forward_cuda(a->qg, CUDA_BF16, 0, a->xn1, &L->att_q, N, s, u_slot(g, a, U_QKV_Q));
-        linear_forward_cuda(a->k_pre, CUDA_BF16, 0, a->xn1, &L->att_k, N, s, u_slot(g, a, U_Z_K));
-        linear_forward_cuda(a->v, CUDA_BF16, 0, a->xn1, &L->att_v, N, s, u_slot(g, a, U_B_V));
+        cuda_linear_part p[] = {{a->qg, CUDA_BF16, 0, NULL, &L->att_q},
+                                {a->k_pre, CUDA_BF16, 0, NULL, &L->att_k},
+                                {a->v, CUDA_BF16, 0, NULL, &L->att_v}};
+        linear_group_forward_cuda(p, 3, a->xn1, N, s, u_slot(g, a, U_IN));
     });
     PROF("fwd.attn.qk_norm_rope", {
         qk_norm_rope_forward_cuda(a->q, a->qg, 2 * d.qd, 2 * hd, L->q_norm, g->pos, N, nh, hd, c->rotary_dim,
@@ -875,8 +912,8 @@ static void layer_forward(qwen35_cuda *g, int l, const call *k, const float *h_i
     if (h_out && keep_mid) cuda_copy_f32(a->h_mid, h_out, N * H);
     PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn2, res, L->post_norm, N, (int)H, eps));
     PROF("fwd.mlp", {
-        linear_forward_cuda(a->gate, CUDA_BF16, 0, a->xn2, &L->mlp_gate, N, s, u_slot(g, a, U_GATE));
-        linear_forward_cuda(a->up, CUDA_BF16, 0, a->xn2, &L->mlp_up, N, s, u_slot(g, a, U_UP));
+        cuda_linear_part p[] = {{a->gate, CUDA_BF16, 0, NULL, &L->mlp_gate}, {a->up, CUDA_BF16, 0, NULL, &L->mlp_up}};
+        linear_group_forward_cuda(p, 2, a->xn2, N, s, u_slot(g, a, U_MLP));
         swiglu_forward_cuda(a->m, a->gate, a->up, N * I);
         if (h_out) linear_forward_cuda(h_out, CUDA_F32, 1, a->m, &L->mlp_down, N, s, NULL);
     });
@@ -907,10 +944,11 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
                                     1e-6f, a->qkv);
     });
     PROF("bwd.gdn.in_proj", {
-        linear_backward_cuda(G->dxn1, 0, G->dmixed, a->xn1, &L->lin_qkv, N, s, u_slot(g, a, U_QKV_Q));
-        linear_backward_cuda(G->dxn1, 1, G->dz, a->xn1, &L->lin_z, N, s, u_slot(g, a, U_Z_K));
-        linear_backward_cuda(G->dxn1, 1, G->db, a->xn1, &L->lin_b, N, s, u_slot(g, a, U_B_V));
-        linear_backward_cuda(G->dxn1, 1, G->da, a->xn1, &L->lin_a, N, s, u_slot(g, a, U_A));
+        cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dmixed, &L->lin_qkv},
+                                {NULL, CUDA_F32, 0, G->dz, &L->lin_z},
+                                {NULL, CUDA_F32, 0, G->db, &L->lin_b},
+                                {NULL, CUDA_F32, 0, G->da, &L->lin_a}};
+        linear_group_backward_cuda(G->dxn1, 0, p, 4, a->xn1, N, s, u_slot(g, a, U_IN));
     });
 }
 
@@ -937,9 +975,10 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
         cuda_f32_to_bf16(G->dv_bf, G->dv, N * d.kvd);
     });
     PROF("bwd.attn.in_proj", {
-        linear_backward_cuda(G->dxn1, 0, G->dqg, a->xn1, &L->att_q, N, s, u_slot(g, a, U_QKV_Q));
-        linear_backward_cuda(G->dxn1, 1, G->dk_pre, a->xn1, &L->att_k, N, s, u_slot(g, a, U_Z_K));
-        linear_backward_cuda(G->dxn1, 1, G->dv_bf, a->xn1, &L->att_v, N, s, u_slot(g, a, U_B_V));
+        cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dqg, &L->att_q},
+                                {NULL, CUDA_F32, 0, G->dk_pre, &L->att_k},
+                                {NULL, CUDA_F32, 0, G->dv_bf, &L->att_v}};
+        linear_group_backward_cuda(G->dxn1, 0, p, 3, a->xn1, N, s, u_slot(g, a, U_IN));
     });
 }
 
@@ -964,9 +1003,9 @@ static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_
             /* the recompute skips the down projection: its u is recomputed here */
             linear_backward_cuda(G->dm, 0, G->dy_bf + t0 * H, a->m + t0 * I, &down, n, s, NULL);
             swiglu_backward_cuda(G->dgate, G->dup, G->dm, a->gate + t0 * I, a->up + t0 * I, n * I);
-            linear_backward_cuda(G->dxn2, 0, G->dgate, a->xn2 + t0 * H, &gate, n, s,
-                                 u_slot(g, a, U_GATE) + t0 * gate.rank);
-            linear_backward_cuda(G->dxn2, 1, G->dup, a->xn2 + t0 * H, &up, n, s, u_slot(g, a, U_UP) + t0 * up.rank);
+            cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dgate, &gate}, {NULL, CUDA_F32, 0, G->dup, &up}};
+            linear_group_backward_cuda(G->dxn2, 0, p, 2, a->xn2 + t0 * H, n, s,
+                                       u_slot(g, a, U_MLP) + t0 * (gate.rank + up.rank));
         });
         PROF("bwd.norms", {
             rmsnorm1p_backward_cuda(G->dh_mid + t0 * H, G->dy_bf + t0 * H, dh + t0 * H, G->dxn2, a->h_mid + t0 * H,
@@ -1026,21 +1065,12 @@ int qwen35_cuda_eval_loss(qwen35_cuda *g, const qwen35_model *m, const qwen35_ba
     return 0;
 }
 
-int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b, double grad_scale,
-                                 bool grad_checkpoint, double *loss_sum, int64_t *n_targets) {
-    *loss_sum = 0;
-    *n_targets = 0;
-    double t0 = dt_seconds();
-    cuda_prof_enable(g->profile && g->calls++ > 0);
-    if (!g->loras && qwen35_cuda_sync_lora(g, m)) return -1;
+/* The forward and backward of one batch (its ids, positions and targets uploaded by prepare): the
+ * loss into g->loss, the LoRA gradients added into g->lora_grad. Launches only, nothing waits. */
+static void step_launches(qwen35_cuda *g, const call *k, bool grad_checkpoint, float grad_scale) {
     const qwen35_config *c = &g->cfg;
     int n_layers = c->n_layers;
-    int64_t count = 0;
-    if (prepare(g, m, b, grad_checkpoint ? 1 : n_layers, true, &count)) return -1;
-    refresh_loras(g, true);
-    call k = {b->n_tokens, b->n_seqs, 0};
-    for (int s = 0; s < b->n_seqs; s++) k.max_len = b->seq_lens[s] > k.max_len ? b->seq_lens[s] : k.max_len;
-    int64_t N = k.N, H = c->hidden_size, NH = N * H;
+    int64_t N = k->N, H = c->hidden_size, NH = N * H;
     float eps = (float)c->rms_eps;
     cuda_prof_push("step");
     /* forward: the residual stream in fp32, each layer's input also kept in bf16 */
@@ -1048,13 +1078,13 @@ int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qw
     PROF("fwd.embed", embed(g, h, N));
     for (int l = 0; l < n_layers; l++) {
         if (l > 0) cuda_f32_to_bf16(g->hs + (l - 1) * NH, h, NH);
-        layer_forward(g, l, &k, h, h, &g->acts[grad_checkpoint ? 0 : l], !grad_checkpoint);
+        layer_forward(g, l, k, h, h, &g->acts[grad_checkpoint ? 0 : l], !grad_checkpoint);
     }
     PROF("lm_head_ce", {
         rmsnorm1p_forward_cuda(g->hf, h, g->final_norm, N, (int)H, eps);
         float *dhf = g->grads.dh_mid;  /* the LM head's gradient; the grads are free until the layers' */
         cuda_zero(dhf, sizeof(float) * NH);
-        lm_head_loss(g, dhf, N, (float)grad_scale);
+        lm_head_loss(g, dhf, N, grad_scale);
         rmsnorm1p_backward_cuda(g->dh, g->grads.dy_bf, NULL, dhf, h, g->final_norm, N, (int)H, eps);
     });
     /* backward, layer by layer, from each layer's kept input (in the buffer of the last output, no
@@ -1066,13 +1096,83 @@ int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qw
         else embed(g, h_in, N);
         if (grad_checkpoint) {
             cuda_prof_push("recompute");
-            layer_forward(g, l, &k, h_in, NULL, a, true);
+            layer_forward(g, l, k, h_in, NULL, a, true);
             cuda_prof_pop();
         }
-        layer_backward(g, l, &k, h_in, a, g->dh);
+        layer_backward(g, l, k, h_in, a, g->dh);
     }
     cuda_prof_pop();
-    if (finish(g, loss_sum, "the training step")) return -1;
+}
+
+/* ---------------------------------------------------------------- the step as a CUDA graph */
+
+static bool key_equal(const step_key *a, const step_key *b) {
+    return a->lens && b->lens && a->N == b->N && a->ws_gen == b->ws_gen && a->n_seqs == b->n_seqs &&
+           a->ckpt == b->ckpt && a->grad_scale == b->grad_scale &&
+           memcmp(a->lens, b->lens, sizeof(int) * (size_t)a->n_seqs) == 0;
+}
+
+static void key_keep(step_key *dst, const step_key *src) {
+    free(dst->lens);
+    *dst = *src;
+    dst->lens = malloc(sizeof(int) * (size_t)(src->n_seqs > 0 ? src->n_seqs : 1));
+    if (dst->lens) memcpy(dst->lens, src->lens, sizeof(int) * (size_t)src->n_seqs);
+}
+
+/* Graphs are for steps that repeat exactly: not while profiling (the regions' events), not with
+ * LoRA dropout (its seed, new each micro-batch, is a kernel argument); DT_CUDA_GRAPH=0 turns them off. */
+static bool graphs_allowed(const qwen35_cuda *g) {
+    const char *e = getenv("DT_CUDA_GRAPH");
+    int dropout = 0;
+    lora_rank_max(g, &dropout);
+    return !g->profile && !dropout && !(e && strcmp(e, "0") == 0);
+}
+
+static int launch_graph(qwen35_cuda *g) {
+    g->graph_launches++;
+    return cuda_graph_launch(g->graph);
+}
+
+int64_t qwen35_cuda_graph_launches(const qwen35_cuda *g) { return g ? g->graph_launches : 0; }
+
+/* The step's launches: replayed from the graph when the key is the recorded one; recorded (then
+ * replayed) when the same key comes a second time in a row, so a one-off shape costs no capture;
+ * else launched one by one. A capture that fails turns graphs off and launches directly. */
+static int run_step(qwen35_cuda *g, const call *k, bool grad_checkpoint, float grad_scale) {
+    step_key key = {k->N, g->ws_gen, k->n_seqs, grad_checkpoint, grad_scale, g->lens_host};
+    bool allowed = !g->graphs_failed && graphs_allowed(g);
+    if (allowed && g->graph && key_equal(&key, &g->graph_key)) return launch_graph(g);
+    if (allowed && key_equal(&key, &g->last_key)) {
+        cuda_graph_free(g->graph);
+        g->graph = NULL;
+        if (cuda_graph_begin() == 0) {
+            step_launches(g, k, grad_checkpoint, grad_scale);
+            if (cuda_graph_end(&g->graph) == 0) {
+                key_keep(&g->graph_key, &key);
+                return launch_graph(g);
+            }
+        }
+        fprintf(stderr, "deltatune: %s; the step runs without graphs\n", dt_errmsg());
+        g->graphs_failed = true;
+    }
+    step_launches(g, k, grad_checkpoint, grad_scale);
+    if (allowed) key_keep(&g->last_key, &key);
+    return 0;
+}
+
+int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b, double grad_scale,
+                                 bool grad_checkpoint, double *loss_sum, int64_t *n_targets) {
+    *loss_sum = 0;
+    *n_targets = 0;
+    double t0 = dt_seconds();
+    cuda_prof_enable(g->profile && g->calls++ > 0);
+    if (!g->loras && qwen35_cuda_sync_lora(g, m)) return -1;
+    int64_t count = 0;
+    if (prepare(g, m, b, grad_checkpoint ? 1 : g->cfg.n_layers, true, &count)) return -1;
+    refresh_loras(g, true);
+    call k = {b->n_tokens, b->n_seqs, 0};
+    for (int s = 0; s < b->n_seqs; s++) k.max_len = b->seq_lens[s] > k.max_len ? b->seq_lens[s] : k.max_len;
+    if (run_step(g, &k, grad_checkpoint, (float)grad_scale) || finish(g, loss_sum, "the training step")) return -1;
     if (!g->lora_master) {  /* the optimiser is on the host: it needs the gradients there */
         double t1 = dt_seconds();
         if (collect_lora_grads(g)) return -1;

@@ -125,6 +125,38 @@ extern "C" int cuda_check(const char *what) {
     return e == cudaSuccess ? 0 : dt_err("CUDA %s: %s", what, cudaGetErrorString(e));
 }
 
+// ---- graphs: the launches between cuda_graph_begin and cuda_graph_end recorded (not run), then
+// replayed by cuda_graph_launch; the host launches them once, not thousands of times a step
+extern "C" int cuda_graph_begin(void) {
+    if (cuda_init()) return -1;
+    cudaError_t e = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
+    return e == cudaSuccess ? 0 : dt_err("CUDA graph capture: %s", cudaGetErrorString(e));
+}
+
+extern "C" int cuda_graph_end(void **exec) {
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t x = nullptr;
+    *exec = nullptr;
+    cudaError_t e = cudaStreamEndCapture(stream, &graph);
+    if (e == cudaSuccess) e = cudaGraphInstantiate(&x, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (e != cudaSuccess) {
+        cudaGetLastError();  // a failed capture is not a launch error: the caller runs the ops instead
+        return dt_err("CUDA graph capture: %s", cudaGetErrorString(e));
+    }
+    *exec = x;
+    return 0;
+}
+
+extern "C" int cuda_graph_launch(void *exec) {
+    cudaError_t e = cudaGraphLaunch((cudaGraphExec_t)exec, stream);
+    return e == cudaSuccess ? 0 : dt_err("CUDA graph launch: %s", cudaGetErrorString(e));
+}
+
+extern "C" void cuda_graph_free(void *exec) {
+    if (exec) cudaGraphExecDestroy((cudaGraphExec_t)exec);
+}
+
 // ---- timing: a pair of events per region, summed at the report
 struct region {
     const char *name;

@@ -36,5 +36,6 @@ void qwen35_cuda_memory(const qwen35_cuda *g, int64_t *weight_bytes, int64_t *pe
     *weight_bytes = *peak_bytes = 0;
 }
 void qwen35_cuda_reset_peak(qwen35_cuda *g) {}
+int64_t qwen35_cuda_graph_launches(const qwen35_cuda *g) { return 0; }
 void qwen35_cuda_profile(qwen35_cuda *g, FILE *f) {}
 const char *qwen35_cuda_device_name(void) { return ""; }

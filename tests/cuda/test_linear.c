@@ -124,6 +124,105 @@ done:
     free(y_cpu), free(dx_cpu), free(dA_cpu), free(dB_cpu);
 }
 
+/* A group of linears reading one x (linear_group_forward_cuda / linear_group_backward_cuda):
+ * member i maps in -> outs[i] with a LoRA of rank ranks[i] (0: none), all the A (and dA) in one
+ * block one after another, as the model lays them out; the last LoRA's scale is scale_last (the
+ * others 2). Against linear_forward / linear_backward per member on the CPU, dx summed over the
+ * members. The A products run stacked where the scales agree and nothing drops out, member by
+ * member otherwise. keep_u: the forward keeps u [T, R] for the backward. */
+static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ranks, int n, float scale_last,
+                      float dropout, int keep_u) {
+    enum { MAXN = 4 };
+    char tag[160], name[256];
+    int R = 0, last = -1;
+    for (int i = 0; i < n; i++) R += ranks[i], last = ranks[i] ? i : last;
+    snprintf(tag, sizeof tag, "group of %d T%lld in %lld R%d p%g%s%s", n, (long long)T, (long long)in, R, dropout,
+             scale_last != 2.0f ? " scales differ" : "", keep_u ? " u kept" : "");
+    float *x = test_rvec_bf16(T * in, 1.f), *A = test_rvec_bf16((int64_t)R * in, 1.f / sqrtf((float)in));
+    float *dA0 = test_rvec((int64_t)R * in, 1.f), *dx_cpu = calloc((size_t)(T * in), sizeof(float));
+    float *dA_cpu = test_copy(dA0, (int64_t)R * in);
+    float *W[MAXN], *B[MAXN], *dy[MAXN], *y_cpu[MAXN], *dB0[MAXN], *dB_cpu[MAXN];
+    dt_lora lo[MAXN];
+    dt_bf16 *d_W[MAXN], *d_B[MAXN], *d_dy[MAXN], *d_y[MAXN];
+    float *d_dB[MAXN];
+    cuda_linear l[MAXN];
+    cuda_linear_part parts[MAXN];
+    dt_bf16 *d_x = test_dev_bf16(x, T * in), *d_A = test_dev_bf16(A, (int64_t)R * in);
+    float *garbage = test_rvec(T * in, 1.f);  /* in dx, which the backward overwrites */
+    float *d_dA = test_dev_f32(dA0, (int64_t)R * in), *d_dx = test_dev_f32(garbage, T * in);
+    dt_bf16 *d_u = keep_u ? test_dev_bf16(x, T * R) : NULL;
+    void *scratch = NULL;
+    bool ok = d_x && d_A && d_dA && d_dx && (!keep_u || d_u) &&
+              cuda_alloc(&scratch, linear_scratch_bytes_cuda(T, in, R, dropout > 0)) == 0;
+    for (int i = 0, c = 0; i < n; c += ranks[i], i++) {
+        int64_t out = outs[i];
+        int r = ranks[i];
+        W[i] = test_rvec_bf16(out * in, 1.f / sqrtf((float)in));
+        B[i] = test_rvec_bf16(out * (r ? r : 1), r ? 1.f / sqrtf((float)r) : 1.f);
+        dy[i] = test_rvec_bf16(T * out, 1.f);
+        dB0[i] = test_rvec(out * (r ? r : 1), 1.f);
+        dB_cpu[i] = test_copy(dB0[i], out * (r ? r : 1));
+        lo[i] = (dt_lora){.rank = r, .scale = i == last ? scale_last : 2.0f, .in = in, .out = out, .A = A + c * in,
+                          .B = B[i], .dA = dA_cpu + c * in, .dB = dB_cpu[i], .dropout = dropout,
+                          .dropout_seed = 0x5eedull + 977 * (uint64_t)i};
+        dt_linear L = {.w = {.dtype = DT_F32, .data = W[i], .rows = out, .cols = in}, .lora = r ? &lo[i] : NULL};
+        y_cpu[i] = malloc(sizeof(float) * T * out);
+        linear_forward(y_cpu[i], x, &L, T);
+        linear_backward(dx_cpu, dy[i], x, &L, T);
+        d_W[i] = test_dev_bf16(W[i], out * in);
+        d_B[i] = test_dev_bf16(B[i], out * (r ? r : 1));
+        d_dy[i] = test_dev_bf16(dy[i], T * out);
+        d_y[i] = test_dev_bf16(dy[i], T * out);  /* garbage: the forward overwrites it */
+        d_dB[i] = test_dev_f32(dB0[i], out * (r ? r : 1));
+        ok = ok && d_W[i] && d_B[i] && d_dy[i] && d_y[i] && d_dB[i];
+        l[i] = (cuda_linear){.W = d_W[i], .in = in, .out = out, .rank = r, .scale = lo[i].scale, .dropout = dropout,
+                             .dropout_seed = lo[i].dropout_seed, .A = r ? d_A + c * in : NULL, .B = r ? d_B[i] : NULL,
+                             .dA = r ? d_dA + c * in : NULL, .dB = r ? d_dB[i] : NULL};
+        parts[i] = (cuda_linear_part){d_y[i], CUDA_BF16, 0, d_dy[i], &l[i]};
+    }
+    snprintf(name, sizeof name, "linear_group %s: device buffers", tag);
+    if (!ok) {
+        test_cuda_ok(name);
+        cuda_tests_failed++;
+    } else {
+        linear_group_forward_cuda(parts, n, d_x, T, scratch, d_u);
+        snprintf(name, sizeof name, "linear_group_forward %s", tag);
+        for (int i = 0; test_cuda_ok(name) == 0 && i < n; i++) {
+            char n2[300];
+            float *y = test_host_bf16(d_y[i], T * outs[i]);
+            snprintf(n2, sizeof n2, "%s: y%d", name, i);
+            test_expect_close(n2, y, y_cpu[i], T * outs[i], 1e-2);
+            free(y);
+        }
+        linear_group_backward_cuda(d_dx, 0, parts, n, d_x, T, scratch, d_u);
+        snprintf(name, sizeof name, "linear_group_backward %s", tag);
+        if (test_cuda_ok(name) == 0) {
+            char n2[300];
+            float *g = test_host_f32(d_dx, T * in);
+            snprintf(n2, sizeof n2, "%s: dx", name);
+            test_expect_close(n2, g, dx_cpu, T * in, 1e-2);
+            free(g);
+            g = test_host_f32(d_dA, (int64_t)R * in);
+            snprintf(n2, sizeof n2, "%s: dA", name);
+            test_expect_close(n2, g, dA_cpu, (int64_t)R * in, 1e-2);
+            free(g);
+            for (int i = 0; i < n; i++) {
+                if (!ranks[i]) continue;
+                g = test_host_f32(d_dB[i], outs[i] * ranks[i]);
+                snprintf(n2, sizeof n2, "%s: dB%d", name, i);
+                test_expect_close(n2, g, dB_cpu[i], outs[i] * ranks[i], 1e-2);
+                free(g);
+            }
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        free(W[i]), free(B[i]), free(dy[i]), free(y_cpu[i]), free(dB0[i]), free(dB_cpu[i]);
+        cuda_free(d_W[i]), cuda_free(d_B[i]), cuda_free(d_dy[i]), cuda_free(d_y[i]), cuda_free(d_dB[i]);
+    }
+    cuda_free(d_x), cuda_free(d_A), cuda_free(d_dA), cuda_free(d_dx), cuda_free(d_u), cuda_free(scratch);
+    free(x), free(A), free(dA0), free(dx_cpu), free(dA_cpu), free(garbage);
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -248,5 +347,17 @@ void cuda_tests_linear(void) {
         {4096, 1024, 512, 16, 0.1f, CUDA_BF16, 0, 1, 0, 0, 0},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
+    /* groups: stacked (one scale, no dropout), with members without a LoRA, and member by member */
+    static const int64_t outs3[] = {96, 40, 56}, outs4[] = {136, 64, 16, 16}, outs2[] = {40, 96};
+    static const int r3[] = {16, 16, 16}, r4[] = {8, 8, 0, 0}, r4b[] = {0, 8, 0, 8}, r2[] = {8, 8};
+    run_group(100, 72, outs3, r3, 3, 2.0f, 0.f, 1);
+    run_group(100, 72, outs4, r4, 4, 2.0f, 0.f, 0);
+    run_group(37, 72, outs4, r4b, 4, 2.0f, 0.f, 1);
+    run_group(100, 72, outs2, r2, 2, 0.5f, 0.f, 1);
+    run_group(100, 72, outs2, r2, 2, 2.0f, 0.1f, 1);
+    run_group(100, 72, outs2, r2, 2, 2.0f, 0.1f, 0);
+    static const int64_t gdn[] = {6144, 2048, 16, 16};  /* Qwen3.5-0.8B's DeltaNet in-projections */
+    static const int rgdn[] = {16, 16, 0, 0};
+    run_group(4096, 1024, gdn, rgdn, 4, 2.0f, 0.f, 1);
     if (t && atoi(t) == 1) timing();
 }
