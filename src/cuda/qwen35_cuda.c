@@ -129,7 +129,7 @@ struct qwen35_cuda {
     bool profile;
     int64_t calls;              /* training calls so far: the first (warm-up) is not profiled */
     int64_t ws_gen;             /* workspace allocations so far: a recorded step's addresses */
-    void *graph;                /* the training step recorded as a CUDA graph (run_step) */
+    void *graph;                /* the training step recorded as a CUDA graph (launch_step) */
     int64_t graph_launches;
     step_key graph_key, last_key;
     bool graphs_failed;
@@ -675,8 +675,8 @@ static size_t scratch_linear(const qwen35_cuda *g, int64_t N) {
     int dropout, rank = lora_rank_max(g, &dropout);
     size_t s = 0;
     int64_t ins[] = {d.H, d.I, d.vd, d.qd};
-    for (size_t i = 0; i < sizeof ins / sizeof ins[0]; i++)  /* a group's u: up to U_OUT LoRAs' */
-        s = max_sz(s, linear_scratch_bytes_cuda(N, ins[i], U_OUT * rank, dropout));
+    for (size_t i = 0; i < sizeof ins / sizeof ins[0]; i++)  /* a group's u: the in-projections' the widest */
+        s = max_sz(s, linear_scratch_bytes_cuda(N, ins[i], (U_OUT - U_IN) * rank, dropout));
     return s;
 }
 
@@ -1138,7 +1138,7 @@ int64_t qwen35_cuda_graph_launches(const qwen35_cuda *g) { return g ? g->graph_l
 /* The step's launches: replayed from the graph when the key is the recorded one; recorded (then
  * replayed) when the same key comes a second time in a row, so a one-off shape costs no capture;
  * else launched one by one. A capture that fails turns graphs off and launches directly. */
-static int run_step(qwen35_cuda *g, const call *k, bool grad_checkpoint, float grad_scale) {
+static int launch_step(qwen35_cuda *g, const call *k, bool grad_checkpoint, float grad_scale) {
     step_key key = {k->N, g->ws_gen, k->n_seqs, grad_checkpoint, grad_scale, g->lens_host};
     bool allowed = !g->graphs_failed && graphs_allowed(g);
     if (allowed && g->graph && key_equal(&key, &g->graph_key)) return launch_graph(g);
@@ -1172,7 +1172,7 @@ int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qw
     refresh_loras(g, true);
     call k = {b->n_tokens, b->n_seqs, 0};
     for (int s = 0; s < b->n_seqs; s++) k.max_len = b->seq_lens[s] > k.max_len ? b->seq_lens[s] : k.max_len;
-    if (run_step(g, &k, grad_checkpoint, (float)grad_scale) || finish(g, loss_sum, "the training step")) return -1;
+    if (launch_step(g, &k, grad_checkpoint, (float)grad_scale) || finish(g, loss_sum, "the training step")) return -1;
     if (!g->lora_master) {  /* the optimiser is on the host: it needs the gradients there */
         double t1 = dt_seconds();
         if (collect_lora_grads(g)) return -1;
