@@ -105,6 +105,11 @@ void swiglu_forward_cuda(dt_bf16 *m, const dt_bf16 *gate, const dt_bf16 *up, int
 /* dgate, dup (bf16) overwritten, given dm (fp32). */
 void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, const float *dm, const dt_bf16 *gate, const dt_bf16 *up,
                           int64_t n);
+/* The same over [rows, I] with dm + g A as the gradient (g bf16 [rows, r], A bf16 [r, I]; g NULL:
+ * dm alone): the down projection's LoRA part of dm (linear_backward_defer_lora_cuda), added here
+ * rather than by a product over all of dm. dm may be overwritten. */
+void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, float *dm, const dt_bf16 *gate, const dt_bf16 *up,
+                               int64_t rows, int64_t I, const dt_bf16 *g, const dt_bf16 *A, int r);
 
 /* ---- conv1d.cu ---- */
 /* Causal depthwise conv over time then SiLU, over packed sequences: y[t][c] =
@@ -246,6 +251,13 @@ void linear_group_forward_cuda(const cuda_linear_part *p, int n, const dt_bf16 *
                                dt_bf16 *u_keep);
 void linear_group_backward_cuda(float *dx, int accumulate, const cuda_linear_part *p, int n, const dt_bf16 *x,
                                 int64_t T, void *scratch, const dt_bf16 *u_kept);
+
+/* linear_backward_cuda (dx overwritten) without LoRA's part of dx, for a consumer of dx that adds
+ * it itself (swiglu_backward_lora_cuda): returns g = scale dy B (bf16 [T, rank], in scratch until
+ * the next product), so that the whole dx is dx + g A. A linear without a LoRA, or whose LoRA
+ * drops out its input, gets the whole backward instead, and NULL. */
+const dt_bf16 *linear_backward_defer_lora_cuda(float *dx, const dt_bf16 *dy, const dt_bf16 *x, const cuda_linear *l,
+                                               int64_t T, void *scratch, const dt_bf16 *u_kept);
 
 /* ---- loss.cu ---- */
 /* Cross-entropy of the LM head fused with it: h (bf16 [N, H], final-normed) times E^T

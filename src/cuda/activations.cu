@@ -1,4 +1,5 @@
 // SwiGLU, elementwise: 16-byte bf16 vectors (8 values) per thread when the pointers allow.
+// Its backward can also take the down projection's LoRA part of dm (swiglu_backward_lora_cuda).
 #include "cuda/cuda_internal.h"
 #include "cuda/vec.cuh"
 
@@ -73,4 +74,69 @@ extern "C" void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, const float *
         swiglu_bwd_kernel<8><<<cuda_blocks(n / 8 + 1, 256), 256, 0, cuda_stream()>>>(dgb, dub, dm, gb, ub, n);
     else
         swiglu_bwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(dgb, dub, dm, gb, ub, n);
+}
+
+// dm + g A, with g [rows, r] and A [r, I], then the backward as swiglu_bwd_kernel: LoRA's part of
+// the down projection's input gradient, added here instead of by a product that writes and reads
+// all of fp32 dm once more. A block owns LW_COLS columns (8 a thread) of LW_ROWS rows: the A slice
+// [r][LW_COLS] and the g rows in shared memory, read there once per row.
+constexpr int LW_THREADS = 128, LW_COLS = 8 * LW_THREADS, LW_ROWS = 32, LW_MAX_RANK = 32;
+
+__global__ void __launch_bounds__(LW_THREADS)
+    swiglu_bwd_lora_kernel(bf16 *dg, bf16 *du, const float *dm, const bf16 *gate, const bf16 *up, int64_t rows,
+                           int64_t I, const bf16 *g, const bf16 *A, int r) {
+    extern __shared__ float4 lw_smem[];
+    bf16 *As = reinterpret_cast<bf16 *>(lw_smem);             // [r][LW_COLS]
+    float *gs = reinterpret_cast<float *>(As + r * LW_COLS);  // [LW_ROWS][r]
+    int64_t c0 = (int64_t)blockIdx.x * LW_COLS, t0 = (int64_t)blockIdx.y * LW_ROWS;
+    for (int e = threadIdx.x; e < r * LW_THREADS; e += LW_THREADS) {
+        int j = e / LW_THREADS;
+        int64_t c = c0 + 8 * (e % LW_THREADS);
+        uint4 v = c < I ? *reinterpret_cast<const uint4 *>(A + j * I + c) : make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4 *>(As + j * LW_COLS + 8 * (e % LW_THREADS)) = v;
+    }
+    for (int e = threadIdx.x; e < LW_ROWS * r; e += LW_THREADS) {
+        int64_t t = t0 + e / r;
+        gs[e] = t < rows ? ld(g + t * r + e % r) : 0.f;
+    }
+    __syncthreads();
+    int64_t c = c0 + 8 * threadIdx.x;
+    if (c >= I) return;
+    for (int i = 0; i < LW_ROWS && t0 + i < rows; i++) {
+        int64_t o = (t0 + i) * I + c;
+        float a[8], b[8], d[8];
+        ldv<8>(d, dm + o);
+        for (int j = 0; j < r; j++) {
+            float gj = gs[i * r + j], w[8];
+            ldv<8>(w, As + j * LW_COLS + 8 * threadIdx.x);
+#pragma unroll
+            for (int k = 0; k < 8; k++) d[k] = fmaf(gj, w[k], d[k]);
+        }
+        ldv<8>(a, gate + o);
+        ldv<8>(b, up + o);
+#pragma unroll
+        for (int k = 0; k < 8; k++) swiglu_grad(a[k], b[k], d[k], a[k], b[k]);
+        stv<8>(dg + o, a);
+        stv<8>(du + o, b);
+    }
+}
+
+extern "C" void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, float *dm, const dt_bf16 *gate,
+                                          const dt_bf16 *up, int64_t rows, int64_t I, const dt_bf16 *g,
+                                          const dt_bf16 *A, int r) {
+    if (rows <= 0 || I <= 0) return;
+    bool fused = g && r > 0 && r <= LW_MAX_RANK && I % 8 == 0 && aligned_to(dgate, 16) && aligned_to(dup, 16) &&
+                 aligned_to(gate, 16) && aligned_to(up, 16) && aligned_to(dm, 16) && aligned_to(A, 16);
+    if (fused) {
+        size_t smem = sizeof(bf16) * r * LW_COLS + sizeof(float) * LW_ROWS * r;
+        cudaFuncSetAttribute(swiglu_bwd_lora_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        dim3 grid((unsigned)((I + LW_COLS - 1) / LW_COLS), (unsigned)((rows + LW_ROWS - 1) / LW_ROWS));
+        swiglu_bwd_lora_kernel<<<grid, LW_THREADS, smem, cuda_stream()>>>(
+            (bf16 *)dgate, (bf16 *)dup, dm, (const bf16 *)gate, (const bf16 *)up, rows, I, (const bf16 *)g,
+            (const bf16 *)A, r);
+        return;
+    }
+    // otherwise the LoRA part by a product into dm, then the plain backward
+    if (g && r > 0) cuda_gemm(false, false, (int)rows, (int)I, r, 1.f, g, r, 0, A, I, 0, 1.f, dm, CUDA_R_32F, I, 0, 1);
+    swiglu_backward_cuda(dgate, dup, dm, gate, up, rows * I);
 }

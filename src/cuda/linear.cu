@@ -300,14 +300,14 @@ extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, cons
 }
 
 // A member's whole LoRA backward on its own (with its own dropout mask): dB += dy^T u, g = scale
-// dy B, dA += g^T drop(x), dx (+)= the mask times g A. u: kept (ld ldu) or NULL (recomputed).
-// Returns whether it wrote dx.
+// dy B (into s.g; also when want_g), dA += g^T drop(x), dx (+)= the mask times g A. u: kept (ld
+// ldu) or NULL (recomputed). Returns whether it wrote dx.
 static bool member_lora_backward(float *dx, bool acc, const bf16 *dy, const bf16 *x, const cuda_linear *l, int64_t T,
-                                 lora_scratch s, const bf16 *u, int ldu) {
+                                 lora_scratch s, const bf16 *u, int ldu, bool want_g = false) {
     int r = l->rank;
     int64_t in = l->in, out = l->out;
     const bf16 *A = (const bf16 *)l->A, *B = (const bf16 *)l->B;
-    if (!(l->dA || l->dB || dx)) return false;
+    if (!(l->dA || l->dB || dx || want_g)) return false;
     const bf16 *xa = l->dA || l->dB ? lora_input(l, x, T, s.xd) : x;
     if (l->dB) {
         // dB += scale dy^T u, with the forward's u or u recomputed (with the same mask)
@@ -318,7 +318,7 @@ static bool member_lora_backward(float *dx, bool acc, const bf16 *dy, const bf16
         }
         gemm_rm(true, false, out, r, T, 1.f, dy, out, u, ldu, 1.f, l->dB, CUDA_R_32F, r, "lora dB");
     }
-    if (!l->dA && !dx) return false;
+    if (!l->dA && !dx && !want_g) return false;
     // g = scale dy B: the gradient of u before its scale, scaled once here for dA and dx
     gemm_rm(false, false, T, r, out, l->scale, dy, out, B, r, 0.f, s.g, CUDA_R_16BF, r, "lora dy B");
     if (l->dA) gemm_rm(true, false, r, in, T, 1.f, s.g, r, xa, in, 1.f, l->dA, CUDA_R_32F, in, "lora dA");
@@ -390,4 +390,20 @@ extern "C" void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *d
                                      const cuda_linear *l, int64_t T, void *scratch, const dt_bf16 *u_kept) {
     cuda_linear_part p = {NULL, CUDA_F32, 0, dy, l};
     linear_group_backward_cuda(dx, accumulate, &p, 1, x, T, scratch, u_kept);
+}
+
+extern "C" const dt_bf16 *linear_backward_defer_lora_cuda(float *dx, const dt_bf16 *dy_, const dt_bf16 *x_,
+                                                          const cuda_linear *l, int64_t T, void *scratch,
+                                                          const dt_bf16 *u_kept) {
+    if (!has_lora(l) || l->dropout > 0 || T <= 0) {
+        linear_backward_cuda(dx, 0, dy_, x_, l, T, scratch, u_kept);
+        return NULL;
+    }
+    ensure_workspace();
+    const bf16 *dy = (const bf16 *)dy_;
+    lora_scratch s = carve(scratch, T, l->rank);
+    member_lora_backward(NULL, false, dy, (const bf16 *)x_, l, T, s, (const bf16 *)u_kept, l->rank, true);
+    gemm_rm(false, false, T, l->in, l->out, 1.f, dy, l->out, base_weight(l), l->in, 0.f, dx, CUDA_R_32F, l->in,
+            "linear backward");
+    return (const dt_bf16 *)s.g;
 }

@@ -48,7 +48,8 @@ typedef struct {
 /* A layer's groups of products by their first slot of lora_u: a group's u [N, R] (R the sum of its
  * LoRAs' ranks) spans as many slots as the group has linears: the mixer's in-projections (the
  * DeltaNet's four or attention's three), the mixer's out-projection, the MLP's gate and up. The
- * MLP's down projection has none, as the recompute for the backward skips it. */
+ * MLP's down projection has none: the recompute for the backward skips that projection, so its u
+ * is kept from the forward, every layer's (u_down). */
 enum { U_IN = 0, U_OUT = 4, U_MLP = 5, U_SLOTS = 7 };
 
 /* The backward's buffers; the MLP part and the mixer part are never live together and
@@ -102,6 +103,8 @@ struct qwen35_cuda {
     /* the workspace, sized for cap_tokens tokens and sequences up to cap_seq */
     int64_t cap_tokens, cap_seq, cap_seqs;
     int u_rank;                 /* the acts' lora_u slots hold cap_tokens rows of this rank */
+    dt_bf16 *u_down;            /* training: [n_layers][cap_tokens, u_rank], each layer's down projection's
+                                   u from the forward (u_down_of) */
     int n_acts;
     bool training;
     gpu_acts *acts;
@@ -298,10 +301,10 @@ static void free_workspace(qwen35_cuda *g) {
     g->n_acts = 0;
     cuda_free(g->grads.block);
     memset(&g->grads, 0, sizeof g->grads);
-    void *dev[] = {g->h32, g->hs, g->dh, g->hf_block, g->scratch_block, g->ids, g->seq_starts, g->loss};  /* pos, targets: in ids */
+    void *dev[] = {g->h32, g->hs, g->u_down, g->dh, g->hf_block, g->scratch_block, g->ids, g->seq_starts, g->loss};  /* pos, targets: in ids */
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) cuda_free(dev[i]);
     g->h32 = g->dh = NULL;
-    g->hs = NULL;
+    g->hs = g->u_down = NULL;
     g->hf = g->hf_block = NULL;
     g->scratch = g->big = g->big_bwd = g->scratch_block = NULL;
     g->scratch_bytes = g->big_bytes = g->big_bwd_bytes = 0;
@@ -759,6 +762,8 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     if (rc == 0) rc = cuda_alloc((void **)&g->h32, sizeof(float) * (size_t)(N * H));
     if (rc == 0 && training)
         rc = cuda_alloc((void **)&g->hs, sizeof(dt_bf16) * (size_t)((c->n_layers - 1) * N * H + 1));
+    if (rc == 0 && training && rank > 0)
+        rc = cuda_alloc((void **)&g->u_down, sizeof(dt_bf16) * (size_t)c->n_layers * (size_t)(N * rank));
     if (rc == 0) rc = cuda_alloc((void **)&g->ids, sizeof(int32_t) * 3 * (size_t)N);
     if (rc == 0) rc = cuda_alloc((void **)&g->seq_starts, sizeof(int32_t) * (size_t)(n_seqs + 1));
     if (rc == 0) rc = cuda_alloc((void **)&g->loss, sizeof(double));
@@ -820,6 +825,11 @@ static int prepare(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b,
 }
 
 /* ---------------------------------------------------------------- forward */
+
+/* Layer l's down projection's u [N, rank], from its first row (NULL: not kept). */
+static dt_bf16 *u_down_of(const qwen35_cuda *g, int l) {
+    return g->u_down ? g->u_down + (size_t)l * g->cap_tokens * g->u_rank : NULL;
+}
 
 /* Slot `slot` of a's lora_u, from its first row. */
 static dt_bf16 *u_slot(const qwen35_cuda *g, const gpu_acts *a, int slot) {
@@ -915,7 +925,7 @@ static void layer_forward(qwen35_cuda *g, int l, const call *k, const float *h_i
         cuda_linear_part p[] = {{a->gate, CUDA_BF16, 0, NULL, &L->mlp_gate}, {a->up, CUDA_BF16, 0, NULL, &L->mlp_up}};
         linear_group_forward_cuda(p, 2, a->xn2, N, s, u_slot(g, a, U_MLP));
         swiglu_forward_cuda(a->m, a->gate, a->up, N * I);
-        if (h_out) linear_forward_cuda(h_out, CUDA_F32, 1, a->m, &L->mlp_down, N, s, NULL);
+        if (h_out) linear_forward_cuda(h_out, CUDA_F32, 1, a->m, &L->mlp_down, N, s, u_down_of(g, l));
     });
 }
 
@@ -1000,9 +1010,13 @@ static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_
         cuda_linear down = L->mlp_down, gate = L->mlp_gate, up = L->mlp_up;
         down.row0 = gate.row0 = up.row0 = t0;
         PROF("bwd.mlp", {
-            /* the recompute skips the down projection: its u is recomputed here */
-            linear_backward_cuda(G->dm, 0, G->dy_bf + t0 * H, a->m + t0 * I, &down, n, s, NULL);
-            swiglu_backward_cuda(G->dgate, G->dup, G->dm, a->gate + t0 * I, a->up + t0 * I, n * I);
+            /* the recompute skipped the down projection: its u is the forward's; its LoRA's part of
+             * dm is added by the SwiGLU's backward */
+            dt_bf16 *u_down = u_down_of(g, l);
+            const dt_bf16 *g_down = linear_backward_defer_lora_cuda(G->dm, G->dy_bf + t0 * H, a->m + t0 * I, &down,
+                                                                    n, s, u_down ? u_down + t0 * down.rank : NULL);
+            swiglu_backward_lora_cuda(G->dgate, G->dup, G->dm, a->gate + t0 * I, a->up + t0 * I, n, I, g_down,
+                                      down.A, down.rank);
             cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dgate, &gate}, {NULL, CUDA_F32, 0, G->dup, &up}};
             linear_group_backward_cuda(G->dxn2, 0, p, 2, a->xn2 + t0 * H, n, s,
                                        u_slot(g, a, U_MLP) + t0 * (gate.rank + up.rank));

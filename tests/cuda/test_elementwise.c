@@ -306,6 +306,39 @@ static void test_swiglu(int64_t n, int off) {
     free(g), free(u), free(dm), free(mc), free(dgc), free(duc);
 }
 
+/* swiglu_backward_lora_cuda: the gradient dm + g A (the down projection's LoRA part), against
+ * the CPU's swiglu_backward of that sum; the fused kernel (I a multiple of 8, r <= 32), and the
+ * product-then-backward path otherwise; g NULL: dm alone. */
+static void test_swiglu_lora(int64_t rows, int64_t I, int r, int with_g) {
+    char name[128];
+    int64_t n = rows * I;
+    float *gt = test_rvec_bf16(n, 4.0f), *u = test_rvec_bf16(n, 2.0f), *dm = test_rvec(n, 1.0f);
+    float *g = test_rvec_bf16(rows * r, 1.0f), *A = test_rvec_bf16((int64_t)r * I, 0.5f);
+    float *sum = test_copy(dm, n), *dgc = zeros(n), *duc = zeros(n);
+    for (int64_t t = 0; with_g && t < rows; t++)
+        for (int j = 0; j < r; j++)
+            for (int64_t i = 0; i < I; i++) sum[t * I + i] += g[t * r + j] * A[j * I + i];
+    swiglu_backward(dgc, duc, sum, gt, u, n);
+    dt_bf16 *d_gt = test_dev_bf16(gt, n), *d_u = test_dev_bf16(u, n), *d_dg = test_dev_bf16(dm, n),
+            *d_du = test_dev_bf16(dm, n), *d_g = test_dev_bf16(g, rows * r), *d_A = test_dev_bf16(A, (int64_t)r * I);
+    float *d_dm = test_dev_f32(dm, n);
+    swiglu_backward_lora_cuda(d_dg, d_du, d_dm, d_gt, d_u, rows, I, with_g ? d_g : NULL, d_A, r);
+    snprintf(name, sizeof name, "swiglu_backward_lora %lldx%lld r%d%s dgate", (long long)rows, (long long)I, r,
+             with_g ? "" : " g=NULL");
+    if (!test_cuda_ok(name)) {
+        float *h = test_host_bf16(d_dg, n);
+        test_expect_close(name, h, dgc, n, 1e-2);
+        free(h);
+        h = test_host_bf16(d_du, n);
+        name[strlen(name) - 5] = 0;
+        strcat(name, "dup");
+        test_expect_close(name, h, duc, n, 1e-2);
+        free(h);
+    }
+    cuda_free(d_gt), cuda_free(d_u), cuda_free(d_dg), cuda_free(d_du), cuda_free(d_g), cuda_free(d_A), cuda_free(d_dm);
+    free(gt), free(u), free(dm), free(g), free(A), free(sum), free(dgc), free(duc);
+}
+
 /* ---- conv1d.cu ---- */
 
 static void test_conv1d(const int *lens, int n_seqs, int C, int K) {
@@ -467,6 +500,10 @@ static void timing(void) {
     TIME("attn_gate_bwd 4096x8x256", N * nh * hd * 12, attn_gate_backward_cuda(b3, b4, f2, b1, b2, N, nh, hd));
     TIME("swiglu_fwd 4096x3584", N * I * 6, swiglu_forward_cuda(b3, b1, b2, N * I));
     TIME("swiglu_bwd 4096x3584", N * I * 12, swiglu_backward_cuda(b3, b4, f2, b1, b2, N * I));
+    TIME("swiglu_bwd_lora 4096x3584 r16", N * I * 12,
+         swiglu_backward_lora_cuda(b3, b4, f2, b1, b2, N, I, b1, b2, 16));
+    TIME("swiglu_bwd_lora 4096x3584 r32", N * I * 12,
+         swiglu_backward_lora_cuda(b3, b4, f2, b1, b2, N, I, b1, b2, 32));
     TIME("conv1d_silu_fwd 4096x6144", big * 4, conv1d_silu_forward_cuda(b3, b1, w, pos, N, C, K));
     TIME("conv1d_silu_bwd 4096x6144", big * 8, conv1d_silu_backward_cuda(b3, f2, b1, w, pos, N, C, K));
     cuda_free(f1), cuda_free(f2), cuda_free(f3), cuda_free(w), cuda_free(b1), cuda_free(b2), cuda_free(b3);
@@ -499,6 +536,13 @@ void cuda_tests_elementwise(void) {
 
     test_swiglu(4096 * 3584, 0);
     test_swiglu(1001, 1);
+    test_swiglu_lora(37, 72, 8, 1);
+    test_swiglu_lora(100, 1032, 16, 1);  /* a partial block of columns, several of rows */
+    test_swiglu_lora(100, 1032, 24, 1);
+    test_swiglu_lora(37, 70, 8, 1);      /* I not a multiple of 8: product, then the plain backward */
+    test_swiglu_lora(64, 136, 40, 1);    /* rank above 32: the same */
+    test_swiglu_lora(33, 72, 8, 0);
+    test_swiglu_lora(4096, 3584, 16, 1); /* Qwen3.5-0.8B's MLP at 2 x 2048 tokens, r16 */
 
     const int tiny[] = {3, 20};
     test_conv1d(ragged, 3, 6144, 4);

@@ -223,6 +223,69 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
     free(x), free(A), free(dA0), free(dx_cpu), free(dA_cpu), free(garbage);
 }
 
+static float *zeros_f(int64_t n) { return calloc((size_t)(n > 0 ? n : 1), sizeof(float)); }
+
+/* linear_backward_defer_lora_cuda: dx (overwritten) = dy W, with g returned for dx + g A, and
+ * dA, dB as the whole backward's; against the CPU's linear_backward. With dropout it runs the whole
+ * backward itself and returns NULL. */
+static void run_defer(int64_t T, int64_t in, int64_t out, int r, float dropout, int keep_u) {
+    char name[160], n2[200];
+    snprintf(name, sizeof name, "linear_backward_defer_lora T%lld %lld->%lld r%d p%g%s", (long long)T,
+             (long long)in, (long long)out, r, dropout, keep_u ? " u kept" : "");
+    float *x = test_rvec_bf16(T * in, 1.f), *W = test_rvec_bf16(out * in, 1.f / sqrtf((float)in));
+    float *A = test_rvec_bf16((int64_t)r * in, 1.f / sqrtf((float)in)), *B = test_rvec_bf16(out * r, 1.f / sqrtf((float)r));
+    float *dy = test_rvec_bf16(T * out, 1.f), *junk = test_rvec(T * in, 1.f);
+    float *dx_cpu = zeros_f(T * in), *dA_cpu = zeros_f((int64_t)r * in), *dB_cpu = zeros_f(out * r);
+    dt_lora lo = {.rank = r, .scale = 2.0f, .in = in, .out = out, .A = A, .B = B, .dA = dA_cpu, .dB = dB_cpu,
+                  .dropout = dropout, .dropout_seed = 77};
+    dt_linear L = {.w = {.dtype = DT_F32, .data = W, .rows = out, .cols = in}, .lora = &lo};
+    dt_bf16 *d_x = test_dev_bf16(x, T * in), *d_W = test_dev_bf16(W, out * in), *d_A = test_dev_bf16(A, (int64_t)r * in);
+    dt_bf16 *d_B = test_dev_bf16(B, out * r), *d_dy = test_dev_bf16(dy, T * out), *d_y = test_dev_bf16(dy, T * out);
+    dt_bf16 *d_u = keep_u ? test_dev_bf16(dy, T * r) : NULL;
+    float *d_dx = test_dev_f32(junk, T * in), *d_dA = test_dev_f32(dA_cpu, (int64_t)r * in);  /* zeros */
+    float *d_dB = test_dev_f32(dB_cpu, out * r);
+    linear_backward(dx_cpu, dy, x, &L, T);
+    void *scratch = NULL;
+    if (!d_x || !d_W || !d_A || !d_B || !d_dy || !d_y || !d_dx || !d_dA || !d_dB || (keep_u && !d_u) ||
+        cuda_alloc(&scratch, linear_scratch_bytes_cuda(T, in, r, dropout > 0))) {
+        test_cuda_ok(name);
+        cuda_tests_failed++;
+    } else {
+        cuda_linear l = {.W = d_W, .in = in, .out = out, .rank = r, .scale = lo.scale, .dropout = dropout,
+                         .dropout_seed = lo.dropout_seed, .A = d_A, .B = d_B, .dA = d_dA, .dB = d_dB};
+        linear_forward_cuda(d_y, CUDA_BF16, 0, d_x, &l, T, scratch, d_u);
+        const dt_bf16 *d_g = linear_backward_defer_lora_cuda(d_dx, d_dy, d_x, &l, T, scratch, d_u);
+        if (test_cuda_ok(name) == 0) {
+            float *dx = test_host_f32(d_dx, T * in);
+            if ((d_g != NULL) != (dropout == 0)) {
+                printf("FAIL cuda_%s: g %s, expected %s\n", name, d_g ? "returned" : "NULL", dropout == 0 ? "g" : "NULL");
+                cuda_tests_failed++;
+            }
+            if (d_g) {  /* the caller's part: dx += g A */
+                float *g = test_host_bf16(d_g, T * r);
+                for (int64_t t = 0; t < T; t++)
+                    for (int j = 0; j < r; j++)
+                        for (int64_t i = 0; i < in; i++) dx[t * in + i] += g[t * r + j] * A[j * in + i];
+                free(g);
+            }
+            snprintf(n2, sizeof n2, "%s: dx", name);
+            test_expect_close(n2, dx, dx_cpu, T * in, 1e-2);
+            free(dx);
+            float *h = test_host_f32(d_dA, (int64_t)r * in);
+            snprintf(n2, sizeof n2, "%s: dA", name);
+            test_expect_close(n2, h, dA_cpu, (int64_t)r * in, 1e-2);
+            free(h);
+            h = test_host_f32(d_dB, out * r);
+            snprintf(n2, sizeof n2, "%s: dB", name);
+            test_expect_close(n2, h, dB_cpu, out * r, 1e-2);
+            free(h);
+        }
+    }
+    cuda_free(d_x), cuda_free(d_W), cuda_free(d_A), cuda_free(d_B), cuda_free(d_dy), cuda_free(d_y), cuda_free(d_u);
+    cuda_free(d_dx), cuda_free(d_dA), cuda_free(d_dB), cuda_free(scratch);
+    free(x), free(W), free(A), free(B), free(dy), free(junk), free(dx_cpu), free(dA_cpu), free(dB_cpu);
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -359,5 +422,8 @@ void cuda_tests_linear(void) {
     static const int64_t gdn[] = {6144, 2048, 16, 16};  /* Qwen3.5-0.8B's DeltaNet in-projections */
     static const int rgdn[] = {16, 16, 0, 0};
     run_group(4096, 1024, gdn, rgdn, 4, 2.0f, 0.f, 1);
+    run_defer(100, 136, 72, 16, 0.f, 1);
+    run_defer(37, 72, 40, 8, 0.f, 0);
+    run_defer(37, 72, 40, 8, 0.1f, 1);
     if (t && atoi(t) == 1) timing();
 }
