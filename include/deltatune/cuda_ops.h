@@ -261,18 +261,20 @@ const dt_bf16 *linear_backward_defer_lora_cuda(float *dx, const dt_bf16 *dy, con
 
 /* ---- loss.cu ---- */
 /* Cross-entropy of the LM head fused with it: h (bf16 [N, H], final-normed) times E^T
- * (E bf16 [V, H]) `chunk` tokens at a time, so [N, V] logits never exist. targets (device,
- * [N]) < 0 are ignored. Adds the loss sum to *loss (a device double). When dh is not NULL,
- * dh (fp32 [N, H]) += grad_scale * d(loss sum)/dh. scratch: lmhead_ce_scratch_bytes_cuda. */
+ * (E bf16 [V, H]) in slices of E's rows, so [N, V] logits never exist. targets (device, [N]) < 0
+ * are ignored. Adds the loss sum to *loss (a device double). When dh is not NULL, dh (fp32 [N, H])
+ * += grad_scale * d(loss sum)/dh. scratch: scratch_bytes of at least
+ * lmhead_ce_scratch_bytes_cuda(chunk, V, H) for some chunk >= 1 (the bytes that `chunk` tokens'
+ * full rows of logits would take): all tokens go at once where slices of a few thousand rows fit,
+ * else fewer. -1 (the error set) for a scratch below that. */
 size_t lmhead_ce_scratch_bytes_cuda(int64_t chunk, int64_t V, int H);
-void lmhead_ce_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *targets, int64_t N,
-                    const dt_bf16 *E, int64_t V, int H, float grad_scale, int64_t chunk, void *scratch);
-/* The same with a quantized E (V = E->rows, H = E->cols): its rows are dequantized ebuf_rows at a
- * time into ebuf (ebuf_rows * H bf16; at least 8 rows), once per chunk of tokens and pass (two
- * when training), chunks as long as scratch_bytes allow; the target's logit is the product's own. */
-void lmhead_ce_q_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *targets, int64_t N,
-                      const cuda_qweight *E, dt_bf16 *ebuf, int64_t ebuf_rows, float grad_scale, void *scratch,
-                      size_t scratch_bytes);
+int lmhead_ce_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *targets, int64_t N, const dt_bf16 *E,
+                   int64_t V, int H, float grad_scale, void *scratch, size_t scratch_bytes);
+/* The same with a quantized E (V = E->rows, H = E->cols): each slice of its rows is dequantized
+ * into ebuf (ebuf_rows * H bf16; at least 8 rows), once per chunk of tokens. */
+int lmhead_ce_q_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *targets, int64_t N,
+                     const cuda_qweight *E, dt_bf16 *ebuf, int64_t ebuf_rows, float grad_scale, void *scratch,
+                     size_t scratch_bytes);
 
 /* ---- optim.cu ---- */
 /* AdamW over n fp32 parameters (adamw_update's arithmetic, optim.h) with the gradient first

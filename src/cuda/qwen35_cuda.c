@@ -124,7 +124,6 @@ struct qwen35_cuda {
      * allocation of their own (scratch_block). */
     void *scratch, *big, *big_bwd, *scratch_block;
     size_t scratch_bytes, big_bytes, big_bwd_bytes;
-    int64_t ce_chunk;           /* tokens per LM-head chunk of the current call */
     int32_t *ids, *pos, *targets, *seq_starts;   /* device */
     double *loss;               /* device */
     int32_t *pos_host, *targets_host, *starts_host;
@@ -683,16 +682,6 @@ static size_t scratch_linear(const qwen35_cuda *g, int64_t N) {
     return s;
 }
 
-/* Tokens per LM-head chunk: at least the model's setting (--ce-chunk; 0: all at once), and as
- * many more as fit in `bytes` of scratch, which the other ops need anyway: a longer chunk keeps
- * the product busier at no cost in memory. */
-static int64_t ce_chunk_for(const qwen35_cuda *g, const qwen35_model *m, int64_t N, size_t bytes) {
-    if (m->ce_chunk <= 0 || m->ce_chunk >= N) return N;
-    int64_t c = m->ce_chunk;
-    while (c < N && lmhead_ce_scratch_bytes_cuda(c + 1, g->cfg.vocab_size, g->cfg.hidden_size) <= bytes) c++;
-    return c;
-}
-
 static size_t minus(size_t a, size_t b) { return a > b ? a - b : 0; }
 
 /* Bytes of `scratch` for N tokens (sequences up to T), given the dead activations before it that
@@ -715,7 +704,6 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
         (!training || g->training) &&
         g->scratch_bytes >= scratch_need(g, m, N, T, n_seqs, g->big_bytes - g->scratch_bytes,
                                          g->big_bwd_bytes - g->scratch_bytes)) {
-        g->ce_chunk = ce_chunk_for(g, m, N, g->big_bwd_bytes);
         return 0;
     }
     N = N > g->cap_tokens ? N : g->cap_tokens;
@@ -784,7 +772,6 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     }
     g->pos = g->ids + N;
     g->targets = g->ids + 2 * N;
-    g->ce_chunk = ce_chunk_for(g, m, N, g->big_bwd_bytes);
     g->cap_tokens = N;
     g->ws_gen++;
     g->u_rank = rank;
@@ -1042,14 +1029,13 @@ static void embed(qwen35_cuda *g, float *out, int64_t N) {
 }
 
 /* The loss of the final-normed g->hf into g->loss; dh (when not NULL) += its gradient. */
-static void lm_head_loss(qwen35_cuda *g, float *dh, int64_t N, float grad_scale) {
+static int lm_head_loss(qwen35_cuda *g, float *dh, int64_t N, float grad_scale) {
     const qwen35_config *c = &g->cfg;
     if (g->lm_head_q.bits)
-        lmhead_ce_q_cuda(g->loss, dh, g->hf, g->targets, N, &g->lm_head_q, g->wbuf, g->wbuf_elems / c->hidden_size,
-                         grad_scale, g->big_bwd, g->big_bwd_bytes);
-    else
-        lmhead_ce_cuda(g->loss, dh, g->hf, g->targets, N, g->lm_head, c->vocab_size, c->hidden_size, grad_scale,
-                       g->ce_chunk, g->big_bwd);
+        return lmhead_ce_q_cuda(g->loss, dh, g->hf, g->targets, N, &g->lm_head_q, g->wbuf,
+                                g->wbuf_elems / c->hidden_size, grad_scale, g->big_bwd, g->big_bwd_bytes);
+    return lmhead_ce_cuda(g->loss, dh, g->hf, g->targets, N, g->lm_head, c->vocab_size, c->hidden_size, grad_scale,
+                          g->big_bwd, g->big_bwd_bytes);
 }
 
 static int finish(qwen35_cuda *g, double *loss_sum, const char *what) {
@@ -1073,19 +1059,19 @@ int qwen35_cuda_eval_loss(qwen35_cuda *g, const qwen35_model *m, const qwen35_ba
     embed(g, g->h32, N);
     for (int l = 0; l < c->n_layers; l++) layer_forward(g, l, &k, g->h32, g->h32, &g->acts[0], false);
     rmsnorm1p_forward_cuda(g->hf, g->h32, g->final_norm, N, (int)H, (float)c->rms_eps);
-    lm_head_loss(g, NULL, N, 1.0f);
-    if (finish(g, loss_sum, "the evaluation")) return -1;
+    if (lm_head_loss(g, NULL, N, 1.0f) || finish(g, loss_sum, "the evaluation")) return -1;
     *n_targets = count;
     return 0;
 }
 
 /* The forward and backward of one batch (its ids, positions and targets uploaded by prepare): the
  * loss into g->loss, the LoRA gradients added into g->lora_grad. Launches only, nothing waits. */
-static void step_launches(qwen35_cuda *g, const call *k, bool grad_checkpoint, float grad_scale) {
+static int step_launches(qwen35_cuda *g, const call *k, bool grad_checkpoint, float grad_scale) {
     const qwen35_config *c = &g->cfg;
     int n_layers = c->n_layers;
     int64_t N = k->N, H = c->hidden_size, NH = N * H;
     float eps = (float)c->rms_eps;
+    int rc = 0;
     cuda_prof_push("step");
     /* forward: the residual stream in fp32, each layer's input also kept in bf16 */
     float *h = g->h32;
@@ -1098,7 +1084,7 @@ static void step_launches(qwen35_cuda *g, const call *k, bool grad_checkpoint, f
         rmsnorm1p_forward_cuda(g->hf, h, g->final_norm, N, (int)H, eps);
         float *dhf = g->grads.dh_mid;  /* the LM head's gradient; the grads are free until the layers' */
         cuda_zero(dhf, sizeof(float) * NH);
-        lm_head_loss(g, dhf, N, grad_scale);
+        rc = lm_head_loss(g, dhf, N, grad_scale);
         rmsnorm1p_backward_cuda(g->dh, g->grads.dy_bf, NULL, dhf, h, g->final_norm, N, (int)H, eps);
     });
     /* backward, layer by layer, from each layer's kept input (in the buffer of the last output, no
@@ -1116,6 +1102,7 @@ static void step_launches(qwen35_cuda *g, const call *k, bool grad_checkpoint, f
         layer_backward(g, l, k, h_in, a, g->dh);
     }
     cuda_prof_pop();
+    return rc;
 }
 
 /* ---------------------------------------------------------------- the step as a CUDA graph */
@@ -1160,8 +1147,8 @@ static int launch_step(qwen35_cuda *g, const call *k, bool grad_checkpoint, floa
         cuda_graph_free(g->graph);
         g->graph = NULL;
         if (cuda_graph_begin() == 0) {
-            step_launches(g, k, grad_checkpoint, grad_scale);
-            if (cuda_graph_end(&g->graph) == 0) {
+            int rc = step_launches(g, k, grad_checkpoint, grad_scale);
+            if (cuda_graph_end(&g->graph) == 0 && rc == 0) {
                 key_keep(&g->graph_key, &key);
                 return launch_graph(g);
             }
@@ -1169,9 +1156,8 @@ static int launch_step(qwen35_cuda *g, const call *k, bool grad_checkpoint, floa
         fprintf(stderr, "deltatune: %s; the step runs without graphs\n", dt_errmsg());
         g->graphs_failed = true;
     }
-    step_launches(g, k, grad_checkpoint, grad_scale);
     if (allowed) key_keep(&g->last_key, &key);
-    return 0;
+    return step_launches(g, k, grad_checkpoint, grad_scale);
 }
 
 int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b, double grad_scale,

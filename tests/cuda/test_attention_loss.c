@@ -158,8 +158,9 @@ static void loss_case(const char *name, int64_t N, int64_t V, int H, int64_t chu
     void *scratch = NULL;
     cuda_alloc((void **)&lossd, sizeof(double));
     cuda_upload(lossd, &loss_g, sizeof(double));
-    cuda_alloc(&scratch, lmhead_ce_scratch_bytes_cuda(chunk, V, H));
-    lmhead_ce_cuda(lossd, dhd, hd_, tgd, N, Ed, V, H, grad_scale, chunk, scratch);
+    size_t sb = lmhead_ce_scratch_bytes_cuda(chunk, V, H);
+    cuda_alloc(&scratch, sb);
+    lmhead_ce_cuda(lossd, dhd, hd_, tgd, N, Ed, V, H, grad_scale, scratch, sb);
     char nm[128];
     snprintf(nm, sizeof nm, "lmhead_ce_%s", name);
     if (test_cuda_ok(nm) == 0) {
@@ -235,12 +236,13 @@ static void attn_timing(int n_seqs, int len, int nh, int nkv, int hd) {
         cuda_alloc((void **)&be, 2 * bv * bh);
         cuda_alloc((void **)&bt, 4 * bn);
         cuda_alloc((void **)&bl, 8);
-        cuda_alloc(&bs, lmhead_ce_scratch_bytes_cuda(bn, bv, (int)bh));
+        size_t bsb = lmhead_ce_scratch_bytes_cuda(bn, bv, (int)bh);
+        cuda_alloc(&bs, bsb);
         cuda_zero(bh_, 2 * bn * bh), cuda_zero(be, 2 * bv * bh), cuda_zero(bt, 4 * bn), cuda_zero(bl, 8);
         cuda_check("busy setup");
         cuda_prof_enable(1);
         cuda_prof_reset();
-        for (int i = 0; i < 12; i++) lmhead_ce_cuda(bl, NULL, bh_, bt, bn, be, bv, (int)bh, 1.0f, bn, bs);
+        for (int i = 0; i < 12; i++) lmhead_ce_cuda(bl, NULL, bh_, bt, bn, be, bv, (int)bh, 1.0f, bs, bsb);
         cuda_prof_push("attention fwd");
         for (int i = 0; i < 2; i++)
             attention_forward_cuda(out, lse, q, k, v, starts, lens, n_seqs, nh, nkv, hd, scale, scratch);
@@ -289,14 +291,14 @@ static void loss_timing(int64_t N, int64_t V, int H, int64_t chunk) {
     cuda_zero(dh, 4 * N * H);
     cuda_zero(loss, 8);
     int it = 5;
-    lmhead_ce_cuda(loss, dh, h, tgd, N, E, V, H, 1.0f / N, chunk, scratch);
-    lmhead_ce_cuda(loss, NULL, h, tgd, N, E, V, H, 1.0f / N, chunk, scratch);
+    lmhead_ce_cuda(loss, dh, h, tgd, N, E, V, H, 1.0f / N, scratch, sb);
+    lmhead_ce_cuda(loss, NULL, h, tgd, N, E, V, H, 1.0f / N, scratch, sb);
     cuda_check("warm-up");
     double t0 = now_ms();
-    for (int i = 0; i < it; i++) lmhead_ce_cuda(loss, dh, h, tgd, N, E, V, H, 1.0f / N, chunk, scratch);
+    for (int i = 0; i < it; i++) lmhead_ce_cuda(loss, dh, h, tgd, N, E, V, H, 1.0f / N, scratch, sb);
     cuda_check("train");
     double t1 = now_ms();
-    for (int i = 0; i < it; i++) lmhead_ce_cuda(loss, NULL, h, tgd, N, E, V, H, 1.0f / N, chunk, scratch);
+    for (int i = 0; i < it; i++) lmhead_ce_cuda(loss, NULL, h, tgd, N, E, V, H, 1.0f / N, scratch, sb);
     cuda_check("eval");
     double t2 = now_ms();
     double tr = (t1 - t0) / it, ev = (t2 - t1) / it, tf = 2.0 * N * V * H * 1e-12;

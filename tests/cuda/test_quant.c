@@ -198,8 +198,10 @@ static void test_linear(void) {
     qcase_free(&c);
 }
 
-/* lmhead_ce_q_cuda in slices (a ragged last one) and chunks of tokens (its scratch too small for
- * all 96: it takes 24 at a time) against lmhead_ce_cuda on the dequantized E (40 at a time). */
+/* lmhead_ce_q_cuda in slices of 296 rows (a ragged last one) and chunks of tokens (its scratch
+ * too small for all 96: it takes 12 at a time) against lmhead_ce_cuda on the dequantized E (24
+ * tokens at a time, one slice). The two round different P to bf16 (each relative to its own
+ * running max), so dh agrees to bf16's precision, not fp32's. */
 static void test_lmhead(void) {
     int64_t N = 96, V = 1003, H = 256, chunk = 40, slice = 300;
     size_t qscratch = (size_t)chunk * 296 * 4 + 4 * 1024;
@@ -215,7 +217,8 @@ static void test_lmhead(void) {
     int32_t *tgd = test_dev_i32(tg, N);
     cuda_alloc((void **)&ebuf, sizeof(dt_bf16) * slice * H);
     void *scratch = NULL;
-    cuda_alloc(&scratch, lmhead_ce_scratch_bytes_cuda(chunk, V, (int)H));
+    size_t sb = lmhead_ce_scratch_bytes_cuda(chunk, V, (int)H);
+    cuda_alloc(&scratch, sb);
     double zero = 0, loss[2];
     double *ld[2] = {NULL, NULL};
     float *dh[2];
@@ -226,7 +229,7 @@ static void test_lmhead(void) {
         if (k)
             lmhead_ce_q_cuda(ld[k], dh[k], h, tgd, N, &c.d, ebuf, slice, 1.f / N, scratch, qscratch);
         else
-            lmhead_ce_cuda(ld[k], dh[k], h, tgd, N, E, V, (int)H, 1.f / N, chunk, scratch);
+            lmhead_ce_cuda(ld[k], dh[k], h, tgd, N, E, V, (int)H, 1.f / N, scratch, sb);
     }
     if (test_cuda_ok("lmhead_q8") == 0) {
         cuda_download(&loss[0], ld[0], sizeof(double));
@@ -234,7 +237,7 @@ static void test_lmhead(void) {
         float lq = (float)loss[1], lr = (float)loss[0];
         test_expect_close("lmhead_q8_loss", &lq, &lr, 1, 1e-5);
         float *q = test_host_f32(dh[1], N * H), *ref = test_host_f32(dh[0], N * H);
-        test_expect_close("lmhead_q8_dh", q, ref, N * H, 1e-4);
+        test_expect_close("lmhead_q8_dh", q, ref, N * H, 2e-3);
         free(q);
         free(ref);
     }
