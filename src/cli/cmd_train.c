@@ -482,7 +482,8 @@ int cmd_train(int argc, char **argv) {
         ARG_FLAG("no-grad-checkpoint", &o.no_grad_checkpoint, "keep every layer's activations (faster, more memory)"),
         ARG_INT_RANGE("log-every", &o.log_every, 1, 1e9, "N", "print a step line every N steps"),
         ARG_INT_RANGE("ce-chunk", &o.ce_chunk, 0, 1 << 24, "N",
-                      "tokens per chunk of the fused LM-head loss (0: all at once, the full logits; for measuring)"),
+                      "tokens per chunk of the fused LM-head loss (0: all at once, the full logits; for measuring); "
+                      "on a GPU, the loss's scratch: that many tokens' rows of logits"),
         ARG_QUANTIZE(&o.quantize, &o.group_size),
         ARG_CHOICE("device", &o.device, device_names, DEVICE_HELP),
     };

@@ -242,7 +242,8 @@ extern "C" int lmhead_ce_q_cuda(double *loss, float *dh, const dt_bf16 *h, const
                                 void *scratch, size_t scratch_bytes) {
     long long V = E->rows, max_slice = ebuf_rows / 8 * 8 < V ? ebuf_rows / 8 * 8 : V;
     if (N <= 0 || V <= 0) return 0;
-    if (max_slice <= 0) return dt_err("the LM head's dequantizing buffer of %lld rows holds less than 8", (long long)ebuf_rows);
+    if (max_slice <= 0)
+        return dt_err("the LM head's dequantizing buffer of %lld rows holds less than 8", (long long)ebuf_rows);
     vocab_rows rows = {NULL, E, (bf16 *)ebuf};
     return lmhead_ce(loss, dh, (const bf16 *)h, targets, N, rows, V, (int)E->cols, max_slice, grad_scale, scratch,
                      scratch_bytes);
