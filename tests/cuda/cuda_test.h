@@ -24,6 +24,9 @@ float *test_host_f32(const float *d, int64_t n);
 float *test_host_bf16(const dt_bf16 *d, int64_t n);
 /* Passes when the relative error is at most tol and nothing is NaN; prints one line. */
 void test_expect_close(const char *name, const float *gpu, const float *cpu, int64_t n, double tol);
+/* The same for a device fp32 array, named "name: part". */
+void test_expect_close_dev(const char *name, const char *part, const float *gpu_dev, const float *cpu, int64_t n,
+                           double tol);
 /* cuda_check; on failure prints FAIL name with the error and counts a failure. Returns 0 if fine. */
 int test_cuda_ok(const char *name);
 

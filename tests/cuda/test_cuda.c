@@ -94,6 +94,15 @@ void test_expect_close(const char *name, const float *gpu, const float *cpu, int
     else cuda_tests_failed++;
 }
 
+void test_expect_close_dev(const char *name, const char *part, const float *gpu_dev, const float *cpu, int64_t n,
+                           double tol) {
+    char full[512];
+    snprintf(full, sizeof full, "%s: %s", name, part);
+    float *g = test_host_f32(gpu_dev, n);
+    test_expect_close(full, g, cpu, n, tol);
+    free(g);
+}
+
 int test_cuda_ok(const char *name) {
     if (cuda_check(name) == 0) return 0;
     printf("FAIL cuda_%s: %s\n", name, dt_errmsg());

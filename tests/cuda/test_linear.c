@@ -101,20 +101,10 @@ static void run_case(const lcase *c) {
     snprintf(name, sizeof name, "linear_backward %s%s%s", tag, c->with_dx ? "" : " dx=NULL",
              c->with_grads ? "" : " dA,dB=NULL");
     if (test_cuda_ok(name) == 0) {
-        char n2[320];
-        float *g = test_host_f32(d_dx, T * in);
-        snprintf(n2, sizeof n2, "%s: dx", name);
-        test_expect_close(n2, g, dx_cpu, T * in, 1e-2);  /* untouched (= dx0) when dx is NULL */
-        free(g);
+        test_expect_close_dev(name, "dx", d_dx, dx_cpu, T * in, 1e-2);  /* untouched (= dx0) when dx is NULL */
         if (r) {
-            g = test_host_f32(d_dA, (int64_t)r * in);
-            snprintf(n2, sizeof n2, "%s: dA", name);
-            test_expect_close(n2, g, dA_cpu, (int64_t)r * in, 1e-2);
-            free(g);
-            g = test_host_f32(d_dB, out * r);
-            snprintf(n2, sizeof n2, "%s: dB", name);
-            test_expect_close(n2, g, dB_cpu, out * r, 1e-2);
-            free(g);
+            test_expect_close_dev(name, "dA", d_dA, dA_cpu, (int64_t)r * in, 1e-2);
+            test_expect_close_dev(name, "dB", d_dB, dB_cpu, out * r, 1e-2);
         }
     }
 done:
@@ -197,21 +187,12 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         linear_group_backward_cuda(d_dx, 0, parts, n, d_x, T, scratch, d_u);
         snprintf(name, sizeof name, "linear_group_backward %s", tag);
         if (test_cuda_ok(name) == 0) {
-            char n2[300];
-            float *g = test_host_f32(d_dx, T * in);
-            snprintf(n2, sizeof n2, "%s: dx", name);
-            test_expect_close(n2, g, dx_cpu, T * in, 1e-2);
-            free(g);
-            g = test_host_f32(d_dA, (int64_t)R * in);
-            snprintf(n2, sizeof n2, "%s: dA", name);
-            test_expect_close(n2, g, dA_cpu, (int64_t)R * in, 1e-2);
-            free(g);
+            test_expect_close_dev(name, "dx", d_dx, dx_cpu, T * in, 1e-2);
+            test_expect_close_dev(name, "dA", d_dA, dA_cpu, (int64_t)R * in, 1e-2);
             for (int i = 0; i < n; i++) {
-                if (!ranks[i]) continue;
-                g = test_host_f32(d_dB[i], outs[i] * ranks[i]);
-                snprintf(n2, sizeof n2, "%s: dB%d", name, i);
-                test_expect_close(n2, g, dB_cpu[i], outs[i] * ranks[i], 1e-2);
-                free(g);
+                char part[16];
+                snprintf(part, sizeof part, "dB%d", i);
+                if (ranks[i]) test_expect_close_dev(name, part, d_dB[i], dB_cpu[i], outs[i] * ranks[i], 1e-2);
             }
         }
     }
@@ -271,14 +252,8 @@ static void run_defer(int64_t T, int64_t in, int64_t out, int r, float dropout, 
             snprintf(n2, sizeof n2, "%s: dx", name);
             test_expect_close(n2, dx, dx_cpu, T * in, 1e-2);
             free(dx);
-            float *h = test_host_f32(d_dA, (int64_t)r * in);
-            snprintf(n2, sizeof n2, "%s: dA", name);
-            test_expect_close(n2, h, dA_cpu, (int64_t)r * in, 1e-2);
-            free(h);
-            h = test_host_f32(d_dB, out * r);
-            snprintf(n2, sizeof n2, "%s: dB", name);
-            test_expect_close(n2, h, dB_cpu, out * r, 1e-2);
-            free(h);
+            test_expect_close_dev(name, "dA", d_dA, dA_cpu, (int64_t)r * in, 1e-2);
+            test_expect_close_dev(name, "dB", d_dB, dB_cpu, out * r, 1e-2);
         }
     }
     cuda_free(d_x), cuda_free(d_W), cuda_free(d_A), cuda_free(d_B), cuda_free(d_dy), cuda_free(d_y), cuda_free(d_u);
