@@ -1148,7 +1148,13 @@ static int launch_step(qwen35_cuda *g, const call *k, bool grad_checkpoint, floa
         g->graph = NULL;
         if (cuda_graph_begin() == 0) {
             int rc = step_launches(g, k, grad_checkpoint, grad_scale);
-            if (cuda_graph_end(&g->graph) == 0 && rc == 0) {
+            int ended = cuda_graph_end(&g->graph);
+            if (rc) {  /* the step's own error (its launches said it), not the graph's */
+                cuda_graph_free(g->graph);
+                g->graph = NULL;
+                return rc;
+            }
+            if (ended == 0) {
                 key_keep(&g->graph_key, &key);
                 return launch_graph(g);
             }

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cuda_test.h"
+#include "deltatune/error.h"
 #include "deltatune/dtype.h"
 #include "deltatune/mem.h"
 #include "deltatune/quant.h"
@@ -241,6 +242,26 @@ static void test_lmhead(void) {
         free(q);
         free(ref);
     }
+    /* below the scratch contract, or a dequantizing buffer of fewer than 8 rows: an error that says
+     * which, before anything is launched (the loss stays as it was) */
+    struct {
+        const char *name, *says;
+        int rc;
+    } bad[2] = {{"lmhead_scratch_too_small", "scratch", 0}, {"lmhead_q_ebuf_too_small", "dequantizing buffer", 0}};
+    double before[2] = {0, 0}, after[2] = {0, 0};
+    for (int k = 0; k < 2; k++) cuda_download(&before[k], ld[k], sizeof(double));
+    bad[0].rc = lmhead_ce_cuda(ld[0], dh[0], h, tgd, N, E, V, (int)H, 1.f / N, scratch, 64);
+    const char *msg0 = bad[0].rc ? strdup(dt_errmsg()) : NULL;
+    bad[1].rc = lmhead_ce_q_cuda(ld[1], dh[1], h, tgd, N, &c.d, ebuf, 4, 1.f / N, scratch, qscratch);
+    const char *msgs[2] = {msg0, bad[1].rc ? dt_errmsg() : NULL};
+    for (int k = 0; k < 2; k++) cuda_download(&after[k], ld[k], sizeof(double));
+    for (int i = 0; i < 2; i++) {
+        int ok = bad[i].rc == -1 && msgs[i] && strstr(msgs[i], bad[i].says) && after[i] == before[i];
+        printf("%s cuda_%s: rc %d, \"%s\"\n", ok ? "ok  " : "FAIL", bad[i].name, bad[i].rc, msgs[i] ? msgs[i] : "");
+        if (ok) cuda_tests_passed++;
+        else cuda_tests_failed++;
+    }
+    free((void *)msg0);
     for (int k = 0; k < 2; k++) {
         cuda_free(ld[k]);
         cuda_free(dh[k]);
