@@ -608,21 +608,27 @@ constexpr int CC = 32;    // tokens per chunk
 constexpr int CWB = 32;   // value columns per walk block, at least (dvp is dv rounded up to it)
 constexpr int PNT = 256;  // threads of both kernels
 constexpr int CNW = PNT / 32;
-// A walk's warps, for blocks of CW value columns (NTC column tiles of 8): one 16 x 8 tile each of
-// a [CC x CC] product; DT tiles each of a [CC x CW] one (D, DD), rows (warp + CNW i) / NTC of
-// column tile warp % NTC; NS tiles each of the [DKP x CW] state, rows (warp + CNW j) / NTC of the
-// same column tile. Blocks of 32 columns, or of 64 where those would take more than one wave of
-// the SMs (4B: 256 blocks of 32 on 132 SMs): fewer blocks share the loads of W, q and k.
-// (Blocks of 16 columns, two to an SM, measured 5% slower: the walks are bound by instructions.)
-template <int CW>
+// A walk's NW warps, for blocks of CW value columns (NTC column tiles of 8):
+// - the [CC x CW] products (D, DD): DT tiles each, rows (tw + NW/KS i) / NTC of column tile
+//   tw % NTC (tw = warp % (NW / KS)); where there are more warps than tiles, KS warps split each
+//   tile's k (DKP) and the first of them adds the others' parts;
+// - M's [CC x CC] (8 warps): one 16 x 8 tile each;
+// - X's [CC x DKP]: both row tiles of NX column tiles, warp + NW i;
+// - the [DKP x CW] state: NS tiles, rows (warp + NW j) / NTC of column tile warp % NTC.
+// Blocks of 32 columns, or of 64 where those would take more than one wave of the SMs (4B: 256
+// blocks of 32 on 132 SMs): fewer blocks share the loads of W, q and k. (Blocks of 16 columns, two
+// to an SM, measured 5% slower: the walks are bound by instructions.) The forward walk takes 16
+// warps where dk is 128: with one block an SM, 8 hide too little of its products' dependent chains
+// (194 against 202 us a 0.8B layer, 287 against 348 at 4B); the backward's walks measured up to 11%
+// slower so, their X products' operands split by twice as many warps.
+template <int DKP, int CW, int NW>
 struct walk_warps {
-    static constexpr int NTC = CW / 8, DT = 2 * NTC / CNW;
-    static_assert(CC == 32 && CNW == 8 && DT >= 1 && 2 * NTC == DT * CNW && CNW % NTC == 0, "the walks' warps");
+    static constexpr int NTC = CW / 8, NDT = 2 * NTC, KS = NW > NDT ? NW / NDT : 1, DT = NDT * KS / NW,
+                         NX = DKP / 8 / NW, NS = DKP / 16 * NTC / NW;
+    static_assert(CC == 32 && (NW == 8 || NW == 16) && KS <= 2 && DT >= 1 && NDT * KS == DT * NW &&
+                      NW % NTC == 0 && NX >= 1 && NX * NW * 8 == DKP && NS * NW == DKP / 16 * NTC,
+                  "the walks' warps");
 };
-template <int DKP, int CW>
-__host__ __device__ constexpr int walk_state_tiles() {
-    return DKP / 16 * (CW / 8) / CNW;
-}
 template <typename K>
 static void walk_attributes(K kernel, size_t bytes) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
@@ -745,11 +751,11 @@ static __device__ __forceinline__ void mma_ff(float *c, float a0, float a1, floa
 
 // q, k rows [t0, t0 + CC) of key head kh into bf16 [CC][LQ] buffers: rows past n and columns
 // past dk zero. Asynchronous (cp.async, not committed here) when the rows are 16-byte aligned.
-template <int DKP, int LQ, int LK>
+template <int DKP, int LQ, int LK, int NTH = PNT>
 static __device__ __forceinline__ void load_qk(bf16 *qd, bf16 *kd, const bf16 *qkv, int64_t conv_dim, int64_t kcol,
                                                int64_t hcol, int64_t t0, int n, int dk, bool vec) {
     constexpr int R8 = DKP / 8;
-    for (int e = threadIdx.x; e < CC * 2 * R8; e += PNT) {
+    for (int e = threadIdx.x; e < CC * 2 * R8; e += NTH) {
         int t = e / (2 * R8), r = e % (2 * R8), which = r >= R8, j = (r - which * R8) * 8;
         bf16 *dst = which ? kd + t * LK + j : qd + t * LQ + j;
         const bf16 *src = qkv + (t0 + (t < n ? t : 0)) * conv_dim + which * kcol + hcol + j;
@@ -931,10 +937,12 @@ struct ck_layout {
                             M = Y + 2 * 4 * CC * LU, bytes_fwd = Y, bytes_bwd = M + 4 * CC * LP;
 };
 
-template <int DKP, int MODE, bool X3, int CW>
-__global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
+template <int DKP, int MODE, bool X3, int CW, int NW>
+__global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
+    using WW = walk_warps<DKP, CW, NW>;
     using L = ck_layout<DKP, CW>;
-    constexpr int NS = walk_state_tiles<DKP, CW>(), NTC = walk_warps<CW>::NTC, DT = walk_warps<CW>::DT;
+    constexpr int NT = NW * 32, NS = WW::NS, NTC = WW::NTC, DT = WW::DT, KS = WW::KS, NX = WW::NX;
+    static_assert(NW == 8 || MODE == CK_FWD, "M's tiles: 8 warps");
     extern __shared__ float4 smem4[];
     char *sm = reinterpret_cast<char *>(smem4);
     float *Wb = reinterpret_cast<float *>(sm + L::W), *Pb = reinterpret_cast<float *>(sm + L::P),
@@ -952,7 +960,7 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
     int64_t kcol = (int64_t)a.Hk * a.dk, hcol = (int64_t)kh * a.dk, vstride = (int64_t)a.Hv * a.dv;
 
-    for (int e = tid; e < DKP * L::LS; e += PNT) Ss[e] = 0.0f;
+    for (int e = tid; e < DKP * L::LS; e += NT) Ss[e] = 0.0f;
 
     auto issue = [&](int c) {
         int buf = c & 1, slot = s * a.cps + c, n = (int)min((int64_t)CC, len - (int64_t)c * CC);
@@ -962,28 +970,28 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
                     *Gg = a.G + sb * CC;
         float *wd = Wb + buf * CC * L::LW, *pd = Pb + buf * CC * L::LP, *ud = Ub + buf * CC * L::LU,
               *gd = Gb + buf * CC;
-        for (int e = tid; e < CC * DKP / 4; e += PNT) {
+        for (int e = tid; e < CC * DKP / 4; e += NT) {
             int t = e / (DKP / 4), i = (e % (DKP / 4)) * 4;
             cp_async16(wd + t * L::LW + i, Wg + t * DKP + i);
         }
         if (MODE == CK_FWD) {  // only the output needs P
-            for (int e = tid; e < CC * CC / 4; e += PNT) {
+            for (int e = tid; e < CC * CC / 4; e += NT) {
                 int t = e / (CC / 4), i = (e % (CC / 4)) * 4;
                 cp_async16(pd + t * L::LP + i, Pg + t * CC + i);
             }
         }
-        for (int e = tid; e < CC * CW / 4; e += PNT) {
+        for (int e = tid; e < CC * CW / 4; e += NT) {
             int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
             cp_async16(ud + t * L::LU + i, Ug + t * a.dvp + i);
         }
         if (tid < CC / 4) cp_async16(gd + tid * 4, Gg + tid * 4);
         if (MODE == CK_F1) load_beta(Bb + buf * CC, a.beta, t0, n, a.Hv, h);
-        load_qk<DKP, L::LQ, L::LK>(Qb + buf * CC * L::LQ, Kb + buf * CC * L::LK, a.qkv, a.conv_dim, kcol, hcol, t0, n,
-                                   a.dk, a.qk_vec);
+        load_qk<DKP, L::LQ, L::LK, NT>(Qb + buf * CC * L::LQ, Kb + buf * CC * L::LK, a.qkv, a.conv_dim, kcol, hcol,
+                                       t0, n, a.dk, a.qk_vec);
         if (MODE != CK_FWD) {
             float *yd = Yb + buf * CC * L::LU;
             const float *yg = a.y + t0 * vstride + (int64_t)h * a.dv + cb * CW;
-            for (int e = tid; e < CC * CW / 4; e += PNT) {
+            for (int e = tid; e < CC * CW / 4; e += NT) {
                 int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
                 bool ok = t < n && cb * CW + i < a.dv;
                 if (a.y_vec) cp_async16z(yd + t * L::LU + i, yg + (ok ? t * vstride + i : 0), ok);
@@ -1014,17 +1022,18 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
         const bf16 *qb = Qb + buf * CC * L::LQ, *kb = Kb + buf * CC * L::LK;
         float glast = gb[n - 1];
 
-        // D = Ut - W S0 (and Q S0 for the output) for this warp's DT tiles, all of column tile dn:
-        // S's fragment is split once for them; two chains each
-        int mt = warp >> 2, nt = warp & 3, dn = warp % NTC;
+        // D = Ut - W S0 (and Q S0 for the output) for this warp's DT tiles, all of column tile dn,
+        // over its KS-th part of k: S's fragment is split once for them; two chains each
+        constexpr int TW = NW / KS, KR = DKP / KS;
+        int tw = warp % TW, ks = warp / TW, dn = tw % NTC;
         float accU[DT][2][4] = {}, accO[DT][2][4] = {};
 #pragma unroll 4
-        for (int k0 = 0; k0 < DKP; k0 += 8) {
+        for (int k0 = ks * KR; k0 < ks * KR + KR; k0 += 8) {
             int p = (k0 >> 3) & 1;
             frag_b sf = split_b<X3>(Ss[(k0 + tq) * L::LS + dn * 8 + gq], Ss[(k0 + tq + 4) * L::LS + dn * 8 + gq]);
 #pragma unroll
             for (int i = 0; i < DT; i++) {
-                int r16 = (warp + CNW * i) / NTC * 16 + gq;
+                int r16 = (tw + TW * i) / NTC * 16 + gq;
                 const float *w = wb + r16 * L::LW + k0 + tq;
                 mma_ss<X3>(accU[i][p], split_a<X3>(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4]), sf);
                 if (MODE == CK_FWD) {
@@ -1038,55 +1047,85 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
         for (int i = 0; i < DT; i++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int r = (warp + CNW * i) / NTC * 16 + gq + (e >> 1) * 8, col = dn * 8 + 2 * tq + (e & 1);
-                float d = r < n ? ub[r * L::LU + col] - (accU[i][0][e] + accU[i][1][e]) : 0.0f;
-                Uc[r * L::LU + col] = d;
-                Uk[r * L::LU + col] = r < n ? d * expf(glast - gb[r]) : 0.0f;
-                if (MODE == CK_FWD) accO[i][0][e] = (accO[i][0][e] + accO[i][1][e]) * expf(gb[r]);
-                if (MODE == CK_F1 && r < n && cb * CW + col < a.dv) {
-                    // u = delta / beta feeds dk through beta u (0 either way) and dbeta, which reaches b
-                    // times beta (1 - beta): a beta that underflowed to 0 must give 0 here, not 0/0
-                    float bt = bb[r];
-                    a.u[(t0 + r) * vstride + (int64_t)h * a.dv + cb * CW + col] = bt != 0.0f ? d / bt : 0.0f;
-                }
+                accU[i][0][e] += accU[i][1][e];
+                accO[i][0][e] += accO[i][1][e];
             }
-        __syncthreads();
-
-        if (MODE == CK_FWD) {  // O = gamma Q S0 + P D, written out
+        if (KS > 1) {
+            // the second warp of each tile leaves its part in Uc (O's in Uk), unused until the first
+            // takes them below, each element by the thread that then overwrites it
+            if (ks == 1)
 #pragma unroll
-            for (int i = 0; i < DT; i++) {
-                int m16 = (warp + CNW * i) / NTC * 16;
+                for (int i = 0; i < DT; i++)
 #pragma unroll
-                for (int k0 = 0; k0 < CC; k0 += 8) {
-                    if (k0 >= m16 + 16) break;  // P is lower triangular
-                    const float *p = pb + (m16 + gq) * L::LP + k0 + tq;
-                    mma_ff<X3>(accO[i][0], p[0], p[8 * L::LP], p[4], p[8 * L::LP + 4],
-                               Uc[(k0 + tq) * L::LU + dn * 8 + gq], Uc[(k0 + tq + 4) * L::LU + dn * 8 + gq]);
-                }
+                    for (int e = 0; e < 4; e++) {
+                        int r = (tw + TW * i) / NTC * 16 + gq + (e >> 1) * 8, col = dn * 8 + 2 * tq + (e & 1);
+                        Uc[r * L::LU + col] = accU[i][0][e];
+                        if (MODE == CK_FWD) Uk[r * L::LU + col] = accO[i][0][e];
+                    }
+            __syncthreads();
+        }
+        if (ks == 0)
+#pragma unroll
+            for (int i = 0; i < DT; i++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    int r = m16 + gq + (e >> 1) * 8, col = cb * CW + dn * 8 + 2 * tq + (e & 1);
-                    if (r < n && col < a.dv) st(a.o + (t0 + r) * vstride + (int64_t)h * a.dv + col, accO[i][0][e]);
+                    int r = (tw + TW * i) / NTC * 16 + gq + (e >> 1) * 8, col = dn * 8 + 2 * tq + (e & 1);
+                    float su = accU[i][0][e], so = accO[i][0][e];
+                    if (KS > 1) {
+                        su += Uc[r * L::LU + col];
+                        if (MODE == CK_FWD) so += Uk[r * L::LU + col];
+                    }
+                    float d = r < n ? ub[r * L::LU + col] - su : 0.0f;
+                    Uc[r * L::LU + col] = d;
+                    Uk[r * L::LU + col] = r < n ? d * expf(glast - gb[r]) : 0.0f;
+                    if (MODE == CK_FWD) accO[i][0][e] = so * expf(gb[r]);
+                    if (MODE == CK_F1 && r < n && cb * CW + col < a.dv) {
+                        // u = delta / beta feeds dk through beta u (0 either way) and dbeta, which reaches
+                        // b times beta (1 - beta): a beta that underflowed to 0 must give 0 here, not 0/0
+                        float bt = bb[r];
+                        a.u[(t0 + r) * vstride + (int64_t)h * a.dv + cb * CW + col] = bt != 0.0f ? d / bt : 0.0f;
+                    }
                 }
-            }
+        __syncthreads();
+
+        if (MODE == CK_FWD) {  // O = gamma Q S0 + P D, written out by the warps that hold gamma Q S0
+            if (ks == 0)
+#pragma unroll
+                for (int i = 0; i < DT; i++) {
+                    int m16 = (tw + TW * i) / NTC * 16;
+#pragma unroll
+                    for (int k0 = 0; k0 < CC; k0 += 8) {
+                        if (k0 >= m16 + 16) break;  // P is lower triangular
+                        const float *p = pb + (m16 + gq) * L::LP + k0 + tq;
+                        mma_ff<X3>(accO[i][0], p[0], p[8 * L::LP], p[4], p[8 * L::LP + 4],
+                                   Uc[(k0 + tq) * L::LU + dn * 8 + gq], Uc[(k0 + tq + 4) * L::LU + dn * 8 + gq]);
+                    }
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int r = m16 + gq + (e >> 1) * 8, col = cb * CW + dn * 8 + 2 * tq + (e & 1);
+                        if (r < n && col < a.dv) st(a.o + (t0 + r) * vstride + (int64_t)h * a.dv + col, accO[i][0][e]);
+                    }
+                }
         } else {
             // M = mask * decay * (Y D^T), this warp's 16 x 8 tile of [CC x CC]
             float accM[4] = {0, 0, 0, 0};
+            {
+                int mt = warp >> 2, nt = warp & 3;
 #pragma unroll
-            for (int k0 = 0; k0 < CW; k0 += 8) {
-                const float *y = yb + (mt * 16 + gq) * L::LU + k0 + tq, *d = Uc + (nt * 8 + gq) * L::LU + k0 + tq;
-                mma_ff<X3>(accM, y[0], y[8 * L::LU], y[4], y[8 * L::LU + 4], d[0], d[4]);
-            }
+                for (int k0 = 0; k0 < CW; k0 += 8) {
+                    const float *y = yb + (mt * 16 + gq) * L::LU + k0 + tq, *d = Uc + (nt * 8 + gq) * L::LU + k0 + tq;
+                    mma_ff<X3>(accM, y[0], y[8 * L::LU], y[4], y[8 * L::LU + 4], d[0], d[4]);
+                }
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int t = mt * 16 + gq + (e >> 1) * 8, sI = nt * 8 + 2 * tq + (e & 1);
-                bool in = MODE == CK_F1 ? sI <= t : sI < t;
-                Ms[t * L::LP + sI] = in ? expf(gb[t] - gb[sI]) * accM[e] : 0.0f;
+                for (int e = 0; e < 4; e++) {
+                    int t = mt * 16 + gq + (e >> 1) * 8, sI = nt * 8 + 2 * tq + (e & 1);
+                    bool in = MODE == CK_F1 ? sI <= t : sI < t;
+                    Ms[t * L::LP + sI] = in ? expf(gb[t] - gb[sI]) * accM[e] : 0.0f;
+                }
             }
             __syncthreads();
             // X = diag(gamma) Y S0^T + M K, added into dqkv: this warp's tiles of [CC x DKP] are both
-            // row tiles of column tiles warp + CNW i, so each fragment is split once for NX or 2 tiles
-            constexpr int NX = DKP / 64;
+            // row tiles of column tiles warp + NW i, so each fragment is split once for NX or 2 tiles
             float *xdst = a.dqkv + (MODE == CK_F1 ? 0 : kcol) + hcol;
             float x1[2][NX][4] = {}, x2[2][NX][4] = {};
 #pragma unroll
@@ -1099,7 +1138,7 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
                 }
 #pragma unroll
                 for (int i = 0; i < NX; i++) {
-                    const float *sv = Ss + ((warp + CNW * i) * 8 + gq) * L::LS + k0 + tq;
+                    const float *sv = Ss + ((warp + NW * i) * 8 + gq) * L::LS + k0 + tq;
                     frag_b sf = split_b<X3>(sv[0], sv[4]);
 #pragma unroll
                     for (int m = 0; m < 2; m++) mma_ss<X3>(x1[m][i], ya[m], sf);
@@ -1110,12 +1149,12 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
                 frag_a ma[2];
 #pragma unroll
                 for (int m = 0; m < 2; m++) {
-                    const float *mm = Ms + (m * 16 + gq) * L::LP + k0 + tq;
-                    ma[m] = split_a<X3>(mm[0], mm[8 * L::LP], mm[4], mm[8 * L::LP + 4]);
+                    int i0 = (m * 16 + gq) * L::LP + k0 + tq;
+                    ma[m] = split_a<X3>(Ms[i0], Ms[i0 + 8 * L::LP], Ms[i0 + 4], Ms[i0 + 8 * L::LP + 4]);
                 }
 #pragma unroll
                 for (int i = 0; i < NX; i++) {
-                    const bf16 *kk = kb + (k0 + tq) * L::LK + (warp + CNW * i) * 8 + gq;
+                    const bf16 *kk = kb + (k0 + tq) * L::LK + (warp + NW * i) * 8 + gq;
                     uint32_t k0b = bf_bits(kk), k1b = bf_bits(kk + 4 * L::LK);
 #pragma unroll
                     for (int m = 0; m < 2; m++) mma_se<X3>(x2[m][i], ma[m], k0b, k1b);
@@ -1128,7 +1167,7 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
                 for (int i = 0; i < NX; i++) {
 #pragma unroll
                     for (int hf = 0; hf < 2; hf++) {
-                        int r = m * 16 + gq + hf * 8, c2 = (warp + CNW * i) * 8 + 2 * tq;
+                        int r = m * 16 + gq + hf * 8, c2 = (warp + NW * i) * 8 + 2 * tq;
                         float gr = expf(gb[r]);
                         float v0 = fmaf(gr, x1[m][i][2 * hf], x2[m][i][2 * hf]),
                               v1 = fmaf(gr, x1[m][i][2 * hf + 1], x2[m][i][2 * hf + 1]);
@@ -1163,7 +1202,7 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
             __syncthreads();  // S0 read by all: now it may be replaced
         }
 
-        // S = gamma_last S0 + K^T Uk, this warp's tiles of the state: rows (warp + CNW j) / NTC, one
+        // S = gamma_last S0 + K^T Uk, this warp's tiles of the state: rows (warp + NW j) / NTC, one
         // column tile n3 for all of them, so each of Uk's fragments is split once
         float gl = expf(glast);
         int n3 = warp % NTC;
@@ -1176,7 +1215,7 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
             frag_b uf = split_b<X3>(Uk[(k0 + tq) * L::LU + n3 * 8 + gq], Uk[(k0 + tq + 4) * L::LU + n3 * 8 + gq]);
 #pragma unroll
             for (int j = 0; j < NS; j++) {
-                const bf16 *kk = kb + (k0 + tq) * L::LK + (warp + CNW * j) / NTC * 16 + gq;
+                const bf16 *kk = kb + (k0 + tq) * L::LK + (warp + NW * j) / NTC * 16 + gq;
                 mma_es<X3>(accS[j], bf_bits(kk), bf_bits(kk + 8), bf_bits(kk + 4 * L::LK), bf_bits(kk + 4 * L::LK + 8),
                            uf);
             }
@@ -1185,7 +1224,7 @@ __global__ void __launch_bounds__(PNT) dn_chunk_kernel(ck_args a) {
         for (int j = 0; j < NS; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int r = (warp + CNW * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
+                int r = (warp + NW * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
                 Ss[r * L::LS + col] = accS[j][e];
             }
     }
@@ -1231,7 +1270,8 @@ template <int DKP, bool XK, int CW>
 __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
     using L = rv_layout<DKP, CW>;
     constexpr bool X3 = true;
-    constexpr int NS = walk_state_tiles<DKP, CW>(), NTC = walk_warps<CW>::NTC, DT = walk_warps<CW>::DT;
+    using WW = walk_warps<DKP, CW, CNW>;
+    constexpr int NS = WW::NS, NTC = WW::NTC, DT = WW::DT;
     extern __shared__ float4 smem4[];
     char *sm = reinterpret_cast<char *>(smem4);
     float *Wb = reinterpret_cast<float *>(sm + L::W), *Db = reinterpret_cast<float *>(sm + L::D),
@@ -1492,17 +1532,17 @@ void ck_prep(const ck_args &a) {
     }
 }
 
-template <int DKP, int MODE, bool X3, int CW>
+template <int DKP, int MODE, bool X3, int CW, int NW>
 void ck_walk(const ck_args &a, int n_seqs) {
     using L = ck_layout<DKP, CW>;
     size_t bytes = MODE == CK_FWD ? L::bytes_fwd : L::bytes_bwd;
     static bool attr_set = false;
     if (!attr_set) {
-        walk_attributes(dn_chunk_kernel<DKP, MODE, X3, CW>, bytes);
+        walk_attributes(dn_chunk_kernel<DKP, MODE, X3, CW, NW>, bytes);
         attr_set = true;
     }
     dim3 grid((unsigned)(n_seqs * a.Hv), (unsigned)(a.dvp / CW));
-    dn_chunk_kernel<DKP, MODE, X3, CW><<<grid, PNT, bytes, cuda_stream()>>>(a);
+    dn_chunk_kernel<DKP, MODE, X3, CW, NW><<<grid, NW * 32, bytes, cuda_stream()>>>(a);
 }
 
 // Value columns per walk block: 64 where blocks of 32 would take more than one wave of the SMs,
@@ -1515,12 +1555,24 @@ static int walk_cols(const ck_args &a, int n_seqs) {
     return (int64_t)n_seqs * a.Hv * (a.dvp / 32) > cuda_sm_count() ? 64 : 32;
 }
 
+// The walk's warps (see walk_warps); DT_DELTANET_WARPS=8 keeps the forward's at 8 (the tests run it)
+template <int MODE>
+static int walk_warp_count(const ck_args &a) {
+    const char *e = getenv("DT_DELTANET_WARPS");
+    return MODE == CK_FWD && a.dkp == 128 && !(e && atoi(e) == 8) ? 16 : 8;
+}
+
 template <int MODE, bool X3>
 void ck_walk_any(const ck_args &a, int n_seqs) {
-    if (a.dkp == 64) ck_walk<64, MODE, X3, 32>(a, n_seqs);
-    else if (a.dkp == 256) ck_walk<256, MODE, X3, 32>(a, n_seqs);
-    else if (walk_cols(a, n_seqs) == 64) ck_walk<128, MODE, X3, 64>(a, n_seqs);
-    else ck_walk<128, MODE, X3, 32>(a, n_seqs);
+    constexpr int NF = MODE == CK_FWD ? 16 : 8;  // the warps where 16 may be taken
+    bool wide = walk_warp_count<MODE>(a) == 16;
+    if (a.dkp == 64) ck_walk<64, MODE, X3, 32, 8>(a, n_seqs);
+    else if (a.dkp == 256) ck_walk<256, MODE, X3, 32, 8>(a, n_seqs);
+    else if (walk_cols(a, n_seqs) == 64) {
+        if (wide) ck_walk<128, MODE, X3, 64, NF>(a, n_seqs);
+        else ck_walk<128, MODE, X3, 64, 8>(a, n_seqs);
+    } else if (wide) ck_walk<128, MODE, X3, 32, NF>(a, n_seqs);
+    else ck_walk<128, MODE, X3, 32, 8>(a, n_seqs);
 }
 
 // the reverse pass (dk <= 128)

@@ -1,7 +1,8 @@
 /* The Gated DeltaNet ops of src/cuda/deltanet.cu against the CPU ops (src/ops/deltanet.c,
  * src/ops/norm.c): the q/k L2 norm, the gates, and the gated delta rule over packed
  * sequences, forward and backward, by the default (chunked) path and by the selectable
- * others (DT_DELTANET=recurrent, DT_DELTANET_R=recurrent, DT_DELTANET_PREC=x3, DT_DELTANET_CW=64).
+ * others (DT_DELTANET=recurrent, DT_DELTANET_R=recurrent, DT_DELTANET_PREC=x3, DT_DELTANET_CW=64,
+ * DT_DELTANET_WARPS=8).
  * DT_CUDA_TIMING=1 also times each at the Qwen3.5-0.8B and 4B sizes (2 x 2048 tokens, 16 or 32 value
  * heads of 128). */
 #include <math.h>
@@ -129,10 +130,10 @@ static void test_recurrence(const int *lens, int n_seqs, int Hk, int Hv, int dk,
     }
     char tag[128], name[192];
     const char *m1 = getenv("DT_DELTANET"), *m2 = getenv("DT_DELTANET_R"), *m3 = getenv("DT_DELTANET_PREC"),
-               *m4 = getenv("DT_DELTANET_CW");
-    snprintf(tag, sizeof tag, "N%lld/%dseq Hk%d Hv%d dk%d dv%d%s%s%s%s%s%s%s%s", (long long)N, n_seqs, Hk, Hv, dk, dv,
-             m1 ? " " : "", m1 ? m1 : "", m2 ? " R=" : "", m2 ? m2 : "", m3 ? " prec=" : "", m3 ? m3 : "",
-             m4 ? " cw=" : "", m4 ? m4 : "");
+               *m4 = getenv("DT_DELTANET_CW"), *m5 = getenv("DT_DELTANET_WARPS");
+    snprintf(tag, sizeof tag, "N%lld/%dseq Hk%d Hv%d dk%d dv%d%s%s%s%s%s%s%s%s%s%s", (long long)N, n_seqs, Hk, Hv, dk,
+             dv, m1 ? " " : "", m1 ? m1 : "", m2 ? " R=" : "", m2 ? m2 : "", m3 ? " prec=" : "", m3 ? m3 : "",
+             m4 ? " cw=" : "", m4 ? m4 : "", m5 ? " warps=" : "", m5 ? m5 : "");
 
     /* realistic inputs: q, k L2-normalised (q scaled), v free; beta in (0, 1); g < 0 with
      * a few very strong decays (e^g underflows toward 0) */
@@ -260,10 +261,12 @@ void cuda_tests_deltanet(void) {
     /* the other paths stay selectable, so they stay tested: the recurrent kernels
      * (DT_DELTANET=recurrent), the chunked backward with the recurrent reverse pass
      * (DT_DELTANET_R=recurrent), dk's products in 3xTF32 (DT_DELTANET_PREC=x3), walk blocks of
-     * 64 value columns where 32 would be chosen (DT_DELTANET_CW=64) */
-    static const char *vars[] = {"DT_DELTANET", "DT_DELTANET_R", "DT_DELTANET_PREC", "DT_DELTANET_CW"};
-    static const char *vals[] = {"recurrent", "recurrent", "x3", "64"};
-    for (int k = 0; k < 4; k++) {
+     * 64 value columns where 32 would be chosen (DT_DELTANET_CW=64), the forward walk in 8 warps
+     * where dk 128 takes 16 (DT_DELTANET_WARPS=8) */
+    static const char *vars[] = {"DT_DELTANET", "DT_DELTANET_R", "DT_DELTANET_PREC", "DT_DELTANET_CW",
+                                 "DT_DELTANET_WARPS"};
+    static const char *vals[] = {"recurrent", "recurrent", "x3", "64", "8"};
+    for (int k = 0; k < 5; k++) {
         const char *prev = getenv(vars[k]);
         char *saved = prev ? strdup(prev) : NULL;
         setenv(vars[k], vals[k], 1);

@@ -506,6 +506,10 @@ static void timing(void) {
          swiglu_backward_lora_cuda(b3, b4, f2, b1, b2, N, I, b1, b2, 32));
     TIME("conv1d_silu_fwd 4096x6144", big * 4, conv1d_silu_forward_cuda(b3, b1, w, pos, N, C, K));
     TIME("conv1d_silu_bwd 4096x6144", big * 8, conv1d_silu_backward_cuda(b3, f2, b1, w, pos, N, C, K));
+    TIME("deltanet_conv_fwd 4096x6144", big * 4,
+         deltanet_conv_forward_cuda(b3, b1, w, pos, N, K, 16, 128, C, 0.088f, 1e-6f, b4));
+    TIME("deltanet_conv_bwd 4096x6144", big * 8,
+         deltanet_conv_backward_cuda(b3, f2, b1, w, pos, N, K, 16, 128, C, 0.088f, 1e-6f, b4));
     cuda_free(f1), cuda_free(f2), cuda_free(f3), cuda_free(w), cuda_free(b1), cuda_free(b2), cuda_free(b3);
     cuda_free(b4), cuda_free(pos), cuda_free(ids), cuda_free(E);
 }
@@ -544,15 +548,16 @@ void cuda_tests_elementwise(void) {
     test_swiglu_lora(33, 72, 8, 0);
     test_swiglu_lora(4096, 3584, 16, 1); /* Qwen3.5-0.8B's MLP at 2 x 2048 tokens, r16 */
 
-    const int tiny[] = {3, 20};
+    const int tiny[] = {3, 20}, chunky[] = {1, 31, 33, 2, 70};
     test_conv1d(ragged, 3, 6144, 4);
     test_conv1d(two, 2, 6144, 4);
     test_conv1d(odd, 3, 37, 4); /* odd C: one channel per thread */
     test_conv1d(odd, 3, 38, 3);
     test_conv1d(tiny, 2, 10, 6); /* no specialised kernel for K = 6 */
-    test_conv_l2norm(ragged, 3, 16, 128, 2048, 4); /* 0.8B's heads: the one-pass kernel */
+    test_conv_l2norm(ragged, 3, 16, 128, 2048, 4); /* 0.8B's heads: the one-pass kernels */
     test_conv_l2norm(two, 2, 2, 128, 512, 4);
-    test_conv_l2norm(odd, 3, 1, 128, 100, 4);      /* channels not a multiple of 256: the three ops */
+    test_conv_l2norm(chunky, 5, 1, 128, 128, 4);   /* sequences across the backward's tiles of 32 */
+    test_conv_l2norm(odd, 3, 1, 128, 100, 4);      /* channels not a multiple of 128: the three ops */
     test_conv_l2norm(odd, 3, 3, 16, 40, 4);        /* heads of 16: the three ops */
 
     const char *tm = getenv("DT_CUDA_TIMING");
