@@ -1,4 +1,5 @@
-// Causal GQA attention over packed sequences with cuBLAS, a block of query rows at a time.
+// Causal GQA attention over packed sequences. For head dims 64, 128 and 256 (Qwen3.5's is 256)
+// fused kernels, forward and backward (below); otherwise cuBLAS, a block of query rows at a time:
 //
 // For each block of mq query rows [i0, i0 + mq) of a sequence, the scores against the keys
 // [0, i0 + mq) of every head go to an fp32 buffer [nh][mq][ldS]; our softmax kernel turns each
@@ -198,6 +199,16 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<uint32_t *>(&v);
 }
 
+// p[0..1] += (a, b), atomically (one vector atomic where Hopper has it)
+__device__ __forceinline__ void add2(float *p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2 *>(p), make_float2(a, b));
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
 // Element offset of 16-byte chunk c of row r in a [rows][HD] bf16 tile, swizzled.
 template <int HD>
 __device__ __forceinline__ int swz(int r, int c) {
@@ -205,11 +216,11 @@ __device__ __forceinline__ int swz(int r, int c) {
 }
 
 // rows [row0, row0 + kFT) of src (leading dimension ld) into a swizzled tile, rows at or past n
-// zero
-template <int HD>
+// zero, by a block of NT threads
+template <int HD, int NT = 128>
 __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *src, long long ld, int row0, int n) {
     const int CPR = HD / 8;
-    for (int x = threadIdx.x; x < kFT * CPR; x += 128) {
+    for (int x = threadIdx.x; x < kFT * CPR; x += NT) {
         int r = x / CPR, c = x % CPR;
         bool ok = row0 + r < n;
         cp_async16z(dst + swz<HD>(r, c), src + (ok ? (long long)(row0 + r) * ld + c * 8 : 0), ok);
@@ -361,6 +372,214 @@ void flash_forward(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf
     }
 }
 
+// ---------------------------------------------------------------- the fused backward
+//
+// FlashAttention-2's backward for the same head dims: a block of 8 warps owns one tile of 64 keys
+// for one query head, keeps that tile's dK and dV in registers and walks the query tiles from the
+// diagonal down. Per query tile: S = Q K^T and dP = dO V^T recomputed (a warp: 16 query rows by 32
+// keys), P = exp(scale S - lse) and dS = scale P (dP - D), D = rowsum(dO o O) (attn_delta), both
+// into shared memory in bf16; then dV += P^T dO and dK += dS^T Q (a warp: 16 keys by half the head
+// dim), and dQ's part dS K (16 query rows by half the head dim) added into dq by fp32 atomics,
+// where the key tiles of a query row meet. dK and dV sum over the kv head's query heads: added
+// the same way at the end. No score reaches global memory, and of the masked upper triangle only
+// the diagonal tiles are computed (the cuBLAS path computes its query blocks' whole rectangles):
+// at 0.8B's shape (2 x 2048 tokens, 8 heads of 256) 0.61 ms against that path's 0.75.
+const int kBT = 256;  // threads of the backward
+
+// D[t - base, h] = dO[t, h, :] . O[t, h, :] for the tokens t of [t0, t0 + n), a warp per (token, head)
+__global__ void attn_delta(float *D, long long base, const bf16 *out, const bf16 *dout, long long t0, long long n,
+                           int nh, int hd) {
+    int lane = threadIdx.x & 31;
+    long long nw = (long long)gridDim.x * blockDim.x >> 5;
+    for (long long w = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5; w < n * nh; w += nw) {
+        long long tok = t0 + w / nh, off = tok * nh * hd + (w % nh) * (long long)hd;
+        float d = 0.f;
+        for (int c = lane; c < hd; c += 32) d += ld(out + off + c) * ld(dout + off + c);
+#pragma unroll
+        for (int o = 16; o; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        if (lane == 0) D[(tok - base) * nh + w % nh] = d;
+    }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(kBT, 1)
+    flash_bwd_kernel(float *dq, float *dk, float *dv, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout,
+                     const float *lse, const float *delta, long long dbase, seq_table seqs, int nh, int nkv,
+                     float scale) {
+    constexpr int ND = HD / 16;  // 8-wide column tiles in half the head dim
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *Ks = (bf16 *)smem_raw, *Vs = Ks + kFT * HD, *Qs = Vs + kFT * HD, *dOs = Qs + kFT * HD;
+    bf16 *Ps = dOs + kFT * HD, *dSs = Ps + kFT * kFT;  // [query][key], swizzled as [kFT][kFT] tiles
+    int sh = blockIdx.x, s = sh / nh, h = sh % nh, kt = blockIdx.y;  // the longest walks first
+    int len = seqs.len[s], j0 = kt * kFT;
+    if (j0 >= len) return;
+    int n_q = (len + kFT - 1) / kFT;
+    long long start = seqs.start[s], qld = (long long)nh * HD, kvld = (long long)nkv * HD;
+    int kvh = h / (nh / nkv);
+    const bf16 *qh = q + start * qld + h * HD, *doh = dout + start * qld + h * HD;
+    const bf16 *kh = k + start * kvld + kvh * HD, *vh = v + start * kvld + kvh * HD;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const float sl2 = scale * 1.4426950408889634f, l2e = 1.4426950408889634f;
+    // S, dP: query rows wr, keys wc; dV, dK: keys wr, columns wd; dQ: query rows wr, columns wd
+    int wr = (warp & 3) * 16, wc = (warp >> 2) * 32, wd = (warp >> 2) * (HD / 2);
+
+    load_tile<HD, kBT>(Ks, kh, kvld, j0, len);
+    load_tile<HD, kBT>(Vs, vh, kvld, j0, len);
+    load_tile<HD, kBT>(Qs, qh, qld, j0, len);
+    load_tile<HD, kBT>(dOs, doh, qld, j0, len);
+    cp_async_commit();
+
+    float dka[ND][4], dva[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.f;
+
+    for (int it = kt; it < n_q; it++) {
+        int i0 = it * kFT;
+        cp_async_wait_all();
+        __syncthreads();  // Q_i, dO_i in; every warp done with the last tile's dS
+        float sc[4][4], dp[4][4];
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.f;
+#pragma unroll 4
+        for (int kk = 0; kk < HD / 16; kk++) {
+            uint32_t a[4], ad[4];
+            ldsm_x4(a, Qs + swz<HD>(wr + (lane & 15), 2 * kk + (lane >> 4)));
+            ldsm_x4(ad, dOs + swz<HD>(wr + (lane & 15), 2 * kk + (lane >> 4)));
+#pragma unroll
+            for (int p = 0; p < 2; p++) {
+                uint32_t b[4], bv[4];
+                int kr = wc + 16 * p + (lane & 7) + ((lane >> 4) << 3), kc = 2 * kk + ((lane >> 3) & 1);
+                ldsm_x4(b, Ks + swz<HD>(kr, kc));
+                ldsm_x4(bv, Vs + swz<HD>(kr, kc));
+                mma_bf16(sc[2 * p], a, b[0], b[1]);
+                mma_bf16(sc[2 * p + 1], a, b[2], b[3]);
+                mma_bf16(dp[2 * p], ad, bv[0], bv[1]);
+                mma_bf16(dp[2 * p + 1], ad, bv[2], bv[3]);
+            }
+        }
+        // P and dS of rows r0, r1 (zero past the diagonal and past the sequence), in bf16
+        int r0 = i0 + wr + g, r1 = r0 + 8;
+        float L0 = r0 < len ? lse[(start + r0) * nh + h] * l2e : 0.f;
+        float L1 = r1 < len ? lse[(start + r1) * nh + h] * l2e : 0.f;
+        const float *Dr = delta + (start - dbase) * nh + h;  // D's rows start at the launch's first token
+        float D0 = r0 < len ? Dr[(long long)r0 * nh] : 0.f, D1 = r1 < len ? Dr[(long long)r1 * nh] : 0.f;
+#pragma unroll
+        for (int n = 0; n < 4; n++) {
+            int key = j0 + wc + 8 * n + 2 * t;
+            float p[4], d[4];
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                p[e] = key + e <= r0 && r0 < len ? exp2f(sc[n][e] * sl2 - L0) : 0.f;
+                p[2 + e] = key + e <= r1 && r1 < len ? exp2f(sc[n][2 + e] * sl2 - L1) : 0.f;
+                d[e] = scale * p[e] * (dp[n][e] - D0);
+                d[2 + e] = scale * p[2 + e] * (dp[n][2 + e] - D1);
+            }
+            int c = (wc >> 3) + n, row = wr + g;
+            *(uint32_t *)(Ps + swz<kFT>(row, c) + 2 * t) = pack_bf16(p[0], p[1]);
+            *(uint32_t *)(Ps + swz<kFT>(row + 8, c) + 2 * t) = pack_bf16(p[2], p[3]);
+            *(uint32_t *)(dSs + swz<kFT>(row, c) + 2 * t) = pack_bf16(d[0], d[1]);
+            *(uint32_t *)(dSs + swz<kFT>(row + 8, c) + 2 * t) = pack_bf16(d[2], d[3]);
+        }
+        __syncthreads();
+        // dV += P^T dO, dK += dS^T Q: the A operands transposed out of [query][key]
+#pragma unroll
+        for (int kq = 0; kq < kFT / 16; kq++) {
+            uint32_t a[4], as[4];
+            int pr = 16 * kq + (lane & 7) + ((lane >> 4) << 3), pc = (wr >> 3) + ((lane >> 3) & 1);
+            ldsm_x4_t(a, Ps + swz<kFT>(pr, pc));
+            ldsm_x4_t(as, dSs + swz<kFT>(pr, pc));
+#pragma unroll
+            for (int p = 0; p < ND / 2; p++) {
+                uint32_t b[4], bq[4];
+                int br = 16 * kq + (lane & 7) + (((lane >> 3) & 1) << 3), bc = (wd >> 3) + 2 * p + (lane >> 4);
+                ldsm_x4_t(b, dOs + swz<HD>(br, bc));
+                ldsm_x4_t(bq, Qs + swz<HD>(br, bc));
+                mma_bf16(dva[2 * p], a, b[0], b[1]);
+                mma_bf16(dva[2 * p + 1], a, b[2], b[3]);
+                mma_bf16(dka[2 * p], as, bq[0], bq[1]);
+                mma_bf16(dka[2 * p + 1], as, bq[2], bq[3]);
+            }
+        }
+        __syncthreads();  // every warp done with Q_i and dO_i: the next tile's load over them
+        if (it + 1 < n_q) {
+            load_tile<HD, kBT>(Qs, qh, qld, i0 + kFT, len);
+            load_tile<HD, kBT>(dOs, doh, qld, i0 + kFT, len);
+        }
+        cp_async_commit();
+        // dQ's part of this key tile: dS K, added into dq
+        float dqa[ND][4];
+#pragma unroll
+        for (int n = 0; n < ND; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dqa[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kFT / 16; kk++) {
+            uint32_t a[4];
+            ldsm_x4(a, dSs + swz<kFT>(wr + (lane & 15), 2 * kk + (lane >> 4)));
+#pragma unroll
+            for (int p = 0; p < ND / 2; p++) {
+                uint32_t b[4];
+                int br = 16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), bc = (wd >> 3) + 2 * p + (lane >> 4);
+                ldsm_x4_t(b, Ks + swz<HD>(br, bc));
+                mma_bf16(dqa[2 * p], a, b[0], b[1]);
+                mma_bf16(dqa[2 * p + 1], a, b[2], b[3]);
+            }
+        }
+        float *q0 = dq + (start + r0) * qld + h * HD + wd + 2 * t, *q1 = q0 + 8 * qld;
+#pragma unroll
+        for (int n = 0; n < ND; n++) {
+            if (r0 < len) add2(q0 + 8 * n, dqa[n][0], dqa[n][1]);
+            if (r1 < len) add2(q1 + 8 * n, dqa[n][2], dqa[n][3]);
+        }
+    }
+    int k0 = j0 + wr + g, k1 = k0 + 8;
+    long long o0 = (start + k0) * kvld + kvh * HD + wd + 2 * t, o1 = o0 + 8 * kvld;
+#pragma unroll
+    for (int n = 0; n < ND; n++) {
+        if (k0 < len) add2(dk + o0 + 8 * n, dka[n][0], dka[n][1]), add2(dv + o0 + 8 * n, dva[n][0], dva[n][1]);
+        if (k1 < len) add2(dk + o1 + 8 * n, dka[n][2], dka[n][3]), add2(dv + o1 + 8 * n, dva[n][2], dva[n][3]);
+    }
+}
+
+template <int HD>
+void flash_backward(float *dq, float *dk, float *dv, const bf16 *dout, const bf16 *out, const float *lse,
+                    const bf16 *q, const bf16 *k, const bf16 *v, const int *seq_starts, const int *seq_lens,
+                    int n_seqs, int nh, int nkv, float scale, float *delta) {
+    size_t smem = (4 * (size_t)kFT * HD + 2 * kFT * kFT) * sizeof(bf16);
+    static bool attr;
+    if (!attr) {
+        cudaFuncSetAttribute(flash_bwd_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        attr = true;
+    }
+    long long qld = (long long)nh * HD, kvld = (long long)nkv * HD;
+    for (int s0 = 0; s0 < n_seqs; s0 += kMaxSeqs) {
+        seq_table tab;
+        int n = n_seqs - s0 < kMaxSeqs ? n_seqs - s0 : kMaxSeqs, tiles = 0;
+        long long base = seq_starts[s0];  // the packed sequences' first token: D's row 0
+        for (int s = 0; s < n; s++) {
+            tab.start[s] = seq_starts[s0 + s];
+            tab.len[s] = seq_lens[s0 + s];
+            int nt = (tab.len[s] + kFT - 1) / kFT;
+            tiles = nt > tiles ? nt : tiles;
+            if (tab.len[s] <= 0) continue;
+            long long t0 = tab.start[s], len = tab.len[s];
+            // the kernel adds into dq, dk, dv; D of the sequence's rows
+            cudaMemsetAsync(dq + t0 * qld, 0, sizeof(float) * len * qld, cuda_stream());
+            cudaMemsetAsync(dk + t0 * kvld, 0, sizeof(float) * len * kvld, cuda_stream());
+            cudaMemsetAsync(dv + t0 * kvld, 0, sizeof(float) * len * kvld, cuda_stream());
+            attn_delta<<<cuda_blocks(len * nh * 32, 256), 256, 0, cuda_stream()>>>(delta, base, out, dout, t0, len, nh,
+                                                                                 HD);
+        }
+        if (tiles == 0) continue;
+        flash_bwd_kernel<HD><<<dim3(n * nh, tiles), kBT, smem, cuda_stream()>>>(dq, dk, dv, q, k, v, dout, lse, delta,
+                                                                                base, tab, nh, nkv, scale);
+    }
+}
+
 // Whether the fused forward takes this call: its head dims, and 16-byte rows for cp.async.
 // DT_ATTENTION=unfused keeps the cuBLAS path (the tests' and timings' comparison).
 bool flash_ok(const void *q, const void *k, const void *v, int hd) {
@@ -424,6 +643,14 @@ extern "C" void attention_backward_cuda(float *dq, float *dk, float *dv, const d
     const bf16 *q = (const bf16 *)q_, *k = (const bf16 *)k_, *v = (const bf16 *)v_;
     int ml = longest(seq_lens, n_seqs);
     if (ml <= 0) return;
+    if (flash_ok(q, k, v, hd) && ((uintptr_t)dout | (uintptr_t)dq | (uintptr_t)dk | (uintptr_t)dv) % 16 == 0) {
+        // D of up to kMaxSeqs packed sequences at a time (fewer than kMaxSeqs x max_len tokens) fits
+        // the scratch: its first buffer alone holds nh x 64 x max_len floats (query_block)
+        float *delta = (float *)scratch;
+        auto run = hd == 64 ? flash_backward<64> : hd == 128 ? flash_backward<128> : flash_backward<256>;
+        run(dq, dk, dv, dout, out, lse, q, k, v, seq_starts, seq_lens, n_seqs, nh, nkv, scale, delta);
+        return;
+    }
     int qb = query_block(ml), G = nh / nkv;
     Layout L = carve(scratch, ml, nh, hd);
     long long qld = (long long)nh * hd, kvld = (long long)nkv * hd;
