@@ -194,6 +194,11 @@ __device__ __forceinline__ void mma_bf16(float *c, const uint32_t *a, uint32_t b
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// c[0] += a b[0..1], c[1] += a b[2..3]: the two n-tiles of one x4 B fragment
+__device__ __forceinline__ void mma_bf16_x2(float (*c)[4], const uint32_t *a, const uint32_t *b) {
+    mma_bf16(c[0], a, b[0], b[1]);
+    mma_bf16(c[1], a, b[2], b[3]);
+}
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t *>(&v);
@@ -276,8 +281,7 @@ __global__ void __launch_bounds__(128, HD >= 128 ? 2 : 3)
             for (int p = 0; p < 4; p++) {
                 uint32_t b[4];
                 ldsm_x4(b, Ks + swz<HD>(16 * p + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
-                mma_bf16(sc[2 * p], a, b[0], b[1]);
-                mma_bf16(sc[2 * p + 1], a, b[2], b[3]);
+                mma_bf16_x2(&sc[2 * p], a, b);
             }
         }
         // scale, mask the diagonal tile's upper triangle, the running max and sum per row
@@ -324,8 +328,7 @@ __global__ void __launch_bounds__(128, HD >= 128 ? 2 : 3)
             for (int p = 0; p < HD / 16; p++) {
                 uint32_t b[4];
                 ldsm_x4_t(b, Vs + swz<HD>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * p + (lane >> 4)));
-                mma_bf16(o[2 * p], pa[kk], b[0], b[1]);
-                mma_bf16(o[2 * p + 1], pa[kk], b[2], b[3]);
+                mma_bf16_x2(&o[2 * p], pa[kk], b);
             }
         }
     }
@@ -455,10 +458,8 @@ __global__ void __launch_bounds__(kBT, 1)
                 int kr = wc + 16 * p + (lane & 7) + ((lane >> 4) << 3), kc = 2 * kk + ((lane >> 3) & 1);
                 ldsm_x4(b, Ks + swz<HD>(kr, kc));
                 ldsm_x4(bv, Vs + swz<HD>(kr, kc));
-                mma_bf16(sc[2 * p], a, b[0], b[1]);
-                mma_bf16(sc[2 * p + 1], a, b[2], b[3]);
-                mma_bf16(dp[2 * p], ad, bv[0], bv[1]);
-                mma_bf16(dp[2 * p + 1], ad, bv[2], bv[3]);
+                mma_bf16_x2(&sc[2 * p], a, b);
+                mma_bf16_x2(&dp[2 * p], ad, bv);
             }
         }
         // P and dS of rows r0, r1 (zero past the diagonal and past the sequence), in bf16
@@ -498,10 +499,8 @@ __global__ void __launch_bounds__(kBT, 1)
                 int br = 16 * kq + (lane & 7) + (((lane >> 3) & 1) << 3), bc = (wd >> 3) + 2 * p + (lane >> 4);
                 ldsm_x4_t(b, dOs + swz<HD>(br, bc));
                 ldsm_x4_t(bq, Qs + swz<HD>(br, bc));
-                mma_bf16(dva[2 * p], a, b[0], b[1]);
-                mma_bf16(dva[2 * p + 1], a, b[2], b[3]);
-                mma_bf16(dka[2 * p], as, bq[0], bq[1]);
-                mma_bf16(dka[2 * p + 1], as, bq[2], bq[3]);
+                mma_bf16_x2(&dva[2 * p], a, b);
+                mma_bf16_x2(&dka[2 * p], as, bq);
             }
         }
         __syncthreads();  // every warp done with Q_i and dO_i: the next tile's load over them
@@ -525,8 +524,7 @@ __global__ void __launch_bounds__(kBT, 1)
                 uint32_t b[4];
                 int br = 16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), bc = (wd >> 3) + 2 * p + (lane >> 4);
                 ldsm_x4_t(b, Ks + swz<HD>(br, bc));
-                mma_bf16(dqa[2 * p], a, b[0], b[1]);
-                mma_bf16(dqa[2 * p + 1], a, b[2], b[3]);
+                mma_bf16_x2(&dqa[2 * p], a, b);
             }
         }
         float *q0 = dq + (start + r0) * qld + h * HD + wd + 2 * t, *q1 = q0 + 8 * qld;
