@@ -612,21 +612,23 @@ constexpr int CNW = PNT / 32;
 // - the [CC x CW] products (D, DD): DT tiles each, rows (tw + NW/KS i) / NTC of column tile
 //   tw % NTC (tw = warp % (NW / KS)); where there are more warps than tiles, KS warps split each
 //   tile's k (DKP) and the first of them adds the others' parts;
-// - M's [CC x CC] (8 warps): one 16 x 8 tile each;
-// - X's [CC x DKP]: both row tiles of NX column tiles, warp + NW i;
-// - the [DKP x CW] state: NS tiles, rows (warp + NW j) / NTC of column tile warp % NTC.
+// - M's [CC x CC] (the first 8 warps): one 16 x 8 tile each;
+// - X's [CC x DKP] (the first 8 warps): both row tiles of column tiles warp + 8 i;
+// - the [DKP x CW] state: NS tiles, rows (warp + NW j) / NTC of column tile warp % NTC; in the
+//   backward's walks with 16 warps, by the last 8 only, while the first 8 make M and X.
 // Blocks of 32 columns, or of 64 where those would take more than one wave of the SMs (4B: 256
 // blocks of 32 on 132 SMs): fewer blocks share the loads of W, q and k. (Blocks of 16 columns, two
-// to an SM, measured 5% slower: the walks are bound by instructions.) The forward walk takes 16
-// warps where dk is 128: with one block an SM, 8 hide too little of its products' dependent chains
-// (194 against 202 us a 0.8B layer, 287 against 348 at 4B); the backward's walks measured up to 11%
-// slower so, their X products' operands split by twice as many warps.
+// to an SM, measured 5% slower: the walks are bound by instructions.) The walks take 16 warps where
+// dk is 128: with one block an SM, 8 hide too little of the products' dependent chains. Per layer,
+// 8 -> 16 warps: forward 202 -> 194 us at 0.8B, 348 -> 287 at 4B; F1 391 -> 378 and 538 -> 494; F2
+// 271 -> 252 and 390 -> 357. (16 warps all making X, each with fewer of its column tiles, measured
+// up to 11% slower than 8: its operands split by twice as many warps.)
 template <int DKP, int CW, int NW>
 struct walk_warps {
     static constexpr int NTC = CW / 8, NDT = 2 * NTC, KS = NW > NDT ? NW / NDT : 1, DT = NDT * KS / NW,
-                         NX = DKP / 8 / NW, NS = DKP / 16 * NTC / NW;
+                         NS = DKP / 16 * NTC / NW;
     static_assert(CC == 32 && (NW == 8 || NW == 16) && KS <= 2 && DT >= 1 && NDT * KS == DT * NW &&
-                      NW % NTC == 0 && NX >= 1 && NX * NW * 8 == DKP && NS * NW == DKP / 16 * NTC,
+                      NW % NTC == 0 && DKP % 64 == 0 && NS * NW == DKP / 16 * NTC,
                   "the walks' warps");
 };
 template <typename K>
@@ -934,15 +936,20 @@ struct ck_layout {
     static constexpr size_t W = 0, Q = W + 2 * 4 * CC * LW, K = Q + 2 * 2 * CC * LQ, P = K + 2 * 2 * CC * LK,
                             U = P + 2 * 4 * CC * LP, G = U + 2 * 4 * CC * LU, B = G + 2 * 4 * CC, S = B + 2 * 4 * CC,
                             Uc = S + 4 * DKP * LS, Uk = Uc + 4 * CC * LU, Y = Uk + 4 * CC * LU,
-                            M = Y + 2 * 4 * CC * LU, bytes_fwd = Y, bytes_bwd = M + 4 * CC * LP;
+                            M = Y + 2 * 4 * CC * LU, bytes_fwd = Y, bytes_bwd = M + 4 * CC * LP, S2 = bytes_bwd,
+                            bytes_bwd2 = S2 + 4 * DKP * LS;  // with a second state buffer (16 warps)
 };
 
 template <int DKP, int MODE, bool X3, int CW, int NW>
 __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
     using WW = walk_warps<DKP, CW, NW>;
     using L = ck_layout<DKP, CW>;
-    constexpr int NT = NW * 32, NS = WW::NS, NTC = WW::NTC, DT = WW::DT, KS = WW::KS, NX = WW::NX;
-    static_assert(NW == 8 || MODE == CK_FWD, "M's tiles: 8 warps");
+    constexpr int NT = NW * 32, NS = WW::NS, NTC = WW::NTC, DT = WW::DT, KS = WW::KS;
+    // The backward's walks in 16 warps split the chunk's last part: the first 8 make M and X (as
+    // with 8 warps: M's 8 tiles, X's column tiles warp + 8 i) while the other 8 update the state,
+    // from one shared buffer into the other (X reads S0 meanwhile), so no warp keeps it in registers.
+    constexpr bool SPLIT = NW == 16 && MODE != CK_FWD;
+    constexpr int NX = DKP / 64;  // X's column tiles per warp (8 warps)
     extern __shared__ float4 smem4[];
     char *sm = reinterpret_cast<char *>(smem4);
     float *Wb = reinterpret_cast<float *>(sm + L::W), *Pb = reinterpret_cast<float *>(sm + L::P),
@@ -952,6 +959,7 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
           *Uk = reinterpret_cast<float *>(sm + L::Uk), *Yb = reinterpret_cast<float *>(sm + L::Y),
           *Ms = reinterpret_cast<float *>(sm + L::M);
     bf16 *Qb = reinterpret_cast<bf16 *>(sm + L::Q), *Kb = reinterpret_cast<bf16 *>(sm + L::K);
+    float *S2 = SPLIT ? reinterpret_cast<float *>(sm + L::S2) : Ss;
 
     int s = blockIdx.x / a.Hv, h = blockIdx.x % a.Hv, kh = h / a.group, cb = blockIdx.y;
     int64_t start = a.seq_starts[s], len = a.seq_starts[s + 1] - start;
@@ -1021,6 +1029,8 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                     *gb = Gb + buf * CC, *yb = Yb + buf * CC * L::LU, *bb = Bb + buf * CC;
         const bf16 *qb = Qb + buf * CC * L::LQ, *kb = Kb + buf * CC * L::LK;
         float glast = gb[n - 1];
+        const float *S0 = buf ? S2 : Ss;  // the chunk's state, and where the next one goes
+        float *Snext = buf ? Ss : S2;
 
         // D = Ut - W S0 (and Q S0 for the output) for this warp's DT tiles, all of column tile dn,
         // over its KS-th part of k: S's fragment is split once for them; two chains each
@@ -1030,7 +1040,7 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
 #pragma unroll 4
         for (int k0 = ks * KR; k0 < ks * KR + KR; k0 += 8) {
             int p = (k0 >> 3) & 1;
-            frag_b sf = split_b<X3>(Ss[(k0 + tq) * L::LS + dn * 8 + gq], Ss[(k0 + tq + 4) * L::LS + dn * 8 + gq]);
+            frag_b sf = split_b<X3>(S0[(k0 + tq) * L::LS + dn * 8 + gq], S0[(k0 + tq + 4) * L::LS + dn * 8 + gq]);
 #pragma unroll
             for (int i = 0; i < DT; i++) {
                 int r16 = (tw + TW * i) / NTC * 16 + gq;
@@ -1106,7 +1116,7 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                         if (r < n && col < a.dv) st(a.o + (t0 + r) * vstride + (int64_t)h * a.dv + col, accO[i][0][e]);
                     }
                 }
-        } else {
+        } else if (warp < 8) {
             // M = mask * decay * (Y D^T), this warp's 16 x 8 tile of [CC x CC]
             float accM[4] = {0, 0, 0, 0};
             {
@@ -1123,9 +1133,10 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                     Ms[t * L::LP + sI] = in ? expf(gb[t] - gb[sI]) * accM[e] : 0.0f;
                 }
             }
-            __syncthreads();
+            if (SPLIT) asm volatile("bar.sync 1, 256;\n" ::: "memory");  // these 8 warps' M in
+            else __syncthreads();
             // X = diag(gamma) Y S0^T + M K, added into dqkv: this warp's tiles of [CC x DKP] are both
-            // row tiles of column tiles warp + NW i, so each fragment is split once for NX or 2 tiles
+            // row tiles of column tiles warp + 8 i, so each fragment is split once for NX or 2 tiles
             float *xdst = a.dqkv + (MODE == CK_F1 ? 0 : kcol) + hcol;
             float x1[2][NX][4] = {}, x2[2][NX][4] = {};
 #pragma unroll
@@ -1138,7 +1149,7 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                 }
 #pragma unroll
                 for (int i = 0; i < NX; i++) {
-                    const float *sv = Ss + ((warp + NW * i) * 8 + gq) * L::LS + k0 + tq;
+                    const float *sv = S0 + ((warp + 8 * i) * 8 + gq) * L::LS + k0 + tq;
                     frag_b sf = split_b<X3>(sv[0], sv[4]);
 #pragma unroll
                     for (int m = 0; m < 2; m++) mma_ss<X3>(x1[m][i], ya[m], sf);
@@ -1154,7 +1165,7 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                 }
 #pragma unroll
                 for (int i = 0; i < NX; i++) {
-                    const bf16 *kk = kb + (k0 + tq) * L::LK + (warp + NW * i) * 8 + gq;
+                    const bf16 *kk = kb + (k0 + tq) * L::LK + (warp + 8 * i) * 8 + gq;
                     uint32_t k0b = bf_bits(kk), k1b = bf_bits(kk + 4 * L::LK);
 #pragma unroll
                     for (int m = 0; m < 2; m++) mma_se<X3>(x2[m][i], ma[m], k0b, k1b);
@@ -1167,7 +1178,7 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                 for (int i = 0; i < NX; i++) {
 #pragma unroll
                     for (int hf = 0; hf < 2; hf++) {
-                        int r = m * 16 + gq + hf * 8, c2 = (warp + NW * i) * 8 + 2 * tq;
+                        int r = m * 16 + gq + hf * 8, c2 = (warp + 8 * i) * 8 + 2 * tq;
                         float gr = expf(gb[r]);
                         float v0 = fmaf(gr, x1[m][i][2 * hf], x2[m][i][2 * hf]),
                               v1 = fmaf(gr, x1[m][i][2 * hf + 1], x2[m][i][2 * hf + 1]);
@@ -1199,7 +1210,43 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                     }
                 }
             }
-            __syncthreads();  // S0 read by all: now it may be replaced
+            if (!SPLIT) __syncthreads();  // S0 read by all: now it may be replaced
+        }
+
+        if constexpr (SPLIT) {
+            // S = gamma_last S0 + K^T Uk by the last 8 warps, into the other buffer: the tiles as
+            // below, for 8 warps, their accumulators starting from S0
+            if (warp >= 8) {
+                constexpr int NS8 = DKP / 16 * NTC / 8;
+                int uw = warp - 8, n3 = uw % NTC;
+                float gl = expf(glast), acc[NS8][4];
+#pragma unroll
+                for (int j = 0; j < NS8; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int r = (uw + 8 * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
+                        acc[j][e] = gl * S0[r * L::LS + col];
+                    }
+#pragma unroll
+                for (int k0 = 0; k0 < CC; k0 += 8) {
+                    frag_b uf =
+                        split_b<X3>(Uk[(k0 + tq) * L::LU + n3 * 8 + gq], Uk[(k0 + tq + 4) * L::LU + n3 * 8 + gq]);
+#pragma unroll
+                    for (int j = 0; j < NS8; j++) {
+                        const bf16 *kk = kb + (k0 + tq) * L::LK + (uw + 8 * j) / NTC * 16 + gq;
+                        mma_es<X3>(acc[j], bf_bits(kk), bf_bits(kk + 8), bf_bits(kk + 4 * L::LK),
+                                   bf_bits(kk + 4 * L::LK + 8), uf);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < NS8; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int r = (uw + 8 * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
+                        Snext[r * L::LS + col] = acc[j][e];
+                    }
+            }
+            continue;
         }
 
         // S = gamma_last S0 + K^T Uk, this warp's tiles of the state: rows (warp + NW j) / NTC, one
@@ -1535,7 +1582,7 @@ void ck_prep(const ck_args &a) {
 template <int DKP, int MODE, bool X3, int CW, int NW>
 void ck_walk(const ck_args &a, int n_seqs) {
     using L = ck_layout<DKP, CW>;
-    size_t bytes = MODE == CK_FWD ? L::bytes_fwd : L::bytes_bwd;
+    size_t bytes = MODE == CK_FWD ? L::bytes_fwd : NW == 16 ? L::bytes_bwd2 : L::bytes_bwd;
     static bool attr_set = false;
     if (!attr_set) {
         walk_attributes(dn_chunk_kernel<DKP, MODE, X3, CW, NW>, bytes);
@@ -1555,23 +1602,21 @@ static int walk_cols(const ck_args &a, int n_seqs) {
     return (int64_t)n_seqs * a.Hv * (a.dvp / 32) > cuda_sm_count() ? 64 : 32;
 }
 
-// The walk's warps (see walk_warps); DT_DELTANET_WARPS=8 keeps the forward's at 8 (the tests run it)
-template <int MODE>
-static int walk_warp_count(const ck_args &a) {
+// The walks' warps (see walk_warps): 16 where dk is 128; DT_DELTANET_WARPS=8 keeps 8 (the tests run it)
+static bool walk_16_warps(const ck_args &a) {
     const char *e = getenv("DT_DELTANET_WARPS");
-    return MODE == CK_FWD && a.dkp == 128 && !(e && atoi(e) == 8) ? 16 : 8;
+    return a.dkp == 128 && !(e && atoi(e) == 8);
 }
 
 template <int MODE, bool X3>
 void ck_walk_any(const ck_args &a, int n_seqs) {
-    constexpr int NF = MODE == CK_FWD ? 16 : 8;  // the warps where 16 may be taken
-    bool wide = walk_warp_count<MODE>(a) == 16;
+    bool wide = walk_16_warps(a);
     if (a.dkp == 64) ck_walk<64, MODE, X3, 32, 8>(a, n_seqs);
     else if (a.dkp == 256) ck_walk<256, MODE, X3, 32, 8>(a, n_seqs);
     else if (walk_cols(a, n_seqs) == 64) {
-        if (wide) ck_walk<128, MODE, X3, 64, NF>(a, n_seqs);
+        if (wide) ck_walk<128, MODE, X3, 64, 16>(a, n_seqs);
         else ck_walk<128, MODE, X3, 64, 8>(a, n_seqs);
-    } else if (wide) ck_walk<128, MODE, X3, 32, NF>(a, n_seqs);
+    } else if (wide) ck_walk<128, MODE, X3, 32, 16>(a, n_seqs);
     else ck_walk<128, MODE, X3, 32, 8>(a, n_seqs);
 }
 

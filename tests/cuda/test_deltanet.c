@@ -261,8 +261,8 @@ void cuda_tests_deltanet(void) {
     /* the other paths stay selectable, so they stay tested: the recurrent kernels
      * (DT_DELTANET=recurrent), the chunked backward with the recurrent reverse pass
      * (DT_DELTANET_R=recurrent), dk's products in 3xTF32 (DT_DELTANET_PREC=x3), walk blocks of
-     * 64 value columns where 32 would be chosen (DT_DELTANET_CW=64), the forward walk in 8 warps
-     * where dk 128 takes 16 (DT_DELTANET_WARPS=8) */
+     * 64 value columns where 32 would be chosen (DT_DELTANET_CW=64), the walks in 8 warps where
+     * dk 128 takes 16 (DT_DELTANET_WARPS=8) */
     static const char *vars[] = {"DT_DELTANET", "DT_DELTANET_R", "DT_DELTANET_PREC", "DT_DELTANET_CW",
                                  "DT_DELTANET_WARPS"};
     static const char *vals[] = {"recurrent", "recurrent", "x3", "64", "8"};
