@@ -606,8 +606,7 @@ dn_args make_args(const dt_bf16 *qkv, const float *beta, const float *g, const i
 
 constexpr int CC = 32;    // tokens per chunk
 constexpr int CWB = 32;   // value columns per walk block, at least (dvp is dv rounded up to it)
-constexpr int PNT = 256;  // threads of both kernels
-constexpr int CNW = PNT / 32;
+constexpr int PNT = 256;  // threads of the prep kernel
 // A walk's NW warps, for blocks of CW value columns (NTC column tiles of 8):
 // - the [CC x CW] products (D, DD): DT tiles each, rows (tw + NW/KS i) / NTC of column tile
 //   tw % NTC (tw = warp % (NW / KS)); where there are more warps than tiles, KS warps split each
@@ -621,8 +620,10 @@ constexpr int CNW = PNT / 32;
 // to an SM, measured 5% slower: the walks are bound by instructions.) The walks take 16 warps where
 // dk is 128: with one block an SM, 8 hide too little of the products' dependent chains. Per layer,
 // 8 -> 16 warps: forward 202 -> 194 us at 0.8B, 348 -> 287 at 4B; F1 391 -> 378 and 538 -> 494; F2
-// 271 -> 252 and 390 -> 357. (16 warps all making X, each with fewer of its column tiles, measured
-// up to 11% slower than 8: its operands split by twice as many warps.)
+// 271 -> 252 and 390 -> 357; the reverse pass (dn_rev_kernel, the same split) 447 -> 425 at 0.8B
+// (at 4B, in blocks of 64 columns, its second state buffer would not fit: 8 warps). (16 warps all
+// making X, each with fewer of its column tiles, measured up to 11% slower than 8: its operands
+// split by twice as many warps.)
 template <int DKP, int CW, int NW>
 struct walk_warps {
     static constexpr int NTC = CW / 8, NDT = 2 * NTC, KS = NW > NDT ? NW / NDT : 1, DT = NDT * KS / NW,
@@ -1296,14 +1297,15 @@ struct rv_layout {
                             DOg = DDs + 4 * CC * LU, DDg = DOg + 4 * CC * LU, M = DDg + 4 * CC * LU;
     // M1 and M2 [CC][LP] live in the chunk's W buffer, read no more once DD is known, if they fit
     static constexpr bool M_IN_W = 2 * LP <= LW;
-    static constexpr size_t bytes = M + (M_IN_W ? 0 : 2 * 4 * CC * LP);
+    static constexpr size_t bytes = M + (M_IN_W ? 0 : 2 * 4 * CC * LP), R2 = bytes,
+                            bytes2 = R2 + 4 * DKP * LS;  // with a second state buffer (16 warps)
 };
 
 // [CC][CW] columns col0.. of an fp32 [N, Hv, dv] array into dst (stride LU), zero past n / dv
-template <int LU, int CW>
+template <int LU, int CW, int NT>
 static __device__ __forceinline__ void load_cols(float *dst, const float *src, int64_t vstride, int n, int col0, int dv,
                                                  bool vec) {
-    for (int e = threadIdx.x; e < CC * CW / 4; e += PNT) {
+    for (int e = threadIdx.x; e < CC * CW / 4; e += NT) {
         int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
         bool ok = t < n && col0 + i < dv;
         if (vec) cp_async16z(dst + t * LU + i, src + (ok ? t * vstride + i : 0), ok);
@@ -1313,12 +1315,15 @@ static __device__ __forceinline__ void load_cols(float *dst, const float *src, i
     }
 }
 
-template <int DKP, bool XK, int CW>
-__global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
+template <int DKP, bool XK, int CW, int NW>
+__global__ void __launch_bounds__(NW * 32) dn_rev_kernel(ck_args a) {
     using L = rv_layout<DKP, CW>;
     constexpr bool X3 = true;
-    using WW = walk_warps<DKP, CW, CNW>;
-    constexpr int NS = WW::NS, NTC = WW::NTC, DT = WW::DT;
+    using WW = walk_warps<DKP, CW, NW>;
+    constexpr int NT = NW * 32, NS = WW::NS, NTC = WW::NTC, DT = WW::DT, KS = WW::KS;
+    // 16 warps split the chunk's last part as dn_chunk_kernel's backward walks do: the first 8
+    // make M1, M2 and dk1, the last 8 update the state into the other buffer meanwhile
+    constexpr bool SPLIT = NW == 16;
     extern __shared__ float4 smem4[];
     char *sm = reinterpret_cast<char *>(smem4);
     float *Wb = reinterpret_cast<float *>(sm + L::W), *Db = reinterpret_cast<float *>(sm + L::D),
@@ -1328,6 +1333,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
           *DDs = reinterpret_cast<float *>(sm + L::DDs), *DOg = reinterpret_cast<float *>(sm + L::DOg),
           *DDg = reinterpret_cast<float *>(sm + L::DDg);
     bf16 *Qb = reinterpret_cast<bf16 *>(sm + L::Q), *Kb = reinterpret_cast<bf16 *>(sm + L::K);
+    float *R2 = SPLIT ? reinterpret_cast<float *>(sm + L::R2) : Rs;
 
     int s = blockIdx.x / a.Hv, h = blockIdx.x % a.Hv, kh = h / a.group, cb = blockIdx.y;
     int64_t start = a.seq_starts[s], len = a.seq_starts[s + 1] - start;
@@ -1336,7 +1342,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
     int64_t kcol = (int64_t)a.Hk * a.dk, hcol = (int64_t)kh * a.dk, vstride = (int64_t)a.Hv * a.dv;
 
-    for (int e = tid; e < DKP * L::LS; e += PNT) Rs[e] = 0.0f;
+    for (int e = tid; e < DKP * L::LS; e += NT) Rs[e] = 0.0f;
 
     auto issue = [&](int c) {
         int buf = c & 1, slot = s * a.cps + c, n = (int)min((int64_t)CC, len - (int64_t)c * CC);
@@ -1344,22 +1350,22 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
         int64_t t0 = start + (int64_t)c * CC;
         const float *Wg = a.Wr + sb * CC * DKP, *Dg = a.DDt + sb * CC * a.dvp + cb * CW, *Gg = a.G + sb * CC;
         float *wd = Wb + buf * CC * L::LW, *dd = Db + buf * CC * L::LU;
-        for (int e = tid; e < CC * DKP / 4; e += PNT) {
+        for (int e = tid; e < CC * DKP / 4; e += NT) {
             int t = e / (DKP / 4), i = (e % (DKP / 4)) * 4;
             cp_async16(wd + t * L::LW + i, Wg + t * DKP + i);
         }
-        for (int e = tid; e < CC * CW / 4; e += PNT) {
+        for (int e = tid; e < CC * CW / 4; e += NT) {
             int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
             cp_async16(dd + t * L::LU + i, Dg + t * a.dvp + i);
         }
         if (tid < CC / 4) cp_async16(Gb + buf * CC + tid * 4, Gg + tid * 4);
         load_beta(Bb + buf * CC, a.beta, t0, n, a.Hv, h);
-        load_qk<DKP, L::LQ, L::LK>(Qb + buf * CC * L::LQ, Kb + buf * CC * L::LK, a.qkv, a.conv_dim, kcol, hcol, t0, n,
+        load_qk<DKP, L::LQ, L::LK, NT>(Qb + buf * CC * L::LQ, Kb + buf * CC * L::LK, a.qkv, a.conv_dim, kcol, hcol, t0, n,
                                    a.dk, a.qk_vec);
 
         int64_t vo = t0 * vstride + (int64_t)h * a.dv + cb * CW;
-        load_cols<L::LU, CW>(DOb + buf * CC * L::LU, a.dout + vo, vstride, n, cb * CW, a.dv, a.y_vec);
-        load_cols<L::LU, CW>(Ub + buf * CC * L::LU, a.u + vo, vstride, n, cb * CW, a.dv, a.y_vec);
+        load_cols<L::LU, CW, NT>(DOb + buf * CC * L::LU, a.dout + vo, vstride, n, cb * CW, a.dv, a.y_vec);
+        load_cols<L::LU, CW, NT>(Ub + buf * CC * L::LU, a.u + vo, vstride, n, cb * CW, a.dv, a.y_vec);
         cp_async_commit();
     };
 
@@ -1381,29 +1387,52 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
         const bf16 *qb = Qb + buf * CC * L::LQ, *kb = Kb + buf * CC * L::LK;
         float *M1 = L::M_IN_W ? Wb + buf * CC * L::LW : reinterpret_cast<float *>(sm + L::M), *M2 = M1 + CC * L::LP;
         float glast = gb[n - 1];
+        // the state the next chunk handed back, and where this one's goes (by the walk's step: the
+        // first one's, zeroed, is Rs)
+        const float *R0 = ci & 1 ? R2 : Rs;
+        float *Rnext = ci & 1 ? Rs : R2;
 
-        // DD = DDt + Wr R0 (this warp's DT tiles, all of column tile dn, as D in dn_chunk_kernel),
-        // and what follows from dd per token
-        int mt = warp >> 2, nt = warp & 3, dn = warp % NTC;
+        // DD = DDt + Wr R0 (this warp's DT tiles, all of column tile dn, over its KS-th part of k, as
+        // D in dn_chunk_kernel), and what follows from dd per token
+        constexpr int TW = NW / KS, KR = DKP / KS;
+        int tw = warp % TW, ks = warp / TW, dn = tw % NTC;
         float acc[DT][2][4] = {};
 #pragma unroll 4
-        for (int k0 = 0; k0 < DKP; k0 += 8) {
-            frag_b rf = split_b<X3>(Rs[(k0 + tq) * L::LS + dn * 8 + gq], Rs[(k0 + tq + 4) * L::LS + dn * 8 + gq]);
+        for (int k0 = ks * KR; k0 < ks * KR + KR; k0 += 8) {
+            frag_b rf = split_b<X3>(R0[(k0 + tq) * L::LS + dn * 8 + gq], R0[(k0 + tq + 4) * L::LS + dn * 8 + gq]);
 #pragma unroll
             for (int i = 0; i < DT; i++) {
-                const float *w = wb + ((warp + CNW * i) / NTC * 16 + gq) * L::LW + k0 + tq;
+                const float *w = wb + ((tw + TW * i) / NTC * 16 + gq) * L::LW + k0 + tq;
                 mma_ss<X3>(acc[i][(k0 >> 3) & 1], split_a<X3>(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4]), rf);
             }
         }
 #pragma unroll
-        for (int i = 0; i < DT; i++) {
-            int m16 = (warp + CNW * i) / NTC * 16;
+        for (int i = 0; i < DT; i++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][0][e] += acc[i][1][e];
+        if (KS > 1) {
+            // the second warp of each tile leaves its part in DDs, unused until the first takes it
+            // below, each element by the thread that then overwrites it
+            if (ks == 1)
+#pragma unroll
+                for (int i = 0; i < DT; i++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int r = (tw + TW * i) / NTC * 16 + gq + (e >> 1) * 8, col = dn * 8 + 2 * tq + (e & 1);
+                        DDs[r * L::LU + col] = acc[i][0][e];
+                    }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int i = 0; i < DT && ks == 0; i++) {
+            int m16 = (tw + TW * i) / NTC * 16;
             float pb[2] = {0, 0}, pg[2] = {0, 0};
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int r = m16 + gq + (e >> 1) * 8, col = dn * 8 + 2 * tq + (e & 1), cg = cb * CW + col;
                 bool ok = r < n && cg < a.dv;
-                float d = ok ? db[r * L::LU + col] + acc[i][0][e] + acc[i][1][e] : 0.0f, be = bb[r],
+                float part = KS > 1 ? DDs[r * L::LU + col] : 0.0f;
+                float d = ok ? db[r * L::LU + col] + acc[i][0][e] + part : 0.0f, be = bb[r],
                       u = ub[r * L::LU + col];
                 if (ok) {
                     float v = ld(a.qkv + (t0 + r) * a.conv_dim + 2 * kcol + (int64_t)h * a.dv + cg);
@@ -1434,8 +1463,9 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
         }
         __syncthreads();
 
-        // M1 = Delta DO^T, M2 = Delta DD^T, masked and decayed
-        {
+        // M1 = Delta DO^T, M2 = Delta DD^T, masked and decayed (the first 8 warps)
+        if (warp < 8) {
+            int mt = warp >> 2, nt = warp & 3;
             float m1[4] = {0, 0, 0, 0}, m2[4] = {0, 0, 0, 0};
 #pragma unroll
             for (int k0 = 0; k0 < CW; k0 += 8) {
@@ -1452,12 +1482,13 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
                 M1[t * L::LP + sI] = dec * m1[e];
                 M2[t * L::LP + sI] = sI > t ? dec * bb[sI] * m2[e] : 0.0f;
             }
+            if (SPLIT) asm volatile("bar.sync 1, 256;\n" ::: "memory");  // these 8 warps' M1, M2 in
+            else __syncthreads();
         }
-        __syncthreads();
 
         // dk1 = lambda Delta R0^T + M1 Q - M2 K, added into dqkv's k columns; the tiles as in
-        // dn_chunk_kernel's X (both row tiles of column tiles warp + CNW i)
-        {
+        // dn_chunk_kernel's X (both row tiles of column tiles warp + 8 i, the first 8 warps)
+        if (warp < 8) {
             constexpr int NX = DKP / 64;
             float *xdst = a.dqkv + kcol + hcol;
             float x1[2][NX][4] = {}, x2[2][NX][4] = {};
@@ -1471,7 +1502,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
                 }
 #pragma unroll
                 for (int i = 0; i < NX; i++) {
-                    const float *rv = Rs + ((warp + CNW * i) * 8 + gq) * L::LS + k0 + tq;
+                    const float *rv = R0 + ((warp + 8 * i) * 8 + gq) * L::LS + k0 + tq;
                     frag_b rf = split_b<XK>(rv[0], rv[4]);
 #pragma unroll
                     for (int m = 0; m < 2; m++) mma_ss<XK>(x1[m][i], da[m], rf);
@@ -1488,7 +1519,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
                 }
 #pragma unroll
                 for (int i = 0; i < NX; i++) {
-                    int c8 = (warp + CNW * i) * 8 + gq;
+                    int c8 = (warp + 8 * i) * 8 + gq;
                     const bf16 *qq = qb + (k0 + tq) * L::LQ + c8, *kk = kb + (k0 + tq) * L::LK + c8;
                     uint32_t q0 = bf_bits(qq), q1 = bf_bits(qq + 4 * L::LQ);
                     uint32_t k0b = bf_bits(kk), k1b = bf_bits(kk + 4 * L::LK);
@@ -1505,7 +1536,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
                 for (int i = 0; i < NX; i++)
 #pragma unroll
                     for (int hf = 0; hf < 2; hf++) {
-                        int r = m * 16 + gq + hf * 8, c2 = (warp + CNW * i) * 8 + 2 * tq;
+                        int r = m * 16 + gq + hf * 8, c2 = (warp + 8 * i) * 8 + 2 * tq;
                         float lam = expf(glast - gb[r]);
                         float v0 = fmaf(lam, x1[m][i][2 * hf], x2[m][i][2 * hf]),
                               v1 = fmaf(lam, x1[m][i][2 * hf + 1], x2[m][i][2 * hf + 1]);
@@ -1522,6 +1553,44 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
                         }
                     }
         }
+        if constexpr (SPLIT) {
+            // R0 = gamma_last R0 + Q^T DOg + K^T DDg by the last 8 warps, into the other buffer: the
+            // state's tiles as below, for 8 warps, their accumulators starting from R0
+            if (warp >= 8) {
+                constexpr int NS8 = DKP / 16 * NTC / 8;
+                int uw = warp - 8, n3 = uw % NTC;
+                float gl = expf(glast), accU[NS8][4];
+#pragma unroll
+                for (int j = 0; j < NS8; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int r = (uw + 8 * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
+                        accU[j][e] = gl * R0[r * L::LS + col];
+                    }
+#pragma unroll
+                for (int k0 = 0; k0 < CC; k0 += 8) {
+                    frag_b of = split_b<X3>(DOg[(k0 + tq) * L::LU + n3 * 8 + gq], DOg[(k0 + tq + 4) * L::LU + n3 * 8 + gq]),
+                           df = split_b<X3>(DDg[(k0 + tq) * L::LU + n3 * 8 + gq], DDg[(k0 + tq + 4) * L::LU + n3 * 8 + gq]);
+#pragma unroll
+                    for (int j = 0; j < NS8; j++) {
+                        int r16 = (uw + 8 * j) / NTC * 16 + gq;
+                        const bf16 *qq = qb + (k0 + tq) * L::LQ + r16, *kk = kb + (k0 + tq) * L::LK + r16;
+                        mma_es<X3>(accU[j], bf_bits(qq), bf_bits(qq + 8), bf_bits(qq + 4 * L::LQ),
+                                   bf_bits(qq + 4 * L::LQ + 8), of);
+                        mma_es<X3>(accU[j], bf_bits(kk), bf_bits(kk + 8), bf_bits(kk + 4 * L::LK),
+                                   bf_bits(kk + 4 * L::LK + 8), df);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < NS8; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int r = (uw + 8 * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
+                        Rnext[r * L::LS + col] = accU[j][e];
+                    }
+            }
+            continue;
+        }
         __syncthreads();  // R0 read by all: now it may be replaced
 
         // R0 = gamma_last R0 + Q^T DOg + K^T DDg: the state's tiles as in dn_chunk_kernel
@@ -1537,7 +1606,7 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
                    df = split_b<X3>(DDg[(k0 + tq) * L::LU + n3 * 8 + gq], DDg[(k0 + tq + 4) * L::LU + n3 * 8 + gq]);
 #pragma unroll
             for (int j = 0; j < NS; j++) {
-                int r16 = (warp + CNW * j) / NTC * 16 + gq;
+                int r16 = (warp + NW * j) / NTC * 16 + gq;
                 const bf16 *qq = qb + (k0 + tq) * L::LQ + r16, *kk = kb + (k0 + tq) * L::LK + r16;
                 mma_es<X3>(accR[j], bf_bits(qq), bf_bits(qq + 8), bf_bits(qq + 4 * L::LQ), bf_bits(qq + 4 * L::LQ + 8),
                            of);
@@ -1549,22 +1618,23 @@ __global__ void __launch_bounds__(PNT) dn_rev_kernel(ck_args a) {
         for (int j = 0; j < NS; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int r = (warp + CNW * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
+                int r = (warp + NW * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
                 Rs[r * L::LS + col] = accR[j][e];
             }
     }
 }
 
-template <int DKP, bool XK, int CW>
+template <int DKP, bool XK, int CW, int NW>
 void ck_rev(const ck_args &a, int n_seqs) {
     using L = rv_layout<DKP, CW>;
+    size_t bytes = NW == 16 ? L::bytes2 : L::bytes;
     static bool attr_set = false;
     if (!attr_set) {
-        walk_attributes(dn_rev_kernel<DKP, XK, CW>, L::bytes);
+        walk_attributes(dn_rev_kernel<DKP, XK, CW, NW>, bytes);
         attr_set = true;
     }
     dim3 grid((unsigned)(n_seqs * a.Hv), (unsigned)(a.dvp / CW));
-    dn_rev_kernel<DKP, XK, CW><<<grid, PNT, L::bytes, cuda_stream()>>>(a);
+    dn_rev_kernel<DKP, XK, CW, NW><<<grid, NW * 32, bytes, cuda_stream()>>>(a);
 }
 
 template <int DKP>
@@ -1620,12 +1690,13 @@ void ck_walk_any(const ck_args &a, int n_seqs) {
     else ck_walk<128, MODE, X3, 32, 8>(a, n_seqs);
 }
 
-// the reverse pass (dk <= 128)
+// the reverse pass (dk <= 128); 16 warps where its second state buffer fits (blocks of 32 columns)
 template <bool XK>
 void ck_rev_any(const ck_args &a, int n_seqs) {
-    if (a.dkp == 64) ck_rev<64, XK, 32>(a, n_seqs);
-    else if (walk_cols(a, n_seqs) == 64) ck_rev<128, XK, 64>(a, n_seqs);
-    else ck_rev<128, XK, 32>(a, n_seqs);
+    if (a.dkp == 64) ck_rev<64, XK, 32, 8>(a, n_seqs);
+    else if (walk_cols(a, n_seqs) == 64) ck_rev<128, XK, 64, 8>(a, n_seqs);
+    else if (walk_16_warps(a)) ck_rev<128, XK, 32, 16>(a, n_seqs);
+    else ck_rev<128, XK, 32, 8>(a, n_seqs);
 }
 
 void ck_prep_any(const ck_args &a) {
