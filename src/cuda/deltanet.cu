@@ -632,6 +632,48 @@ struct walk_warps {
                       NW % NTC == 0 && DKP % 64 == 0 && NS * NW == DKP / 16 * NTC,
                   "the walks' warps");
 };
+// The state's update by the last 8 of 16 warps (the backward's walks): this lane's part of NS
+// tiles, rows (uw + 8 j) / NTC of column tile uw % NTC (uw = warp - 8), accumulated from the old
+// state in shared memory (gamma_last S0) and stored into the other buffer.
+template <int DKP, int NTC, int LS>
+struct state_tiles {
+    static constexpr int NS = DKP / 16 * NTC / 8;
+    float acc[NS][4];
+    int uw, n3, gq, tq;
+    __device__ state_tiles(int warp, int lane) : uw(warp - 8), n3((warp - 8) % NTC), gq(lane >> 2), tq(lane & 3) {}
+    __device__ int row16(int j) const { return (uw + 8 * j) / NTC * 16; }
+    template <typename F>
+    __device__ void each(F f) {
+#pragma unroll
+        for (int j = 0; j < NS; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) f(acc[j][e], (row16(j) + gq + (e >> 1) * 8) * LS + n3 * 8 + 2 * tq + (e & 1));
+    }
+    __device__ void load(const float *S0, float gl) {
+        each([&](float &x, int i) { x = gl * S0[i]; });
+    }
+    __device__ void store(float *S) {
+        each([&](float &x, int i) { S[i] = x; });
+    }
+};
+
+// The D-type products' k split over warp pairs (walk_warps' KS = 2): the second warp of each tile
+// leaves its sums (p, and q where Q is given) in shared memory, row stride LU, where the first
+// reads them back in its epilogue, each element by the thread that then overwrites it.
+template <int DT, int NTC, int LU>
+static __device__ __forceinline__ void leave_part(float *P, const float (&p)[DT][2][4], float *Q,
+                                                  const float (&q)[DT][2][4], int tw, int TW, int dn, int lane) {
+    int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int i = 0; i < DT; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int at = ((tw + TW * i) / NTC * 16 + gq + (e >> 1) * 8) * LU + dn * 8 + 2 * tq + (e & 1);
+            P[at] = p[i][0][e];
+            if (Q) Q[at] = q[i][0][e];
+        }
+}
+
 template <typename K>
 static void walk_attributes(K kernel, size_t bytes) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
@@ -1061,18 +1103,8 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                 accU[i][0][e] += accU[i][1][e];
                 accO[i][0][e] += accO[i][1][e];
             }
-        if (KS > 1) {
-            // the second warp of each tile leaves its part in Uc (O's in Uk), unused until the first
-            // takes them below, each element by the thread that then overwrites it
-            if (ks == 1)
-#pragma unroll
-                for (int i = 0; i < DT; i++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int r = (tw + TW * i) / NTC * 16 + gq + (e >> 1) * 8, col = dn * 8 + 2 * tq + (e & 1);
-                        Uc[r * L::LU + col] = accU[i][0][e];
-                        if (MODE == CK_FWD) Uk[r * L::LU + col] = accO[i][0][e];
-                    }
+        if (KS > 1) {  // the second warp's parts in Uc (O's in Uk), free until the epilogue
+            if (ks == 1) leave_part<DT, NTC, L::LU>(Uc, accU, MODE == CK_FWD ? Uk : nullptr, accO, tw, TW, dn, lane);
             __syncthreads();
         }
         if (ks == 0)
@@ -1215,37 +1247,23 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
         }
 
         if constexpr (SPLIT) {
-            // S = gamma_last S0 + K^T Uk by the last 8 warps, into the other buffer: the tiles as
-            // below, for 8 warps, their accumulators starting from S0
+            // S = gamma_last S0 + K^T Uk by the last 8 warps, into the other buffer (state_tiles)
             if (warp >= 8) {
-                constexpr int NS8 = DKP / 16 * NTC / 8;
-                int uw = warp - 8, n3 = uw % NTC;
-                float gl = expf(glast), acc[NS8][4];
-#pragma unroll
-                for (int j = 0; j < NS8; j++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int r = (uw + 8 * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
-                        acc[j][e] = gl * S0[r * L::LS + col];
-                    }
+                state_tiles<DKP, NTC, L::LS> st(warp, lane);
+                int n3 = st.n3;
+                st.load(S0, expf(glast));
 #pragma unroll
                 for (int k0 = 0; k0 < CC; k0 += 8) {
                     frag_b uf =
                         split_b<X3>(Uk[(k0 + tq) * L::LU + n3 * 8 + gq], Uk[(k0 + tq + 4) * L::LU + n3 * 8 + gq]);
 #pragma unroll
-                    for (int j = 0; j < NS8; j++) {
-                        const bf16 *kk = kb + (k0 + tq) * L::LK + (uw + 8 * j) / NTC * 16 + gq;
-                        mma_es<X3>(acc[j], bf_bits(kk), bf_bits(kk + 8), bf_bits(kk + 4 * L::LK),
+                    for (int j = 0; j < st.NS; j++) {
+                        const bf16 *kk = kb + (k0 + tq) * L::LK + st.row16(j) + gq;
+                        mma_es<X3>(st.acc[j], bf_bits(kk), bf_bits(kk + 8), bf_bits(kk + 4 * L::LK),
                                    bf_bits(kk + 4 * L::LK + 8), uf);
                     }
                 }
-#pragma unroll
-                for (int j = 0; j < NS8; j++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int r = (uw + 8 * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
-                        Snext[r * L::LS + col] = acc[j][e];
-                    }
+                st.store(Snext);
             }
             continue;
         }
@@ -1410,17 +1428,8 @@ __global__ void __launch_bounds__(NW * 32) dn_rev_kernel(ck_args a) {
         for (int i = 0; i < DT; i++)
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][0][e] += acc[i][1][e];
-        if (KS > 1) {
-            // the second warp of each tile leaves its part in DDs, unused until the first takes it
-            // below, each element by the thread that then overwrites it
-            if (ks == 1)
-#pragma unroll
-                for (int i = 0; i < DT; i++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int r = (tw + TW * i) / NTC * 16 + gq + (e >> 1) * 8, col = dn * 8 + 2 * tq + (e & 1);
-                        DDs[r * L::LU + col] = acc[i][0][e];
-                    }
+        if (KS > 1) {  // the second warp's parts in DDs, free until the epilogue
+            if (ks == 1) leave_part<DT, NTC, L::LU>(DDs, acc, nullptr, acc, tw, TW, dn, lane);
             __syncthreads();
         }
 #pragma unroll
@@ -1554,40 +1563,27 @@ __global__ void __launch_bounds__(NW * 32) dn_rev_kernel(ck_args a) {
                     }
         }
         if constexpr (SPLIT) {
-            // R0 = gamma_last R0 + Q^T DOg + K^T DDg by the last 8 warps, into the other buffer: the
-            // state's tiles as below, for 8 warps, their accumulators starting from R0
+            // R0 = gamma_last R0 + Q^T DOg + K^T DDg by the last 8 warps, into the other buffer
+            // (state_tiles)
             if (warp >= 8) {
-                constexpr int NS8 = DKP / 16 * NTC / 8;
-                int uw = warp - 8, n3 = uw % NTC;
-                float gl = expf(glast), accU[NS8][4];
-#pragma unroll
-                for (int j = 0; j < NS8; j++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int r = (uw + 8 * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
-                        accU[j][e] = gl * R0[r * L::LS + col];
-                    }
+                state_tiles<DKP, NTC, L::LS> st(warp, lane);
+                int n3 = st.n3;
+                st.load(R0, expf(glast));
 #pragma unroll
                 for (int k0 = 0; k0 < CC; k0 += 8) {
-                    frag_b of = split_b<X3>(DOg[(k0 + tq) * L::LU + n3 * 8 + gq], DOg[(k0 + tq + 4) * L::LU + n3 * 8 + gq]),
-                           df = split_b<X3>(DDg[(k0 + tq) * L::LU + n3 * 8 + gq], DDg[(k0 + tq + 4) * L::LU + n3 * 8 + gq]);
+                    int c0 = (k0 + tq) * L::LU + n3 * 8 + gq, c1 = c0 + 4 * L::LU;
+                    frag_b of = split_b<X3>(DOg[c0], DOg[c1]), df = split_b<X3>(DDg[c0], DDg[c1]);
 #pragma unroll
-                    for (int j = 0; j < NS8; j++) {
-                        int r16 = (uw + 8 * j) / NTC * 16 + gq;
+                    for (int j = 0; j < st.NS; j++) {
+                        int r16 = st.row16(j) + gq;
                         const bf16 *qq = qb + (k0 + tq) * L::LQ + r16, *kk = kb + (k0 + tq) * L::LK + r16;
-                        mma_es<X3>(accU[j], bf_bits(qq), bf_bits(qq + 8), bf_bits(qq + 4 * L::LQ),
+                        mma_es<X3>(st.acc[j], bf_bits(qq), bf_bits(qq + 8), bf_bits(qq + 4 * L::LQ),
                                    bf_bits(qq + 4 * L::LQ + 8), of);
-                        mma_es<X3>(accU[j], bf_bits(kk), bf_bits(kk + 8), bf_bits(kk + 4 * L::LK),
+                        mma_es<X3>(st.acc[j], bf_bits(kk), bf_bits(kk + 8), bf_bits(kk + 4 * L::LK),
                                    bf_bits(kk + 4 * L::LK + 8), df);
                     }
                 }
-#pragma unroll
-                for (int j = 0; j < NS8; j++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int r = (uw + 8 * j) / NTC * 16 + gq + (e >> 1) * 8, col = n3 * 8 + 2 * tq + (e & 1);
-                        Rnext[r * L::LS + col] = accU[j][e];
-                    }
+                st.store(Rnext);
             }
             continue;
         }
