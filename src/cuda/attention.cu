@@ -235,6 +235,7 @@ __device__ __forceinline__ void load_tile(bf16 *dst, const bf16 *src, long long 
 const int kMaxSeqs = 64;  // sequences per launch
 struct seq_table {
     int start[kMaxSeqs], len[kMaxSeqs];
+    int drow[kMaxSeqs];  // the backward's: each sequence's first row of D, the launch's lengths summed
 };
 
 template <int HD>
@@ -389,8 +390,9 @@ void flash_forward(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf
 // at 0.8B's shape (2 x 2048 tokens, 8 heads of 256) 0.61 ms against that path's 0.75.
 const int kBT = 256;  // threads of the backward
 
-// D[t - base, h] = dO[t, h, :] . O[t, h, :] for the tokens t of [t0, t0 + n), a warp per (token, head)
-__global__ void attn_delta(float *D, long long base, const bf16 *out, const bf16 *dout, long long t0, long long n,
+// D[drow + t - t0, h] = dO[t, h, :] . O[t, h, :] for the tokens t of [t0, t0 + n), a warp per
+// (token, head)
+__global__ void attn_delta(float *D, long long drow, const bf16 *out, const bf16 *dout, long long t0, long long n,
                            int nh, int hd) {
     int lane = threadIdx.x & 31;
     long long nw = (long long)gridDim.x * blockDim.x >> 5;
@@ -400,15 +402,14 @@ __global__ void attn_delta(float *D, long long base, const bf16 *out, const bf16
         for (int c = lane; c < hd; c += 32) d += ld(out + off + c) * ld(dout + off + c);
 #pragma unroll
         for (int o = 16; o; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-        if (lane == 0) D[(tok - base) * nh + w % nh] = d;
+        if (lane == 0) D[(drow + tok - t0) * nh + w % nh] = d;
     }
 }
 
 template <int HD>
 __global__ void __launch_bounds__(kBT, 1)
     flash_bwd_kernel(float *dq, float *dk, float *dv, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout,
-                     const float *lse, const float *delta, long long dbase, seq_table seqs, int nh, int nkv,
-                     float scale) {
+                     const float *lse, const float *delta, seq_table seqs, int nh, int nkv, float scale) {
     constexpr int ND = HD / 16;  // 8-wide column tiles in half the head dim
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Ks = (bf16 *)smem_raw, *Vs = Ks + kFT * HD, *Qs = Vs + kFT * HD, *dOs = Qs + kFT * HD;
@@ -466,7 +467,7 @@ __global__ void __launch_bounds__(kBT, 1)
         int r0 = i0 + wr + g, r1 = r0 + 8;
         float L0 = r0 < len ? lse[(start + r0) * nh + h] * l2e : 0.f;
         float L1 = r1 < len ? lse[(start + r1) * nh + h] * l2e : 0.f;
-        const float *Dr = delta + (start - dbase) * nh + h;  // D's rows start at the launch's first token
+        const float *Dr = delta + (long long)seqs.drow[s] * nh + h;
         float D0 = r0 < len ? Dr[(long long)r0 * nh] : 0.f, D1 = r1 < len ? Dr[(long long)r1 * nh] : 0.f;
 #pragma unroll
         for (int n = 0; n < 4; n++) {
@@ -557,10 +558,11 @@ void flash_backward(float *dq, float *dk, float *dv, const bf16 *dout, const bf1
     for (int s0 = 0; s0 < n_seqs; s0 += kMaxSeqs) {
         seq_table tab;
         int n = n_seqs - s0 < kMaxSeqs ? n_seqs - s0 : kMaxSeqs, tiles = 0;
-        long long base = seq_starts[s0];  // the packed sequences' first token: D's row 0
+        int drow = 0;  // D's rows: the sequences' one after another, whatever their starts
         for (int s = 0; s < n; s++) {
             tab.start[s] = seq_starts[s0 + s];
             tab.len[s] = seq_lens[s0 + s];
+            tab.drow[s] = drow;
             int nt = (tab.len[s] + kFT - 1) / kFT;
             tiles = nt > tiles ? nt : tiles;
             if (tab.len[s] <= 0) continue;
@@ -569,12 +571,13 @@ void flash_backward(float *dq, float *dk, float *dv, const bf16 *dout, const bf1
             cudaMemsetAsync(dq + t0 * qld, 0, sizeof(float) * len * qld, cuda_stream());
             cudaMemsetAsync(dk + t0 * kvld, 0, sizeof(float) * len * kvld, cuda_stream());
             cudaMemsetAsync(dv + t0 * kvld, 0, sizeof(float) * len * kvld, cuda_stream());
-            attn_delta<<<cuda_blocks(len * nh * 32, 256), 256, 0, cuda_stream()>>>(delta, base, out, dout, t0, len, nh,
+            attn_delta<<<cuda_blocks(len * nh * 32, 256), 256, 0, cuda_stream()>>>(delta, drow, out, dout, t0, len, nh,
                                                                                  HD);
+            drow += tab.len[s];
         }
         if (tiles == 0) continue;
         flash_bwd_kernel<HD><<<dim3(n * nh, tiles), kBT, smem, cuda_stream()>>>(dq, dk, dv, q, k, v, dout, lse, delta,
-                                                                                base, tab, nh, nkv, scale);
+                                                                                tab, nh, nkv, scale);
     }
 }
 
@@ -642,8 +645,10 @@ extern "C" void attention_backward_cuda(float *dq, float *dk, float *dv, const d
     int ml = longest(seq_lens, n_seqs);
     if (ml <= 0) return;
     if (flash_ok(q, k, v, hd) && ((uintptr_t)dout | (uintptr_t)dq | (uintptr_t)dk | (uintptr_t)dv) % 16 == 0) {
-        // D of up to kMaxSeqs packed sequences at a time (fewer than kMaxSeqs x max_len tokens) fits
-        // the scratch: its first buffer alone holds nh x 64 x max_len floats (query_block)
+        // D of up to kMaxSeqs sequences at a time (at most kMaxSeqs x max_len rows, packed one after
+        // another) fits the scratch: its first buffer alone holds nh x 64 x max_len floats
+        // (query_block), and kMaxSeqs is 64
+        static_assert(kMaxSeqs <= 64, "D of a launch's sequences must fit the scratch");
         float *delta = (float *)scratch;
         auto run = hd == 64 ? flash_backward<64> : hd == 128 ? flash_backward<128> : flash_backward<256>;
         run(dq, dk, dv, dout, out, lse, q, k, v, seq_starts, seq_lens, n_seqs, nh, nkv, scale, delta);
