@@ -38,6 +38,8 @@ int cuda_upload(void *dst, const void *src, size_t bytes);
 int cuda_download(void *dst, const void *src, size_t bytes);
 int cuda_zero(void *p, size_t bytes);   /* on the stream, no wait */
 void cuda_copy_f32(float *dst, const float *src, int64_t n);  /* device to device, on the stream */
+/* rows of width bytes, device to device, on the stream: row i from src + i src_pitch to dst + i dst_pitch */
+int cuda_copy_rows(void *dst, size_t dst_pitch, const void *src, size_t src_pitch, size_t width, size_t rows);
 /* Waits for the device and reports any error of the launches since the last check. */
 int cuda_check(const char *what);
 /* A CUDA graph: between begin and end the launches on the stream are recorded, not run; end
@@ -67,8 +69,9 @@ void cuda_add_f32(float *y, const float *x, int64_t n);
 void embedding_forward_cuda(float *out, const int32_t *ids, int64_t T, const dt_bf16 *E, int H);
 
 /* ---- norm.cu ---- */
-/* y (bf16) = x / rms(x) * (1 + w) over rows of D; x fp32 (the residual stream), w fp32 [D]. */
-void rmsnorm1p_forward_cuda(dt_bf16 *y, const float *x, const float *w, int64_t rows, int D, float eps);
+/* y (bf16, rows ldy long) = x / rms(x) * (1 + w) over rows of D; x fp32 (the residual stream), w
+ * fp32 [D]. */
+void rmsnorm1p_forward_cuda(dt_bf16 *y, int64_t ldy, const float *x, const float *w, int64_t rows, int D, float eps);
 /* dx (fp32) = dx_in + the input gradient, given dy (fp32) and the forward's x; dx_in NULL: zero,
  * and it may be dx (dx += the gradient). dx_bf, when not NULL, receives dx as bf16 too. */
 void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, const float *dx_in, const float *dy, const float *x,
@@ -217,9 +220,24 @@ typedef struct {
     float scale, dropout;
     uint64_t dropout_seed;
     int64_t row0;           /* the rows of this call are rows row0.. of the dropout's matrix */
-    const dt_bf16 *A, *B;   /* bf16 copies of the fp32 masters: [rank, in], [out, rank] */
+    const dt_bf16 *A, *B;   /* bf16 copies of the fp32 masters: [rank, in], [out, rank] (but see bcol) */
     float *dA, *dB;         /* fp32 gradients, accumulated; NULL: none wanted */
+    /* A wide base (bcol > 0, bf16 W only): W's rows are ldw long and hold B's bf16 copy in columns
+     * [bcol, bcol + rank) (B is W + bcol, its rows ldw long), zeros in [in, bcol). Where the caller
+     * keeps u in x's rows from column bcol on (a group's x [T, in + R] with each LoRA's u in its
+     * columns), the forward is one product, [x | .. | u] [W | 0 | B]^T, with no pass of the
+     * LoRA's own over y. ldw 0: in. */
+    int64_t ldw, bcol;
 } cuda_linear;
+/* One wide base's B copy: dst[i * ld + j] = bf16(src[src_off + i * cols + j]), [rows, cols]. */
+typedef struct {
+    int64_t src_off;
+    dt_bf16 *dst;
+    int64_t rows, ld;
+    int cols;
+} cuda_wide_copy;
+/* Every entry of the device array table [n] (rows at most max_rows), from the fp32 values at src. */
+void linear_wide_copy_cuda(const cuda_wide_copy *table, int n, int64_t max_rows, const float *src);
 /* The scratch of the products below: rank is the sum of the ranks of a group's LoRAs (one
  * LoRA's for linear_forward_cuda); dropout: whether any drops out its input (which then needs a
  * [T, in] copy). */
@@ -237,9 +255,11 @@ void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, const dt
  * and up), each as linear_forward_cuda / linear_backward_cuda with its part's y or dy. Where two
  * or more have a LoRA, all with one scale and no dropout, and each A (and dA) follows the one
  * before it in memory, their A products run as one on the stacked A [R, in] (R the sum of their
- * ranks): u = scale x A^T in the forward, dA and LoRA's part of dx in the backward. u_keep,
- * u_kept: bf16 [T, R], each LoRA's u in its columns, in the parts' order. The backward's dx is the
- * sum over the parts. */
+ * ranks): u = scale x A^T in the forward, dA and LoRA's part of dx in the backward. x's rows are
+ * ldx long; u (forward: written, may be NULL; backward: the forward's, or NULL to recompute it)
+ * bf16 [T, R] with rows ldu long, each LoRA's u in its columns, in the parts' order: u = x + in
+ * with ldu = ldx keeps it in x's rows, where wide bases find it. The backward's dx is the sum over
+ * the parts. */
 typedef struct {
     void *y;            /* forward: the output, of type yt; accumulate: y += (fp32 y only) */
     cuda_dtype yt;
@@ -247,10 +267,10 @@ typedef struct {
     const dt_bf16 *dy;  /* backward: bf16 [T, out] */
     const cuda_linear *l;
 } cuda_linear_part;
-void linear_group_forward_cuda(const cuda_linear_part *p, int n, const dt_bf16 *x, int64_t T, void *scratch,
-                               dt_bf16 *u_keep);
+void linear_group_forward_cuda(const cuda_linear_part *p, int n, const dt_bf16 *x, int64_t ldx, int64_t T,
+                               void *scratch, dt_bf16 *u, int64_t ldu);
 void linear_group_backward_cuda(float *dx, int accumulate, const cuda_linear_part *p, int n, const dt_bf16 *x,
-                                int64_t T, void *scratch, const dt_bf16 *u_kept);
+                                int64_t ldx, int64_t T, void *scratch, const dt_bf16 *u, int64_t ldu);
 
 /* linear_backward_cuda (dx overwritten) without LoRA's part of dx, for a consumer of dx that adds
  * it itself (swiglu_backward_lora_cuda): returns g = scale dy B (bf16 [T, rank], in scratch until
@@ -278,9 +298,10 @@ int lmhead_ce_q_cuda(double *loss, float *dh, const dt_bf16 *h, const int32_t *t
 
 /* ---- optim.cu ---- */
 /* AdamW over n fp32 parameters (adamw_update's arithmetic, optim.h) with the gradient first
- * scaled by grad_mul (clipping); p16 receives the bf16 copy of the new p, and g is zeroed. */
-void adamw_update_cuda(float *p, float *g, float *m, float *v, dt_bf16 *p16, int64_t n, int64_t step, double lr,
-                       double beta1, double beta2, double eps, double weight_decay, float grad_mul);
+ * scaled by grad_mul (clipping); p16 [n16] receives the bf16 copies of the first n16 new p (the
+ * others have theirs elsewhere), and g is zeroed. */
+void adamw_update_cuda(float *p, float *g, float *m, float *v, dt_bf16 *p16, int64_t n16, int64_t n, int64_t step,
+                       double lr, double beta1, double beta2, double eps, double weight_decay, float grad_mul);
 /* *acc (a device double) += sum of x[i]^2. */
 void sum_squares_cuda(double *acc, const float *x, int64_t n);
 

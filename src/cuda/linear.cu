@@ -95,20 +95,22 @@ static __device__ __forceinline__ float dropout_factor(const dropout_mask &m, in
 // xd = drop(x), the A branch's input, stored bf16 for the GEMMs that read it. The hash's
 // 64-bit multiplies cost more than the memory traffic, so 8 elements a thread with 16-byte
 // accesses keep the loads in flight while it computes.
-__global__ void dropout_copy_kernel(bf16 *xd, const bf16 *x, int64_t n, dropout_mask m) {
+// x's rows are ldx long; xd's in (compact): element i of the mask is row i / in, column i % in.
+__global__ void dropout_copy_kernel(bf16 *xd, const bf16 *x, int64_t n, int64_t in, int64_t ldx, dropout_mask m) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        st(xd + i, ld(x + i) * dropout_factor(m, i));
+        st(xd + i, ld(x + i / in * ldx + i % in) * dropout_factor(m, i));
 }
 
-__global__ void dropout_copy8_kernel(bf16 *xd, const bf16 *x, int64_t n8, dropout_mask m) {
+__global__ void dropout_copy8_kernel(bf16 *xd, const bf16 *x, int64_t n8, int64_t in, int64_t ldx, dropout_mask m) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n8; i += (int64_t)gridDim.x * blockDim.x) {
-        uint4 raw = ((const uint4 *)x)[i];
+        int64_t e = 8 * i;
+        uint4 raw = *(const uint4 *)(x + e / in * ldx + e % in);
         __nv_bfloat162 *h = (__nv_bfloat162 *)&raw;
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             float2 f = __bfloat1622float2(h[k]);
-            f.x *= dropout_factor(m, 8 * i + 2 * k);
-            f.y *= dropout_factor(m, 8 * i + 2 * k + 1);
+            f.x *= dropout_factor(m, e + 2 * k);
+            f.y *= dropout_factor(m, e + 2 * k + 1);
             h[k] = __float22bfloat162_rn(f);
         }
         ((uint4 *)xd)[i] = raw;
@@ -193,21 +195,30 @@ static lora_scratch carve(void *scratch, int64_t T, int rank) {
 
 static bool has_lora(const cuda_linear *l) { return l->rank > 0 && l->A && l->B; }
 
-// The base weight as bf16: W itself, or a quantized base dequantized into the shared wbuf.
+// The length of B's rows: a wide base's, or rank.
+static int64_t b_ld(const cuda_linear *l) { return l->bcol > 0 ? l->ldw : l->rank; }
+
+// The base weight as bf16: W itself, or a quantized base dequantized into the shared wbuf; and
+// the length of its rows.
 static const bf16 *base_weight(const cuda_linear *l) {
     if (l->wq.bits <= 0) return (const bf16 *)l->W;
     dequantize_rows_cuda(l->wbuf, &l->wq, 0, l->out);
     return (const bf16 *)l->wbuf;
 }
 
-// The A branch's input: x itself, or its dropped-out copy in scratch.
-static const bf16 *lora_input(const cuda_linear *l, const bf16 *x, int64_t T, bf16 *xd) {
+static int64_t base_ld(const cuda_linear *l) { return l->wq.bits <= 0 && l->ldw > 0 ? l->ldw : l->in; }
+
+// The A branch's input: x itself, or its dropped-out copy in scratch (compact: rows in long).
+static const bf16 *lora_input(const cuda_linear *l, const bf16 *x, int64_t ldx, int64_t T, bf16 *xd, int64_t *lda) {
+    *lda = ldx;
     if (l->dropout <= 0) return x;
     int64_t n = T * l->in;
-    if (n % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)xd % 16 == 0)
-        dropout_copy8_kernel<<<cuda_blocks(n / 8, 256), 256, 0, cuda_stream()>>>(xd, x, n / 8, make_mask(l));
+    if (l->in % 8 == 0 && ldx % 8 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)xd % 16 == 0)
+        dropout_copy8_kernel<<<cuda_blocks(n / 8, 256), 256, 0, cuda_stream()>>>(xd, x, n / 8, l->in, ldx,
+                                                                                  make_mask(l));
     else
-        dropout_copy_kernel<<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(xd, x, n, make_mask(l));
+        dropout_copy_kernel<<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(xd, x, n, l->in, ldx, make_mask(l));
+    *lda = l->in;
     return xd;
 }
 
@@ -248,26 +259,34 @@ static const cuda_linear *first_lora(const cuda_linear_part *p, int n) {
     return NULL;
 }
 
-// One member's products once its u (ld ldu) is in place: y (+)= u B^T, then the base with beta 1.
-static void member_forward(const cuda_linear_part *m, const bf16 *x, int64_t T, const bf16 *u, int ldu) {
+// One member's products once its u (rows ldu long) is in place. A wide base whose B columns meet
+// u in x's rows: y (+)= [x | .. | u] [W | 0 | B]^T, one product; otherwise y (+)= u B^T, then the
+// base with beta 1.
+static void member_forward(const cuda_linear_part *m, const bf16 *x, int64_t ldx, int64_t T, const bf16 *u,
+                           int64_t ldu) {
     const cuda_linear *l = m->l;
     cudaDataType_t ct = m->yt == CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F;
     float beta = m->accumulate ? 1.f : 0.f;
+    if (has_lora(l) && l->bcol > 0 && l->wq.bits <= 0 && ldu == ldx && u == x + l->bcol) {
+        gemm_rm(false, true, T, l->out, l->bcol + l->rank, 1.f, x, ldx, (const bf16 *)l->W, l->ldw, beta, m->y, ct,
+                l->out, "linear forward (wide)");
+        return;
+    }
     if (has_lora(l)) {
         // LoRA first, then the base product with beta = 1: its epilogue reads y while the tensor
         // cores are busy, where the other order costs a whole extra read and write of y
         // (measured 0.109 against 0.120 ms at 4096 x 1024 -> 6144)
-        gemm_rm(false, true, T, l->out, l->rank, 1.f, u, ldu, (const bf16 *)l->B, l->rank, beta, m->y, ct, l->out,
+        gemm_rm(false, true, T, l->out, l->rank, 1.f, u, ldu, (const bf16 *)l->B, b_ld(l), beta, m->y, ct, l->out,
                 "lora up");
         beta = 1.f;
     }
     // y = x W^T (+ y): the residual add for free when accumulating into the fp32 stream
-    gemm_rm(false, true, T, l->out, l->in, 1.f, x, l->in, base_weight(l), l->in, beta, m->y, ct, l->out,
+    gemm_rm(false, true, T, l->out, l->in, 1.f, x, ldx, base_weight(l), base_ld(l), beta, m->y, ct, l->out,
             "linear forward");
 }
 
-extern "C" void linear_group_forward_cuda(const cuda_linear_part *p, int n, const dt_bf16 *x_, int64_t T,
-                                          void *scratch, dt_bf16 *u_keep) {
+extern "C" void linear_group_forward_cuda(const cuda_linear_part *p, int n, const dt_bf16 *x_, int64_t ldx, int64_t T,
+                                          void *scratch, dt_bf16 *u_, int64_t ldu) {
     if (T <= 0 || n <= 0) return;
     ensure_workspace();
     const bf16 *x = (const bf16 *)x_;
@@ -275,44 +294,48 @@ extern "C" void linear_group_forward_cuda(const cuda_linear_part *p, int n, cons
     lora_scratch s = carve(scratch, T, R);
     // u = scale drop(x) A^T for every member, side by side in [T, R], rounded once to bf16 to feed
     // the next product (and kept for the backward where it says where)
-    bf16 *u = u_keep ? (bf16 *)u_keep : s.u;
+    bf16 *u = u_ ? (bf16 *)u_ : s.u;
+    if (!u_) ldu = R;
     if (stacked(p, n, false)) {
         const cuda_linear *l = first_lora(p, n);
-        gemm_rm(false, true, T, R, l->in, l->scale, x, l->in, (const bf16 *)l->A, l->in, 0.f, u, CUDA_R_16BF, R,
+        gemm_rm(false, true, T, R, l->in, l->scale, x, ldx, (const bf16 *)l->A, l->in, 0.f, u, CUDA_R_16BF, ldu,
                 "lora down (stacked)");
     } else {
         for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
             const cuda_linear *l = p[i].l;
             if (!has_lora(l)) continue;
-            const bf16 *xa = lora_input(l, x, T, s.xd);
-            gemm_rm(false, true, T, l->rank, l->in, l->scale, xa, l->in, (const bf16 *)l->A, l->in, 0.f, u + c,
-                    CUDA_R_16BF, R, "lora down");
+            int64_t lda;
+            const bf16 *xa = lora_input(l, x, ldx, T, s.xd, &lda);
+            gemm_rm(false, true, T, l->rank, l->in, l->scale, xa, lda, (const bf16 *)l->A, l->in, 0.f, u + c,
+                    CUDA_R_16BF, ldu, "lora down");
         }
     }
     for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++)
-        if (p[i].l->out > 0) member_forward(&p[i], x, T, u + c, R);
+        if (p[i].l->out > 0) member_forward(&p[i], x, ldx, T, u + c, ldu);
 }
 
 extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x, const cuda_linear *l,
                                     int64_t T, void *scratch, dt_bf16 *u_keep) {
     cuda_linear_part p = {y, yt, accumulate, NULL, l};
-    linear_group_forward_cuda(&p, 1, x, T, scratch, u_keep);
+    linear_group_forward_cuda(&p, 1, x, l->in, T, scratch, u_keep, lora_rank(l));
 }
 
 // A member's whole LoRA backward on its own (with its own dropout mask): dB += dy^T u, g = scale
-// dy B (into s.g; also when want_g), dA += g^T drop(x), dx (+)= the mask times g A. u: kept (ld
-// ldu) or NULL (recomputed). Returns whether it wrote dx.
-static bool member_lora_backward(float *dx, bool acc, const bf16 *dy, const bf16 *x, const cuda_linear *l, int64_t T,
-                                 lora_scratch s, const bf16 *u, int ldu, bool want_g = false) {
+// dy B (into s.g; also when want_g), dA += g^T drop(x), dx (+)= the mask times g A. u: kept (rows
+// ldu long) or NULL (recomputed). Returns whether it wrote dx.
+static bool member_lora_backward(float *dx, bool acc, const bf16 *dy, const bf16 *x, int64_t ldx,
+                                 const cuda_linear *l, int64_t T, lora_scratch s, const bf16 *u, int64_t ldu,
+                                 bool want_g = false) {
     int r = l->rank;
-    int64_t in = l->in, out = l->out;
+    int64_t in = l->in, out = l->out, lda = ldx;
     const bf16 *A = (const bf16 *)l->A, *B = (const bf16 *)l->B;
     if (!(l->dA || l->dB || dx || want_g)) return false;
-    const bf16 *xa = l->dA || l->dB ? lora_input(l, x, T, s.xd) : x;
+    const bf16 *xa = l->dA || l->dB ? lora_input(l, x, ldx, T, s.xd, &lda) : x;
     if (l->dB) {
         // dB += scale dy^T u, with the forward's u or u recomputed (with the same mask)
         if (!u) {
-            gemm_rm(false, true, T, r, in, l->scale, xa, in, A, in, 0.f, s.u, CUDA_R_16BF, r, "lora down (recompute)");
+            gemm_rm(false, true, T, r, in, l->scale, xa, lda, A, in, 0.f, s.u, CUDA_R_16BF, r,
+                    "lora down (recompute)");
             u = s.u;
             ldu = r;
         }
@@ -320,8 +343,8 @@ static bool member_lora_backward(float *dx, bool acc, const bf16 *dy, const bf16
     }
     if (!l->dA && !dx && !want_g) return false;
     // g = scale dy B: the gradient of u before its scale, scaled once here for dA and dx
-    gemm_rm(false, false, T, r, out, l->scale, dy, out, B, r, 0.f, s.g, CUDA_R_16BF, r, "lora dy B");
-    if (l->dA) gemm_rm(true, false, r, in, T, 1.f, s.g, r, xa, in, 1.f, l->dA, CUDA_R_32F, in, "lora dA");
+    gemm_rm(false, false, T, r, out, l->scale, dy, out, B, b_ld(l), 0.f, s.g, CUDA_R_16BF, r, "lora dy B");
+    if (l->dA) gemm_rm(true, false, r, in, T, 1.f, s.g, r, xa, lda, 1.f, l->dA, CUDA_R_32F, in, "lora dA");
     if (!dx) return false;
     if (l->dropout > 0) lora_dx_dropout(dx, acc, s.g, A, T, in, r, make_mask(l));
     else gemm_rm(false, false, T, in, r, 1.f, s.g, r, A, in, acc ? 1.f : 0.f, dx, CUDA_R_32F, in, "lora dx");
@@ -329,10 +352,11 @@ static bool member_lora_backward(float *dx, bool acc, const bf16 *dy, const bf16
 }
 
 extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda_linear_part *p, int n,
-                                           const dt_bf16 *x_, int64_t T, void *scratch, const dt_bf16 *u_kept_) {
+                                           const dt_bf16 *x_, int64_t ldx, int64_t T, void *scratch,
+                                           const dt_bf16 *u_, int64_t ldu) {
     if (T <= 0 || n <= 0) return;
     ensure_workspace();
-    const bf16 *x = (const bf16 *)x_, *u_kept = (const bf16 *)u_kept_;
+    const bf16 *x = (const bf16 *)x_, *u = (const bf16 *)u_;
     int R = group_rank(p, n);
     lora_scratch s = carve(scratch, T, R);
     bool acc = accumulate != 0;  // dx's, until something has been written to it
@@ -344,25 +368,26 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
         int64_t in = l0->in;
         bool want_db = false, want_da = l0->dA != NULL;
         for (int i = 0; i < n; i++) want_db |= has_lora(p[i].l) && p[i].l->dB;
-        const bf16 *u = u_kept;
         if (want_db && !u) {  // every member's u at once, as the forward made them
-            gemm_rm(false, true, T, R, in, l0->scale, x, in, (const bf16 *)l0->A, in, 0.f, s.u, CUDA_R_16BF, R,
+            gemm_rm(false, true, T, R, in, l0->scale, x, ldx, (const bf16 *)l0->A, in, 0.f, s.u, CUDA_R_16BF, R,
                     "lora down (stacked, recompute)");
             u = s.u;
+            ldu = R;
         }
         // per member: dB += dy^T u and its columns of g = scale dy B
         for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
             const cuda_linear *l = p[i].l;
             if (!has_lora(l)) continue;
             const bf16 *dy = (const bf16 *)p[i].dy;
-            if (l->dB) gemm_rm(true, false, l->out, l->rank, T, 1.f, dy, l->out, u + c, R, 1.f, l->dB, CUDA_R_32F,
+            if (l->dB) gemm_rm(true, false, l->out, l->rank, T, 1.f, dy, l->out, u + c, ldu, 1.f, l->dB, CUDA_R_32F,
                                l->rank, "lora dB");
             if (want_da || dx)
-                gemm_rm(false, false, T, l->rank, l->out, l->scale, dy, l->out, (const bf16 *)l->B, l->rank, 0.f,
+                gemm_rm(false, false, T, l->rank, l->out, l->scale, dy, l->out, (const bf16 *)l->B, b_ld(l), 0.f,
                         s.g + c, CUDA_R_16BF, R, "lora dy B");
         }
         // then all members' dA and their part of dx in one product each, on the stacked A
-        if (want_da) gemm_rm(true, false, R, in, T, 1.f, s.g, R, x, in, 1.f, l0->dA, CUDA_R_32F, in, "lora dA (stacked)");
+        if (want_da) gemm_rm(true, false, R, in, T, 1.f, s.g, R, x, ldx, 1.f, l0->dA, CUDA_R_32F, in,
+                             "lora dA (stacked)");
         if (dx) {
             gemm_rm(false, false, T, in, R, 1.f, s.g, R, (const bf16 *)l0->A, in, acc ? 1.f : 0.f, dx, CUDA_R_32F,
                     in, "lora dx (stacked)");
@@ -371,8 +396,8 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
     } else {
         for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
             const cuda_linear *l = p[i].l;
-            if (has_lora(l) && member_lora_backward(dx, acc, (const bf16 *)p[i].dy, x, l, T, s,
-                                                    u_kept ? u_kept + c : NULL, R))
+            if (has_lora(l) && member_lora_backward(dx, acc, (const bf16 *)p[i].dy, x, ldx, l, T, s,
+                                                    u ? u + c : NULL, ldu))
                 acc = true;
         }
     }
@@ -380,7 +405,7 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
     for (int i = 0; dx && i < n; i++) {
         const cuda_linear *l = p[i].l;
         if (l->out <= 0) continue;
-        gemm_rm(false, false, T, l->in, l->out, 1.f, (const bf16 *)p[i].dy, l->out, base_weight(l), l->in,
+        gemm_rm(false, false, T, l->in, l->out, 1.f, (const bf16 *)p[i].dy, l->out, base_weight(l), base_ld(l),
                 acc ? 1.f : 0.f, dx, CUDA_R_32F, l->in, "linear backward");
         acc = true;
     }
@@ -389,7 +414,7 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
 extern "C" void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, const dt_bf16 *x,
                                      const cuda_linear *l, int64_t T, void *scratch, const dt_bf16 *u_kept) {
     cuda_linear_part p = {NULL, CUDA_F32, 0, dy, l};
-    linear_group_backward_cuda(dx, accumulate, &p, 1, x, T, scratch, u_kept);
+    linear_group_backward_cuda(dx, accumulate, &p, 1, x, l->in, T, scratch, u_kept, lora_rank(l));
 }
 
 extern "C" const dt_bf16 *linear_backward_defer_lora_cuda(float *dx, const dt_bf16 *dy_, const dt_bf16 *x_,
@@ -402,8 +427,27 @@ extern "C" const dt_bf16 *linear_backward_defer_lora_cuda(float *dx, const dt_bf
     ensure_workspace();
     const bf16 *dy = (const bf16 *)dy_;
     lora_scratch s = carve(scratch, T, l->rank);
-    member_lora_backward(NULL, false, dy, (const bf16 *)x_, l, T, s, (const bf16 *)u_kept, l->rank, true);
-    gemm_rm(false, false, T, l->in, l->out, 1.f, dy, l->out, base_weight(l), l->in, 0.f, dx, CUDA_R_32F, l->in,
+    member_lora_backward(NULL, false, dy, (const bf16 *)x_, l->in, l, T, s, (const bf16 *)u_kept, l->rank, true);
+    gemm_rm(false, false, T, l->in, l->out, 1.f, dy, l->out, base_weight(l), base_ld(l), 0.f, dx, CUDA_R_32F, l->in,
             "linear backward");
     return (const dt_bf16 *)s.g;
+}
+
+// ---- the wide bases' copies of B
+
+__global__ void wide_copy_kernel(const cuda_wide_copy *table, int64_t rows_per_block, const float *src) {
+    cuda_wide_copy e = table[blockIdx.y];
+    bf16 *dst = (bf16 *)e.dst;
+    int64_t r0 = blockIdx.x * rows_per_block, r1 = min(e.rows, r0 + rows_per_block);
+    for (int64_t i = r0 * e.cols + threadIdx.x; i < r1 * e.cols; i += blockDim.x) {
+        int64_t r = i / e.cols, c = i - r * e.cols;
+        dst[r * e.ld + c] = __float2bfloat16(src[e.src_off + i]);
+    }
+}
+
+extern "C" void linear_wide_copy_cuda(const cuda_wide_copy *table, int n, int64_t max_rows, const float *src) {
+    if (n <= 0 || max_rows <= 0) return;
+    const int64_t rows_per_block = 64;
+    dim3 grid((unsigned)((max_rows + rows_per_block - 1) / rows_per_block), (unsigned)n);
+    wide_copy_kernel<<<grid, 256, 0, cuda_stream()>>>(table, rows_per_block, src);
 }

@@ -49,7 +49,7 @@ template <int G, int NS> static __device__ __forceinline__ void group_sum(float 
 // y = x r (1 + w), r = 1 / rms(x)
 template <int G, int V, int NC>
 __global__ void __launch_bounds__(NORM_THREADS)
-    rmsnorm1p_fwd_kernel(bf16 *y, const float *x, const float *w, int64_t rows, int D, float eps) {
+    rmsnorm1p_fwd_kernel(bf16 *y, int64_t ldy, const float *x, const float *w, int64_t rows, int D, float eps) {
     constexpr int NR = NC > 0 ? NC : 1;
     int64_t row = (int64_t)blockIdx.x * (NORM_THREADS / G) + threadIdx.x / G;
     int lane = threadIdx.x % G;
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(NORM_THREADS)
         float o[V];
 #pragma unroll
         for (int k = 0; k < V; k++) o[k] = a[SLOT][k] * r * (1.0f + b[SLOT][k]);
-        stv<V>(y + row * D + i, o);
+        stv<V>(y + row * ldy + i, o);
     }
 }
 
@@ -227,13 +227,14 @@ static int chunks_for(int D, int V, int G) {
         else KERNEL<256, V, 0><<<(unsigned)rows_, NORM_THREADS, 0, s_>>>(__VA_ARGS__);         \
     } while (0)
 
-extern "C" void rmsnorm1p_forward_cuda(dt_bf16 *y, const float *x, const float *w, int64_t rows, int D, float eps) {
+extern "C" void rmsnorm1p_forward_cuda(dt_bf16 *y, int64_t ldy, const float *x, const float *w, int64_t rows, int D,
+                                       float eps) {
     if (rows <= 0 || D <= 0) return;
     bf16 *yb = (bf16 *)y;
-    if (D % 4 == 0 && aligned_to(x, 16) && aligned_to(w, 16) && aligned_to(y, 8))
-        NORM_LAUNCH(rmsnorm1p_fwd_kernel, 4, rows, D, yb, x, w, rows, D, eps);
+    if (D % 4 == 0 && ldy % 4 == 0 && aligned_to(x, 16) && aligned_to(w, 16) && aligned_to(y, 8))
+        NORM_LAUNCH(rmsnorm1p_fwd_kernel, 4, rows, D, yb, ldy, x, w, rows, D, eps);
     else
-        NORM_LAUNCH(rmsnorm1p_fwd_kernel, 1, rows, D, yb, x, w, rows, D, eps);
+        NORM_LAUNCH(rmsnorm1p_fwd_kernel, 1, rows, D, yb, ldy, x, w, rows, D, eps);
 }
 
 extern "C" void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, const float *dx_in, const float *dy, const float *x,

@@ -4,7 +4,7 @@
 
 namespace {
 
-__global__ void adamw_kernel(float *p, float *g, float *m, float *v, bf16 *p16, int64_t n, double decay, double b1,
+__global__ void adamw_kernel(float *p, float *g, float *m, float *v, bf16 *p16, int64_t n16, int64_t n, double decay, double b1,
                              double b2, double step_size, double bc2_sqrt, double eps, float grad_mul) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float gf = grad_mul == 1.0f ? g[i] : g[i] * grad_mul;  // clipping scales the fp32 gradient first
@@ -17,7 +17,7 @@ __global__ void adamw_kernel(float *p, float *g, float *m, float *v, bf16 *p16, 
         double denom = sqrt((double)vf) / bc2_sqrt + eps;
         float pf = (float)((double)p[i] * decay - step_size * (double)mf / denom);
         p[i] = pf;
-        p16[i] = __float2bfloat16(pf);
+        if (i < n16) p16[i] = __float2bfloat16(pf);
         g[i] = 0.f;  // ready for the next step's accumulation
     }
 }
@@ -39,8 +39,8 @@ __global__ void sum_squares_kernel(double *acc, const float *x, int64_t n) {
 
 }  // namespace
 
-extern "C" void adamw_update_cuda(float *p, float *g, float *m, float *v, dt_bf16 *p16, int64_t n, int64_t step,
-                                  double lr, double beta1, double beta2, double eps, double weight_decay,
+extern "C" void adamw_update_cuda(float *p, float *g, float *m, float *v, dt_bf16 *p16, int64_t n16, int64_t n,
+                                  int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay,
                                   float grad_mul) {
     if (n <= 0) return;
     // the scalars exactly as adamw_update computes them
@@ -48,7 +48,7 @@ extern "C" void adamw_update_cuda(float *p, float *g, float *m, float *v, dt_bf1
     double step_size = lr / (1.0 - pow(beta1, (double)step));
     double bc2_sqrt = sqrt(1.0 - pow(beta2, (double)step));
     adamw_kernel<<<cuda_blocks(n, 256) < 4096 ? cuda_blocks(n, 256) : 4096, 256, 0, cuda_stream()>>>(
-        p, g, m, v, (bf16 *)p16, n, decay, beta1, beta2, step_size, bc2_sqrt, eps, grad_mul);
+        p, g, m, v, (bf16 *)p16, n16, n, decay, beta1, beta2, step_size, bc2_sqrt, eps, grad_mul);
 }
 
 extern "C" void sum_squares_cuda(double *acc, const float *x, int64_t n) {

@@ -25,18 +25,22 @@ typedef struct {
 /* One LoRA of the host model. Its device arrays live at off_a (A) and off_b (B) in the contiguous
  * LoRA blocks, so an upload, a download or an optimiser step is one operation for all of them;
  * the A of LoRAs whose linears read one input lie one after another (bind_loras), so that their
- * products run as one (linear_group_forward_cuda). */
+ * products run as one (linear_group_forward_cuda). A LoRA of a group whose base is bf16 makes
+ * that base wide (bcol > 0, cuda_linear): B's bf16 copy lives there, not in lora_bf16, and its
+ * B comes after every other in the blocks (from bf16_params on). */
 typedef struct {
     dt_lora *host;
     cuda_linear *lin;
     int64_t off_a, off_b, na, nb;
+    int64_t bcol;
 } gpu_lora;
 
 /* One layer's forward activations (a layer is DeltaNet or attention: the mixer fields of the
  * other kind stay NULL-sized views into the same region). */
 typedef struct {
-    dt_bf16 *lora_u;  /* the LoRAs' u = scale drop(x) A^T for the backward: U_SLOTS of [N, rank] */
-    dt_bf16 *xn1, *xn2, *gate, *up, *m;
+    dt_bf16 *u_out;   /* the output projection's LoRA's u = scale drop(x) A^T for the backward: [N, rank] */
+    dt_bf16 *xn1, *xn2;  /* the groups' input, rows ld_xn1 / ld_xn2 long: H, then the group's LoRAs' u */
+    dt_bf16 *gate, *up, *m;
     float *h_mid;
     dt_bf16 *mixed, *conv, *qkv, *z, *o_raw, *o_norm, *b, *a;
     float *beta, *g;
@@ -45,12 +49,12 @@ typedef struct {
     void *block;
 } gpu_acts;
 
-/* A layer's groups of products by their first slot of lora_u: a group's u [N, R] (R the sum of its
- * LoRAs' ranks) spans as many slots as the group has linears: the mixer's in-projections (the
- * DeltaNet's four or attention's three), the mixer's out-projection, the MLP's gate and up. The
- * MLP's down projection has none: the recompute for the backward skips that projection, so its u
- * is kept from the forward, every layer's (u_down). */
-enum { U_IN = 0, U_OUT = 4, U_MLP = 5, U_SLOTS = 7 };
+/* The groups of products that read one input (the mixer's in-projections, the DeltaNet's four or
+ * attention's three; the MLP's gate and up) keep their LoRAs' u in that input's rows after its H
+ * columns (the group's R = the sum of its ranks, at most GROUP_MAX ranks): the wide bases' products
+ * read [x | u] (bind_loras). The MLP's down projection's u is kept from the forward, every layer's
+ * (u_down): the recompute for the backward skips that projection. */
+enum { GROUP_MAX = 4 };
 
 /* The backward's buffers; the MLP part and the mixer part are never live together and
  * share one region. The MLP's backward runs mlp_rows tokens at a time, so its part holds
@@ -93,7 +97,8 @@ struct qwen35_cuda {
     gpu_lora *loras;
     int n_loras;
     int64_t lora_params;        /* P: every A and B */
-    dt_bf16 *lora_bf16;         /* [P] the copies the products read */
+    int64_t bf16_params;        /* those with their bf16 copy in lora_bf16: all but the wide bases' B */
+    dt_bf16 *lora_bf16;         /* [bf16_params] the copies the products read */
     float *lora_grad;           /* [P] fp32 gradients, accumulated */
     float *stage;               /* host [P] for transfers */
     uint16_t *stage16;          /* host [P] bf16 */
@@ -102,7 +107,11 @@ struct qwen35_cuda {
     double *norm_acc;
     /* the workspace, sized for cap_tokens tokens and sequences up to cap_seq */
     int64_t cap_tokens, cap_seq, cap_seqs;
-    int u_rank;                 /* the acts' lora_u slots hold cap_tokens rows of this rank */
+    int u_rank;                 /* the largest LoRA rank when the workspace was made */
+    int64_t ld_xn1, ld_xn2;     /* the rows of the acts' xn1, xn2: H and room for the group's u */
+    cuda_wide_copy *wide;       /* device [n_wide]: the wide bases' B copies from P's tail (bind_loras) */
+    int n_wide;
+    int64_t wide_rows;          /* the most rows of one */
     dt_bf16 *u_down;            /* training: [n_layers][cap_tokens, u_rank], each layer's down projection's
                                    u from the forward (u_down_of) */
     int n_acts;
@@ -336,7 +345,7 @@ void qwen35_cuda_free(qwen35_cuda *g) {
         float *v[] = {G->input_norm, G->post_norm, G->conv, G->dt_bias, G->a_log, G->lin_norm, G->q_norm, G->k_norm};
         for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) cuda_free(v[i]);
     }
-    void *lora[] = {g->lora_bf16, g->lora_grad, g->lora_master, g->lora_m, g->lora_v, g->norm_acc};
+    void *lora[] = {g->lora_bf16, g->lora_grad, g->lora_master, g->lora_m, g->lora_v, g->norm_acc, g->wide};
     for (size_t i = 0; i < sizeof lora / sizeof lora[0]; i++) cuda_free(lora[i]);
     free(g->loras);
     free(g->stage);
@@ -355,8 +364,49 @@ static cuda_linear *gpu_linear_of(gpu_layer *G, const qwen35_layer *L, const dt_
     return NULL;
 }
 
+/* Makes l's bf16 base wide (cuda_linear): rows of bcol + rank columns, rounded up to whole 16 bytes,
+ * W's in front, zeros after (B's copy comes with copy_wide). */
+static int widen(cuda_linear *l, int64_t bcol, int rank) {
+    int64_t ldw = (bcol + rank + 7) / 8 * 8;
+    dt_bf16 *w;
+    size_t bytes = sizeof(dt_bf16) * (size_t)(l->out * ldw);
+    if (cuda_alloc((void **)&w, bytes) || cuda_zero(w, bytes) ||
+        cuda_copy_rows(w, sizeof(dt_bf16) * ldw, l->W, sizeof(dt_bf16) * l->in, sizeof(dt_bf16) * l->in, l->out) ||
+        cuda_check("widening a base weight"))
+        return -1;
+    cuda_free((void *)l->W);
+    l->W = w;
+    l->ldw = ldw;
+    l->bcol = bcol;
+    return 0;
+}
+
+/* The wide bases' B copies, from the fp32 values of the blocks' tail (tail: element bf16_params). */
+static void copy_wide(qwen35_cuda *g, const float *tail) { linear_wide_copy_cuda(g->wide, g->n_wide, g->wide_rows, tail); }
+
+/* The wide bases (gpu_lora) made, and the table of their copies. */
+static int widen_bases(qwen35_cuda *g) {
+    cuda_wide_copy *t = calloc(g->n_loras > 0 ? g->n_loras : 1, sizeof *t);
+    if (!t) return dt_err("out of memory");
+    int n = 0, rc = 0;
+    for (int i = 0; rc == 0 && i < g->n_loras; i++) {
+        const gpu_lora *s = &g->loras[i];
+        if (!s->bcol) continue;
+        rc = widen(s->lin, s->bcol, s->host->rank);
+        t[n++] = (cuda_wide_copy){s->off_b - g->bf16_params, (dt_bf16 *)s->lin->W + s->bcol, s->lin->out,
+                                  s->lin->ldw, s->host->rank};
+        g->wide_rows = s->lin->out > g->wide_rows ? s->lin->out : g->wide_rows;
+    }
+    if (rc == 0 && n > 0) rc = cuda_alloc((void **)&g->wide, sizeof *t * (size_t)n);
+    if (rc == 0 && n > 0) rc = cuda_upload(g->wide, t, sizeof *t * (size_t)n);
+    g->n_wide = rc == 0 ? n : 0;
+    free(t);
+    return rc;
+}
+
 /* Finds every attached LoRA of m once and lays them out in the contiguous blocks: layer by layer,
- * the linears that read one input as a group, the A of the group's LoRAs then their B. */
+ * the linears that read one input as a group, the A of the group's LoRAs then their B; the B of
+ * the LoRAs whose bases are made wide (two or more of a group, bf16 bases) last. */
 static int bind_loras(qwen35_cuda *g, const qwen35_model *m) {
     int n = 0;
     for (int l = 0; l < g->cfg.n_layers; l++) {
@@ -385,21 +435,46 @@ static int bind_loras(qwen35_cuda *g, const qwen35_model *m) {
                 s->off_a = P;
                 P += s->na;
             }
-            for (int k = first; k < g->n_loras; k++) {
-                g->loras[k].off_b = P;
-                P += g->loras[k].nb;
+            /* u's columns in the group's input rows: after its H, in the group's order */
+            for (int k = first, c = 0; k < g->n_loras; c += g->loras[k++].host->rank) {
+                gpu_lora *s = &g->loras[k];
+                if (g->n_loras - first > 1 && s->lin->W && !s->lin->wq.bits) s->bcol = s->lin->in + c;
+                else s->off_b = P, P += s->nb;
             }
         }
     }
+    g->bf16_params = P;
+    for (int k = 0; k < g->n_loras; k++)
+        if (g->loras[k].bcol) g->loras[k].off_b = P, P += g->loras[k].nb;
     g->lora_params = P;
     g->stage = malloc(sizeof(float) * (size_t)(P > 0 ? P : 1));
     g->stage16 = malloc(sizeof(uint16_t) * (size_t)(P > 0 ? P : 1));
     if (!g->stage || !g->stage16) return dt_err("out of memory");
-    if (cuda_alloc((void **)&g->lora_bf16, sizeof(dt_bf16) * (size_t)P) ||
+    if (cuda_alloc((void **)&g->lora_bf16, sizeof(dt_bf16) * (size_t)(g->bf16_params > 0 ? g->bf16_params : 1)) ||
         cuda_alloc((void **)&g->lora_grad, sizeof(float) * (size_t)P) ||
-        cuda_alloc((void **)&g->norm_acc, sizeof(double)) || cuda_zero(g->lora_grad, sizeof(float) * (size_t)P))
+        cuda_alloc((void **)&g->norm_acc, sizeof(double)) || cuda_zero(g->lora_grad, sizeof(float) * (size_t)P) ||
+        widen_bases(g))
         return -1;
     return 0;
+}
+
+/* The bf16 copies of every A and B from the host values in stage (gather): lora_bf16's, then the
+ * wide bases' from the fp32 tail, which tail holds on the device already (the masters) or, NULL,
+ * goes up through a buffer of its own. */
+static int upload_bf16_copies(qwen35_cuda *g, const float *tail) {
+    dt_from_f32(g->stage16, DT_BF16, g->stage, (size_t)g->bf16_params);
+    if (cuda_upload(g->lora_bf16, g->stage16, sizeof(dt_bf16) * (size_t)g->bf16_params)) return -1;
+    if (!g->n_wide) return 0;
+    float *buf = NULL;
+    size_t bytes = sizeof(float) * (size_t)(g->lora_params - g->bf16_params);
+    if (!tail && (cuda_alloc((void **)&buf, bytes) || cuda_upload(buf, g->stage + g->bf16_params, bytes))) {
+        cuda_free(buf);
+        return -1;
+    }
+    copy_wide(g, tail ? tail : buf);
+    int rc = cuda_check("copying B into the wide bases");
+    cuda_free(buf);
+    return rc;
 }
 
 /* Every LoRA's A and B, or their gradients, to or from the host, through the staging buffer. */
@@ -416,8 +491,7 @@ int qwen35_cuda_sync_lora(qwen35_cuda *g, const qwen35_model *m) {
     if (!g->loras && bind_loras(g, m)) return dt_err_wrap("preparing the LoRA on %s", cuda_device_name());
     if (g->lora_master) return 0;  /* the device's masters are the current ones */
     gather(g, false);
-    dt_from_f32(g->stage16, DT_BF16, g->stage, (size_t)g->lora_params);
-    if (cuda_upload(g->lora_bf16, g->stage16, sizeof(dt_bf16) * (size_t)g->lora_params)) return -1;
+    if (upload_bf16_copies(g, NULL)) return -1;
     cuda_prof_add_host("host.lora_upload", 1e3 * (dt_seconds() - t0));
     return 0;
 }
@@ -432,7 +506,7 @@ static void refresh_loras(qwen35_cuda *g, bool want_grads) {
         l->dropout = (float)s->host->dropout;
         l->dropout_seed = s->host->dropout_seed;
         l->A = g->lora_bf16 + s->off_a;
-        l->B = g->lora_bf16 + s->off_b;
+        l->B = s->bcol ? l->W + s->bcol : g->lora_bf16 + s->off_b;
         l->dA = want_grads && s->host->dA ? g->lora_grad + s->off_a : NULL;
         l->dB = want_grads && s->host->dB ? g->lora_grad + s->off_b : NULL;
     }
@@ -483,8 +557,7 @@ int qwen35_cuda_optim_upload(qwen35_cuda *g, const qwen35_model *m, dt_lora *con
     }
     /* the bf16 copies from the masters just uploaded */
     gather(g, false);
-    dt_from_f32(g->stage16, DT_BF16, g->stage, P);
-    return cuda_upload(g->lora_bf16, g->stage16, sizeof(dt_bf16) * P);
+    return upload_bf16_copies(g, g->lora_master + g->bf16_params);
 }
 
 int qwen35_cuda_optim_download(qwen35_cuda *g, dt_lora *const *loras, float *const *moments, int n) {
@@ -515,8 +588,9 @@ int qwen35_cuda_grad_norm(qwen35_cuda *g, double *norm) {
 
 int qwen35_cuda_adamw(qwen35_cuda *g, int64_t step, double lr, const adamw_config *c, double grad_mul) {
     if (!g->lora_master) return dt_err("the optimiser state is not on the device (qwen35_cuda_optim_upload)");
-    adamw_update_cuda(g->lora_master, g->lora_grad, g->lora_m, g->lora_v, g->lora_bf16, g->lora_params, step, lr,
-                      c->beta1, c->beta2, c->eps, c->weight_decay, (float)grad_mul);
+    adamw_update_cuda(g->lora_master, g->lora_grad, g->lora_m, g->lora_v, g->lora_bf16, g->bf16_params,
+                      g->lora_params, step, lr, c->beta1, c->beta2, c->eps, c->weight_decay, (float)grad_mul);
+    copy_wide(g, g->lora_master + g->bf16_params);
     return cuda_check("the AdamW update");
 }
 
@@ -566,12 +640,13 @@ typedef struct {
 /* One layer's activations: xn1, the mixer's, then the MLP part. The DeltaNet's conv output,
  * where the conv and the L2 norm run as separate ops (deltanet_conv_forward_cuda), lives in the
  * MLP part for the moment between them (its backward recomputes it). */
-static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, int lora_rank, char *base) {
+static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, int lora_rank, int64_t ld_xn1,
+                                int64_t ld_xn2, char *base) {
     carver k = {base, 0};
     size_t B2 = 2 * (size_t)N, B4 = 4 * (size_t)N;
     acts_offsets o;
-    a->lora_u = carve(&k, B2 * lora_rank * U_SLOTS);
-    a->xn1 = carve(&k, B2 * d->H);
+    a->u_out = carve(&k, B2 * lora_rank);
+    a->xn1 = carve(&k, B2 * ld_xn1);
     carver mix = k;  /* the mixers share what follows */
     a->mixed = carve(&k, B2 * d->cd);
     a->qkv = carve(&k, B2 * d->cd);
@@ -595,7 +670,7 @@ static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, int lora_
     a->lse = carve(&k, B4 * d->nh);
     k.off = k.off > gdn_end ? k.off : gdn_end;
     o.mlp_off = k.off;
-    a->xn2 = carve(&k, B2 * d->H);
+    a->xn2 = carve(&k, B2 * ld_xn2);
     a->h_mid = carve(&k, B4 * d->H);
     a->gate = carve(&k, B2 * d->I);
     a->up = carve(&k, B2 * d->I);
@@ -678,7 +753,7 @@ static size_t scratch_linear(const qwen35_cuda *g, int64_t N) {
     size_t s = 0;
     int64_t ins[] = {d.H, d.I, d.vd, d.qd};
     for (size_t i = 0; i < sizeof ins / sizeof ins[0]; i++)  /* a group's u: the in-projections' the widest */
-        s = max_sz(s, linear_scratch_bytes_cuda(N, ins[i], (U_OUT - U_IN) * rank, dropout));
+        s = max_sz(s, linear_scratch_bytes_cuda(N, ins[i], GROUP_MAX * rank, dropout));
     return s;
 }
 
@@ -700,8 +775,9 @@ static size_t scratch_need(const qwen35_cuda *g, const qwen35_model *m, int64_t 
 
 static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, int64_t n_seqs, int n_acts,
                    bool training) {
+    int dropout, rank = lora_rank_max(g, &dropout);
     if (g->cap_tokens >= N && g->cap_seq >= T && g->cap_seqs >= n_seqs && g->n_acts >= n_acts &&
-        (!training || g->training) &&
+        (!training || g->training) && g->u_rank == rank &&
         g->scratch_bytes >= scratch_need(g, m, N, T, n_seqs, g->big_bytes - g->scratch_bytes,
                                          g->big_bwd_bytes - g->scratch_bytes)) {
         return 0;
@@ -721,8 +797,10 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     g->lens_host = malloc(sizeof(int) * n_seqs);
     if (!g->acts || !g->pos_host || !g->starts_host || !g->lens_host) return dt_err("out of memory");
     g->targets_host = g->pos_host + N;
-    int dropout, rank = lora_rank_max(g, &dropout);
-    acts_offsets o = acts_layout(&g->acts[0], &d, N, rank, NULL);
+    /* rows of whole 16 bytes: the products' preferred alignment */
+    g->ld_xn1 = (H + GROUP_MAX * rank + 7) / 8 * 8;
+    g->ld_xn2 = (H + 2 * rank + 7) / 8 * 8;
+    acts_offsets o = acts_layout(&g->acts[0], &d, N, rank, g->ld_xn1, g->ld_xn2, NULL);
     int rc = 0;
     if (n_acts == 1) {  /* acts[0], then scratch */
         size_t mlp = o.bytes - o.mlp_off, out = o.bytes - o.out_off;
@@ -732,7 +810,7 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
         rc = cuda_alloc(&g->acts[0].block, o.bytes + g->scratch_bytes);
         if (rc == 0) {
             char *base = g->acts[0].block;
-            acts_layout(&g->acts[0], &d, N, rank, base);
+            acts_layout(&g->acts[0], &d, N, rank, g->ld_xn1, g->ld_xn2, base);
             g->n_acts = 1;
             g->big = base + o.mlp_off;
             g->big_bwd = base + o.out_off;
@@ -744,7 +822,7 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
         g->scratch = g->big = g->big_bwd = g->scratch_block;
         for (int i = 0; rc == 0 && i < n_acts; i++) {
             rc = cuda_alloc(&g->acts[i].block, o.bytes);
-            if (rc == 0) acts_layout(&g->acts[i], &d, N, rank, g->acts[i].block), g->n_acts++;
+            if (rc == 0) acts_layout(&g->acts[i], &d, N, rank, g->ld_xn1, g->ld_xn2, g->acts[i].block), g->n_acts++;
         }
     }
     if (rc == 0) rc = cuda_alloc((void **)&g->h32, sizeof(float) * (size_t)(N * H));
@@ -818,11 +896,6 @@ static dt_bf16 *u_down_of(const qwen35_cuda *g, int l) {
     return g->u_down ? g->u_down + (size_t)l * g->cap_tokens * g->u_rank : NULL;
 }
 
-/* Slot `slot` of a's lora_u, from its first row. */
-static dt_bf16 *u_slot(const qwen35_cuda *g, const gpu_acts *a, int slot) {
-    return a->lora_u + (size_t)slot * g->cap_tokens * g->u_rank;
-}
-
 typedef struct {
     int64_t N;
     int n_seqs, max_len;
@@ -841,7 +914,7 @@ static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const cal
                                 {a->z, CUDA_BF16, 0, NULL, &L->lin_z},
                                 {a->b, CUDA_BF16, 0, NULL, &L->lin_b},
                                 {a->a, CUDA_BF16, 0, NULL, &L->lin_a}};
-        linear_group_forward_cuda(p, 4, a->xn1, N, s, u_slot(g, a, U_IN));
+        linear_group_forward_cuda(p, 4, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
     PROF("fwd.gdn.conv_norm_gates", {
         deltanet_conv_forward_cuda(a->qkv, a->mixed, L->conv, g->pos, N, c->conv_kernel, c->lin_n_k_heads,
@@ -857,7 +930,7 @@ static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const cal
         /* the output projection adds onto the residual: the add for free (where res is h_mid, in
          * the MLP part, which `big` covered until now, h_in is copied there only now) */
         if (res != h_in) cuda_copy_f32(res, h_in, N * d.H);
-        linear_forward_cuda(res, CUDA_F32, 1, a->o_norm, &L->lin_out, N, s, u_slot(g, a, U_OUT));
+        linear_forward_cuda(res, CUDA_F32, 1, a->o_norm, &L->lin_out, N, s, a->u_out);
     });
 }
 
@@ -873,7 +946,7 @@ static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const ca
         cuda_linear_part p[] = {{a->qg, CUDA_BF16, 0, NULL, &L->att_q},
                                 {a->k_pre, CUDA_BF16, 0, NULL, &L->att_k},
                                 {a->v, CUDA_BF16, 0, NULL, &L->att_v}};
-        linear_group_forward_cuda(p, 3, a->xn1, N, s, u_slot(g, a, U_IN));
+        linear_group_forward_cuda(p, 3, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
     PROF("fwd.attn.qk_norm_rope", {
         qk_norm_rope_forward_cuda(a->q, a->qg, 2 * d.qd, 2 * hd, L->q_norm, g->pos, N, nh, hd, c->rotary_dim,
@@ -886,7 +959,7 @@ static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const ca
     PROF("fwd.attn.out", {
         attn_gate_forward_cuda(a->att_g, a->att, a->qg, N, nh, hd);
         if (res != h_in) cuda_copy_f32(res, h_in, N * d.H);  /* as in the DeltaNet mixer */
-        linear_forward_cuda(res, CUDA_F32, 1, a->att_g, &L->att_o, N, s, u_slot(g, a, U_OUT));
+        linear_forward_cuda(res, CUDA_F32, 1, a->att_g, &L->att_o, N, s, a->u_out);
     });
 }
 
@@ -903,14 +976,14 @@ static void layer_forward(qwen35_cuda *g, int l, const call *k, const float *h_i
     void *s = g->scratch;
     /* the residual stream through the layer: h_out itself, in place, or h_mid */
     float *res = h_out ? h_out : a->h_mid;
-    PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn1, h_in, L->input_norm, N, (int)H, eps));
+    PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn1, g->ld_xn1, h_in, L->input_norm, N, (int)H, eps));
     if (c->layer_is_full[l]) attention_mixer_forward(g, L, k, h_in, res, a);
     else deltanet_mixer_forward(g, L, k, h_in, res, a);
     if (h_out && keep_mid) cuda_copy_f32(a->h_mid, h_out, N * H);
-    PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn2, res, L->post_norm, N, (int)H, eps));
+    PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn2, g->ld_xn2, res, L->post_norm, N, (int)H, eps));
     PROF("fwd.mlp", {
         cuda_linear_part p[] = {{a->gate, CUDA_BF16, 0, NULL, &L->mlp_gate}, {a->up, CUDA_BF16, 0, NULL, &L->mlp_up}};
-        linear_group_forward_cuda(p, 2, a->xn2, N, s, u_slot(g, a, U_MLP));
+        linear_group_forward_cuda(p, 2, a->xn2, g->ld_xn2, N, s, a->xn2 + H, g->ld_xn2);
         swiglu_forward_cuda(a->m, a->gate, a->up, N * I);
         if (h_out) linear_forward_cuda(h_out, CUDA_F32, 1, a->m, &L->mlp_down, N, s, u_down_of(g, l));
     });
@@ -925,7 +998,7 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
     int64_t N = k->N;
     void *s = g->scratch;
     PROF("bwd.gdn.out", {
-        linear_backward_cuda(G->do_norm, 0, G->dy_bf, a->o_norm, &L->lin_out, N, s, u_slot(g, a, U_OUT));
+        linear_backward_cuda(G->do_norm, 0, G->dy_bf, a->o_norm, &L->lin_out, N, s, a->u_out);
         rmsnorm_gated_backward_cuda(G->do_raw, G->dz, G->do_norm, a->o_raw, a->z, L->lin_norm, N * d.Hv,
                                     c->lin_v_head_dim, (float)c->rms_eps);
     });
@@ -945,7 +1018,7 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
                                 {NULL, CUDA_F32, 0, G->dz, &L->lin_z},
                                 {NULL, CUDA_F32, 0, G->db, &L->lin_b},
                                 {NULL, CUDA_F32, 0, G->da, &L->lin_a}};
-        linear_group_backward_cuda(G->dxn1, 0, p, 4, a->xn1, N, s, u_slot(g, a, U_IN));
+        linear_group_backward_cuda(G->dxn1, 0, p, 4, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
 }
 
@@ -958,7 +1031,7 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
     PROF("bwd.attn.out", {
-        linear_backward_cuda(G->datt_g, 0, G->dy_bf, a->att_g, &L->att_o, N, s, u_slot(g, a, U_OUT));
+        linear_backward_cuda(G->datt_g, 0, G->dy_bf, a->att_g, &L->att_o, N, s, a->u_out);
         attn_gate_backward_cuda(G->datt, G->dqg, G->datt_g, a->att, a->qg, N, nh, hd);
     });
     PROF("bwd.attn.core", attention_backward_cuda(G->dq, G->dk, G->dv, G->datt, a->att, a->lse, a->q, a->k, a->v,
@@ -975,7 +1048,7 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
         cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dqg, &L->att_q},
                                 {NULL, CUDA_F32, 0, G->dk_pre, &L->att_k},
                                 {NULL, CUDA_F32, 0, G->dv_bf, &L->att_v}};
-        linear_group_backward_cuda(G->dxn1, 0, p, 3, a->xn1, N, s, u_slot(g, a, U_IN));
+        linear_group_backward_cuda(G->dxn1, 0, p, 3, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
 }
 
@@ -1005,8 +1078,8 @@ static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_
             swiglu_backward_lora_cuda(G->dgate, G->dup, G->dm, a->gate + t0 * I, a->up + t0 * I, n, I, g_down,
                                       down.A, down.rank);
             cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dgate, &gate}, {NULL, CUDA_F32, 0, G->dup, &up}};
-            linear_group_backward_cuda(G->dxn2, 0, p, 2, a->xn2 + t0 * H, n, s,
-                                       u_slot(g, a, U_MLP) + t0 * (gate.rank + up.rank));
+            const dt_bf16 *xn2 = a->xn2 + t0 * g->ld_xn2;
+            linear_group_backward_cuda(G->dxn2, 0, p, 2, xn2, g->ld_xn2, n, s, xn2 + H, g->ld_xn2);
         });
         PROF("bwd.norms", {
             rmsnorm1p_backward_cuda(G->dh_mid + t0 * H, G->dy_bf + t0 * H, dh + t0 * H, G->dxn2, a->h_mid + t0 * H,
@@ -1058,7 +1131,7 @@ int qwen35_cuda_eval_loss(qwen35_cuda *g, const qwen35_model *m, const qwen35_ba
     int64_t N = k.N, H = c->hidden_size;
     embed(g, g->h32, N);
     for (int l = 0; l < c->n_layers; l++) layer_forward(g, l, &k, g->h32, g->h32, &g->acts[0], false);
-    rmsnorm1p_forward_cuda(g->hf, g->h32, g->final_norm, N, (int)H, (float)c->rms_eps);
+    rmsnorm1p_forward_cuda(g->hf, H, g->h32, g->final_norm, N, (int)H, (float)c->rms_eps);
     if (lm_head_loss(g, NULL, N, 1.0f) || finish(g, loss_sum, "the evaluation")) return -1;
     *n_targets = count;
     return 0;
@@ -1081,7 +1154,7 @@ static int step_launches(qwen35_cuda *g, const call *k, bool grad_checkpoint, fl
         layer_forward(g, l, k, h, h, &g->acts[grad_checkpoint ? 0 : l], !grad_checkpoint);
     }
     PROF("lm_head_ce", {
-        rmsnorm1p_forward_cuda(g->hf, h, g->final_norm, N, (int)H, eps);
+        rmsnorm1p_forward_cuda(g->hf, H, h, g->final_norm, N, (int)H, eps);
         float *dhf = g->grads.dh_mid;  /* the LM head's gradient; the grads are free until the layers' */
         cuda_zero(dhf, sizeof(float) * NH);
         rc = lm_head_loss(g, dhf, N, grad_scale);

@@ -118,6 +118,13 @@ extern "C" void cuda_copy_f32(float *dst, const float *src, int64_t n) {
     if (n > 0 && dst != src) cudaMemcpyAsync(dst, src, sizeof(float) * (size_t)n, cudaMemcpyDeviceToDevice, stream);
 }
 
+extern "C" int cuda_copy_rows(void *dst, size_t dst_pitch, const void *src, size_t src_pitch, size_t width,
+                              size_t rows) {
+    if (cuda_init()) return -1;
+    cudaError_t e = cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, cudaMemcpyDeviceToDevice, stream);
+    return e == cudaSuccess ? 0 : fail(e, "copy", width * rows);
+}
+
 extern "C" int cuda_check(const char *what) {
     if (cuda_init()) return -1;
     cudaError_t e = cudaStreamSynchronize(stream);

@@ -105,13 +105,28 @@ static void test_rmsnorm1p(int64_t rows, int D) {
     rmsnorm1p_backward(dxc, NULL, dy, x, w, rows, D, eps);
     float *d_x = test_dev_f32(x, n), *d_w = test_dev_f32(w, D), *d_dy = test_dev_f32(dy, n), *d_dx = test_dev_f32(dx0, n);
     dt_bf16 *d_y = test_dev_bf16(dy, n); /* garbage to be overwritten */
-    rmsnorm1p_forward_cuda(d_y, d_x, d_w, rows, D, eps);
+    rmsnorm1p_forward_cuda(d_y, D, d_x, d_w, rows, D, eps);
     snprintf(name, sizeof name, "rmsnorm1p_forward rows=%lld D=%d", (long long)rows, D);
     if (!test_cuda_ok(name)) {
         float *g = test_host_bf16(d_y, n);
         test_expect_close(name, g, y, n, 1e-2);
         free(g);
     }
+    /* into rows longer than D (a group's input, with its LoRAs' u after D): the rest untouched */
+    int64_t ld = D + 20;
+    float *pad = test_rvec(rows * ld, 1.0f);
+    test_round_bf16(pad, rows * ld);
+    dt_bf16 *d_yp = test_dev_bf16(pad, rows * ld);
+    rmsnorm1p_forward_cuda(d_yp, ld, d_x, d_w, rows, D, eps);
+    snprintf(name, sizeof name, "rmsnorm1p_forward rows=%lld D=%d into rows of %lld", (long long)rows, D, (long long)ld);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_yp, rows * ld), *want = test_copy(pad, rows * ld);
+        for (int64_t r = 0; r < rows; r++) memcpy(want + r * ld, y + r * D, sizeof(float) * D);
+        test_expect_close(name, g, want, rows * ld, 1e-2);
+        free(g), free(want);
+    }
+    cuda_free(d_yp);
+    free(pad);
     /* the same from a separate dx_in, into a dx of garbage, and from none (dx_in NULL: the
      * gradient alone) */
     float *d_in = test_dev_f32(dx0, n), *d_out = test_dev_f32(dy, n), *d_alone = test_dev_f32(dy, n);
@@ -483,7 +498,7 @@ static void timing(void) {
     TIME("f32_to_bf16 4096x1024", N * H * 6, cuda_f32_to_bf16(b3, f1, N * H));
     TIME("add_f32 4096x1024", N * H * 12, cuda_add_f32(f3, f1, N * H));
     TIME("embedding 4096x1024", N * H * 6, embedding_forward_cuda(f3, ids, N, E, H));
-    TIME("rmsnorm1p_fwd 4096x1024", N * H * 6, rmsnorm1p_forward_cuda(b3, f1, w, N, H, 1e-6f));
+    TIME("rmsnorm1p_fwd 4096x1024", N * H * 6, rmsnorm1p_forward_cuda(b3, H, f1, w, N, H, 1e-6f));
     TIME("rmsnorm1p_bwd 4096x1024", N * H * 16, rmsnorm1p_backward_cuda(f3, NULL, f3, f2, f1, w, N, H, 1e-6f));
     TIME("rmsnorm_gated_fwd 65536x128", N * Hv * dv * 6, rmsnorm_gated_forward_cuda(b3, b1, b2, w, N * Hv, dv, 1e-6f));
     TIME("rmsnorm_gated_bwd 65536x128", N * Hv * dv * 14,

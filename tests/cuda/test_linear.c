@@ -119,16 +119,31 @@ done:
  * block one after another, as the model lays them out; the last LoRA's scale is scale_last (the
  * others 2). Against linear_forward / linear_backward per member on the CPU, dx summed over the
  * members. The A products run stacked where the scales agree and nothing drops out, member by
- * member otherwise. keep_u: the forward keeps u [T, R] for the backward. */
+ * member otherwise. u: U_NONE, the backward recomputes it; U_KEPT, the forward keeps it [T, R] for
+ * the backward; U_IN_X, as the model: x's rows hold it after in columns, and the bases are wide
+ * (cuda_linear), their B copied in by linear_wide_copy_cuda. */
+enum { U_NONE, U_KEPT, U_IN_X };
 static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ranks, int n, float scale_last,
-                      float dropout, int keep_u) {
+                      float dropout, int u_mode) {
     enum { MAXN = 4 };
     char tag[160], name[256];
     int R = 0, last = -1;
     for (int i = 0; i < n; i++) R += ranks[i], last = ranks[i] ? i : last;
     snprintf(tag, sizeof tag, "group of %d T%lld in %lld R%d p%g%s%s", n, (long long)T, (long long)in, R, dropout,
-             scale_last != 2.0f ? " scales differ" : "", keep_u ? " u kept" : "");
+             scale_last != 2.0f ? " scales differ" : "",
+             u_mode == U_KEPT ? " u kept" : u_mode == U_IN_X ? " u in x, wide bases" : "");
     float *x = test_rvec_bf16(T * in, 1.f), *A = test_rvec_bf16((int64_t)R * in, 1.f / sqrtf((float)in));
+    /* U_IN_X: x's rows padded past in + R (garbage there, which u overwrites or nothing reads) */
+    int64_t ldx = u_mode == U_IN_X ? (in + R + 7) / 8 * 8 + 8 : in;
+    float *xp = test_rvec_bf16(T * ldx, 1.f);
+    for (int64_t t = 0; t < T; t++) memcpy(xp + t * ldx, x + t * in, sizeof(float) * in);
+    cuda_wide_copy copies[MAXN];
+    int n_copies = 0;
+    int64_t copy_rows = 0;
+    int64_t Bs_n = 0;
+    for (int i = 0; i < n; i++) Bs_n += outs[i] * ranks[i];
+    float *Bs = malloc(sizeof(float) * (size_t)(Bs_n > 0 ? Bs_n : 1));  /* the B copies' fp32 source */
+    Bs_n = 0;
     float *dA0 = test_rvec((int64_t)R * in, 1.f), *dx_cpu = calloc((size_t)(T * in), sizeof(float));
     float *dA_cpu = test_copy(dA0, (int64_t)R * in);
     float *W[MAXN], *B[MAXN], *dy[MAXN], *y_cpu[MAXN], *dB0[MAXN], *dB_cpu[MAXN];
@@ -137,12 +152,13 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
     float *d_dB[MAXN];
     cuda_linear l[MAXN];
     cuda_linear_part parts[MAXN];
-    dt_bf16 *d_x = test_dev_bf16(x, T * in), *d_A = test_dev_bf16(A, (int64_t)R * in);
+    dt_bf16 *d_x = test_dev_bf16(xp, T * ldx), *d_A = test_dev_bf16(A, (int64_t)R * in);
     float *garbage = test_rvec(T * in, 1.f);  /* in dx, which the backward overwrites */
     float *d_dA = test_dev_f32(dA0, (int64_t)R * in), *d_dx = test_dev_f32(garbage, T * in);
-    dt_bf16 *d_u = keep_u ? test_dev_bf16(x, T * R) : NULL;
+    dt_bf16 *d_u = u_mode == U_KEPT ? test_dev_bf16(x, T * R) : u_mode == U_IN_X ? d_x + in : NULL;
+    int64_t ldu = u_mode == U_IN_X ? ldx : R;
     void *scratch = NULL;
-    bool ok = d_x && d_A && d_dA && d_dx && (!keep_u || d_u) &&
+    bool ok = d_x && d_A && d_dA && d_dx && (u_mode != U_KEPT || d_u) &&
               cuda_alloc(&scratch, linear_scratch_bytes_cuda(T, in, R, dropout > 0)) == 0;
     for (int i = 0, c = 0; i < n; c += ranks[i], i++) {
         int64_t out = outs[i];
@@ -159,15 +175,26 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         y_cpu[i] = malloc(sizeof(float) * T * out);
         linear_forward(y_cpu[i], x, &L, T);
         linear_backward(dx_cpu, dy[i], x, &L, T);
-        d_W[i] = test_dev_bf16(W[i], out * in);
+        int64_t ldw = u_mode == U_IN_X && r ? (in + c + r + 7) / 8 * 8 : in;
+        float *Ww = calloc((size_t)(out * ldw), sizeof(float));  /* B's columns zero until copied */
+        for (int64_t j = 0; j < out; j++) memcpy(Ww + j * ldw, W[i] + j * in, sizeof(float) * in);
+        d_W[i] = test_dev_bf16(Ww, out * ldw);
+        free(Ww);
         d_B[i] = test_dev_bf16(B[i], out * (r ? r : 1));
+        if (ldw > in) {
+            memcpy(Bs + Bs_n, B[i], sizeof(float) * out * r);
+            copies[n_copies++] = (cuda_wide_copy){Bs_n, d_W[i] + in + c, out, ldw, r};
+            Bs_n += out * r;
+            copy_rows = out > copy_rows ? out : copy_rows;
+        }
         d_dy[i] = test_dev_bf16(dy[i], T * out);
         d_y[i] = test_dev_bf16(dy[i], T * out);  /* garbage: the forward overwrites it */
         d_dB[i] = test_dev_f32(dB0[i], out * (r ? r : 1));
         ok = ok && d_W[i] && d_B[i] && d_dy[i] && d_y[i] && d_dB[i];
         l[i] = (cuda_linear){.W = d_W[i], .in = in, .out = out, .rank = r, .scale = lo[i].scale, .dropout = dropout,
-                             .dropout_seed = lo[i].dropout_seed, .A = r ? d_A + c * in : NULL, .B = r ? d_B[i] : NULL,
-                             .dA = r ? d_dA + c * in : NULL, .dB = r ? d_dB[i] : NULL};
+                             .dropout_seed = lo[i].dropout_seed, .A = r ? d_A + c * in : NULL,
+                             .B = ldw > in ? d_W[i] + in + c : r ? d_B[i] : NULL, .dA = r ? d_dA + c * in : NULL,
+                             .dB = r ? d_dB[i] : NULL, .ldw = ldw, .bcol = ldw > in ? in + c : 0};
         parts[i] = (cuda_linear_part){d_y[i], CUDA_BF16, 0, d_dy[i], &l[i]};
     }
     snprintf(name, sizeof name, "linear_group %s: device buffers", tag);
@@ -175,7 +202,15 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         test_cuda_ok(name);
         cuda_tests_failed++;
     } else {
-        linear_group_forward_cuda(parts, n, d_x, T, scratch, d_u);
+        /* the wide bases' B columns are zero until copied in; B is read from there */
+        cuda_wide_copy *d_copies = NULL;
+        float *d_Bs = n_copies ? test_dev_f32(Bs, Bs_n) : NULL;
+        if (n_copies && (!d_Bs || cuda_alloc((void **)&d_copies, sizeof copies) ||
+                         cuda_upload(d_copies, copies, sizeof copies)))
+            cuda_tests_failed++;
+        linear_wide_copy_cuda(d_copies, n_copies, copy_rows, d_Bs);
+        linear_group_forward_cuda(parts, n, d_x, ldx, T, scratch, d_u, ldu);
+        cuda_free(d_copies), cuda_free(d_Bs);
         snprintf(name, sizeof name, "linear_group_forward %s", tag);
         for (int i = 0; test_cuda_ok(name) == 0 && i < n; i++) {
             char n2[300];
@@ -184,7 +219,7 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
             test_expect_close(n2, y, y_cpu[i], T * outs[i], 1e-2);
             free(y);
         }
-        linear_group_backward_cuda(d_dx, 0, parts, n, d_x, T, scratch, d_u);
+        linear_group_backward_cuda(d_dx, 0, parts, n, d_x, ldx, T, scratch, d_u, ldu);
         snprintf(name, sizeof name, "linear_group_backward %s", tag);
         if (test_cuda_ok(name) == 0) {
             test_expect_close_dev(name, "dx", d_dx, dx_cpu, T * in, 1e-2);
@@ -200,8 +235,9 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         free(W[i]), free(B[i]), free(dy[i]), free(y_cpu[i]), free(dB0[i]), free(dB_cpu[i]);
         cuda_free(d_W[i]), cuda_free(d_B[i]), cuda_free(d_dy[i]), cuda_free(d_y[i]), cuda_free(d_dB[i]);
     }
-    cuda_free(d_x), cuda_free(d_A), cuda_free(d_dA), cuda_free(d_dx), cuda_free(d_u), cuda_free(scratch);
-    free(x), free(A), free(dA0), free(dx_cpu), free(dA_cpu), free(garbage);
+    cuda_free(d_x), cuda_free(d_A), cuda_free(d_dA), cuda_free(d_dx), cuda_free(scratch);
+    if (u_mode == U_KEPT) cuda_free(d_u);
+    free(x), free(xp), free(A), free(dA0), free(dx_cpu), free(dA_cpu), free(garbage), free(Bs);
 }
 
 static float *zeros_f(int64_t n) { return calloc((size_t)(n > 0 ? n : 1), sizeof(float)); }
@@ -388,15 +424,19 @@ void cuda_tests_linear(void) {
     /* groups: stacked (one scale, no dropout), with members without a LoRA, and member by member */
     static const int64_t outs3[] = {96, 40, 56}, outs4[] = {136, 64, 16, 16}, outs2[] = {40, 96};
     static const int r3[] = {16, 16, 16}, r4[] = {8, 8, 0, 0}, r4b[] = {0, 8, 0, 8}, r2[] = {8, 8};
-    run_group(100, 72, outs3, r3, 3, 2.0f, 0.f, 1);
-    run_group(100, 72, outs4, r4, 4, 2.0f, 0.f, 0);
-    run_group(37, 72, outs4, r4b, 4, 2.0f, 0.f, 1);
-    run_group(100, 72, outs2, r2, 2, 0.5f, 0.f, 1);
-    run_group(100, 72, outs2, r2, 2, 2.0f, 0.1f, 1);
-    run_group(100, 72, outs2, r2, 2, 2.0f, 0.1f, 0);
+    run_group(100, 72, outs3, r3, 3, 2.0f, 0.f, U_KEPT);
+    run_group(100, 72, outs3, r3, 3, 2.0f, 0.f, U_IN_X);
+    run_group(100, 72, outs4, r4, 4, 2.0f, 0.f, U_NONE);
+    run_group(37, 72, outs4, r4b, 4, 2.0f, 0.f, U_KEPT);
+    run_group(37, 72, outs4, r4b, 4, 2.0f, 0.f, U_IN_X);
+    run_group(100, 72, outs2, r2, 2, 0.5f, 0.f, U_KEPT);
+    run_group(100, 72, outs2, r2, 2, 2.0f, 0.1f, U_KEPT);
+    run_group(100, 72, outs2, r2, 2, 2.0f, 0.1f, U_NONE);
+    run_group(100, 72, outs2, r2, 2, 2.0f, 0.1f, U_IN_X);
     static const int64_t gdn[] = {6144, 2048, 16, 16};  /* Qwen3.5-0.8B's DeltaNet in-projections */
     static const int rgdn[] = {16, 16, 0, 0};
-    run_group(4096, 1024, gdn, rgdn, 4, 2.0f, 0.f, 1);
+    run_group(4096, 1024, gdn, rgdn, 4, 2.0f, 0.f, U_KEPT);
+    run_group(4096, 1024, gdn, rgdn, 4, 2.0f, 0.f, U_IN_X);
     run_defer(100, 136, 72, 16, 0.f, 1);
     run_defer(37, 72, 40, 8, 0.f, 0);
     run_defer(37, 72, 40, 8, 0.1f, 1);

@@ -532,11 +532,13 @@ static void test_golden_training(void) {
 /* ---------------------------------------------------------------- the optimiser */
 
 /* Three AdamW steps on the device against adamw_update, the last with a clipping factor, and the
- * gradient norm's sum of squares. */
+ * gradient norm's sum of squares; the bf16 copies of all but the last n - n16 parameters. */
 static void test_adamw(void) {
-    const int64_t n = 100003;
+    const int64_t n = 100003, n16 = n - 1001;
     adamw_config c = {0.9, 0.999, 1e-8, 0.01};
     float *p = test_rvec(n, 1), *m = calloc(n, sizeof(float)), *v = calloc(n, sizeof(float));
+    float *p0 = test_copy(p, n);
+    test_round_bf16(p0, n);
     float *dp = test_dev_f32(p, n), *dm = test_dev_f32(m, n), *dv = test_dev_f32(v, n), *dg = NULL;
     dt_bf16 *p16 = test_dev_bf16(p, n);
     double *acc = NULL;
@@ -556,7 +558,8 @@ static void test_adamw(void) {
         }
         for (int64_t i = 0; i < n; i++) g[i] *= mul;
         adamw_update(p, g, m, v, n, step, 1e-3 * step, &c);
-        adamw_update_cuda(dp, dg, dm, dv, p16, n, step, 1e-3 * step, c.beta1, c.beta2, c.eps, c.weight_decay, mul);
+        adamw_update_cuda(dp, dg, dm, dv, p16, n16, n, step, 1e-3 * step, c.beta1, c.beta2, c.eps, c.weight_decay,
+                          mul);
         free(g);
     }
     if (test_cuda_ok("adamw") == 0) {
@@ -565,13 +568,14 @@ static void test_adamw(void) {
         test_expect_close("adamw_params", hp, p, n, 1e-6);
         test_expect_close("adamw_exp_avg", hm, m, n, 1e-6);
         test_expect_close("adamw_exp_avg_sq", hv, v, n, 1e-6);
-        test_expect_close("adamw_bf16_copy", h16, p, n, 1e-2);
+        test_expect_close("adamw_bf16_copy", h16, p, n16, 1e-2);
+        test_expect_close("adamw_bf16_copy_untouched", h16 + n16, p0 + n16, n - n16, 0);
         test_expect_close("adamw_grad_zeroed", hg, zero, n, 0);
         test_expect_close("grad_sum_squares", &gnorm_gpu, &gnorm_cpu, 1, 1e-6);
         free(hp), free(hm), free(hv), free(hg), free(h16), free(zero);
     }
     cuda_free(dp), cuda_free(dm), cuda_free(dv), cuda_free(dg), cuda_free(p16), cuda_free(acc);
-    free(p), free(m), free(v);
+    free(p), free(p0), free(m), free(v);
 }
 
 void cuda_tests_model(void) {
