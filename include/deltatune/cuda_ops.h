@@ -73,9 +73,10 @@ void embedding_forward_cuda(float *out, const int32_t *ids, int64_t T, const dt_
  * fp32 [D]. */
 void rmsnorm1p_forward_cuda(dt_bf16 *y, int64_t ldy, const float *x, const float *w, int64_t rows, int D, float eps);
 /* dx (fp32) = dx_in + the input gradient, given dy (fp32) and the forward's x; dx_in NULL: zero,
- * and it may be dx (dx += the gradient). dx_bf, when not NULL, receives dx as bf16 too. */
-void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, const float *dx_in, const float *dy, const float *x,
-                             const float *w, int64_t rows, int D, float eps);
+ * and it may be dx (dx += the gradient). dx_bf, when not NULL, receives dx as bf16 too, in rows
+ * ld_bf long. */
+void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, int64_t ld_bf, const float *dx_in, const float *dy,
+                             const float *x, const float *w, int64_t rows, int D, float eps);
 /* y (bf16) = w * x / rms(x) * silu(z) over rows of D; x, z bf16, w fp32 [D]. */
 void rmsnorm_gated_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const dt_bf16 *z, const float *w, int64_t rows,
                                 int D, float eps);
@@ -105,14 +106,14 @@ void attn_gate_backward_cuda(dt_bf16 *dx, dt_bf16 *dqg, const float *dy, const d
 /* ---- activations.cu ---- */
 /* m = silu(gate) * up, n values, bf16. */
 void swiglu_forward_cuda(dt_bf16 *m, const dt_bf16 *gate, const dt_bf16 *up, int64_t n);
-/* dgate, dup (bf16) overwritten, given dm (fp32). */
-void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, const float *dm, const dt_bf16 *gate, const dt_bf16 *up,
-                          int64_t n);
-/* The same over [rows, I] with dm + g A as the gradient (g bf16 [rows, r], A bf16 [r, I]; g NULL:
- * dm alone): the down projection's LoRA part of dm (linear_backward_defer_lora_cuda), added here
- * rather than by a product over all of dm. dm may be overwritten. */
-void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, float *dm, const dt_bf16 *gate, const dt_bf16 *up,
-                               int64_t rows, int64_t I, const dt_bf16 *g, const dt_bf16 *A, int r);
+/* dgate, dup (bf16, rows ldd long) overwritten, given dm (fp32), all [rows, I]. */
+void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, const float *dm, const dt_bf16 *gate,
+                          const dt_bf16 *up, int64_t rows, int64_t I);
+/* The same with dm + g A as the gradient (g bf16 [rows, r], A bf16 [r, I]; g NULL: dm alone): the
+ * down projection's LoRA part of dm (linear_backward_defer_lora_cuda), added here rather than by a
+ * product over all of dm. dm may be overwritten. */
+void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, float *dm, const dt_bf16 *gate,
+                               const dt_bf16 *up, int64_t rows, int64_t I, const dt_bf16 *g, const dt_bf16 *A, int r);
 
 /* ---- conv1d.cu ---- */
 /* Causal depthwise conv over time then SiLU, over packed sequences: y[t][c] =
@@ -220,16 +221,19 @@ typedef struct {
     float scale, dropout;
     uint64_t dropout_seed;
     int64_t row0;           /* the rows of this call are rows row0.. of the dropout's matrix */
-    const dt_bf16 *A, *B;   /* bf16 copies of the fp32 masters: [rank, in], [out, rank] (but see bcol) */
+    const dt_bf16 *A, *B;   /* bf16 copies of the fp32 masters: [rank, in] (rows ld_a long, 0: in),
+                               [out, rank] (but see bcol) */
+    int64_t ld_a;
     float *dA, *dB;         /* fp32 gradients, accumulated; NULL: none wanted */
-    /* A wide base (bcol > 0, bf16 W only): W's rows are ldw long and hold B's bf16 copy in columns
-     * [bcol, bcol + rank) (B is W + bcol, its rows ldw long), zeros in [in, bcol). Where the caller
-     * keeps u in x's rows from column bcol on (a group's x [T, in + R] with each LoRA's u in its
-     * columns), the forward is one product, [x | .. | u] [W | 0 | B]^T, with no pass of the
-     * LoRA's own over y. ldw 0: in. */
+    /* W's rows are ldw long (0: in). A wide base (bcol > 0, bf16 W only) holds B's bf16 copy in
+     * columns [bcol, bcol + rank) of its rows (B is W + bcol), zeros in [in, bcol). Where the
+     * caller keeps u in x's rows from column bcol on (a group's x [T, in + R] with each LoRA's u
+     * in its columns), the forward is one product, [x | .. | u] [W | 0 | B]^T, with no pass of the
+     * LoRA's own over y. */
     int64_t ldw, bcol;
 } cuda_linear;
-/* One wide base's B copy: dst[i * ld + j] = bf16(src[src_off + i * cols + j]), [rows, cols]. */
+/* One bf16 copy of a LoRA's A or B where a block of bases holds it (cuda_linear_part):
+ * dst[i * ld + j] = bf16(src[src_off + i * cols + j]), [rows, cols]. */
 typedef struct {
     int64_t src_off;
     dt_bf16 *dst;
@@ -247,10 +251,11 @@ size_t linear_scratch_bytes_cuda(int64_t T, int64_t in, int rank, int dropout);
 void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x, const cuda_linear *l, int64_t T,
                          void *scratch, dt_bf16 *u_keep);
 /* dx (fp32, may be NULL) = dy W + the LoRA path, or dx += that when accumulate; dA, dB += their
- * gradients. x is the forward's input, dy bf16 [T, out]; u_kept the forward's u_keep, or NULL
+ * gradients. x is the forward's input, dy bf16 [T, out] with rows ldy long (0: out; see
+ * linear_group_backward_cuda for rows with room after out); u_kept the forward's u_keep, or NULL
  * (u is recomputed). */
-void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, const dt_bf16 *x, const cuda_linear *l,
-                          int64_t T, void *scratch, const dt_bf16 *u_kept);
+void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, int64_t ldy, const dt_bf16 *x,
+                          const cuda_linear *l, int64_t T, void *scratch, const dt_bf16 *u_kept);
 /* Linears that read one x (a layer's q, k and v; the DeltaNet's in-projections; the MLP's gate
  * and up), each as linear_forward_cuda / linear_backward_cuda with its part's y or dy. Where two
  * or more have a LoRA, all with one scale and no dropout, and each A (and dA) follows the one
@@ -259,13 +264,17 @@ void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, const dt
  * ldx long; u (forward: written, may be NULL; backward: the forward's, or NULL to recompute it)
  * bf16 [T, R] with rows ldu long, each LoRA's u in its columns, in the parts' order: u = x + in
  * with ldu = ldx keeps it in x's rows, where wide bases find it. The backward's dx is the sum over
- * the parts. */
+ * the parts. Where the parts' bf16 bases lie in one block (rows of one length ldw, each part's
+ * after the one before, then their LoRAs' A [R, in]) and their dy in one buffer (each part's
+ * columns after the one before) whose rows have room for R more, the backward writes g = scale
+ * dy B there and runs dx = [dy | g] [W; A] as one product. */
 typedef struct {
     void *y;            /* forward: the output, of type yt; accumulate: y += (fp32 y only) */
     cuda_dtype yt;
     int accumulate;
     const dt_bf16 *dy;  /* backward: bf16 [T, out] */
     const cuda_linear *l;
+    int64_t ld;         /* the rows of y or dy (0: out) */
 } cuda_linear_part;
 void linear_group_forward_cuda(const cuda_linear_part *p, int n, const dt_bf16 *x, int64_t ldx, int64_t T,
                                void *scratch, dt_bf16 *u, int64_t ldu);
@@ -276,8 +285,8 @@ void linear_group_backward_cuda(float *dx, int accumulate, const cuda_linear_par
  * it itself (swiglu_backward_lora_cuda): returns g = scale dy B (bf16 [T, rank], in scratch until
  * the next product), so that the whole dx is dx + g A. A linear without a LoRA, or whose LoRA
  * drops out its input, gets the whole backward instead, and NULL. */
-const dt_bf16 *linear_backward_defer_lora_cuda(float *dx, const dt_bf16 *dy, const dt_bf16 *x, const cuda_linear *l,
-                                               int64_t T, void *scratch, const dt_bf16 *u_kept);
+const dt_bf16 *linear_backward_defer_lora_cuda(float *dx, const dt_bf16 *dy, int64_t ldy, const dt_bf16 *x,
+                                               const cuda_linear *l, int64_t T, void *scratch, const dt_bf16 *u_kept);
 
 /* ---- loss.cu ---- */
 /* Cross-entropy of the LM head fused with it: h (bf16 [N, H], final-normed) times E^T

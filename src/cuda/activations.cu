@@ -32,25 +32,22 @@ static __device__ __forceinline__ void swiglu_grad(float &dg, float &du, float d
     du = d * g * s;
 }
 
+// [rows, I], dg and du in rows ldd long; V divides I
 template <int V>
-__global__ void swiglu_bwd_kernel(bf16 *dg, bf16 *du, const float *dm, const bf16 *g, const bf16 *u, int64_t n) {
+__global__ void swiglu_bwd_kernel(bf16 *dg, bf16 *du, int64_t ldd, const float *dm, const bf16 *g, const bf16 *u,
+                                  int64_t rows, int64_t I) {
     int64_t stride = (int64_t)gridDim.x * blockDim.x, i0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    int64_t nv = n / V;
+    int64_t nv = rows * I / V;
     for (int64_t i = i0; i < nv; i += stride) {
+        int64_t e = i * V, t = e / I, o = t * ldd + (e - t * I);
         float a[V], b[V], d[V];
-        ldv<V>(a, g + i * V);
-        ldv<V>(b, u + i * V);
-        ldv<V>(d, dm + i * V);
+        ldv<V>(a, g + e);
+        ldv<V>(b, u + e);
+        ldv<V>(d, dm + e);
 #pragma unroll
         for (int k = 0; k < V; k++) swiglu_grad(a[k], b[k], d[k], a[k], b[k]);
-        stv<V>(dg + i * V, a);
-        stv<V>(du + i * V, b);
-    }
-    for (int64_t i = nv * V + i0; i < n; i += stride) {
-        float a, b;
-        swiglu_grad(a, b, dm[i], ld(g + i), ld(u + i));
-        st(dg + i, a);
-        st(du + i, b);
+        stv<V>(dg + o, a);
+        stv<V>(du + o, b);
     }
 }
 
@@ -64,16 +61,18 @@ extern "C" void swiglu_forward_cuda(dt_bf16 *m, const dt_bf16 *gate, const dt_bf
         swiglu_fwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(mb, gb, ub, n);
 }
 
-extern "C" void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, const float *dm, const dt_bf16 *gate,
-                                     const dt_bf16 *up, int64_t n) {
-    if (n <= 0) return;
+extern "C" void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, const float *dm, const dt_bf16 *gate,
+                                     const dt_bf16 *up, int64_t rows, int64_t I) {
+    if (rows <= 0 || I <= 0) return;
     bf16 *dgb = (bf16 *)dgate, *dub = (bf16 *)dup;
     const bf16 *gb = (const bf16 *)gate, *ub = (const bf16 *)up;
-    if (aligned_to(dgate, 16) && aligned_to(dup, 16) && aligned_to(gate, 16) && aligned_to(up, 16) &&
-        aligned_to(dm, 16))
-        swiglu_bwd_kernel<8><<<cuda_blocks(n / 8 + 1, 256), 256, 0, cuda_stream()>>>(dgb, dub, dm, gb, ub, n);
+    int64_t n = rows * I;
+    if (I % 8 == 0 && ldd % 8 == 0 && aligned_to(dgate, 16) && aligned_to(dup, 16) && aligned_to(gate, 16) &&
+        aligned_to(up, 16) && aligned_to(dm, 16))
+        swiglu_bwd_kernel<8><<<cuda_blocks(n / 8 + 1, 256), 256, 0, cuda_stream()>>>(dgb, dub, ldd, dm, gb, ub,
+                                                                                     rows, I);
     else
-        swiglu_bwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(dgb, dub, dm, gb, ub, n);
+        swiglu_bwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(dgb, dub, ldd, dm, gb, ub, rows, I);
 }
 
 // dm + g A, with g [rows, r] and A [r, I], then the backward as swiglu_bwd_kernel: LoRA's part of
@@ -83,8 +82,8 @@ extern "C" void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, const float *
 constexpr int LW_THREADS = 128, LW_COLS = 8 * LW_THREADS, LW_ROWS = 32, LW_MAX_RANK = 32;
 
 __global__ void __launch_bounds__(LW_THREADS)
-    swiglu_bwd_lora_kernel(bf16 *dg, bf16 *du, const float *dm, const bf16 *gate, const bf16 *up, int64_t rows,
-                           int64_t I, const bf16 *g, const bf16 *A, int r) {
+    swiglu_bwd_lora_kernel(bf16 *dg, bf16 *du, int64_t ldd, const float *dm, const bf16 *gate, const bf16 *up,
+                           int64_t rows, int64_t I, const bf16 *g, const bf16 *A, int r) {
     extern __shared__ float4 lw_smem[];
     bf16 *As = reinterpret_cast<bf16 *>(lw_smem);             // [r][LW_COLS]
     float *gs = reinterpret_cast<float *>(As + r * LW_COLS);  // [LW_ROWS][r]
@@ -116,27 +115,28 @@ __global__ void __launch_bounds__(LW_THREADS)
         ldv<8>(b, up + o);
 #pragma unroll
         for (int k = 0; k < 8; k++) swiglu_grad(a[k], b[k], d[k], a[k], b[k]);
-        stv<8>(dg + o, a);
-        stv<8>(du + o, b);
+        stv<8>(dg + (t0 + i) * ldd + c, a);
+        stv<8>(du + (t0 + i) * ldd + c, b);
     }
 }
 
-extern "C" void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, float *dm, const dt_bf16 *gate,
+extern "C" void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, float *dm, const dt_bf16 *gate,
                                           const dt_bf16 *up, int64_t rows, int64_t I, const dt_bf16 *g,
                                           const dt_bf16 *A, int r) {
     if (rows <= 0 || I <= 0) return;
-    bool fused = g && r > 0 && r <= LW_MAX_RANK && I % 8 == 0 && aligned_to(dgate, 16) && aligned_to(dup, 16) &&
+    bool fused = g && r > 0 && r <= LW_MAX_RANK && I % 8 == 0 && ldd % 8 == 0 && aligned_to(dgate, 16) &&
+                 aligned_to(dup, 16) &&
                  aligned_to(gate, 16) && aligned_to(up, 16) && aligned_to(dm, 16) && aligned_to(A, 16);
     if (fused) {
         size_t smem = sizeof(bf16) * r * LW_COLS + sizeof(float) * LW_ROWS * r;
         cudaFuncSetAttribute(swiglu_bwd_lora_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         dim3 grid((unsigned)((I + LW_COLS - 1) / LW_COLS), (unsigned)((rows + LW_ROWS - 1) / LW_ROWS));
         swiglu_bwd_lora_kernel<<<grid, LW_THREADS, smem, cuda_stream()>>>(
-            (bf16 *)dgate, (bf16 *)dup, dm, (const bf16 *)gate, (const bf16 *)up, rows, I, (const bf16 *)g,
+            (bf16 *)dgate, (bf16 *)dup, ldd, dm, (const bf16 *)gate, (const bf16 *)up, rows, I, (const bf16 *)g,
             (const bf16 *)A, r);
         return;
     }
     // otherwise the LoRA part by a product into dm, then the plain backward
     if (g && r > 0) cuda_gemm(false, false, (int)rows, (int)I, r, 1.f, g, r, 0, A, I, 0, 1.f, dm, CUDA_R_32F, I, 0, 1);
-    swiglu_backward_cuda(dgate, dup, dm, gate, up, rows * I);
+    swiglu_backward_cuda(dgate, dup, ldd, dm, gate, up, rows, I);
 }

@@ -118,12 +118,13 @@ __global__ void dropout_copy8_kernel(bf16 *xd, const bf16 *x, int64_t n8, int64_
 }
 
 // dx[t, i] (+)= factor(t in + i) sum_j g[t, j] A[j, i] (added when acc, else written): LoRA's
-// part of dx through the dropout mask. With rank r small this is memory-bound on dx: one pass
-// over it, rather than a GEMM into scratch and a masking pass. V consecutive columns per thread.
-// (Without dropout, cuBLAS's product measured a little faster than this kernel, so it keeps that.)
+// part of dx through the dropout mask (A's rows lda long). With rank r small this is memory-bound on
+// dx: one pass over it, rather than a GEMM into scratch and a masking pass. V consecutive columns
+// per thread. (Without dropout, cuBLAS's product measured a little faster than this kernel, so it
+// keeps that.)
 template <int V>
-__global__ void lora_dx_dropout_kernel(float *dx, bool acc, const bf16 *g, const bf16 *A, int64_t in, int r,
-                                       dropout_mask m) {
+__global__ void lora_dx_dropout_kernel(float *dx, bool acc, const bf16 *g, const bf16 *A, int64_t lda, int64_t in,
+                                       int r, dropout_mask m) {
     extern __shared__ float gs[];
     int64_t t = blockIdx.x;
     for (int j = threadIdx.x; j < r; j += blockDim.x) gs[j] = ld(g + t * r + j);
@@ -136,7 +137,7 @@ __global__ void lora_dx_dropout_kernel(float *dx, bool acc, const bf16 *g, const
         float4 sum = make_float4(0, 0, 0, 0);
         for (int j = 0; j < r; j++) {
             float gj = gs[j];
-            uint2 raw = *(const uint2 *)(A + (int64_t)j * in + i0);  // 4 bf16
+            uint2 raw = *(const uint2 *)(A + (int64_t)j * lda + i0);  // 4 bf16
             float2 lo = __bfloat1622float2(*(const __nv_bfloat162 *)&raw.x);
             float2 hi = __bfloat1622float2(*(const __nv_bfloat162 *)&raw.y);
             sum.x += gj * lo.x;
@@ -152,21 +153,21 @@ __global__ void lora_dx_dropout_kernel(float *dx, bool acc, const bf16 *g, const
         *(float4 *)d = o;
     } else {
         float sum = 0;
-        for (int j = 0; j < r; j++) sum += gs[j] * ld(A + (int64_t)j * in + i0);
+        for (int j = 0; j < r; j++) sum += gs[j] * ld(A + (int64_t)j * lda + i0);
         *d = (acc ? *d : 0.f) + sum * dropout_factor(m, idx);
     }
 }
 
-static void lora_dx_dropout(float *dx, bool acc, const bf16 *g, const bf16 *A, int64_t T, int64_t in, int r,
-                            dropout_mask m) {
+static void lora_dx_dropout(float *dx, bool acc, const bf16 *g, const bf16 *A, int64_t lda, int64_t T, int64_t in,
+                            int r, dropout_mask m) {
     size_t smem = sizeof(float) * r;
     // float4 / 4-bf16 accesses need every row 16 / 8-byte aligned
-    if (in % 4 == 0 && (uintptr_t)dx % 16 == 0 && (uintptr_t)A % 8 == 0) {
+    if (in % 4 == 0 && lda % 4 == 0 && (uintptr_t)dx % 16 == 0 && (uintptr_t)A % 8 == 0) {
         dim3 grid((unsigned)T, (unsigned)((in / 4 + 127) / 128));
-        lora_dx_dropout_kernel<4><<<grid, 128, smem, cuda_stream()>>>(dx, acc, g, A, in, r, m);
+        lora_dx_dropout_kernel<4><<<grid, 128, smem, cuda_stream()>>>(dx, acc, g, A, lda, in, r, m);
     } else {
         dim3 grid((unsigned)T, (unsigned)((in + 127) / 128));
-        lora_dx_dropout_kernel<1><<<grid, 128, smem, cuda_stream()>>>(dx, acc, g, A, in, r, m);
+        lora_dx_dropout_kernel<1><<<grid, 128, smem, cuda_stream()>>>(dx, acc, g, A, lda, in, r, m);
     }
 }
 
@@ -195,18 +196,18 @@ static lora_scratch carve(void *scratch, int64_t T, int rank) {
 
 static bool has_lora(const cuda_linear *l) { return l->rank > 0 && l->A && l->B; }
 
-// The length of B's rows: a wide base's, or rank.
+// The lengths of the rows of A, of B (a wide base's), of W, and of a part's y or dy.
+static int64_t a_ld(const cuda_linear *l) { return l->ld_a > 0 ? l->ld_a : l->in; }
 static int64_t b_ld(const cuda_linear *l) { return l->bcol > 0 ? l->ldw : l->rank; }
+static int64_t base_ld(const cuda_linear *l) { return l->wq.bits <= 0 && l->ldw > 0 ? l->ldw : l->in; }
+static int64_t part_ld(const cuda_linear_part *p) { return p->ld > 0 ? p->ld : p->l->out; }
 
-// The base weight as bf16: W itself, or a quantized base dequantized into the shared wbuf; and
-// the length of its rows.
+// The base weight as bf16: W itself, or a quantized base dequantized into the shared wbuf.
 static const bf16 *base_weight(const cuda_linear *l) {
     if (l->wq.bits <= 0) return (const bf16 *)l->W;
     dequantize_rows_cuda(l->wbuf, &l->wq, 0, l->out);
     return (const bf16 *)l->wbuf;
 }
-
-static int64_t base_ld(const cuda_linear *l) { return l->wq.bits <= 0 && l->ldw > 0 ? l->ldw : l->in; }
 
 // The A branch's input: x itself, or its dropped-out copy in scratch (compact: rows in long).
 static const bf16 *lora_input(const cuda_linear *l, const bf16 *x, int64_t ldx, int64_t T, bf16 *xd, int64_t *lda) {
@@ -232,9 +233,9 @@ static int group_rank(const cuda_linear_part *p, int n) {
 }
 
 // Whether the group's LoRA members can run their A products as one, on the stacked A [R, in]:
-// two or more of them, one scale, no dropout (each member's mask differs), each A (and dA, when
-// grads) right after the one before.
-static bool stacked(const cuda_linear_part *p, int n, bool grads) {
+// two or more of them (one, with one_ok), one scale, no dropout (each member's mask differs), each
+// A (and dA, when grads) right after the one before, A's rows of one length.
+static bool stacked(const cuda_linear_part *p, int n, bool grads, bool one_ok = false) {
     const cuda_linear *prev = NULL;
     int members = 0;
     for (int i = 0; i < n; i++) {
@@ -242,14 +243,16 @@ static bool stacked(const cuda_linear_part *p, int n, bool grads) {
         if (!has_lora(l)) continue;
         if (l->dropout > 0) return false;
         if (prev) {
+            if (l->in != prev->in || l->scale != prev->scale || a_ld(l) != a_ld(prev) ||
+                l->A != prev->A + (int64_t)prev->rank * a_ld(prev))
+                return false;
             int64_t step = (int64_t)prev->rank * prev->in;
-            if (l->in != prev->in || l->scale != prev->scale || l->A != prev->A + step) return false;
             if (grads && (!l->dA != !prev->dA || (l->dA && l->dA != prev->dA + step))) return false;
         }
         prev = l;
         members++;
     }
-    return members > 1;
+    return members > (one_ok ? 0 : 1);
 }
 
 // The first member with a LoRA (the stacked A starts at its A).
@@ -269,19 +272,19 @@ static void member_forward(const cuda_linear_part *m, const bf16 *x, int64_t ldx
     float beta = m->accumulate ? 1.f : 0.f;
     if (has_lora(l) && l->bcol > 0 && l->wq.bits <= 0 && ldu == ldx && u == x + l->bcol) {
         gemm_rm(false, true, T, l->out, l->bcol + l->rank, 1.f, x, ldx, (const bf16 *)l->W, l->ldw, beta, m->y, ct,
-                l->out, "linear forward (wide)");
+                part_ld(m), "linear forward (wide)");
         return;
     }
     if (has_lora(l)) {
         // LoRA first, then the base product with beta = 1: its epilogue reads y while the tensor
         // cores are busy, where the other order costs a whole extra read and write of y
         // (measured 0.109 against 0.120 ms at 4096 x 1024 -> 6144)
-        gemm_rm(false, true, T, l->out, l->rank, 1.f, u, ldu, (const bf16 *)l->B, b_ld(l), beta, m->y, ct, l->out,
-                "lora up");
+        gemm_rm(false, true, T, l->out, l->rank, 1.f, u, ldu, (const bf16 *)l->B, b_ld(l), beta, m->y, ct,
+                part_ld(m), "lora up");
         beta = 1.f;
     }
     // y = x W^T (+ y): the residual add for free when accumulating into the fp32 stream
-    gemm_rm(false, true, T, l->out, l->in, 1.f, x, ldx, base_weight(l), base_ld(l), beta, m->y, ct, l->out,
+    gemm_rm(false, true, T, l->out, l->in, 1.f, x, ldx, base_weight(l), base_ld(l), beta, m->y, ct, part_ld(m),
             "linear forward");
 }
 
@@ -298,7 +301,7 @@ extern "C" void linear_group_forward_cuda(const cuda_linear_part *p, int n, cons
     if (!u_) ldu = R;
     if (stacked(p, n, false)) {
         const cuda_linear *l = first_lora(p, n);
-        gemm_rm(false, true, T, R, l->in, l->scale, x, ldx, (const bf16 *)l->A, l->in, 0.f, u, CUDA_R_16BF, ldu,
+        gemm_rm(false, true, T, R, l->in, l->scale, x, ldx, (const bf16 *)l->A, a_ld(l), 0.f, u, CUDA_R_16BF, ldu,
                 "lora down (stacked)");
     } else {
         for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
@@ -306,7 +309,7 @@ extern "C" void linear_group_forward_cuda(const cuda_linear_part *p, int n, cons
             if (!has_lora(l)) continue;
             int64_t lda;
             const bf16 *xa = lora_input(l, x, ldx, T, s.xd, &lda);
-            gemm_rm(false, true, T, l->rank, l->in, l->scale, xa, lda, (const bf16 *)l->A, l->in, 0.f, u + c,
+            gemm_rm(false, true, T, l->rank, l->in, l->scale, xa, lda, (const bf16 *)l->A, a_ld(l), 0.f, u + c,
                     CUDA_R_16BF, ldu, "lora down");
         }
     }
@@ -316,14 +319,14 @@ extern "C" void linear_group_forward_cuda(const cuda_linear_part *p, int n, cons
 
 extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x, const cuda_linear *l,
                                     int64_t T, void *scratch, dt_bf16 *u_keep) {
-    cuda_linear_part p = {y, yt, accumulate, NULL, l};
+    cuda_linear_part p = {y, yt, accumulate, NULL, l, 0};
     linear_group_forward_cuda(&p, 1, x, l->in, T, scratch, u_keep, lora_rank(l));
 }
 
 // A member's whole LoRA backward on its own (with its own dropout mask): dB += dy^T u, g = scale
 // dy B (into s.g; also when want_g), dA += g^T drop(x), dx (+)= the mask times g A. u: kept (rows
 // ldu long) or NULL (recomputed). Returns whether it wrote dx.
-static bool member_lora_backward(float *dx, bool acc, const bf16 *dy, const bf16 *x, int64_t ldx,
+static bool member_lora_backward(float *dx, bool acc, const bf16 *dy, int64_t ldy, const bf16 *x, int64_t ldx,
                                  const cuda_linear *l, int64_t T, lora_scratch s, const bf16 *u, int64_t ldu,
                                  bool want_g = false) {
     int r = l->rank;
@@ -334,21 +337,40 @@ static bool member_lora_backward(float *dx, bool acc, const bf16 *dy, const bf16
     if (l->dB) {
         // dB += scale dy^T u, with the forward's u or u recomputed (with the same mask)
         if (!u) {
-            gemm_rm(false, true, T, r, in, l->scale, xa, lda, A, in, 0.f, s.u, CUDA_R_16BF, r,
+            gemm_rm(false, true, T, r, in, l->scale, xa, lda, A, a_ld(l), 0.f, s.u, CUDA_R_16BF, r,
                     "lora down (recompute)");
             u = s.u;
             ldu = r;
         }
-        gemm_rm(true, false, out, r, T, 1.f, dy, out, u, ldu, 1.f, l->dB, CUDA_R_32F, r, "lora dB");
+        gemm_rm(true, false, out, r, T, 1.f, dy, ldy, u, ldu, 1.f, l->dB, CUDA_R_32F, r, "lora dB");
     }
     if (!l->dA && !dx && !want_g) return false;
     // g = scale dy B: the gradient of u before its scale, scaled once here for dA and dx
-    gemm_rm(false, false, T, r, out, l->scale, dy, out, B, b_ld(l), 0.f, s.g, CUDA_R_16BF, r, "lora dy B");
+    gemm_rm(false, false, T, r, out, l->scale, dy, ldy, B, b_ld(l), 0.f, s.g, CUDA_R_16BF, r, "lora dy B");
     if (l->dA) gemm_rm(true, false, r, in, T, 1.f, s.g, r, xa, lda, 1.f, l->dA, CUDA_R_32F, in, "lora dA");
     if (!dx) return false;
-    if (l->dropout > 0) lora_dx_dropout(dx, acc, s.g, A, T, in, r, make_mask(l));
-    else gemm_rm(false, false, T, in, r, 1.f, s.g, r, A, in, acc ? 1.f : 0.f, dx, CUDA_R_32F, in, "lora dx");
+    if (l->dropout > 0) lora_dx_dropout(dx, acc, s.g, A, a_ld(l), T, in, r, make_mask(l));
+    else gemm_rm(false, false, T, in, r, 1.f, s.g, r, A, a_ld(l), acc ? 1.f : 0.f, dx, CUDA_R_32F, in, "lora dx");
     return true;
+}
+
+// Whether the group's backward can run as one product over [dy | g] (linear_group_backward_cuda):
+// every member's bf16 base in one block (rows of one length, each member's right after the one
+// before, then the stacked A), every dy in one buffer with the members' columns side by side and
+// room after them for the LoRAs' g, and the LoRAs stacked (stacked, one allowed).
+static bool concat_backward(const cuda_linear_part *p, int n, int R) {
+    const cuda_linear *l0 = p[0].l;
+    int64_t ld = part_ld(&p[0]), cols = 0;
+    if (R <= 0 || !stacked(p, n, true, true) || l0->ldw <= 0) return false;
+    for (int i = 0; i < n; i++) {
+        const cuda_linear *l = p[i].l;
+        if (l->out <= 0 || l->wq.bits > 0 || l->ldw != l0->ldw || l->in != l0->in || part_ld(&p[i]) != ld ||
+            l->W != l0->W + cols * l0->ldw || p[i].dy != p[0].dy + cols)
+            return false;
+        cols += l->out;
+    }
+    const cuda_linear *a0 = first_lora(p, n);
+    return ld >= cols + R && a0->A == l0->W + cols * l0->ldw && a_ld(a0) == l0->ldw;
 }
 
 extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda_linear_part *p, int n,
@@ -360,6 +382,36 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
     int R = group_rank(p, n);
     lora_scratch s = carve(scratch, T, R);
     bool acc = accumulate != 0;  // dx's, until something has been written to it
+    if (concat_backward(p, n, R)) {
+        // dx (+)= [dy_1 .. dy_n | g] [W_1; ..; W_n; A]: the members' base products and the LoRAs'
+        // part of dx as one product, g = scale dy B written into dy's rows after the members'
+        const cuda_linear *l0 = p[0].l, *a0 = first_lora(p, n);
+        int64_t in = l0->in, ldy = part_ld(&p[0]), cols = 0;
+        for (int i = 0; i < n; i++) cols += p[i].l->out;
+        bf16 *g = (bf16 *)p[0].dy + cols;
+        bool want_db = false;
+        for (int i = 0; i < n; i++) want_db |= has_lora(p[i].l) && p[i].l->dB;
+        if (want_db && !u) {
+            gemm_rm(false, true, T, R, in, a0->scale, x, ldx, (const bf16 *)a0->A, a_ld(a0), 0.f, s.u, CUDA_R_16BF,
+                    R, "lora down (stacked, recompute)");
+            u = s.u;
+            ldu = R;
+        }
+        for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
+            const cuda_linear *l = p[i].l;
+            if (!has_lora(l)) continue;
+            const bf16 *dy = (const bf16 *)p[i].dy;
+            if (l->dB) gemm_rm(true, false, l->out, l->rank, T, 1.f, dy, ldy, u + c, ldu, 1.f, l->dB, CUDA_R_32F,
+                               l->rank, "lora dB");
+            gemm_rm(false, false, T, l->rank, l->out, l->scale, dy, ldy, (const bf16 *)l->B, b_ld(l), 0.f, g + c,
+                    CUDA_R_16BF, ldy, "lora dy B");
+        }
+        if (a0->dA) gemm_rm(true, false, R, in, T, 1.f, g, ldy, x, ldx, 1.f, a0->dA, CUDA_R_32F, in,
+                            "lora dA (stacked)");
+        if (dx) gemm_rm(false, false, T, in, cols + R, 1.f, (const bf16 *)p[0].dy, ldy, (const bf16 *)l0->W, l0->ldw,
+                        acc ? 1.f : 0.f, dx, CUDA_R_32F, in, "linear backward (with the LoRAs)");
+        return;
+    }
     // LoRA's part of dx first, so that the base products below add onto it in their epilogue
     // while the tensor cores are busy (as in the forward), and a dx that is not accumulated into
     // needs no zeroing pass
@@ -369,8 +421,8 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
         bool want_db = false, want_da = l0->dA != NULL;
         for (int i = 0; i < n; i++) want_db |= has_lora(p[i].l) && p[i].l->dB;
         if (want_db && !u) {  // every member's u at once, as the forward made them
-            gemm_rm(false, true, T, R, in, l0->scale, x, ldx, (const bf16 *)l0->A, in, 0.f, s.u, CUDA_R_16BF, R,
-                    "lora down (stacked, recompute)");
+            gemm_rm(false, true, T, R, in, l0->scale, x, ldx, (const bf16 *)l0->A, a_ld(l0), 0.f, s.u, CUDA_R_16BF,
+                    R, "lora down (stacked, recompute)");
             u = s.u;
             ldu = R;
         }
@@ -379,24 +431,25 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
             const cuda_linear *l = p[i].l;
             if (!has_lora(l)) continue;
             const bf16 *dy = (const bf16 *)p[i].dy;
-            if (l->dB) gemm_rm(true, false, l->out, l->rank, T, 1.f, dy, l->out, u + c, ldu, 1.f, l->dB, CUDA_R_32F,
+            int64_t ldy = part_ld(&p[i]);
+            if (l->dB) gemm_rm(true, false, l->out, l->rank, T, 1.f, dy, ldy, u + c, ldu, 1.f, l->dB, CUDA_R_32F,
                                l->rank, "lora dB");
             if (want_da || dx)
-                gemm_rm(false, false, T, l->rank, l->out, l->scale, dy, l->out, (const bf16 *)l->B, b_ld(l), 0.f,
+                gemm_rm(false, false, T, l->rank, l->out, l->scale, dy, ldy, (const bf16 *)l->B, b_ld(l), 0.f,
                         s.g + c, CUDA_R_16BF, R, "lora dy B");
         }
         // then all members' dA and their part of dx in one product each, on the stacked A
         if (want_da) gemm_rm(true, false, R, in, T, 1.f, s.g, R, x, ldx, 1.f, l0->dA, CUDA_R_32F, in,
                              "lora dA (stacked)");
         if (dx) {
-            gemm_rm(false, false, T, in, R, 1.f, s.g, R, (const bf16 *)l0->A, in, acc ? 1.f : 0.f, dx, CUDA_R_32F,
-                    in, "lora dx (stacked)");
+            gemm_rm(false, false, T, in, R, 1.f, s.g, R, (const bf16 *)l0->A, a_ld(l0), acc ? 1.f : 0.f, dx,
+                    CUDA_R_32F, in, "lora dx (stacked)");
             acc = true;
         }
     } else {
         for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
             const cuda_linear *l = p[i].l;
-            if (has_lora(l) && member_lora_backward(dx, acc, (const bf16 *)p[i].dy, x, ldx, l, T, s,
+            if (has_lora(l) && member_lora_backward(dx, acc, (const bf16 *)p[i].dy, part_ld(&p[i]), x, ldx, l, T, s,
                                                     u ? u + c : NULL, ldu))
                 acc = true;
         }
@@ -405,35 +458,36 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
     for (int i = 0; dx && i < n; i++) {
         const cuda_linear *l = p[i].l;
         if (l->out <= 0) continue;
-        gemm_rm(false, false, T, l->in, l->out, 1.f, (const bf16 *)p[i].dy, l->out, base_weight(l), base_ld(l),
-                acc ? 1.f : 0.f, dx, CUDA_R_32F, l->in, "linear backward");
+        gemm_rm(false, false, T, l->in, l->out, 1.f, (const bf16 *)p[i].dy, part_ld(&p[i]), base_weight(l),
+                base_ld(l), acc ? 1.f : 0.f, dx, CUDA_R_32F, l->in, "linear backward");
         acc = true;
     }
 }
 
-extern "C" void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, const dt_bf16 *x,
+extern "C" void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, int64_t ldy, const dt_bf16 *x,
                                      const cuda_linear *l, int64_t T, void *scratch, const dt_bf16 *u_kept) {
-    cuda_linear_part p = {NULL, CUDA_F32, 0, dy, l};
+    cuda_linear_part p = {NULL, CUDA_F32, 0, dy, l, ldy};
     linear_group_backward_cuda(dx, accumulate, &p, 1, x, l->in, T, scratch, u_kept, lora_rank(l));
 }
 
-extern "C" const dt_bf16 *linear_backward_defer_lora_cuda(float *dx, const dt_bf16 *dy_, const dt_bf16 *x_,
-                                                          const cuda_linear *l, int64_t T, void *scratch,
-                                                          const dt_bf16 *u_kept) {
+extern "C" const dt_bf16 *linear_backward_defer_lora_cuda(float *dx, const dt_bf16 *dy_, int64_t ldy,
+                                                          const dt_bf16 *x_, const cuda_linear *l, int64_t T,
+                                                          void *scratch, const dt_bf16 *u_kept) {
     if (!has_lora(l) || l->dropout > 0 || T <= 0) {
-        linear_backward_cuda(dx, 0, dy_, x_, l, T, scratch, u_kept);
+        linear_backward_cuda(dx, 0, dy_, ldy, x_, l, T, scratch, u_kept);
         return NULL;
     }
     ensure_workspace();
     const bf16 *dy = (const bf16 *)dy_;
+    if (ldy <= 0) ldy = l->out;
     lora_scratch s = carve(scratch, T, l->rank);
-    member_lora_backward(NULL, false, dy, (const bf16 *)x_, l->in, l, T, s, (const bf16 *)u_kept, l->rank, true);
-    gemm_rm(false, false, T, l->in, l->out, 1.f, dy, l->out, base_weight(l), base_ld(l), 0.f, dx, CUDA_R_32F, l->in,
+    member_lora_backward(NULL, false, dy, ldy, (const bf16 *)x_, l->in, l, T, s, (const bf16 *)u_kept, l->rank, true);
+    gemm_rm(false, false, T, l->in, l->out, 1.f, dy, ldy, base_weight(l), base_ld(l), 0.f, dx, CUDA_R_32F, l->in,
             "linear backward");
     return (const dt_bf16 *)s.g;
 }
 
-// ---- the wide bases' copies of B
+// ---- the bf16 copies of A and B in the bases' blocks
 
 __global__ void wide_copy_kernel(const cuda_wide_copy *table, int64_t rows_per_block, const float *src) {
     cuda_wide_copy e = table[blockIdx.y];

@@ -87,7 +87,7 @@ __device__ __forceinline__ void load_or_zero(float *v, const float *p, int64_t i
 // dxb (when not NULL) = dx as bf16
 template <int G, int V, int NC>
 __global__ void __launch_bounds__(NORM_THREADS)
-    rmsnorm1p_bwd_kernel(float *dx, bf16 *dxb, const float *res, const float *dy, const float *x, const float *w,
+    rmsnorm1p_bwd_kernel(float *dx, bf16 *dxb, int64_t ldb, const float *res, const float *dy, const float *x, const float *w,
                          int64_t rows, int D, float eps) {
     constexpr int NR = NC > 0 ? NC : 1;
     int64_t row = (int64_t)blockIdx.x * (NORM_THREADS / G) + threadIdx.x / G;
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(NORM_THREADS)
 #pragma unroll
         for (int k = 0; k < V; k++) o[SLOT][k] += r * g[SLOT][k] * (1.0f + b[SLOT][k]) - a[SLOT][k] * cc;
         stv<V>(dxr + i, o[SLOT]);
-        if (dxb) stv<V>(dxb + row * D + i, o[SLOT]);
+        if (dxb) stv<V>(dxb + row * ldb + i, o[SLOT]);
     }
 }
 
@@ -237,15 +237,16 @@ extern "C" void rmsnorm1p_forward_cuda(dt_bf16 *y, int64_t ldy, const float *x, 
         NORM_LAUNCH(rmsnorm1p_fwd_kernel, 1, rows, D, yb, ldy, x, w, rows, D, eps);
 }
 
-extern "C" void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, const float *dx_in, const float *dy, const float *x,
-                                        const float *w, int64_t rows, int D, float eps) {
+extern "C" void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, int64_t ld_bf, const float *dx_in, const float *dy,
+                                        const float *x, const float *w, int64_t rows, int D, float eps) {
     if (rows <= 0 || D <= 0) return;
     bf16 *dxb = (bf16 *)dx_bf;
-    if (D % 4 == 0 && aligned_to(dx, 16) && aligned_to(dxb, 8) && aligned_to(dx_in, 16) && aligned_to(dy, 16) &&
+    if (D % 4 == 0 && ld_bf % 4 == 0 && aligned_to(dx, 16) && aligned_to(dxb, 8) && aligned_to(dx_in, 16) &&
+        aligned_to(dy, 16) &&
         aligned_to(x, 16) && aligned_to(w, 16))
-        NORM_LAUNCH(rmsnorm1p_bwd_kernel, 4, rows, D, dx, dxb, dx_in, dy, x, w, rows, D, eps);
+        NORM_LAUNCH(rmsnorm1p_bwd_kernel, 4, rows, D, dx, dxb, ld_bf, dx_in, dy, x, w, rows, D, eps);
     else
-        NORM_LAUNCH(rmsnorm1p_bwd_kernel, 1, rows, D, dx, dxb, dx_in, dy, x, w, rows, D, eps);
+        NORM_LAUNCH(rmsnorm1p_bwd_kernel, 1, rows, D, dx, dxb, ld_bf, dx_in, dy, x, w, rows, D, eps);
 }
 
 extern "C" void rmsnorm_gated_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const dt_bf16 *z, const float *w, int64_t rows,

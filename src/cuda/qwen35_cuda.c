@@ -20,19 +20,21 @@ typedef struct {
     cuda_linear lin_qkv, lin_z, lin_b, lin_a, lin_out;
     cuda_linear att_q, att_k, att_v, att_o;
     float *input_norm, *post_norm, *conv, *dt_bias, *a_log, *lin_norm, *q_norm, *k_norm;
+    void *blocks[5];  /* the groups' blocks of bases (make_block); their linears' W point into them */
 } gpu_layer;
 
 /* One LoRA of the host model. Its device arrays live at off_a (A) and off_b (B) in the contiguous
- * LoRA blocks, so an upload, a download or an optimiser step is one operation for all of them;
+ * LoRA arrays, so an upload, a download or an optimiser step is one operation for all of them;
  * the A of LoRAs whose linears read one input lie one after another (bind_loras), so that their
- * products run as one (linear_group_forward_cuda). A LoRA of a group whose base is bf16 makes
- * that base wide (bcol > 0, cuda_linear): B's bf16 copy lives there, not in lora_bf16, and its
- * B comes after every other in the blocks (from bf16_params on). */
+ * products run as one (linear_group_forward_cuda). Where the group's bases are bf16 they move into
+ * one block (in_block, make_block) that holds the bf16 copies of the group's A and B too: those
+ * come after every other LoRA's in the arrays (from bf16_params on), with no room in lora_bf16. */
 typedef struct {
     dt_lora *host;
     cuda_linear *lin;
     int64_t off_a, off_b, na, nb;
-    int64_t bcol;
+    int group;  /* (layer, group of linears reading one input) */
+    bool in_block;
 } gpu_lora;
 
 /* One layer's forward activations (a layer is DeltaNet or attention: the mixer fields of the
@@ -61,10 +63,13 @@ enum { GROUP_MAX = 4 };
  * that many rows: no larger than the mixer's. */
 typedef struct {
     float *dh_mid, *dxn1;               /* [N, H] fp32 */
-    dt_bf16 *dy_bf;                     /* [N, H]: a residual gradient as a product's input */
+    dt_bf16 *dy_bf;                     /* [N, H] in rows ld_dy long: a residual gradient as a product's
+                                           input, with room after for a LoRA's g (the output projections') */
+    int64_t ld_dy;
     /* MLP, [mlp_rows, .] */
     float *dm, *dxn2;
-    dt_bf16 *dgate, *dup;
+    dt_bf16 *dgate, *dup;   /* side by side in rows ld_dgu long, with room after for the LoRAs' g */
+    int64_t ld_dgu;
     /* Gated DeltaNet */
     float *do_norm, *do_raw, *dqkv, *dbeta, *dg;
     dt_bf16 *dz, *dmixed, *db, *da;
@@ -109,7 +114,7 @@ struct qwen35_cuda {
     int64_t cap_tokens, cap_seq, cap_seqs;
     int u_rank;                 /* the largest LoRA rank when the workspace was made */
     int64_t ld_xn1, ld_xn2;     /* the rows of the acts' xn1, xn2: H and room for the group's u */
-    cuda_wide_copy *wide;       /* device [n_wide]: the wide bases' B copies from P's tail (bind_loras) */
+    cuda_wide_copy *wide;       /* device [n_wide]: the blocks' A and B copies from P's tail (bind_loras) */
     int n_wide;
     int64_t wide_rows;          /* the most rows of one */
     dt_bf16 *u_down;            /* training: [n_layers][cap_tokens, u_rank], each layer's down projection's
@@ -339,9 +344,10 @@ void qwen35_cuda_free(qwen35_cuda *g) {
     cuda_free(g->final_norm);
     for (int l = 0; g->layers && l < g->cfg.n_layers; l++) {
         gpu_layer *G = &g->layers[l];
-#define FREE(name) cuda_free((void *)G->name.W), free_quantized(&G->name.wq);
+#define FREE(name) if (!G->name.ldw) cuda_free((void *)G->name.W); free_quantized(&G->name.wq);
         LAYER_LINEARS(FREE)
 #undef FREE
+        for (int b = 0; b < 5; b++) cuda_free(G->blocks[b]);
         float *v[] = {G->input_norm, G->post_norm, G->conv, G->dt_bias, G->a_log, G->lin_norm, G->q_norm, G->k_norm};
         for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) cuda_free(v[i]);
     }
@@ -356,57 +362,87 @@ void qwen35_cuda_free(qwen35_cuda *g) {
 
 /* ---------------------------------------------------------------- LoRA */
 
-static cuda_linear *gpu_linear_of(gpu_layer *G, const qwen35_layer *L, const dt_linear *l) {
-#define MATCH(name) \
-    if (l == &L->name) return &G->name;
-    LAYER_LINEARS(MATCH)
-#undef MATCH
-    return NULL;
+/* The layer's groups of linears that read one input, in the order of their LoRAs' A (and u) and of
+ * their rows in a block: the DeltaNet's in-projections, attention's, the MLP's gate and up, the two
+ * mixers' output projections, the down projection. The down projection's LoRA stays as it is (its
+ * A is read by swiglu_backward_lora_cuda). The backward of the MLP's and of the output projections
+ * gets its dy side by side with room for g (layer_backward): their blocks' rows are of one length,
+ * for the one product over [dy | g] (cuda_linear_part); the others' as long as each needs. */
+enum { N_GROUPS = 6, BLOCK_GROUPS = 5 };
+static const int group_size[N_GROUPS] = {4, 3, 2, 1, 1, 1};
+static const bool group_joined[N_GROUPS] = {false, false, true, true, true, false};
+
+static void group_linears(gpu_layer *G, const qwen35_layer *L, const dt_linear **host, cuda_linear **dev) {
+    const dt_linear *h[] = {&L->lin_qkv, &L->lin_z,    &L->lin_b,  &L->lin_a,   &L->att_q, &L->att_k,
+                            &L->att_v,   &L->mlp_gate, &L->mlp_up, &L->lin_out, &L->att_o, &L->mlp_down};
+    cuda_linear *d[] = {&G->lin_qkv, &G->lin_z,    &G->lin_b,  &G->lin_a,   &G->att_q, &G->att_k,
+                        &G->att_v,   &G->mlp_gate, &G->mlp_up, &G->lin_out, &G->att_o, &G->mlp_down};
+    memcpy(host, h, sizeof h);
+    memcpy(dev, d, sizeof d);
 }
 
-/* Makes l's bf16 base wide (cuda_linear): rows of bcol + rank columns, rounded up to whole 16 bytes,
- * W's in front, zeros after (B's copy comes with copy_wide). */
-static int widen(cuda_linear *l, int64_t bcol, int rank) {
-    int64_t ldw = (bcol + rank + 7) / 8 * 8;
-    dt_bf16 *w;
-    size_t bytes = sizeof(dt_bf16) * (size_t)(l->out * ldw);
-    if (cuda_alloc((void **)&w, bytes) || cuda_zero(w, bytes) ||
-        cuda_copy_rows(w, sizeof(dt_bf16) * ldw, l->W, sizeof(dt_bf16) * l->in, sizeof(dt_bf16) * l->in, l->out) ||
-        cuda_check("widening a base weight"))
-        return -1;
-    cuda_free((void *)l->W);
-    l->W = w;
-    l->ldw = ldw;
-    l->bcol = bcol;
+/* Whether a group's bases go into a block: all bf16, one input, some LoRA. */
+static bool blockable(cuda_linear **lin, const dt_linear **host, int n) {
+    bool lora = false;
+    for (int i = 0; i < n; i++) {
+        if (!lin[i]->W || lin[i]->wq.bits || lin[i]->in != lin[0]->in) return false;
+        lora |= host[i]->lora != NULL;
+    }
+    return lora;
+}
+
+/* The group's bases (n linears, their LoRAs s[0 .. n_lora)) moved into one block (cuda_linear):
+ * each linear's rows [W | 0 | its B] with B in the columns of its u in the group's input (after
+ * in, in the group's order), rounded up to whole 16 bytes, then the LoRAs' A [R, in]; with joined,
+ * every row, A's too, as long as the longest (cuda_linear_part). Each linear's W, A, B point
+ * there; the bf16 copies of A and B come in by the table's entries t (copy_wide). */
+static int make_block(void **block, cuda_linear **lin, int n, gpu_lora *s, int n_lora, bool joined,
+                      int64_t bf16_params, cuda_wide_copy *t, int *nt, int64_t *max_rows) {
+    int64_t in = lin[0]->in, R = 0, elems = 0, ld[4];
+    for (int k = 0; k < n_lora; k++) R += s[k].host->rank;
+    int64_t ld_all = (in + R + 7) / 8 * 8, ld_a = joined ? ld_all : in;
+    for (int i = 0, k = 0, c = 0; i < n; i++) {
+        bool has = k < n_lora && s[k].lin == lin[i];
+        ld[i] = joined ? ld_all : has ? (in + c + s[k].host->rank + 7) / 8 * 8 : in;
+        if (has) c += s[k++].host->rank;
+        elems += lin[i]->out * ld[i];
+    }
+    size_t bytes = sizeof(dt_bf16) * (size_t)(elems + R * ld_a);
+    dt_bf16 *b;
+    if (cuda_alloc((void **)&b, bytes) || cuda_zero(b, bytes)) return -1;
+    *block = b;
+    int64_t off = 0;
+    for (int i = 0, k = 0, c = 0; i < n; off += lin[i]->out * ld[i], i++) {
+        cuda_linear *l = lin[i];
+        if (cuda_copy_rows(b + off, sizeof(dt_bf16) * ld[i], l->W, sizeof(dt_bf16) * in, sizeof(dt_bf16) * in,
+                           l->out) ||
+            cuda_check("moving a base into its group's block"))
+            return -1;
+        cuda_free((void *)l->W);
+        l->W = b + off;
+        l->ldw = ld[i];
+        if (k < n_lora && s[k].lin == l) {
+            int r = s[k].host->rank;
+            l->bcol = in + c;
+            l->B = l->W + l->bcol;
+            l->A = b + elems + c * ld_a;
+            l->ld_a = ld_a;
+            t[(*nt)++] = (cuda_wide_copy){s[k].off_b - bf16_params, (dt_bf16 *)l->B, l->out, l->ldw, r};
+            t[(*nt)++] = (cuda_wide_copy){s[k].off_a - bf16_params, (dt_bf16 *)l->A, r, ld_a, (int)in};
+            *max_rows = l->out > *max_rows ? l->out : *max_rows;
+            c += r;
+            k++;
+        }
+    }
     return 0;
 }
 
-/* The wide bases' B copies, from the fp32 values of the blocks' tail (tail: element bf16_params). */
+/* The blocks' copies of A and B, from the fp32 values of the LoRA arrays' tail (element bf16_params on). */
 static void copy_wide(qwen35_cuda *g, const float *tail) { linear_wide_copy_cuda(g->wide, g->n_wide, g->wide_rows, tail); }
 
-/* The wide bases (gpu_lora) made, and the table of their copies. */
-static int widen_bases(qwen35_cuda *g) {
-    cuda_wide_copy *t = calloc(g->n_loras > 0 ? g->n_loras : 1, sizeof *t);
-    if (!t) return dt_err("out of memory");
-    int n = 0, rc = 0;
-    for (int i = 0; rc == 0 && i < g->n_loras; i++) {
-        const gpu_lora *s = &g->loras[i];
-        if (!s->bcol) continue;
-        rc = widen(s->lin, s->bcol, s->host->rank);
-        t[n++] = (cuda_wide_copy){s->off_b - g->bf16_params, (dt_bf16 *)s->lin->W + s->bcol, s->lin->out,
-                                  s->lin->ldw, s->host->rank};
-        g->wide_rows = s->lin->out > g->wide_rows ? s->lin->out : g->wide_rows;
-    }
-    if (rc == 0 && n > 0) rc = cuda_alloc((void **)&g->wide, sizeof *t * (size_t)n);
-    if (rc == 0 && n > 0) rc = cuda_upload(g->wide, t, sizeof *t * (size_t)n);
-    g->n_wide = rc == 0 ? n : 0;
-    free(t);
-    return rc;
-}
-
-/* Finds every attached LoRA of m once and lays them out in the contiguous blocks: layer by layer,
- * the linears that read one input as a group, the A of the group's LoRAs then their B; the B of
- * the LoRAs whose bases are made wide (two or more of a group, bf16 bases) last. */
+/* Finds every attached LoRA of m once and lays them out in the contiguous arrays: layer by layer,
+ * the linears that read one input as a group, the A of the group's LoRAs then their B; the groups
+ * whose bases go into a block last, in the same order. */
 static int bind_loras(qwen35_cuda *g, const qwen35_model *m) {
     int n = 0;
     for (int l = 0; l < g->cfg.n_layers; l++) {
@@ -416,46 +452,65 @@ static int bind_loras(qwen35_cuda *g, const qwen35_model *m) {
 #undef COUNT
     }
     g->loras = calloc(n > 0 ? n : 1, sizeof *g->loras);
-    if (!g->loras) return dt_err("out of memory");
-    int64_t P = 0;
+    cuda_wide_copy *t = calloc(2 * (size_t)(n > 0 ? n : 1), sizeof *t);
+    if (!g->loras || !t) {
+        free(t);
+        return dt_err("out of memory");
+    }
+    const dt_linear *host[12];
+    cuda_linear *dev[12];
     for (int l = 0; l < g->cfg.n_layers; l++) {
-        const qwen35_layer *L = &m->layers[l];
-        const dt_linear *all[] = {&L->lin_qkv, &L->lin_z, &L->lin_b, &L->lin_a, &L->att_q,   &L->att_k,
-                                  &L->att_v,   &L->mlp_gate, &L->mlp_up, &L->lin_out, &L->att_o, &L->mlp_down};
-        static const int group_size[] = {4, 3, 2, 1, 1, 1};
-        for (size_t gi = 0, i0 = 0; gi < sizeof group_size / sizeof group_size[0]; i0 += group_size[gi++]) {
-            int first = g->n_loras;
-            for (size_t i = i0; i < i0 + (size_t)group_size[gi]; i++) {
-                if (!all[i]->lora) continue;
+        group_linears(&g->layers[l], &m->layers[l], host, dev);
+        for (int gi = 0, i0 = 0; gi < N_GROUPS; i0 += group_size[gi++]) {
+            bool blk = gi < BLOCK_GROUPS && blockable(dev + i0, host + i0, group_size[gi]);
+            for (int i = i0; i < i0 + group_size[gi]; i++) {
+                if (!host[i]->lora) continue;
                 gpu_lora *s = &g->loras[g->n_loras++];
-                s->host = (dt_lora *)all[i]->lora;  /* the model holds them const; the gradients are ours to add */
-                s->lin = gpu_linear_of(&g->layers[l], L, all[i]);
+                s->host = (dt_lora *)host[i]->lora;  /* the model holds them const; the gradients are ours to add */
+                s->lin = dev[i];
                 s->na = (int64_t)s->host->rank * s->host->in;
                 s->nb = s->host->out * (int64_t)s->host->rank;
-                s->off_a = P;
-                P += s->na;
-            }
-            /* u's columns in the group's input rows: after its H, in the group's order */
-            for (int k = first, c = 0; k < g->n_loras; c += g->loras[k++].host->rank) {
-                gpu_lora *s = &g->loras[k];
-                if (g->n_loras - first > 1 && s->lin->W && !s->lin->wq.bits) s->bcol = s->lin->in + c;
-                else s->off_b = P, P += s->nb;
+                s->group = l * N_GROUPS + gi;
+                s->in_block = blk;
             }
         }
     }
-    g->bf16_params = P;
-    for (int k = 0; k < g->n_loras; k++)
-        if (g->loras[k].bcol) g->loras[k].off_b = P, P += g->loras[k].nb;
+    /* the A of a group, then its B: those outside blocks first */
+    int64_t P = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) g->bf16_params = P;
+        for (int k0 = 0, k1; k0 < g->n_loras; k0 = k1) {
+            for (k1 = k0; k1 < g->n_loras && g->loras[k1].group == g->loras[k0].group; k1++) {}
+            if (g->loras[k0].in_block != (pass == 1)) continue;
+            for (int k = k0; k < k1; k++) g->loras[k].off_a = P, P += g->loras[k].na;
+            for (int k = k0; k < k1; k++) g->loras[k].off_b = P, P += g->loras[k].nb;
+        }
+    }
     g->lora_params = P;
     g->stage = malloc(sizeof(float) * (size_t)(P > 0 ? P : 1));
     g->stage16 = malloc(sizeof(uint16_t) * (size_t)(P > 0 ? P : 1));
-    if (!g->stage || !g->stage16) return dt_err("out of memory");
-    if (cuda_alloc((void **)&g->lora_bf16, sizeof(dt_bf16) * (size_t)(g->bf16_params > 0 ? g->bf16_params : 1)) ||
-        cuda_alloc((void **)&g->lora_grad, sizeof(float) * (size_t)P) ||
-        cuda_alloc((void **)&g->norm_acc, sizeof(double)) || cuda_zero(g->lora_grad, sizeof(float) * (size_t)P) ||
-        widen_bases(g))
-        return -1;
-    return 0;
+    int rc = !g->stage || !g->stage16 ? dt_err("out of memory") : 0;
+    if (rc == 0 &&
+        (cuda_alloc((void **)&g->lora_bf16, sizeof(dt_bf16) * (size_t)(g->bf16_params > 0 ? g->bf16_params : 1)) ||
+         cuda_alloc((void **)&g->lora_grad, sizeof(float) * (size_t)P) ||
+         cuda_alloc((void **)&g->norm_acc, sizeof(double)) || cuda_zero(g->lora_grad, sizeof(float) * (size_t)P)))
+        rc = -1;
+    int nt = 0;
+    for (int k0 = 0, k1; rc == 0 && k0 < g->n_loras; k0 = k1) {
+        for (k1 = k0; k1 < g->n_loras && g->loras[k1].group == g->loras[k0].group; k1++) {}
+        if (!g->loras[k0].in_block) continue;
+        int l = g->loras[k0].group / N_GROUPS, gi = g->loras[k0].group % N_GROUPS, i0 = 0;
+        for (int j = 0; j < gi; j++) i0 += group_size[j];
+        group_linears(&g->layers[l], &m->layers[l], host, dev);
+        rc = make_block(&g->layers[l].blocks[gi], dev + i0, group_size[gi], g->loras + k0, k1 - k0,
+                        group_joined[gi], g->bf16_params, t, &nt, &g->wide_rows);
+    }
+    if (rc == 0 && nt > 0 &&
+        (cuda_alloc((void **)&g->wide, sizeof *t * (size_t)nt) || cuda_upload(g->wide, t, sizeof *t * (size_t)nt)))
+        rc = -1;
+    g->n_wide = rc == 0 ? nt : 0;
+    free(t);
+    return rc;
 }
 
 /* The bf16 copies of every A and B from the host values in stage (gather): lora_bf16's, then the
@@ -505,8 +560,10 @@ static void refresh_loras(qwen35_cuda *g, bool want_grads) {
         l->scale = (float)s->host->scale;
         l->dropout = (float)s->host->dropout;
         l->dropout_seed = s->host->dropout_seed;
-        l->A = g->lora_bf16 + s->off_a;
-        l->B = s->bcol ? l->W + s->bcol : g->lora_bf16 + s->off_b;
+        if (!s->in_block) {  /* a block's point into it (make_block) */
+            l->A = g->lora_bf16 + s->off_a;
+            l->B = g->lora_bf16 + s->off_b;
+        }
         l->dA = want_grads && s->host->dA ? g->lora_grad + s->off_a : NULL;
         l->dB = want_grads && s->host->dB ? g->lora_grad + s->off_b : NULL;
     }
@@ -682,16 +739,19 @@ static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, int lora_
     return o;
 }
 
-static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, int64_t mlp_rows, char *base) {
+static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, int64_t mlp_rows, int64_t ld_dgu, int64_t ld_dy,
+                           char *base) {
     carver k = {base, 0};
     size_t B2 = 2 * (size_t)N, B4 = 4 * (size_t)N;
     g->dh_mid = carve(&k, B4 * d->H);
     g->dxn1 = carve(&k, B4 * d->H);
-    g->dy_bf = carve(&k, B2 * d->H);
+    g->ld_dy = ld_dy;
+    g->dy_bf = carve(&k, B2 * ld_dy);
     carver shared = k;
     g->dm = carve(&k, 4 * (size_t)mlp_rows * d->I);
-    g->dgate = carve(&k, 2 * (size_t)mlp_rows * d->I);
-    g->dup = carve(&k, 2 * (size_t)mlp_rows * d->I);
+    g->ld_dgu = ld_dgu;
+    g->dgate = carve(&k, 2 * (size_t)mlp_rows * ld_dgu);
+    g->dup = g->dgate ? g->dgate + d->I : NULL;
     g->dxn2 = carve(&k, 4 * (size_t)mlp_rows * d->H);
     size_t end = k.off;
     k = shared;
@@ -724,14 +784,14 @@ static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, int64_t mlp_r
 /* The most tokens (all N, or a multiple of 128) whose MLP backward fits in the grads' shared
  * part that the mixers need anyway: the MLP's backward then runs that many at a time.
  * $DT_CUDA_MLP_ROWS sets it (for the tests). */
-static int64_t mlp_rows_for(const dims *d, int64_t N) {
+static int64_t mlp_rows_for(const dims *d, int64_t N, int64_t ld_dgu) {
     const char *e = getenv("DT_CUDA_MLP_ROWS");  /* tests: pieces of this many tokens */
     if (e && atoll(e) > 0) return atoll(e) < N ? atoll(e) : N;
     gpu_grads tmp;
-    size_t mixers = grads_layout(&tmp, d, N, 0, NULL);
-    if (grads_layout(&tmp, d, N, N, NULL) <= mixers) return N;
+    size_t mixers = grads_layout(&tmp, d, N, 0, ld_dgu, d->H, NULL);
+    if (grads_layout(&tmp, d, N, N, ld_dgu, d->H, NULL) <= mixers) return N;
     int64_t r = N / 128 * 128;
-    while (r > 128 && grads_layout(&tmp, d, N, r, NULL) > mixers) r -= 128;
+    while (r > 128 && grads_layout(&tmp, d, N, r, ld_dgu, d->H, NULL) > mixers) r -= 128;
     return r > 0 ? r : N;
 }
 
@@ -835,10 +895,11 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     if (rc == 0) rc = cuda_alloc((void **)&g->loss, sizeof(double));
     if (rc == 0 && training) {
         rc = cuda_alloc((void **)&g->dh, sizeof(float) * (size_t)(N * H));
-        g->mlp_rows = mlp_rows_for(&d, N);
-        size_t bytes = grads_layout(&g->grads, &d, N, g->mlp_rows, NULL);
+        int64_t ld_dgu = (2 * d.I + 2 * rank + 7) / 8 * 8, ld_dy = (H + rank + 7) / 8 * 8;
+        g->mlp_rows = mlp_rows_for(&d, N, ld_dgu);
+        size_t bytes = grads_layout(&g->grads, &d, N, g->mlp_rows, ld_dgu, ld_dy, NULL);
         if (rc == 0) rc = cuda_alloc(&g->grads.block, bytes);
-        if (rc == 0) grads_layout(&g->grads, &d, N, g->mlp_rows, g->grads.block);
+        if (rc == 0) grads_layout(&g->grads, &d, N, g->mlp_rows, ld_dgu, ld_dy, g->grads.block);
         g->hf = (dt_bf16 *)g->grads.dxn1;  /* dead while the LM head runs */
     } else if (rc == 0) {
         rc = cuda_alloc((void **)&g->hf_block, sizeof(dt_bf16) * (size_t)(N * H));
@@ -910,10 +971,10 @@ static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const cal
     int64_t N = k->N;
     void *s = g->scratch;
     PROF("fwd.gdn.in_proj", {
-        cuda_linear_part p[] = {{a->mixed, CUDA_BF16, 0, NULL, &L->lin_qkv},
-                                {a->z, CUDA_BF16, 0, NULL, &L->lin_z},
-                                {a->b, CUDA_BF16, 0, NULL, &L->lin_b},
-                                {a->a, CUDA_BF16, 0, NULL, &L->lin_a}};
+        cuda_linear_part p[] = {{a->mixed, CUDA_BF16, 0, NULL, &L->lin_qkv, 0},
+                                {a->z, CUDA_BF16, 0, NULL, &L->lin_z, 0},
+                                {a->b, CUDA_BF16, 0, NULL, &L->lin_b, 0},
+                                {a->a, CUDA_BF16, 0, NULL, &L->lin_a, 0}};
         linear_group_forward_cuda(p, 4, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
     PROF("fwd.gdn.conv_norm_gates", {
@@ -943,9 +1004,9 @@ static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const ca
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
     PROF("fwd.attn.in_proj", {
-        cuda_linear_part p[] = {{a->qg, CUDA_BF16, 0, NULL, &L->att_q},
-                                {a->k_pre, CUDA_BF16, 0, NULL, &L->att_k},
-                                {a->v, CUDA_BF16, 0, NULL, &L->att_v}};
+        cuda_linear_part p[] = {{a->qg, CUDA_BF16, 0, NULL, &L->att_q, 0},
+                                {a->k_pre, CUDA_BF16, 0, NULL, &L->att_k, 0},
+                                {a->v, CUDA_BF16, 0, NULL, &L->att_v, 0}};
         linear_group_forward_cuda(p, 3, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
     PROF("fwd.attn.qk_norm_rope", {
@@ -982,7 +1043,7 @@ static void layer_forward(qwen35_cuda *g, int l, const call *k, const float *h_i
     if (h_out && keep_mid) cuda_copy_f32(a->h_mid, h_out, N * H);
     PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn2, g->ld_xn2, res, L->post_norm, N, (int)H, eps));
     PROF("fwd.mlp", {
-        cuda_linear_part p[] = {{a->gate, CUDA_BF16, 0, NULL, &L->mlp_gate}, {a->up, CUDA_BF16, 0, NULL, &L->mlp_up}};
+        cuda_linear_part p[] = {{a->gate, CUDA_BF16, 0, NULL, &L->mlp_gate, 0}, {a->up, CUDA_BF16, 0, NULL, &L->mlp_up, 0}};
         linear_group_forward_cuda(p, 2, a->xn2, g->ld_xn2, N, s, a->xn2 + H, g->ld_xn2);
         swiglu_forward_cuda(a->m, a->gate, a->up, N * I);
         if (h_out) linear_forward_cuda(h_out, CUDA_F32, 1, a->m, &L->mlp_down, N, s, u_down_of(g, l));
@@ -998,7 +1059,7 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
     int64_t N = k->N;
     void *s = g->scratch;
     PROF("bwd.gdn.out", {
-        linear_backward_cuda(G->do_norm, 0, G->dy_bf, a->o_norm, &L->lin_out, N, s, a->u_out);
+        linear_backward_cuda(G->do_norm, 0, G->dy_bf, G->ld_dy, a->o_norm, &L->lin_out, N, s, a->u_out);
         rmsnorm_gated_backward_cuda(G->do_raw, G->dz, G->do_norm, a->o_raw, a->z, L->lin_norm, N * d.Hv,
                                     c->lin_v_head_dim, (float)c->rms_eps);
     });
@@ -1014,10 +1075,10 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
                                     1e-6f, a->qkv);
     });
     PROF("bwd.gdn.in_proj", {
-        cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dmixed, &L->lin_qkv},
-                                {NULL, CUDA_F32, 0, G->dz, &L->lin_z},
-                                {NULL, CUDA_F32, 0, G->db, &L->lin_b},
-                                {NULL, CUDA_F32, 0, G->da, &L->lin_a}};
+        cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dmixed, &L->lin_qkv, 0},
+                                {NULL, CUDA_F32, 0, G->dz, &L->lin_z, 0},
+                                {NULL, CUDA_F32, 0, G->db, &L->lin_b, 0},
+                                {NULL, CUDA_F32, 0, G->da, &L->lin_a, 0}};
         linear_group_backward_cuda(G->dxn1, 0, p, 4, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
 }
@@ -1031,7 +1092,7 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
     PROF("bwd.attn.out", {
-        linear_backward_cuda(G->datt_g, 0, G->dy_bf, a->att_g, &L->att_o, N, s, a->u_out);
+        linear_backward_cuda(G->datt_g, 0, G->dy_bf, G->ld_dy, a->att_g, &L->att_o, N, s, a->u_out);
         attn_gate_backward_cuda(G->datt, G->dqg, G->datt_g, a->att, a->qg, N, nh, hd);
     });
     PROF("bwd.attn.core", attention_backward_cuda(G->dq, G->dk, G->dv, G->datt, a->att, a->lse, a->q, a->k, a->v,
@@ -1045,9 +1106,9 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
         cuda_f32_to_bf16(G->dv_bf, G->dv, N * d.kvd);
     });
     PROF("bwd.attn.in_proj", {
-        cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dqg, &L->att_q},
-                                {NULL, CUDA_F32, 0, G->dk_pre, &L->att_k},
-                                {NULL, CUDA_F32, 0, G->dv_bf, &L->att_v}};
+        cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dqg, &L->att_q, 0},
+                                {NULL, CUDA_F32, 0, G->dk_pre, &L->att_k, 0},
+                                {NULL, CUDA_F32, 0, G->dv_bf, &L->att_v, 0}};
         linear_group_backward_cuda(G->dxn1, 0, p, 3, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
 }
@@ -1073,23 +1134,25 @@ static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_
             /* the recompute skipped the down projection: its u is the forward's; its LoRA's part of
              * dm is added by the SwiGLU's backward */
             dt_bf16 *u_down = u_down_of(g, l);
-            const dt_bf16 *g_down = linear_backward_defer_lora_cuda(G->dm, G->dy_bf + t0 * H, a->m + t0 * I, &down,
+            const dt_bf16 *g_down = linear_backward_defer_lora_cuda(G->dm, G->dy_bf + t0 * G->ld_dy, G->ld_dy, a->m + t0 * I, &down,
                                                                     n, s, u_down ? u_down + t0 * down.rank : NULL);
-            swiglu_backward_lora_cuda(G->dgate, G->dup, G->dm, a->gate + t0 * I, a->up + t0 * I, n, I, g_down,
+            swiglu_backward_lora_cuda(G->dgate, G->dup, G->ld_dgu, G->dm, a->gate + t0 * I, a->up + t0 * I, n, I, g_down,
                                       down.A, down.rank);
-            cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dgate, &gate}, {NULL, CUDA_F32, 0, G->dup, &up}};
+            /* dgate and dup side by side, with room for g: one product for dxn2 (linear_group_backward_cuda) */
+            cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dgate, &gate, G->ld_dgu},
+                                    {NULL, CUDA_F32, 0, G->dup, &up, G->ld_dgu}};
             const dt_bf16 *xn2 = a->xn2 + t0 * g->ld_xn2;
             linear_group_backward_cuda(G->dxn2, 0, p, 2, xn2, g->ld_xn2, n, s, xn2 + H, g->ld_xn2);
         });
         PROF("bwd.norms", {
-            rmsnorm1p_backward_cuda(G->dh_mid + t0 * H, G->dy_bf + t0 * H, dh + t0 * H, G->dxn2, a->h_mid + t0 * H,
+            rmsnorm1p_backward_cuda(G->dh_mid + t0 * H, G->dy_bf + t0 * G->ld_dy, G->ld_dy, dh + t0 * H, G->dxn2, a->h_mid + t0 * H,
                                     L->post_norm, n, (int)H, eps);
         });
     }
     if (c->layer_is_full[l]) attention_mixer_backward(g, L, k, a, G);
     else deltanet_mixer_backward(g, L, k, a, G);
     PROF("bwd.norms", {
-        rmsnorm1p_backward_cuda(dh, G->dy_bf, G->dh_mid, G->dxn1, h_in, L->input_norm, N, (int)H, eps);
+        rmsnorm1p_backward_cuda(dh, G->dy_bf, G->ld_dy, G->dh_mid, G->dxn1, h_in, L->input_norm, N, (int)H, eps);
     });
 }
 
@@ -1158,7 +1221,7 @@ static int step_launches(qwen35_cuda *g, const call *k, bool grad_checkpoint, fl
         float *dhf = g->grads.dh_mid;  /* the LM head's gradient; the grads are free until the layers' */
         cuda_zero(dhf, sizeof(float) * NH);
         rc = lm_head_loss(g, dhf, N, grad_scale);
-        rmsnorm1p_backward_cuda(g->dh, g->grads.dy_bf, NULL, dhf, h, g->final_norm, N, (int)H, eps);
+        rmsnorm1p_backward_cuda(g->dh, g->grads.dy_bf, g->grads.ld_dy, NULL, dhf, h, g->final_norm, N, (int)H, eps);
     });
     /* backward, layer by layer, from each layer's kept input (in the buffer of the last output, no
      * longer needed); with checkpointing the layer is first recomputed from it */

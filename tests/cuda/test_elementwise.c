@@ -131,9 +131,9 @@ static void test_rmsnorm1p(int64_t rows, int D) {
      * gradient alone) */
     float *d_in = test_dev_f32(dx0, n), *d_out = test_dev_f32(dy, n), *d_alone = test_dev_f32(dy, n);
     dt_bf16 *d_out_bf = test_dev_bf16(dy, n);
-    rmsnorm1p_backward_cuda(d_out, d_out_bf, d_in, d_dy, d_x, d_w, rows, D, eps);
-    rmsnorm1p_backward_cuda(d_alone, NULL, NULL, d_dy, d_x, d_w, rows, D, eps);
-    rmsnorm1p_backward_cuda(d_dx, NULL, d_dx, d_dy, d_x, d_w, rows, D, eps);
+    rmsnorm1p_backward_cuda(d_out, d_out_bf, D, d_in, d_dy, d_x, d_w, rows, D, eps);
+    rmsnorm1p_backward_cuda(d_alone, NULL, D, NULL, d_dy, d_x, d_w, rows, D, eps);
+    rmsnorm1p_backward_cuda(d_dx, NULL, D, d_dx, d_dy, d_x, d_w, rows, D, eps);
     snprintf(name, sizeof name, "rmsnorm1p_backward dx+= rows=%lld D=%d", (long long)rows, D);
     if (!test_cuda_ok(name)) {
         float *g = test_host_f32(d_dx, n), *g2 = test_host_f32(d_out, n), *g3 = test_host_f32(d_alone, n);
@@ -306,7 +306,7 @@ static void test_swiglu(int64_t n, int off) {
         test_expect_close(name, h + off, mc + off, m, 1e-2);
         free(h);
     }
-    swiglu_backward_cuda(d_dg + off, d_du + off, d_dm + off, d_g + off, d_u + off, m);
+    swiglu_backward_cuda(d_dg + off, d_du + off, m, d_dm + off, d_g + off, d_u + off, 1, m);
     snprintf(name, sizeof name, "swiglu_backward dgate n=%lld off=%d", (long long)m, off);
     if (!test_cuda_ok(name)) {
         float *h = test_host_bf16(d_dg, n);
@@ -323,10 +323,11 @@ static void test_swiglu(int64_t n, int off) {
 
 /* swiglu_backward_lora_cuda: the gradient dm + g A (the down projection's LoRA part), against
  * the CPU's swiglu_backward of that sum; the fused kernel (I a multiple of 8, r <= 32), and the
- * product-then-backward path otherwise; g NULL: dm alone. */
-static void test_swiglu_lora(int64_t rows, int64_t I, int r, int with_g) {
+ * product-then-backward path otherwise; g NULL: dm alone. joined: dgate and dup side by side in
+ * rows of 2 I + 16, as the model's MLP backward keeps them. */
+static void test_swiglu_lora(int64_t rows, int64_t I, int r, int with_g, int joined) {
     char name[128];
-    int64_t n = rows * I;
+    int64_t n = rows * I, ldd = joined ? 2 * I + 16 : I;
     float *gt = test_rvec_bf16(n, 4.0f), *u = test_rvec_bf16(n, 2.0f), *dm = test_rvec(n, 1.0f);
     float *g = test_rvec_bf16(rows * r, 1.0f), *A = test_rvec_bf16((int64_t)r * I, 0.5f);
     float *sum = test_copy(dm, n), *dgc = zeros(n), *duc = zeros(n);
@@ -334,23 +335,28 @@ static void test_swiglu_lora(int64_t rows, int64_t I, int r, int with_g) {
         for (int j = 0; j < r; j++)
             for (int64_t i = 0; i < I; i++) sum[t * I + i] += g[t * r + j] * A[j * I + i];
     swiglu_backward(dgc, duc, sum, gt, u, n);
-    dt_bf16 *d_gt = test_dev_bf16(gt, n), *d_u = test_dev_bf16(u, n), *d_dg = test_dev_bf16(dm, n),
-            *d_du = test_dev_bf16(dm, n), *d_g = test_dev_bf16(g, rows * r), *d_A = test_dev_bf16(A, (int64_t)r * I);
+    float *junk = test_rvec(rows * 2 * ldd, 1.0f);
+    dt_bf16 *d_gt = test_dev_bf16(gt, n), *d_u = test_dev_bf16(u, n), *d_out = test_dev_bf16(junk, rows * 2 * ldd),
+            *d_g = test_dev_bf16(g, rows * r), *d_A = test_dev_bf16(A, (int64_t)r * I);
+    dt_bf16 *d_dg = d_out, *d_du = joined ? d_out + I : d_out + rows * ldd;
     float *d_dm = test_dev_f32(dm, n);
-    swiglu_backward_lora_cuda(d_dg, d_du, d_dm, d_gt, d_u, rows, I, with_g ? d_g : NULL, d_A, r);
-    snprintf(name, sizeof name, "swiglu_backward_lora %lldx%lld r%d%s dgate", (long long)rows, (long long)I, r,
-             with_g ? "" : " g=NULL");
+    swiglu_backward_lora_cuda(d_dg, d_du, ldd, d_dm, d_gt, d_u, rows, I, with_g ? d_g : NULL, d_A, r);
+    snprintf(name, sizeof name, "swiglu_backward_lora %lldx%lld r%d%s%s dgate", (long long)rows, (long long)I, r,
+             with_g ? "" : " g=NULL", joined ? " joined" : "");
     if (!test_cuda_ok(name)) {
-        float *h = test_host_bf16(d_dg, n);
-        test_expect_close(name, h, dgc, n, 1e-2);
-        free(h);
-        h = test_host_bf16(d_du, n);
+        float *h = test_host_bf16(d_out, rows * 2 * ldd), *hg = zeros(n), *hu = zeros(n);
+        for (int64_t t = 0; t < rows; t++) {
+            memcpy(hg + t * I, h + (d_dg - d_out) + t * ldd, sizeof(float) * I);
+            memcpy(hu + t * I, h + (d_du - d_out) + t * ldd, sizeof(float) * I);
+        }
+        test_expect_close(name, hg, dgc, n, 1e-2);
         name[strlen(name) - 5] = 0;
         strcat(name, "dup");
-        test_expect_close(name, h, duc, n, 1e-2);
-        free(h);
+        test_expect_close(name, hu, duc, n, 1e-2);
+        free(h), free(hg), free(hu);
     }
-    cuda_free(d_gt), cuda_free(d_u), cuda_free(d_dg), cuda_free(d_du), cuda_free(d_g), cuda_free(d_A), cuda_free(d_dm);
+    free(junk);
+    cuda_free(d_gt), cuda_free(d_u), cuda_free(d_out), cuda_free(d_g), cuda_free(d_A), cuda_free(d_dm);
     free(gt), free(u), free(dm), free(g), free(A), free(sum), free(dgc), free(duc);
 }
 
@@ -499,7 +505,7 @@ static void timing(void) {
     TIME("add_f32 4096x1024", N * H * 12, cuda_add_f32(f3, f1, N * H));
     TIME("embedding 4096x1024", N * H * 6, embedding_forward_cuda(f3, ids, N, E, H));
     TIME("rmsnorm1p_fwd 4096x1024", N * H * 6, rmsnorm1p_forward_cuda(b3, H, f1, w, N, H, 1e-6f));
-    TIME("rmsnorm1p_bwd 4096x1024", N * H * 16, rmsnorm1p_backward_cuda(f3, NULL, f3, f2, f1, w, N, H, 1e-6f));
+    TIME("rmsnorm1p_bwd 4096x1024", N * H * 16, rmsnorm1p_backward_cuda(f3, NULL, H, f3, f2, f1, w, N, H, 1e-6f));
     TIME("rmsnorm_gated_fwd 65536x128", N * Hv * dv * 6, rmsnorm_gated_forward_cuda(b3, b1, b2, w, N * Hv, dv, 1e-6f));
     TIME("rmsnorm_gated_bwd 65536x128", N * Hv * dv * 14,
          rmsnorm_gated_backward_cuda(f3, b3, f2, b1, b2, w, N * Hv, dv, 1e-6f));
@@ -514,11 +520,11 @@ static void timing(void) {
     TIME("attn_gate_fwd 4096x8x256", N * nh * hd * 6, attn_gate_forward_cuda(b3, b1, b2, N, nh, hd));
     TIME("attn_gate_bwd 4096x8x256", N * nh * hd * 12, attn_gate_backward_cuda(b3, b4, f2, b1, b2, N, nh, hd));
     TIME("swiglu_fwd 4096x3584", N * I * 6, swiglu_forward_cuda(b3, b1, b2, N * I));
-    TIME("swiglu_bwd 4096x3584", N * I * 12, swiglu_backward_cuda(b3, b4, f2, b1, b2, N * I));
+    TIME("swiglu_bwd 4096x3584", N * I * 12, swiglu_backward_cuda(b3, b4, I, f2, b1, b2, N, I));
     TIME("swiglu_bwd_lora 4096x3584 r16", N * I * 12,
-         swiglu_backward_lora_cuda(b3, b4, f2, b1, b2, N, I, b1, b2, 16));
+         swiglu_backward_lora_cuda(b3, b4, I, f2, b1, b2, N, I, b1, b2, 16));
     TIME("swiglu_bwd_lora 4096x3584 r32", N * I * 12,
-         swiglu_backward_lora_cuda(b3, b4, f2, b1, b2, N, I, b1, b2, 32));
+         swiglu_backward_lora_cuda(b3, b4, I, f2, b1, b2, N, I, b1, b2, 32));
     TIME("conv1d_silu_fwd 4096x6144", big * 4, conv1d_silu_forward_cuda(b3, b1, w, pos, N, C, K));
     TIME("conv1d_silu_bwd 4096x6144", big * 8, conv1d_silu_backward_cuda(b3, f2, b1, w, pos, N, C, K));
     TIME("deltanet_conv_fwd 4096x6144", big * 4,
@@ -555,13 +561,15 @@ void cuda_tests_elementwise(void) {
 
     test_swiglu(4096 * 3584, 0);
     test_swiglu(1001, 1);
-    test_swiglu_lora(37, 72, 8, 1);
-    test_swiglu_lora(100, 1032, 16, 1);  /* a partial block of columns, several of rows */
-    test_swiglu_lora(100, 1032, 24, 1);
-    test_swiglu_lora(37, 70, 8, 1);      /* I not a multiple of 8: product, then the plain backward */
-    test_swiglu_lora(64, 136, 40, 1);    /* rank above 32: the same */
-    test_swiglu_lora(33, 72, 8, 0);
-    test_swiglu_lora(4096, 3584, 16, 1); /* Qwen3.5-0.8B's MLP at 2 x 2048 tokens, r16 */
+    test_swiglu_lora(37, 72, 8, 1, 0);
+    test_swiglu_lora(100, 1032, 16, 1, 0);  /* a partial block of columns, several of rows */
+    test_swiglu_lora(100, 1032, 16, 1, 1);
+    test_swiglu_lora(100, 1032, 24, 1, 0);
+    test_swiglu_lora(37, 70, 8, 1, 0);      /* I not a multiple of 8: product, then the plain backward */
+    test_swiglu_lora(37, 70, 8, 1, 1);
+    test_swiglu_lora(64, 136, 40, 1, 0);    /* rank above 32: the same */
+    test_swiglu_lora(33, 72, 8, 0, 0);
+    test_swiglu_lora(4096, 3584, 16, 1, 1); /* Qwen3.5-0.8B's MLP at 2 x 2048 tokens, r16, as the model */
 
     const int tiny[] = {3, 20}, chunky[] = {1, 31, 33, 2, 70};
     test_conv1d(ragged, 3, 6144, 4);

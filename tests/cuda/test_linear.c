@@ -94,7 +94,7 @@ static void run_case(const lcase *c) {
     for (int p = 0; p < 2; p++) {
         cuda_linear lp = l;
         lp.row0 = bounds[p];
-        linear_backward_cuda(c->with_dx ? d_dx + bounds[p] * in : NULL, c->accumulate, d_dy + bounds[p] * out,
+        linear_backward_cuda(c->with_dx ? d_dx + bounds[p] * in : NULL, c->accumulate, d_dy + bounds[p] * out, 0,
                              d_x + bounds[p] * in, &lp, bounds[p + 1] - bounds[p], scratch,
                              d_u ? d_u + bounds[p] * r : NULL);
     }
@@ -119,48 +119,56 @@ done:
  * block one after another, as the model lays them out; the last LoRA's scale is scale_last (the
  * others 2). Against linear_forward / linear_backward per member on the CPU, dx summed over the
  * members. The A products run stacked where the scales agree and nothing drops out, member by
- * member otherwise. u: U_NONE, the backward recomputes it; U_KEPT, the forward keeps it [T, R] for
- * the backward; U_IN_X, as the model: x's rows hold it after in columns, and the bases are wide
- * (cuda_linear), their B copied in by linear_wide_copy_cuda. */
-enum { U_NONE, U_KEPT, U_IN_X };
+ * member otherwise. mode: U_NONE, the backward recomputes u; U_KEPT, the forward keeps it [T, R]
+ * for the backward; U_IN_X, as the model: x's rows hold u after in columns, and the bases lie in
+ * one block with their B and A (cuda_linear_part), copied in by linear_wide_copy_cuda;
+ * U_IN_X_JOINED, the same with every dy in one buffer with room for g (the backward as one
+ * product where nothing drops out). */
+enum { U_NONE, U_KEPT, U_IN_X, U_IN_X_JOINED };
 static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ranks, int n, float scale_last,
-                      float dropout, int u_mode) {
+                      float dropout, int mode) {
     enum { MAXN = 4 };
+    static const char *modes[] = {"", " u kept", " u in x, block", " u in x, block, dy joined"};
     char tag[160], name[256];
     int R = 0, last = -1;
-    for (int i = 0; i < n; i++) R += ranks[i], last = ranks[i] ? i : last;
+    int64_t S = 0;  /* the members' outputs */
+    for (int i = 0; i < n; i++) R += ranks[i], last = ranks[i] ? i : last, S += outs[i];
     snprintf(tag, sizeof tag, "group of %d T%lld in %lld R%d p%g%s%s", n, (long long)T, (long long)in, R, dropout,
-             scale_last != 2.0f ? " scales differ" : "",
-             u_mode == U_KEPT ? " u kept" : u_mode == U_IN_X ? " u in x, wide bases" : "");
+             scale_last != 2.0f ? " scales differ" : "", modes[mode]);
+    bool in_x = mode >= U_IN_X, joined = mode == U_IN_X_JOINED;
     float *x = test_rvec_bf16(T * in, 1.f), *A = test_rvec_bf16((int64_t)R * in, 1.f / sqrtf((float)in));
-    /* U_IN_X: x's rows padded past in + R (garbage there, which u overwrites or nothing reads) */
-    int64_t ldx = u_mode == U_IN_X ? (in + R + 7) / 8 * 8 + 8 : in;
+    /* in_x: x's rows padded past in + R (garbage there, which u overwrites or nothing reads) */
+    int64_t ldx = in_x ? (in + R + 7) / 8 * 8 + 8 : in, ldw = in_x ? (in + R + 7) / 8 * 8 : in;
+    int64_t ldy = joined ? (S + R + 7) / 8 * 8 + 8 : 0;
     float *xp = test_rvec_bf16(T * ldx, 1.f);
     for (int64_t t = 0; t < T; t++) memcpy(xp + t * ldx, x + t * in, sizeof(float) * in);
-    cuda_wide_copy copies[MAXN];
+    /* the block: the members' rows [W | 0], then R rows of A's room; A and B copied in from src */
+    float *blk = calloc((size_t)((S + R) * ldw), sizeof(float));
+    float *src = malloc(sizeof(float) * (size_t)(R * in + S * (R > 0 ? R : 1) + 1));
+    memcpy(src, A, sizeof(float) * R * in);
+    int64_t src_n = R * in;
+    cuda_wide_copy copies[2 * MAXN];
     int n_copies = 0;
     int64_t copy_rows = 0;
-    int64_t Bs_n = 0;
-    for (int i = 0; i < n; i++) Bs_n += outs[i] * ranks[i];
-    float *Bs = malloc(sizeof(float) * (size_t)(Bs_n > 0 ? Bs_n : 1));  /* the B copies' fp32 source */
-    Bs_n = 0;
     float *dA0 = test_rvec((int64_t)R * in, 1.f), *dx_cpu = calloc((size_t)(T * in), sizeof(float));
     float *dA_cpu = test_copy(dA0, (int64_t)R * in);
     float *W[MAXN], *B[MAXN], *dy[MAXN], *y_cpu[MAXN], *dB0[MAXN], *dB_cpu[MAXN];
     dt_lora lo[MAXN];
-    dt_bf16 *d_W[MAXN], *d_B[MAXN], *d_dy[MAXN], *d_y[MAXN];
+    dt_bf16 *d_W[MAXN] = {0}, *d_B[MAXN], *d_dy[MAXN] = {0}, *d_y[MAXN];
     float *d_dB[MAXN];
     cuda_linear l[MAXN];
     cuda_linear_part parts[MAXN];
-    dt_bf16 *d_x = test_dev_bf16(xp, T * ldx), *d_A = test_dev_bf16(A, (int64_t)R * in);
+    dt_bf16 *d_x = test_dev_bf16(xp, T * ldx), *d_A = test_dev_bf16(A, (int64_t)R * in), *d_blk = NULL;
+    dt_bf16 *d_dyj = NULL;
     float *garbage = test_rvec(T * in, 1.f);  /* in dx, which the backward overwrites */
     float *d_dA = test_dev_f32(dA0, (int64_t)R * in), *d_dx = test_dev_f32(garbage, T * in);
-    dt_bf16 *d_u = u_mode == U_KEPT ? test_dev_bf16(x, T * R) : u_mode == U_IN_X ? d_x + in : NULL;
-    int64_t ldu = u_mode == U_IN_X ? ldx : R;
+    dt_bf16 *d_u = mode == U_KEPT ? test_dev_bf16(x, T * R) : in_x ? d_x + in : NULL;
+    int64_t ldu = in_x ? ldx : R;
     void *scratch = NULL;
-    bool ok = d_x && d_A && d_dA && d_dx && (u_mode != U_KEPT || d_u) &&
+    bool ok = d_x && d_A && d_dA && d_dx && (mode != U_KEPT || d_u) &&
               cuda_alloc(&scratch, linear_scratch_bytes_cuda(T, in, R, dropout > 0)) == 0;
-    for (int i = 0, c = 0; i < n; c += ranks[i], i++) {
+    float *dyj = joined ? test_rvec_bf16(T * ldy, 1.f) : NULL;  /* garbage past the members' columns */
+    for (int i = 0, c = 0, row = 0; i < n; row += (int)outs[i], c += ranks[i], i++) {
         int64_t out = outs[i];
         int r = ranks[i];
         W[i] = test_rvec_bf16(out * in, 1.f / sqrtf((float)in));
@@ -175,42 +183,62 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         y_cpu[i] = malloc(sizeof(float) * T * out);
         linear_forward(y_cpu[i], x, &L, T);
         linear_backward(dx_cpu, dy[i], x, &L, T);
-        int64_t ldw = u_mode == U_IN_X && r ? (in + c + r + 7) / 8 * 8 : in;
-        float *Ww = calloc((size_t)(out * ldw), sizeof(float));  /* B's columns zero until copied */
-        for (int64_t j = 0; j < out; j++) memcpy(Ww + j * ldw, W[i] + j * in, sizeof(float) * in);
-        d_W[i] = test_dev_bf16(Ww, out * ldw);
-        free(Ww);
-        d_B[i] = test_dev_bf16(B[i], out * (r ? r : 1));
-        if (ldw > in) {
-            memcpy(Bs + Bs_n, B[i], sizeof(float) * out * r);
-            copies[n_copies++] = (cuda_wide_copy){Bs_n, d_W[i] + in + c, out, ldw, r};
-            Bs_n += out * r;
-            copy_rows = out > copy_rows ? out : copy_rows;
+        if (in_x) {
+            for (int64_t j = 0; j < out; j++) memcpy(blk + (row + j) * ldw, W[i] + j * in, sizeof(float) * in);
+            if (r) {
+                memcpy(src + src_n, B[i], sizeof(float) * out * r);
+                copies[n_copies++] = (cuda_wide_copy){src_n, NULL, out, ldw, r};  /* dst: once d_blk is known */
+                copies[n_copies++] = (cuda_wide_copy){(int64_t)c * in, NULL, r, ldw, (int)in};
+                src_n += out * r;
+                copy_rows = out > copy_rows ? out : copy_rows;
+            }
+        } else {
+            d_W[i] = test_dev_bf16(W[i], out * in);
         }
-        d_dy[i] = test_dev_bf16(dy[i], T * out);
+        if (joined)
+            for (int64_t t = 0; t < T; t++) memcpy(dyj + t * ldy + row, dy[i] + t * out, sizeof(float) * out);
+        else
+            d_dy[i] = test_dev_bf16(dy[i], T * out);
+        d_B[i] = test_dev_bf16(B[i], out * (r ? r : 1));
         d_y[i] = test_dev_bf16(dy[i], T * out);  /* garbage: the forward overwrites it */
         d_dB[i] = test_dev_f32(dB0[i], out * (r ? r : 1));
-        ok = ok && d_W[i] && d_B[i] && d_dy[i] && d_y[i] && d_dB[i];
-        l[i] = (cuda_linear){.W = d_W[i], .in = in, .out = out, .rank = r, .scale = lo[i].scale, .dropout = dropout,
-                             .dropout_seed = lo[i].dropout_seed, .A = r ? d_A + c * in : NULL,
-                             .B = ldw > in ? d_W[i] + in + c : r ? d_B[i] : NULL, .dA = r ? d_dA + c * in : NULL,
-                             .dB = r ? d_dB[i] : NULL, .ldw = ldw, .bcol = ldw > in ? in + c : 0};
-        parts[i] = (cuda_linear_part){d_y[i], CUDA_BF16, 0, d_dy[i], &l[i]};
+        ok = ok && (in_x || d_W[i]) && d_B[i] && (joined || d_dy[i]) && d_y[i] && d_dB[i];
+    }
+    if (joined) d_dyj = test_dev_bf16(dyj, T * ldy), ok = ok && d_dyj;
+    if (in_x) d_blk = test_dev_bf16(blk, (S + R) * ldw), ok = ok && d_blk;  /* B and A columns still zero */
+    for (int i = 0, c = 0, row = 0, k = 0; ok && i < n; row += (int)outs[i], c += ranks[i], i++) {
+        int r = ranks[i];
+        if (in_x) {
+            d_W[i] = d_blk + row * ldw;
+            if (r) {
+                copies[k++].dst = d_W[i] + in + c;
+                copies[k++].dst = d_blk + (S + c) * ldw;
+            }
+        }
+        if (joined) d_dy[i] = d_dyj + row;
+        l[i] = (cuda_linear){.W = d_W[i], .in = in, .out = outs[i], .rank = r, .scale = lo[i].scale,
+                             .dropout = dropout, .dropout_seed = lo[i].dropout_seed, .A = r ? d_A + c * in : NULL,
+                             .B = r ? d_B[i] : NULL, .dA = r ? d_dA + c * in : NULL, .dB = r ? d_dB[i] : NULL};
+        if (in_x) {
+            l[i].ldw = ldw;
+            if (r) l[i].bcol = in + c, l[i].B = d_W[i] + in + c, l[i].A = d_blk + (S + c) * ldw, l[i].ld_a = ldw;
+        }
+        parts[i] = (cuda_linear_part){d_y[i], CUDA_BF16, 0, d_dy[i], &l[i], 0};  /* y compact */
     }
     snprintf(name, sizeof name, "linear_group %s: device buffers", tag);
     if (!ok) {
         test_cuda_ok(name);
         cuda_tests_failed++;
     } else {
-        /* the wide bases' B columns are zero until copied in; B is read from there */
+        /* the block's B and A columns are zero until copied in; A and B are read from there */
         cuda_wide_copy *d_copies = NULL;
-        float *d_Bs = n_copies ? test_dev_f32(Bs, Bs_n) : NULL;
-        if (n_copies && (!d_Bs || cuda_alloc((void **)&d_copies, sizeof copies) ||
+        float *d_src = n_copies ? test_dev_f32(src, src_n) : NULL;
+        if (n_copies && (!d_src || cuda_alloc((void **)&d_copies, sizeof copies) ||
                          cuda_upload(d_copies, copies, sizeof copies)))
             cuda_tests_failed++;
-        linear_wide_copy_cuda(d_copies, n_copies, copy_rows, d_Bs);
+        linear_wide_copy_cuda(d_copies, n_copies, copy_rows, d_src);
         linear_group_forward_cuda(parts, n, d_x, ldx, T, scratch, d_u, ldu);
-        cuda_free(d_copies), cuda_free(d_Bs);
+        cuda_free(d_copies), cuda_free(d_src);
         snprintf(name, sizeof name, "linear_group_forward %s", tag);
         for (int i = 0; test_cuda_ok(name) == 0 && i < n; i++) {
             char n2[300];
@@ -219,6 +247,7 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
             test_expect_close(n2, y, y_cpu[i], T * outs[i], 1e-2);
             free(y);
         }
+        for (int i = 0; i < n; i++) parts[i].ld = joined ? ldy : 0;  /* dy's rows */
         linear_group_backward_cuda(d_dx, 0, parts, n, d_x, ldx, T, scratch, d_u, ldu);
         snprintf(name, sizeof name, "linear_group_backward %s", tag);
         if (test_cuda_ok(name) == 0) {
@@ -233,11 +262,14 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
     }
     for (int i = 0; i < n; i++) {
         free(W[i]), free(B[i]), free(dy[i]), free(y_cpu[i]), free(dB0[i]), free(dB_cpu[i]);
-        cuda_free(d_W[i]), cuda_free(d_B[i]), cuda_free(d_dy[i]), cuda_free(d_y[i]), cuda_free(d_dB[i]);
+        if (!in_x) cuda_free(d_W[i]);
+        if (!joined) cuda_free(d_dy[i]);
+        cuda_free(d_B[i]), cuda_free(d_y[i]), cuda_free(d_dB[i]);
     }
-    cuda_free(d_x), cuda_free(d_A), cuda_free(d_dA), cuda_free(d_dx), cuda_free(scratch);
-    if (u_mode == U_KEPT) cuda_free(d_u);
-    free(x), free(xp), free(A), free(dA0), free(dx_cpu), free(dA_cpu), free(garbage), free(Bs);
+    cuda_free(d_x), cuda_free(d_A), cuda_free(d_dA), cuda_free(d_dx), cuda_free(scratch), cuda_free(d_blk);
+    cuda_free(d_dyj);
+    if (mode == U_KEPT) cuda_free(d_u);
+    free(x), free(xp), free(A), free(dA0), free(dx_cpu), free(dA_cpu), free(garbage), free(blk), free(src), free(dyj);
 }
 
 static float *zeros_f(int64_t n) { return calloc((size_t)(n > 0 ? n : 1), sizeof(float)); }
@@ -271,7 +303,7 @@ static void run_defer(int64_t T, int64_t in, int64_t out, int r, float dropout, 
         cuda_linear l = {.W = d_W, .in = in, .out = out, .rank = r, .scale = lo.scale, .dropout = dropout,
                          .dropout_seed = lo.dropout_seed, .A = d_A, .B = d_B, .dA = d_dA, .dB = d_dB};
         linear_forward_cuda(d_y, CUDA_BF16, 0, d_x, &l, T, scratch, d_u);
-        const dt_bf16 *d_g = linear_backward_defer_lora_cuda(d_dx, d_dy, d_x, &l, T, scratch, d_u);
+        const dt_bf16 *d_g = linear_backward_defer_lora_cuda(d_dx, d_dy, 0, d_x, &l, T, scratch, d_u);
         if (test_cuda_ok(name) == 0) {
             float *dx = test_host_f32(d_dx, T * in);
             if ((d_g != NULL) != (dropout == 0)) {
@@ -329,10 +361,10 @@ static void time_shape(int64_t T, int64_t in, int64_t out, int r, float p, cuda_
     double fenq = (now_s() - t0) / iters * 1e3;  /* the host's issue time: near the total when launch-bound */
     cuda_check("timing");
     double fwd = (now_s() - t0) / iters * 1e3;
-    for (int i = 0; i < 3; i++) linear_backward_cuda(dxp, 1, d_dy, d_x, &l, T, scratch, NULL);
+    for (int i = 0; i < 3; i++) linear_backward_cuda(dxp, 1, d_dy, 0, d_x, &l, T, scratch, NULL);
     cuda_check("timing");
     t0 = now_s();
-    for (int i = 0; i < iters; i++) linear_backward_cuda(dxp, 1, d_dy, d_x, &l, T, scratch, NULL);
+    for (int i = 0; i < iters; i++) linear_backward_cuda(dxp, 1, d_dy, 0, d_x, &l, T, scratch, NULL);
     double benq = (now_s() - t0) / iters * 1e3;
     cuda_check("timing");
     double bwd = (now_s() - t0) / iters * 1e3;
@@ -426,17 +458,27 @@ void cuda_tests_linear(void) {
     static const int r3[] = {16, 16, 16}, r4[] = {8, 8, 0, 0}, r4b[] = {0, 8, 0, 8}, r2[] = {8, 8};
     run_group(100, 72, outs3, r3, 3, 2.0f, 0.f, U_KEPT);
     run_group(100, 72, outs3, r3, 3, 2.0f, 0.f, U_IN_X);
+    run_group(100, 72, outs3, r3, 3, 2.0f, 0.f, U_IN_X_JOINED);
     run_group(100, 72, outs4, r4, 4, 2.0f, 0.f, U_NONE);
     run_group(37, 72, outs4, r4b, 4, 2.0f, 0.f, U_KEPT);
     run_group(37, 72, outs4, r4b, 4, 2.0f, 0.f, U_IN_X);
+    run_group(37, 72, outs4, r4b, 4, 2.0f, 0.f, U_IN_X_JOINED);
     run_group(100, 72, outs2, r2, 2, 0.5f, 0.f, U_KEPT);
     run_group(100, 72, outs2, r2, 2, 2.0f, 0.1f, U_KEPT);
     run_group(100, 72, outs2, r2, 2, 2.0f, 0.1f, U_NONE);
     run_group(100, 72, outs2, r2, 2, 2.0f, 0.1f, U_IN_X);
+    run_group(100, 72, outs2, r2, 2, 2.0f, 0.1f, U_IN_X_JOINED);  /* dropout: the products one by one */
+    run_group(100, 72, outs2, r2, 2, 0.5f, 0.f, U_IN_X_JOINED);   /* scales differ: the same */
+    static const int64_t outs1[] = {72};  /* one linear (an output projection): dx = [dy | g] [W; A] */
+    static const int r1[] = {16};
+    run_group(100, 136, outs1, r1, 1, 2.0f, 0.f, U_IN_X_JOINED);
     static const int64_t gdn[] = {6144, 2048, 16, 16};  /* Qwen3.5-0.8B's DeltaNet in-projections */
     static const int rgdn[] = {16, 16, 0, 0};
     run_group(4096, 1024, gdn, rgdn, 4, 2.0f, 0.f, U_KEPT);
     run_group(4096, 1024, gdn, rgdn, 4, 2.0f, 0.f, U_IN_X);
+    static const int64_t mlp[] = {3584, 3584};  /* and its MLP's gate and up, as the model runs them */
+    static const int rmlp[] = {16, 16};
+    run_group(4096, 1024, mlp, rmlp, 2, 2.0f, 0.f, U_IN_X_JOINED);
     run_defer(100, 136, 72, 16, 0.f, 1);
     run_defer(37, 72, 40, 8, 0.f, 0);
     run_defer(37, 72, 40, 8, 0.1f, 1);

@@ -174,7 +174,7 @@ static void test_linear(void) {
                          .dropout_seed = 99, .A = A, .B = B, .dA = dA[k], .dB = dB[k]};
         if (k) l.wq = c.d, l.wbuf = wbuf;
         linear_forward_cuda(y[k], CUDA_F32, 0, x, &l, T, scratch, NULL);
-        linear_backward_cuda(dx[k], 1, dy, x, &l, T, scratch, NULL);
+        linear_backward_cuda(dx[k], 1, dy, 0, x, &l, T, scratch, NULL);
     }
     if (test_cuda_ok("linear_q4") == 0) {
         const char *names[] = {"linear_q4_y", "linear_q4_dx", "linear_q4_dA", "linear_q4_dB"};
