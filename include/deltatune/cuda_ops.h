@@ -77,9 +77,10 @@ void rmsnorm1p_forward_cuda(dt_bf16 *y, int64_t ldy, const float *x, const float
  * ld_bf long. */
 void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, int64_t ld_bf, const float *dx_in, const float *dy,
                              const float *x, const float *w, int64_t rows, int D, float eps);
-/* y (bf16) = w * x / rms(x) * silu(z) over rows of D; x, z bf16, w fp32 [D]. */
-void rmsnorm_gated_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const dt_bf16 *z, const float *w, int64_t rows,
-                                int D, float eps);
+/* y (bf16) = w * x / rms(x) * silu(z) over rows of D; x, z bf16, w fp32 [D]. y's rows are a token's
+ * heads (rows of x: token row / heads, head row % heads), each token's ldy long. */
+void rmsnorm_gated_forward_cuda(dt_bf16 *y, int heads, int64_t ldy, const dt_bf16 *x, const dt_bf16 *z,
+                                const float *w, int64_t rows, int D, float eps);
 /* dx (fp32) and dz (bf16) overwritten, given dy (fp32). */
 void rmsnorm_gated_backward_cuda(float *dx, dt_bf16 *dz, const float *dy, const dt_bf16 *x, const dt_bf16 *z,
                                  const float *w, int64_t rows, int D, float eps);
@@ -96,9 +97,9 @@ void qk_norm_rope_forward_cuda(dt_bf16 *y, const dt_bf16 *x, int64_t row_stride,
 void qk_norm_rope_backward_cuda(dt_bf16 *dx, int64_t row_stride, int head_stride, const float *dy,
                                 const dt_bf16 *x, const float *w, const int32_t *pos, int64_t N, int n_heads,
                                 int hd, int rot_dim, double theta, float eps);
-/* y = x * sigmoid(gate), x and y bf16 [N, nh * hd]; gate head h of token t is at
- * qg + t * 2 * nh * hd + h * 2 * hd + hd (the second half of q_proj's per-head rows). */
-void attn_gate_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const dt_bf16 *qg, int64_t N, int nh, int hd);
+/* y = x * sigmoid(gate), x and y bf16 [N, nh * hd] (y's rows ldy long); gate head h of token t is
+ * at qg + t * 2 * nh * hd + h * 2 * hd + hd (the second half of q_proj's per-head rows). */
+void attn_gate_forward_cuda(dt_bf16 *y, int64_t ldy, const dt_bf16 *x, const dt_bf16 *qg, int64_t N, int nh, int hd);
 /* dx (bf16 [N, nh * hd]) and the gate slots of dqg (bf16) overwritten, given dy (fp32). */
 void attn_gate_backward_cuda(dt_bf16 *dx, dt_bf16 *dqg, const float *dy, const dt_bf16 *x, const dt_bf16 *qg,
                              int64_t N, int nh, int hd);

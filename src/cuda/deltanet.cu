@@ -536,12 +536,23 @@ __global__ void dg_suffix_kernel(float *dg, const int32_t *seq_starts, int Hv) {
 
 // Zeroes what the backward accumulates into: the q/k columns of dqkv and dbeta, dg, over the
 // N = seq_starts[n_seqs] tokens (N lives on the device).
+// dq and dk (dqkv's first qk_cols columns of each row) and dbeta, dg zeroed for the passes that
+// add into them; V4: rows and columns in whole float4 (16-byte stores, no 64-bit division per float)
+template <bool V4>
 __global__ void dn_zero_kernel(float *dqkv, float *dbeta, float *dg, const int32_t *seq_starts, int n_seqs,
                                int64_t conv_dim, int64_t qk_cols, int Hv) {
-    int64_t N = seq_starts[n_seqs], n = N * qk_cols, stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += stride)
-        dqkv[(i / qk_cols) * conv_dim + i % qk_cols] = 0.0f;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < N * Hv; i += stride) {
+    int64_t N = seq_starts[n_seqs], stride = (int64_t)gridDim.x * blockDim.x;
+    int64_t i0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if constexpr (V4) {
+        int64_t q4 = qk_cols / 4;
+        for (int64_t i = i0; i < N * q4; i += stride) {
+            int64_t t = i / q4;
+            reinterpret_cast<float4 *>(dqkv + t * conv_dim)[i - t * q4] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    } else {
+        for (int64_t i = i0; i < N * qk_cols; i += stride) dqkv[(i / qk_cols) * conv_dim + i % qk_cols] = 0.0f;
+    }
+    for (int64_t i = i0; i < N * Hv; i += stride) {
         dbeta[i] = 0.0f;
         dg[i] = 0.0f;
     }
@@ -1818,8 +1829,13 @@ extern "C" void deltanet_backward_cuda(float *dqkv, float *dbeta, float *dg, con
     a.dqkv = dqkv;
     a.dbeta = dbeta;
     a.dg = dg;
-    dn_zero_kernel<<<1024, 256, 0, cuda_stream()>>>(dqkv, dbeta, dg, seq_starts, n_seqs, a.conv_dim,
-                                                    2 * (int64_t)a.Hk * a.dk, a.Hv);
+    int64_t qk_cols = 2 * (int64_t)a.Hk * a.dk;
+    if (qk_cols % 4 == 0 && a.conv_dim % 4 == 0 && ((uintptr_t)dqkv & 15) == 0)
+        dn_zero_kernel<true><<<1024, 256, 0, cuda_stream()>>>(dqkv, dbeta, dg, seq_starts, n_seqs, a.conv_dim,
+                                                              qk_cols, a.Hv);
+    else
+        dn_zero_kernel<false><<<1024, 256, 0, cuda_stream()>>>(dqkv, dbeta, dg, seq_starts, n_seqs, a.conv_dim,
+                                                               qk_cols, a.Hv);
     if (use_recurrent()) {
         cuda_prof_push("deltanet_bwd_f1");
         launch<K_F1>(a, n_seqs);

@@ -127,7 +127,8 @@ __global__ void __launch_bounds__(NORM_THREADS)
 
 // y = w x r silu(z)
 template <int G, int V, int NC>
-__global__ void __launch_bounds__(NORM_THREADS) rmsnorm_gated_fwd_kernel(bf16 *y, const bf16 *x, const bf16 *z,
+__global__ void __launch_bounds__(NORM_THREADS) rmsnorm_gated_fwd_kernel(bf16 *y, int heads, int64_t ldy,
+                                                                         const bf16 *x, const bf16 *z,
                                                                          const float *w, int64_t rows, int D,
                                                                          float eps) {
     constexpr int NR = NC > 0 ? NC : 1;
@@ -150,7 +151,7 @@ __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_gated_fwd_kernel(bf16 *y
         float o[V];
 #pragma unroll
         for (int k = 0; k < V; k++) o[k] = b[SLOT][k] * a[SLOT][k] * r * zz[SLOT][k] * sigmoid_f(zz[SLOT][k]);
-        stv<V>(y + row * D + i, o);
+        stv<V>(y + row / heads * ldy + row % heads * D + i, o);
     }
 }
 
@@ -249,15 +250,15 @@ extern "C" void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, int64_t ld_bf
         NORM_LAUNCH(rmsnorm1p_bwd_kernel, 1, rows, D, dx, dxb, ld_bf, dx_in, dy, x, w, rows, D, eps);
 }
 
-extern "C" void rmsnorm_gated_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const dt_bf16 *z, const float *w, int64_t rows,
-                                           int D, float eps) {
+extern "C" void rmsnorm_gated_forward_cuda(dt_bf16 *y, int heads, int64_t ldy, const dt_bf16 *x, const dt_bf16 *z,
+                                           const float *w, int64_t rows, int D, float eps) {
     if (rows <= 0 || D <= 0) return;
     bf16 *yb = (bf16 *)y;
     const bf16 *xb = (const bf16 *)x, *zb = (const bf16 *)z;
-    if (D % 4 == 0 && aligned_to(x, 8) && aligned_to(z, 8) && aligned_to(y, 8) && aligned_to(w, 16))
-        NORM_LAUNCH(rmsnorm_gated_fwd_kernel, 4, rows, D, yb, xb, zb, w, rows, D, eps);
+    if (D % 4 == 0 && ldy % 4 == 0 && aligned_to(x, 8) && aligned_to(z, 8) && aligned_to(y, 8) && aligned_to(w, 16))
+        NORM_LAUNCH(rmsnorm_gated_fwd_kernel, 4, rows, D, yb, heads, ldy, xb, zb, w, rows, D, eps);
     else
-        NORM_LAUNCH(rmsnorm_gated_fwd_kernel, 1, rows, D, yb, xb, zb, w, rows, D, eps);
+        NORM_LAUNCH(rmsnorm_gated_fwd_kernel, 1, rows, D, yb, heads, ldy, xb, zb, w, rows, D, eps);
 }
 
 extern "C" void rmsnorm_gated_backward_cuda(float *dx, dt_bf16 *dz, const float *dy, const dt_bf16 *x,

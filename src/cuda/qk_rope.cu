@@ -344,16 +344,18 @@ extern "C" void qk_norm_rope_backward_cuda(dt_bf16 *dx, int64_t row_stride, int 
 
 // Element e of head-row r (r = t nh + h) is x[r hd + e]; its gate is qg[r 2 hd + hd + e].
 template <int V>
-__global__ void attn_gate_fwd_kernel(bf16 *y, const bf16 *x, const bf16 *qg, int64_t n, int hd) {
+// y's rows (of d = nh hd) ldy long
+__global__ void attn_gate_fwd_kernel(bf16 *y, int64_t ldy, const bf16 *x, const bf16 *qg, int64_t n, int64_t d,
+                                     int hd) {
     int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t i = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * V; i < n; i += stride * V) {
-        int64_t r = i / hd;
+        int64_t r = i / hd, t = i / d;
         float a[V], g[V];
         ldv<V>(a, x + i);
         ldv<V>(g, qg + i + r * hd + hd);
 #pragma unroll
         for (int k = 0; k < V; k++) a[k] *= sigmoid_f(g[k]);
-        stv<V>(y + i, a);
+        stv<V>(y + t * ldy + (i - t * d), a);
     }
 }
 
@@ -378,15 +380,16 @@ __global__ void attn_gate_bwd_kernel(bf16 *dx, bf16 *dqg, const float *dy, const
     }
 }
 
-extern "C" void attn_gate_forward_cuda(dt_bf16 *y, const dt_bf16 *x, const dt_bf16 *qg, int64_t N, int nh, int hd) {
-    int64_t n = N * nh * hd;
+extern "C" void attn_gate_forward_cuda(dt_bf16 *y, int64_t ldy, const dt_bf16 *x, const dt_bf16 *qg, int64_t N, int nh,
+                                       int hd) {
+    int64_t d = (int64_t)nh * hd, n = N * d;
     if (n <= 0) return;
     bf16 *yb = (bf16 *)y;
     const bf16 *xb = (const bf16 *)x, *qb = (const bf16 *)qg;
-    if (hd % 4 == 0 && aligned_to(x, 8) && aligned_to(y, 8) && aligned_to(qg, 8))
-        attn_gate_fwd_kernel<4><<<cuda_blocks(n / 4, 256), 256, 0, cuda_stream()>>>(yb, xb, qb, n, hd);
+    if (hd % 4 == 0 && ldy % 4 == 0 && aligned_to(x, 8) && aligned_to(y, 8) && aligned_to(qg, 8))
+        attn_gate_fwd_kernel<4><<<cuda_blocks(n / 4, 256), 256, 0, cuda_stream()>>>(yb, ldy, xb, qb, n, d, hd);
     else
-        attn_gate_fwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(yb, xb, qb, n, hd);
+        attn_gate_fwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(yb, ldy, xb, qb, n, d, hd);
 }
 
 extern "C" void attn_gate_backward_cuda(dt_bf16 *dx, dt_bf16 *dqg, const float *dy, const dt_bf16 *x,

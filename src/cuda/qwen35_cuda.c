@@ -40,11 +40,12 @@ typedef struct {
 /* One layer's forward activations (a layer is DeltaNet or attention: the mixer fields of the
  * other kind stay NULL-sized views into the same region). */
 typedef struct {
-    dt_bf16 *u_out;   /* the output projection's LoRA's u = scale drop(x) A^T for the backward: [N, rank] */
     dt_bf16 *xn1, *xn2;  /* the groups' input, rows ld_xn1 / ld_xn2 long: H, then the group's LoRAs' u */
     dt_bf16 *gate, *up, *m;
     float *h_mid;
-    dt_bf16 *mixed, *conv, *qkv, *z, *o_raw, *o_norm, *b, *a;
+    dt_bf16 *mixed, *conv, *qkv, *z, *o_raw, *o_norm, *b, *a;  /* o_norm, att_g: the output projections'
+                                                                   input, rows ld_onorm / ld_attg long,
+                                                                   then its LoRA's u */
     float *beta, *g;
     dt_bf16 *qg, *q, *k_pre, *k, *v, *att, *att_g;
     float *lse;
@@ -114,6 +115,7 @@ struct qwen35_cuda {
     int64_t cap_tokens, cap_seq, cap_seqs;
     int u_rank;                 /* the largest LoRA rank when the workspace was made */
     int64_t ld_xn1, ld_xn2;     /* the rows of the acts' xn1, xn2: H and room for the group's u */
+    int64_t ld_onorm, ld_attg;  /* ... of o_norm and att_g: vd or qd and room for u */
     cuda_wide_copy *wide;       /* device [n_wide]: the blocks' A and B copies from P's tail (bind_loras) */
     int n_wide;
     int64_t wide_rows;          /* the most rows of one */
@@ -697,12 +699,11 @@ typedef struct {
 /* One layer's activations: xn1, the mixer's, then the MLP part. The DeltaNet's conv output,
  * where the conv and the L2 norm run as separate ops (deltanet_conv_forward_cuda), lives in the
  * MLP part for the moment between them (its backward recomputes it). */
-static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, int lora_rank, int64_t ld_xn1,
-                                int64_t ld_xn2, char *base) {
+static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, const qwen35_cuda *g, char *base) {
     carver k = {base, 0};
     size_t B2 = 2 * (size_t)N, B4 = 4 * (size_t)N;
+    int64_t ld_xn1 = g->ld_xn1, ld_xn2 = g->ld_xn2;
     acts_offsets o;
-    a->u_out = carve(&k, B2 * lora_rank);
     a->xn1 = carve(&k, B2 * ld_xn1);
     carver mix = k;  /* the mixers share what follows */
     a->mixed = carve(&k, B2 * d->cd);
@@ -714,7 +715,7 @@ static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, int lora_
     o.out_off = k.off;
     a->z = carve(&k, B2 * d->vd);
     a->o_raw = carve(&k, B2 * d->vd);
-    a->o_norm = carve(&k, B2 * d->vd);
+    a->o_norm = carve(&k, B2 * g->ld_onorm);
     size_t gdn_end = k.off;
     k = mix;
     a->qg = carve(&k, B2 * 2 * d->qd);
@@ -723,7 +724,7 @@ static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, int lora_
     a->k = carve(&k, B2 * d->kvd);
     a->v = carve(&k, B2 * d->kvd);
     a->att = carve(&k, B2 * d->qd);
-    a->att_g = carve(&k, B2 * d->qd);
+    a->att_g = carve(&k, B2 * g->ld_attg);
     a->lse = carve(&k, B4 * d->nh);
     k.off = k.off > gdn_end ? k.off : gdn_end;
     o.mlp_off = k.off;
@@ -860,7 +861,9 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     /* rows of whole 16 bytes: the products' preferred alignment */
     g->ld_xn1 = (H + GROUP_MAX * rank + 7) / 8 * 8;
     g->ld_xn2 = (H + 2 * rank + 7) / 8 * 8;
-    acts_offsets o = acts_layout(&g->acts[0], &d, N, rank, g->ld_xn1, g->ld_xn2, NULL);
+    g->ld_onorm = (d.vd + rank + 7) / 8 * 8;
+    g->ld_attg = (d.qd + rank + 7) / 8 * 8;
+    acts_offsets o = acts_layout(&g->acts[0], &d, N, g, NULL);
     int rc = 0;
     if (n_acts == 1) {  /* acts[0], then scratch */
         size_t mlp = o.bytes - o.mlp_off, out = o.bytes - o.out_off;
@@ -870,7 +873,7 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
         rc = cuda_alloc(&g->acts[0].block, o.bytes + g->scratch_bytes);
         if (rc == 0) {
             char *base = g->acts[0].block;
-            acts_layout(&g->acts[0], &d, N, rank, g->ld_xn1, g->ld_xn2, base);
+            acts_layout(&g->acts[0], &d, N, g, base);
             g->n_acts = 1;
             g->big = base + o.mlp_off;
             g->big_bwd = base + o.out_off;
@@ -882,7 +885,7 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
         g->scratch = g->big = g->big_bwd = g->scratch_block;
         for (int i = 0; rc == 0 && i < n_acts; i++) {
             rc = cuda_alloc(&g->acts[i].block, o.bytes);
-            if (rc == 0) acts_layout(&g->acts[i], &d, N, rank, g->ld_xn1, g->ld_xn2, g->acts[i].block), g->n_acts++;
+            if (rc == 0) acts_layout(&g->acts[i], &d, N, g, g->acts[i].block), g->n_acts++;
         }
     }
     if (rc == 0) rc = cuda_alloc((void **)&g->h32, sizeof(float) * (size_t)(N * H));
@@ -986,12 +989,13 @@ static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const cal
     PROF("fwd.gdn.recurrence",
          deltanet_forward_cuda(a->o_raw, a->qkv, a->beta, a->g, g->seq_starts, k->n_seqs, k->max_len, dd, g->big));
     PROF("fwd.gdn.out", {
-        rmsnorm_gated_forward_cuda(a->o_norm, a->o_raw, a->z, L->lin_norm, N * d.Hv, c->lin_v_head_dim,
-                                   (float)c->rms_eps);
+        rmsnorm_gated_forward_cuda(a->o_norm, (int)d.Hv, g->ld_onorm, a->o_raw, a->z, L->lin_norm, N * d.Hv,
+                                   c->lin_v_head_dim, (float)c->rms_eps);
         /* the output projection adds onto the residual: the add for free (where res is h_mid, in
          * the MLP part, which `big` covered until now, h_in is copied there only now) */
         if (res != h_in) cuda_copy_f32(res, h_in, N * d.H);
-        linear_forward_cuda(res, CUDA_F32, 1, a->o_norm, &L->lin_out, N, s, a->u_out);
+        cuda_linear_part p = {res, CUDA_F32, 1, NULL, &L->lin_out, 0};
+        linear_group_forward_cuda(&p, 1, a->o_norm, g->ld_onorm, N, s, a->o_norm + d.vd, g->ld_onorm);
     });
 }
 
@@ -1018,9 +1022,10 @@ static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const ca
     PROF("fwd.attn.core", attention_forward_cuda(a->att, a->lse, a->q, a->k, a->v, g->starts_host, g->lens_host,
                                                  k->n_seqs, nh, nkv, hd, 1.0f / sqrtf((float)hd), g->big));
     PROF("fwd.attn.out", {
-        attn_gate_forward_cuda(a->att_g, a->att, a->qg, N, nh, hd);
+        attn_gate_forward_cuda(a->att_g, g->ld_attg, a->att, a->qg, N, nh, hd);
         if (res != h_in) cuda_copy_f32(res, h_in, N * d.H);  /* as in the DeltaNet mixer */
-        linear_forward_cuda(res, CUDA_F32, 1, a->att_g, &L->att_o, N, s, a->u_out);
+        cuda_linear_part p = {res, CUDA_F32, 1, NULL, &L->att_o, 0};
+        linear_group_forward_cuda(&p, 1, a->att_g, g->ld_attg, N, s, a->att_g + d.qd, g->ld_attg);
     });
 }
 
@@ -1059,7 +1064,8 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
     int64_t N = k->N;
     void *s = g->scratch;
     PROF("bwd.gdn.out", {
-        linear_backward_cuda(G->do_norm, 0, G->dy_bf, G->ld_dy, a->o_norm, &L->lin_out, N, s, a->u_out);
+        cuda_linear_part p = {NULL, CUDA_F32, 0, G->dy_bf, &L->lin_out, G->ld_dy};
+        linear_group_backward_cuda(G->do_norm, 0, &p, 1, a->o_norm, g->ld_onorm, N, s, a->o_norm + d.vd, g->ld_onorm);
         rmsnorm_gated_backward_cuda(G->do_raw, G->dz, G->do_norm, a->o_raw, a->z, L->lin_norm, N * d.Hv,
                                     c->lin_v_head_dim, (float)c->rms_eps);
     });
@@ -1092,7 +1098,8 @@ static void attention_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const c
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
     PROF("bwd.attn.out", {
-        linear_backward_cuda(G->datt_g, 0, G->dy_bf, G->ld_dy, a->att_g, &L->att_o, N, s, a->u_out);
+        cuda_linear_part p = {NULL, CUDA_F32, 0, G->dy_bf, &L->att_o, G->ld_dy};
+        linear_group_backward_cuda(G->datt_g, 0, &p, 1, a->att_g, g->ld_attg, N, s, a->att_g + d.qd, g->ld_attg);
         attn_gate_backward_cuda(G->datt, G->dqg, G->datt_g, a->att, a->qg, N, nh, hd);
     });
     PROF("bwd.attn.core", attention_backward_cuda(G->dq, G->dk, G->dv, G->datt, a->att, a->lse, a->q, a->k, a->v,

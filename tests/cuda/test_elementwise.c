@@ -167,13 +167,30 @@ static void test_rmsnorm_gated(int64_t rows, int D) {
     dt_bf16 *d_x = test_dev_bf16(x, n), *d_z = test_dev_bf16(z, n), *d_y = test_dev_bf16(dy, n),
             *d_dz = test_dev_bf16(dy, n);
     float *d_w = test_dev_f32(w, D), *d_dy = test_dev_f32(dy, n), *d_dx = test_dev_f32(dy, n);
-    rmsnorm_gated_forward_cuda(d_y, d_x, d_z, d_w, rows, D, eps);
+    rmsnorm_gated_forward_cuda(d_y, 1, D, d_x, d_z, d_w, rows, D, eps);
     snprintf(name, sizeof name, "rmsnorm_gated_forward rows=%lld D=%d", (long long)rows, D);
     if (!test_cuda_ok(name)) {
         float *g = test_host_bf16(d_y, n);
         test_expect_close(name, g, y, n, 1e-2);
         free(g);
     }
+    /* rows as a token's heads (rows / heads tokens when it divides), tokens' rows with room after
+     * (the output projection's u): the room untouched */
+    int heads = rows % 16 == 0 ? 16 : 1;
+    int64_t T = rows / heads, ld = (int64_t)heads * D + 12;
+    float *pad = test_rvec_bf16(T * ld, 1.0f), *want = test_copy(pad, T * ld);
+    for (int64_t t = 0; t < T; t++) memcpy(want + t * ld, y + t * heads * D, sizeof(float) * heads * D);
+    dt_bf16 *d_yp = test_dev_bf16(pad, T * ld);
+    rmsnorm_gated_forward_cuda(d_yp, heads, ld, d_x, d_z, d_w, rows, D, eps);
+    snprintf(name, sizeof name, "rmsnorm_gated_forward rows=%lld D=%d as %d heads, into rows of %lld", (long long)rows,
+             D, heads, (long long)ld);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_yp, T * ld);
+        test_expect_close(name, g, want, T * ld, 1e-2);
+        free(g);
+    }
+    cuda_free(d_yp);
+    free(pad), free(want);
     rmsnorm_gated_backward_cuda(d_dx, d_dz, d_dy, d_x, d_z, d_w, rows, D, eps);
     snprintf(name, sizeof name, "rmsnorm_gated_backward dx rows=%lld D=%d", (long long)rows, D);
     if (!test_cuda_ok(name)) {
@@ -257,13 +274,27 @@ static void test_attn_gate(int64_t N, int nh, int hd) {
     dt_bf16 *d_x = test_dev_bf16(x, n), *d_qg = test_dev_bf16(qg, 2 * n), *d_y = test_dev_bf16(dy, n),
             *d_dx = test_dev_bf16(dy, n), *d_dqg = test_dev_bf16(fill, 2 * n);
     float *d_dy = test_dev_f32(dy, n);
-    attn_gate_forward_cuda(d_y, d_x, d_qg, N, nh, hd);
+    attn_gate_forward_cuda(d_y, nh * hd, d_x, d_qg, N, nh, hd);
     snprintf(name, sizeof name, "attn_gate_forward %s", what);
     if (!test_cuda_ok(name)) {
         float *g = test_host_bf16(d_y, n);
         test_expect_close(name, g, y, n, 1e-2);
         free(g);
     }
+    /* into rows with room after (the output projection's u): the room untouched */
+    int64_t ld = (int64_t)nh * hd + 16;
+    float *pad = test_rvec_bf16(N * ld, 1.0f), *want = test_copy(pad, N * ld);
+    for (int64_t t = 0; t < N; t++) memcpy(want + t * ld, y + t * nh * hd, sizeof(float) * nh * hd);
+    dt_bf16 *d_yp = test_dev_bf16(pad, N * ld);
+    attn_gate_forward_cuda(d_yp, ld, d_x, d_qg, N, nh, hd);
+    snprintf(name, sizeof name, "attn_gate_forward %s into rows of %lld", what, (long long)ld);
+    if (!test_cuda_ok(name)) {
+        float *g = test_host_bf16(d_yp, N * ld);
+        test_expect_close(name, g, want, N * ld, 1e-2);
+        free(g);
+    }
+    cuda_free(d_yp);
+    free(pad), free(want);
     attn_gate_backward_cuda(d_dx, d_dqg, d_dy, d_x, d_qg, N, nh, hd);
     snprintf(name, sizeof name, "attn_gate_backward dx %s", what);
     if (!test_cuda_ok(name)) {
@@ -506,7 +537,7 @@ static void timing(void) {
     TIME("embedding 4096x1024", N * H * 6, embedding_forward_cuda(f3, ids, N, E, H));
     TIME("rmsnorm1p_fwd 4096x1024", N * H * 6, rmsnorm1p_forward_cuda(b3, H, f1, w, N, H, 1e-6f));
     TIME("rmsnorm1p_bwd 4096x1024", N * H * 16, rmsnorm1p_backward_cuda(f3, NULL, H, f3, f2, f1, w, N, H, 1e-6f));
-    TIME("rmsnorm_gated_fwd 65536x128", N * Hv * dv * 6, rmsnorm_gated_forward_cuda(b3, b1, b2, w, N * Hv, dv, 1e-6f));
+    TIME("rmsnorm_gated_fwd 65536x128", N * Hv * dv * 6, rmsnorm_gated_forward_cuda(b3, 1, dv, b1, b2, w, N * Hv, dv, 1e-6f));
     TIME("rmsnorm_gated_bwd 65536x128", N * Hv * dv * 14,
          rmsnorm_gated_backward_cuda(f3, b3, f2, b1, b2, w, N * Hv, dv, 1e-6f));
     TIME("qk_norm_rope_fwd q 4096x8x256", N * nh * hd * 4,
@@ -517,7 +548,7 @@ static void timing(void) {
          qk_norm_rope_forward_cuda(b3, b1, nkv * hd, hd, w, pos, N, nkv, hd, rot, 1e7, 1e-6f));
     TIME("qk_norm_rope_bwd k 4096x2x256", N * nkv * hd * 8,
          qk_norm_rope_backward_cuda(b3, nkv * hd, hd, f2, b1, w, pos, N, nkv, hd, rot, 1e7, 1e-6f));
-    TIME("attn_gate_fwd 4096x8x256", N * nh * hd * 6, attn_gate_forward_cuda(b3, b1, b2, N, nh, hd));
+    TIME("attn_gate_fwd 4096x8x256", N * nh * hd * 6, attn_gate_forward_cuda(b3, nh * hd, b1, b2, N, nh, hd));
     TIME("attn_gate_bwd 4096x8x256", N * nh * hd * 12, attn_gate_backward_cuda(b3, b4, f2, b1, b2, N, nh, hd));
     TIME("swiglu_fwd 4096x3584", N * I * 6, swiglu_forward_cuda(b3, b1, b2, N * I));
     TIME("swiglu_bwd 4096x3584", N * I * 12, swiglu_backward_cuda(b3, b4, I, f2, b1, b2, N, I));
