@@ -104,17 +104,20 @@ void attn_gate_forward_cuda(dt_bf16 *y, int64_t ldy, const dt_bf16 *x, const dt_
 void attn_gate_backward_cuda(dt_bf16 *dx, dt_bf16 *dqg, const float *dy, const dt_bf16 *x, const dt_bf16 *qg,
                              int64_t N, int nh, int hd);
 
+typedef enum { CUDA_F32, CUDA_BF16, CUDA_F16 } cuda_dtype;
+
 /* ---- activations.cu ---- */
 /* m = silu(gate) * up, n values, bf16. */
 void swiglu_forward_cuda(dt_bf16 *m, const dt_bf16 *gate, const dt_bf16 *up, int64_t n);
-/* dgate, dup (bf16, rows ldd long) overwritten, given dm (fp32), all [rows, I]. */
-void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, const float *dm, const dt_bf16 *gate,
-                          const dt_bf16 *up, int64_t rows, int64_t I);
+/* dgate, dup (bf16, rows ldd long) overwritten, given dm (of type dmt), all [rows, I]. */
+void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, const void *dm, cuda_dtype dmt,
+                          const dt_bf16 *gate, const dt_bf16 *up, int64_t rows, int64_t I);
 /* The same with dm + g A as the gradient (g bf16 [rows, r], A bf16 [r, I]; g NULL: dm alone): the
  * down projection's LoRA part of dm (linear_backward_defer_lora_cuda), added here rather than by a
  * product over all of dm. dm may be overwritten. */
-void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, float *dm, const dt_bf16 *gate,
-                               const dt_bf16 *up, int64_t rows, int64_t I, const dt_bf16 *g, const dt_bf16 *A, int r);
+void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, void *dm, cuda_dtype dmt,
+                               const dt_bf16 *gate, const dt_bf16 *up, int64_t rows, int64_t I, const dt_bf16 *g,
+                               const dt_bf16 *A, int r);
 
 /* ---- conv1d.cu ---- */
 /* Causal depthwise conv over time then SiLU, over packed sequences: y[t][c] =
@@ -189,8 +192,6 @@ void attention_backward_cuda(float *dq, float *dk, float *dv, const dt_bf16 *dou
                              const float *lse, const dt_bf16 *q, const dt_bf16 *k, const dt_bf16 *v,
                              const int *seq_starts, const int *seq_lens, int n_seqs, int nh, int nkv, int hd,
                              float scale, void *scratch);
-
-typedef enum { CUDA_F32, CUDA_BF16, CUDA_F16 } cuda_dtype;
 
 /* ---- quant.cu: products through MLX affine-quantized weights (quant.h) ---- */
 /* A quantized weight on the device, as the checkpoint holds it: rows of cols values, packed LSB
@@ -282,12 +283,13 @@ void linear_group_forward_cuda(const cuda_linear_part *p, int n, const dt_bf16 *
 void linear_group_backward_cuda(float *dx, int accumulate, const cuda_linear_part *p, int n, const dt_bf16 *x,
                                 int64_t ldx, int64_t T, void *scratch, const dt_bf16 *u, int64_t ldu);
 
-/* linear_backward_cuda (dx overwritten) without LoRA's part of dx, for a consumer of dx that adds
- * it itself (swiglu_backward_lora_cuda): returns g = scale dy B (bf16 [T, rank], in scratch until
- * the next product), so that the whole dx is dx + g A. A linear without a LoRA, or whose LoRA
- * drops out its input, gets the whole backward instead, and NULL. */
-const dt_bf16 *linear_backward_defer_lora_cuda(float *dx, const dt_bf16 *dy, int64_t ldy, const dt_bf16 *x,
-                                               const cuda_linear *l, int64_t T, void *scratch, const dt_bf16 *u_kept);
+/* linear_backward_cuda (dx, of type dxt, overwritten) without LoRA's part of dx, for a consumer of
+ * dx that adds it itself (swiglu_backward_lora_cuda): returns g = scale dy B (bf16 [T, rank], in
+ * scratch until the next product), so that the whole dx is dx + g A; NULL without a LoRA. A LoRA
+ * that drops out its input gets the whole backward instead (dx fp32 only), and NULL. */
+const dt_bf16 *linear_backward_defer_lora_cuda(void *dx, cuda_dtype dxt, const dt_bf16 *dy, int64_t ldy,
+                                               const dt_bf16 *x, const cuda_linear *l, int64_t T, void *scratch,
+                                               const dt_bf16 *u_kept);
 
 /* ---- loss.cu ---- */
 /* Cross-entropy of the LM head fused with it: h (bf16 [N, H], final-normed) times E^T

@@ -32,9 +32,9 @@ static __device__ __forceinline__ void swiglu_grad(float &dg, float &du, float d
     du = d * g * s;
 }
 
-// [rows, I], dg and du in rows ldd long; V divides I
-template <int V>
-__global__ void swiglu_bwd_kernel(bf16 *dg, bf16 *du, int64_t ldd, const float *dm, const bf16 *g, const bf16 *u,
+// [rows, I], dg and du in rows ldd long; V divides I; dm fp32 or bf16
+template <int V, typename DM>
+__global__ void swiglu_bwd_kernel(bf16 *dg, bf16 *du, int64_t ldd, const DM *dm, const bf16 *g, const bf16 *u,
                                   int64_t rows, int64_t I) {
     int64_t stride = (int64_t)gridDim.x * blockDim.x, i0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     int64_t nv = rows * I / V;
@@ -61,18 +61,24 @@ extern "C" void swiglu_forward_cuda(dt_bf16 *m, const dt_bf16 *gate, const dt_bf
         swiglu_fwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(mb, gb, ub, n);
 }
 
-extern "C" void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, const float *dm, const dt_bf16 *gate,
-                                     const dt_bf16 *up, int64_t rows, int64_t I) {
+template <typename DM>
+static void swiglu_backward(bf16 *dg, bf16 *du, int64_t ldd, const DM *dm, const bf16 *g, const bf16 *u, int64_t rows,
+                            int64_t I) {
+    int64_t n = rows * I;
+    if (I % 8 == 0 && ldd % 8 == 0 && aligned_to(dg, 16) && aligned_to(du, 16) && aligned_to(g, 16) &&
+        aligned_to(u, 16) && aligned_to(dm, 16))
+        swiglu_bwd_kernel<8><<<cuda_blocks(n / 8 + 1, 256), 256, 0, cuda_stream()>>>(dg, du, ldd, dm, g, u, rows, I);
+    else
+        swiglu_bwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(dg, du, ldd, dm, g, u, rows, I);
+}
+
+extern "C" void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, const void *dm, cuda_dtype dmt,
+                                     const dt_bf16 *gate, const dt_bf16 *up, int64_t rows, int64_t I) {
     if (rows <= 0 || I <= 0) return;
     bf16 *dgb = (bf16 *)dgate, *dub = (bf16 *)dup;
     const bf16 *gb = (const bf16 *)gate, *ub = (const bf16 *)up;
-    int64_t n = rows * I;
-    if (I % 8 == 0 && ldd % 8 == 0 && aligned_to(dgate, 16) && aligned_to(dup, 16) && aligned_to(gate, 16) &&
-        aligned_to(up, 16) && aligned_to(dm, 16))
-        swiglu_bwd_kernel<8><<<cuda_blocks(n / 8 + 1, 256), 256, 0, cuda_stream()>>>(dgb, dub, ldd, dm, gb, ub,
-                                                                                     rows, I);
-    else
-        swiglu_bwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(dgb, dub, ldd, dm, gb, ub, rows, I);
+    if (dmt == CUDA_BF16) swiglu_backward(dgb, dub, ldd, (const bf16 *)dm, gb, ub, rows, I);
+    else swiglu_backward(dgb, dub, ldd, (const float *)dm, gb, ub, rows, I);
 }
 
 // dm + g A, with g [rows, r] and A [r, I], then the backward as swiglu_bwd_kernel: LoRA's part of
@@ -81,8 +87,9 @@ extern "C" void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, 
 // [r][LW_COLS] and the g rows in shared memory, read there once per row.
 constexpr int LW_THREADS = 128, LW_COLS = 8 * LW_THREADS, LW_ROWS = 32, LW_MAX_RANK = 32;
 
+template <typename DM>
 __global__ void __launch_bounds__(LW_THREADS)
-    swiglu_bwd_lora_kernel(bf16 *dg, bf16 *du, int64_t ldd, const float *dm, const bf16 *gate, const bf16 *up,
+    swiglu_bwd_lora_kernel(bf16 *dg, bf16 *du, int64_t ldd, const DM *dm, const bf16 *gate, const bf16 *up,
                            int64_t rows, int64_t I, const bf16 *g, const bf16 *A, int r) {
     extern __shared__ float4 lw_smem[];
     bf16 *As = reinterpret_cast<bf16 *>(lw_smem);             // [r][LW_COLS]
@@ -120,23 +127,35 @@ __global__ void __launch_bounds__(LW_THREADS)
     }
 }
 
-extern "C" void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, float *dm, const dt_bf16 *gate,
-                                          const dt_bf16 *up, int64_t rows, int64_t I, const dt_bf16 *g,
-                                          const dt_bf16 *A, int r) {
+template <typename DM>
+static void launch_bwd_lora(bf16 *dg, bf16 *du, int64_t ldd, const DM *dm, const bf16 *gate, const bf16 *up,
+                            int64_t rows, int64_t I, const bf16 *g, const bf16 *A, int r) {
+    size_t smem = sizeof(bf16) * r * LW_COLS + sizeof(float) * LW_ROWS * r;
+    cudaFuncSetAttribute(swiglu_bwd_lora_kernel<DM>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    dim3 grid((unsigned)((I + LW_COLS - 1) / LW_COLS), (unsigned)((rows + LW_ROWS - 1) / LW_ROWS));
+    swiglu_bwd_lora_kernel<DM><<<grid, LW_THREADS, smem, cuda_stream()>>>(dg, du, ldd, dm, gate, up, rows, I, g, A, r);
+}
+
+extern "C" void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, void *dm, cuda_dtype dmt,
+                                          const dt_bf16 *gate, const dt_bf16 *up, int64_t rows, int64_t I,
+                                          const dt_bf16 *g, const dt_bf16 *A, int r) {
     if (rows <= 0 || I <= 0) return;
     bool fused = g && r > 0 && r <= LW_MAX_RANK && I % 8 == 0 && ldd % 8 == 0 && aligned_to(dgate, 16) &&
-                 aligned_to(dup, 16) &&
-                 aligned_to(gate, 16) && aligned_to(up, 16) && aligned_to(dm, 16) && aligned_to(A, 16);
+                 aligned_to(dup, 16) && aligned_to(gate, 16) && aligned_to(up, 16) && aligned_to(dm, 16) &&
+                 aligned_to(A, 16);
+    bf16 *dgb = (bf16 *)dgate, *dub = (bf16 *)dup;
+    const bf16 *gb = (const bf16 *)gate, *ub = (const bf16 *)up, *g16 = (const bf16 *)g, *A16 = (const bf16 *)A;
+    if (fused && dmt == CUDA_BF16) {
+        launch_bwd_lora(dgb, dub, ldd, (const bf16 *)dm, gb, ub, rows, I, g16, A16, r);
+        return;
+    }
     if (fused) {
-        size_t smem = sizeof(bf16) * r * LW_COLS + sizeof(float) * LW_ROWS * r;
-        cudaFuncSetAttribute(swiglu_bwd_lora_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        dim3 grid((unsigned)((I + LW_COLS - 1) / LW_COLS), (unsigned)((rows + LW_ROWS - 1) / LW_ROWS));
-        swiglu_bwd_lora_kernel<<<grid, LW_THREADS, smem, cuda_stream()>>>(
-            (bf16 *)dgate, (bf16 *)dup, ldd, dm, (const bf16 *)gate, (const bf16 *)up, rows, I, (const bf16 *)g,
-            (const bf16 *)A, r);
+        launch_bwd_lora(dgb, dub, ldd, (const float *)dm, gb, ub, rows, I, g16, A16, r);
         return;
     }
     // otherwise the LoRA part by a product into dm, then the plain backward
-    if (g && r > 0) cuda_gemm(false, false, (int)rows, (int)I, r, 1.f, g, r, 0, A, I, 0, 1.f, dm, CUDA_R_32F, I, 0, 1);
-    swiglu_backward_cuda(dgate, dup, ldd, dm, gate, up, rows, I);
+    if (g && r > 0)
+        cuda_gemm(false, false, (int)rows, (int)I, r, 1.f, g, r, 0, A, I, 0, 1.f, dm,
+                  dmt == CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F, I, 0, 1);
+    swiglu_backward_cuda(dgate, dup, ldd, dm, dmt, gate, up, rows, I);
 }

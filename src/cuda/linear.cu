@@ -470,21 +470,25 @@ extern "C" void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *d
     linear_group_backward_cuda(dx, accumulate, &p, 1, x, l->in, T, scratch, u_kept, lora_rank(l));
 }
 
-extern "C" const dt_bf16 *linear_backward_defer_lora_cuda(float *dx, const dt_bf16 *dy_, int64_t ldy,
+extern "C" const dt_bf16 *linear_backward_defer_lora_cuda(void *dx, cuda_dtype dxt, const dt_bf16 *dy_, int64_t ldy,
                                                           const dt_bf16 *x_, const cuda_linear *l, int64_t T,
                                                           void *scratch, const dt_bf16 *u_kept) {
-    if (!has_lora(l) || l->dropout > 0 || T <= 0) {
-        linear_backward_cuda(dx, 0, dy_, ldy, x_, l, T, scratch, u_kept);
+    if (T <= 0) return NULL;
+    if (has_lora(l) && l->dropout > 0) {  // g A goes through the mask: the whole backward, in fp32
+        if (dxt == CUDA_F32) linear_backward_cuda((float *)dx, 0, dy_, ldy, x_, l, T, scratch, u_kept);
+        else dt_err("linear_backward_defer_lora_cuda: a LoRA with dropout needs an fp32 dx");
         return NULL;
     }
     ensure_workspace();
     const bf16 *dy = (const bf16 *)dy_;
     if (ldy <= 0) ldy = l->out;
     lora_scratch s = carve(scratch, T, l->rank);
-    member_lora_backward(NULL, false, dy, ldy, (const bf16 *)x_, l->in, l, T, s, (const bf16 *)u_kept, l->rank, true);
-    gemm_rm(false, false, T, l->in, l->out, 1.f, dy, ldy, base_weight(l), base_ld(l), 0.f, dx, CUDA_R_32F, l->in,
-            "linear backward");
-    return (const dt_bf16 *)s.g;
+    if (has_lora(l))
+        member_lora_backward(NULL, false, dy, ldy, (const bf16 *)x_, l->in, l, T, s, (const bf16 *)u_kept, l->rank,
+                             true);
+    gemm_rm(false, false, T, l->in, l->out, 1.f, dy, ldy, base_weight(l), base_ld(l), 0.f, dx,
+            dxt == CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F, l->in, "linear backward");
+    return has_lora(l) ? (const dt_bf16 *)s.g : NULL;
 }
 
 // ---- the bf16 copies of A and B in the bases' blocks

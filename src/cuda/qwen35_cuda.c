@@ -68,7 +68,7 @@ typedef struct {
                                            input, with room after for a LoRA's g (the output projections') */
     int64_t ld_dy;
     /* MLP, [mlp_rows, .] */
-    float *dm, *dxn2;
+    float *dm, *dxn2;       /* dm: room for fp32, bf16 where the down projection's LoRA has no dropout */
     dt_bf16 *dgate, *dup;   /* side by side in rows ld_dgu long, with room after for the LoRAs' g */
     int64_t ld_dgu;
     /* Gated DeltaNet */
@@ -1139,12 +1139,15 @@ static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_
         down.row0 = gate.row0 = up.row0 = t0;
         PROF("bwd.mlp", {
             /* the recompute skipped the down projection: its u is the forward's; its LoRA's part of
-             * dm is added by the SwiGLU's backward */
+             * dm is added by the SwiGLU's backward, and dm is bf16 (as the SwiGLU's inputs are) but
+             * where that LoRA drops out its input (its whole backward writes dm, in fp32) */
             dt_bf16 *u_down = u_down_of(g, l);
-            const dt_bf16 *g_down = linear_backward_defer_lora_cuda(G->dm, G->dy_bf + t0 * G->ld_dy, G->ld_dy, a->m + t0 * I, &down,
-                                                                    n, s, u_down ? u_down + t0 * down.rank : NULL);
-            swiglu_backward_lora_cuda(G->dgate, G->dup, G->ld_dgu, G->dm, a->gate + t0 * I, a->up + t0 * I, n, I, g_down,
-                                      down.A, down.rank);
+            cuda_dtype dmt = down.dropout > 0 ? CUDA_F32 : CUDA_BF16;
+            const dt_bf16 *g_down =
+                linear_backward_defer_lora_cuda(G->dm, dmt, G->dy_bf + t0 * G->ld_dy, G->ld_dy, a->m + t0 * I, &down,
+                                                n, s, u_down ? u_down + t0 * down.rank : NULL);
+            swiglu_backward_lora_cuda(G->dgate, G->dup, G->ld_dgu, G->dm, dmt, a->gate + t0 * I, a->up + t0 * I, n, I,
+                                      g_down, down.A, down.rank);
             /* dgate and dup side by side, with room for g: one product for dxn2 (linear_group_backward_cuda) */
             cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dgate, &gate, G->ld_dgu},
                                     {NULL, CUDA_F32, 0, G->dup, &up, G->ld_dgu}};

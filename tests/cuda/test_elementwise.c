@@ -337,7 +337,7 @@ static void test_swiglu(int64_t n, int off) {
         test_expect_close(name, h + off, mc + off, m, 1e-2);
         free(h);
     }
-    swiglu_backward_cuda(d_dg + off, d_du + off, m, d_dm + off, d_g + off, d_u + off, 1, m);
+    swiglu_backward_cuda(d_dg + off, d_du + off, m, d_dm + off, CUDA_F32, d_g + off, d_u + off, 1, m);
     snprintf(name, sizeof name, "swiglu_backward dgate n=%lld off=%d", (long long)m, off);
     if (!test_cuda_ok(name)) {
         float *h = test_host_bf16(d_dg, n);
@@ -355,11 +355,12 @@ static void test_swiglu(int64_t n, int off) {
 /* swiglu_backward_lora_cuda: the gradient dm + g A (the down projection's LoRA part), against
  * the CPU's swiglu_backward of that sum; the fused kernel (I a multiple of 8, r <= 32), and the
  * product-then-backward path otherwise; g NULL: dm alone. joined: dgate and dup side by side in
- * rows of 2 I + 16, as the model's MLP backward keeps them. */
+ * rows of 2 I + 16, and dm bf16, as the model's MLP backward keeps them. */
 static void test_swiglu_lora(int64_t rows, int64_t I, int r, int with_g, int joined) {
     char name[128];
     int64_t n = rows * I, ldd = joined ? 2 * I + 16 : I;
     float *gt = test_rvec_bf16(n, 4.0f), *u = test_rvec_bf16(n, 2.0f), *dm = test_rvec(n, 1.0f);
+    if (joined) test_round_bf16(dm, n);
     float *g = test_rvec_bf16(rows * r, 1.0f), *A = test_rvec_bf16((int64_t)r * I, 0.5f);
     float *sum = test_copy(dm, n), *dgc = zeros(n), *duc = zeros(n);
     for (int64_t t = 0; with_g && t < rows; t++)
@@ -371,7 +372,10 @@ static void test_swiglu_lora(int64_t rows, int64_t I, int r, int with_g, int joi
             *d_g = test_dev_bf16(g, rows * r), *d_A = test_dev_bf16(A, (int64_t)r * I);
     dt_bf16 *d_dg = d_out, *d_du = joined ? d_out + I : d_out + rows * ldd;
     float *d_dm = test_dev_f32(dm, n);
-    swiglu_backward_lora_cuda(d_dg, d_du, ldd, d_dm, d_gt, d_u, rows, I, with_g ? d_g : NULL, d_A, r);
+    void *d_dm16 = joined ? (void *)test_dev_bf16(dm, n) : NULL;
+    swiglu_backward_lora_cuda(d_dg, d_du, ldd, joined ? d_dm16 : (void *)d_dm, joined ? CUDA_BF16 : CUDA_F32, d_gt,
+                              d_u, rows, I, with_g ? d_g : NULL, d_A, r);
+    cuda_free(d_dm16);
     snprintf(name, sizeof name, "swiglu_backward_lora %lldx%lld r%d%s%s dgate", (long long)rows, (long long)I, r,
              with_g ? "" : " g=NULL", joined ? " joined" : "");
     if (!test_cuda_ok(name)) {
@@ -551,11 +555,11 @@ static void timing(void) {
     TIME("attn_gate_fwd 4096x8x256", N * nh * hd * 6, attn_gate_forward_cuda(b3, nh * hd, b1, b2, N, nh, hd));
     TIME("attn_gate_bwd 4096x8x256", N * nh * hd * 12, attn_gate_backward_cuda(b3, b4, f2, b1, b2, N, nh, hd));
     TIME("swiglu_fwd 4096x3584", N * I * 6, swiglu_forward_cuda(b3, b1, b2, N * I));
-    TIME("swiglu_bwd 4096x3584", N * I * 12, swiglu_backward_cuda(b3, b4, I, f2, b1, b2, N, I));
+    TIME("swiglu_bwd 4096x3584", N * I * 12, swiglu_backward_cuda(b3, b4, I, f2, CUDA_F32, b1, b2, N, I));
     TIME("swiglu_bwd_lora 4096x3584 r16", N * I * 12,
-         swiglu_backward_lora_cuda(b3, b4, I, f2, b1, b2, N, I, b1, b2, 16));
+         swiglu_backward_lora_cuda(b3, b4, I, f2, CUDA_F32, b1, b2, N, I, b1, b2, 16));
     TIME("swiglu_bwd_lora 4096x3584 r32", N * I * 12,
-         swiglu_backward_lora_cuda(b3, b4, I, f2, b1, b2, N, I, b1, b2, 32));
+         swiglu_backward_lora_cuda(b3, b4, I, f2, CUDA_F32, b1, b2, N, I, b1, b2, 32));
     TIME("conv1d_silu_fwd 4096x6144", big * 4, conv1d_silu_forward_cuda(b3, b1, w, pos, N, C, K));
     TIME("conv1d_silu_bwd 4096x6144", big * 8, conv1d_silu_backward_cuda(b3, f2, b1, w, pos, N, C, K));
     TIME("deltanet_conv_fwd 4096x6144", big * 4,

@@ -274,13 +274,13 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
 
 static float *zeros_f(int64_t n) { return calloc((size_t)(n > 0 ? n : 1), sizeof(float)); }
 
-/* linear_backward_defer_lora_cuda: dx (overwritten) = dy W, with g returned for dx + g A, and
- * dA, dB as the whole backward's; against the CPU's linear_backward. With dropout it runs the whole
- * backward itself and returns NULL. */
-static void run_defer(int64_t T, int64_t in, int64_t out, int r, float dropout, int keep_u) {
+/* linear_backward_defer_lora_cuda: dx (overwritten; fp32, or bf16 with dx16) = dy W, with g
+ * returned for dx + g A, and dA, dB as the whole backward's; against the CPU's linear_backward.
+ * With dropout it runs the whole backward itself and returns NULL. */
+static void run_defer(int64_t T, int64_t in, int64_t out, int r, float dropout, int keep_u, int dx16) {
     char name[160], n2[200];
-    snprintf(name, sizeof name, "linear_backward_defer_lora T%lld %lld->%lld r%d p%g%s", (long long)T,
-             (long long)in, (long long)out, r, dropout, keep_u ? " u kept" : "");
+    snprintf(name, sizeof name, "linear_backward_defer_lora T%lld %lld->%lld r%d p%g%s%s", (long long)T,
+             (long long)in, (long long)out, r, dropout, keep_u ? " u kept" : "", dx16 ? " dx bf16" : "");
     float *x = test_rvec_bf16(T * in, 1.f), *W = test_rvec_bf16(out * in, 1.f / sqrtf((float)in));
     float *A = test_rvec_bf16((int64_t)r * in, 1.f / sqrtf((float)in)), *B = test_rvec_bf16(out * r, 1.f / sqrtf((float)r));
     float *dy = test_rvec_bf16(T * out, 1.f), *junk = test_rvec(T * in, 1.f);
@@ -291,7 +291,8 @@ static void run_defer(int64_t T, int64_t in, int64_t out, int r, float dropout, 
     dt_bf16 *d_x = test_dev_bf16(x, T * in), *d_W = test_dev_bf16(W, out * in), *d_A = test_dev_bf16(A, (int64_t)r * in);
     dt_bf16 *d_B = test_dev_bf16(B, out * r), *d_dy = test_dev_bf16(dy, T * out), *d_y = test_dev_bf16(dy, T * out);
     dt_bf16 *d_u = keep_u ? test_dev_bf16(dy, T * r) : NULL;
-    float *d_dx = test_dev_f32(junk, T * in), *d_dA = test_dev_f32(dA_cpu, (int64_t)r * in);  /* zeros */
+    void *d_dx = dx16 ? (void *)test_dev_bf16(junk, T * in) : (void *)test_dev_f32(junk, T * in);
+    float *d_dA = test_dev_f32(dA_cpu, (int64_t)r * in);  /* zeros */
     float *d_dB = test_dev_f32(dB_cpu, out * r);
     linear_backward(dx_cpu, dy, x, &L, T);
     void *scratch = NULL;
@@ -303,9 +304,10 @@ static void run_defer(int64_t T, int64_t in, int64_t out, int r, float dropout, 
         cuda_linear l = {.W = d_W, .in = in, .out = out, .rank = r, .scale = lo.scale, .dropout = dropout,
                          .dropout_seed = lo.dropout_seed, .A = d_A, .B = d_B, .dA = d_dA, .dB = d_dB};
         linear_forward_cuda(d_y, CUDA_BF16, 0, d_x, &l, T, scratch, d_u);
-        const dt_bf16 *d_g = linear_backward_defer_lora_cuda(d_dx, d_dy, 0, d_x, &l, T, scratch, d_u);
+        const dt_bf16 *d_g = linear_backward_defer_lora_cuda(d_dx, dx16 ? CUDA_BF16 : CUDA_F32, d_dy, 0, d_x, &l, T,
+                                                             scratch, d_u);
         if (test_cuda_ok(name) == 0) {
-            float *dx = test_host_f32(d_dx, T * in);
+            float *dx = dx16 ? test_host_bf16(d_dx, T * in) : test_host_f32(d_dx, T * in);
             if ((d_g != NULL) != (dropout == 0)) {
                 printf("FAIL cuda_%s: g %s, expected %s\n", name, d_g ? "returned" : "NULL", dropout == 0 ? "g" : "NULL");
                 cuda_tests_failed++;
@@ -479,8 +481,9 @@ void cuda_tests_linear(void) {
     static const int64_t mlp[] = {3584, 3584};  /* and its MLP's gate and up, as the model runs them */
     static const int rmlp[] = {16, 16};
     run_group(4096, 1024, mlp, rmlp, 2, 2.0f, 0.f, U_IN_X_JOINED);
-    run_defer(100, 136, 72, 16, 0.f, 1);
-    run_defer(37, 72, 40, 8, 0.f, 0);
-    run_defer(37, 72, 40, 8, 0.1f, 1);
+    run_defer(100, 136, 72, 16, 0.f, 1, 0);
+    run_defer(100, 136, 72, 16, 0.f, 1, 1);
+    run_defer(37, 72, 40, 8, 0.f, 0, 0);
+    run_defer(37, 72, 40, 8, 0.1f, 1, 0);
     if (t && atoi(t) == 1) timing();
 }
