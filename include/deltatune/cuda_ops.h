@@ -107,17 +107,19 @@ void attn_gate_backward_cuda(dt_bf16 *dx, dt_bf16 *dqg, const float *dy, const d
 typedef enum { CUDA_F32, CUDA_BF16, CUDA_F16 } cuda_dtype;
 
 /* ---- activations.cu ---- */
-/* m = silu(gate) * up, n values, bf16. */
-void swiglu_forward_cuda(dt_bf16 *m, const dt_bf16 *gate, const dt_bf16 *up, int64_t n);
-/* dgate, dup (bf16, rows ldd long) overwritten, given dm (of type dmt), all [rows, I]. */
+/* m = silu(gate) * up, bf16 [rows, I]; gate and up in rows ldg long (side by side: the MLP's one
+ * product's output). */
+void swiglu_forward_cuda(dt_bf16 *m, const dt_bf16 *gate, const dt_bf16 *up, int64_t ldg, int64_t rows, int64_t I);
+/* dgate, dup (bf16, rows ldd long) overwritten, given dm (of type dmt), all [rows, I]; gate and up
+ * as the forward's. */
 void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, const void *dm, cuda_dtype dmt,
-                          const dt_bf16 *gate, const dt_bf16 *up, int64_t rows, int64_t I);
+                          const dt_bf16 *gate, const dt_bf16 *up, int64_t ldg, int64_t rows, int64_t I);
 /* The same with dm + g A as the gradient (g bf16 [rows, r], A bf16 [r, I]; g NULL: dm alone): the
  * down projection's LoRA part of dm (linear_backward_defer_lora_cuda), added here rather than by a
  * product over all of dm. dm may be overwritten. */
 void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, void *dm, cuda_dtype dmt,
-                               const dt_bf16 *gate, const dt_bf16 *up, int64_t rows, int64_t I, const dt_bf16 *g,
-                               const dt_bf16 *A, int r);
+                               const dt_bf16 *gate, const dt_bf16 *up, int64_t ldg, int64_t rows, int64_t I,
+                               const dt_bf16 *g, const dt_bf16 *A, int r);
 
 /* ---- conv1d.cu ---- */
 /* Causal depthwise conv over time then SiLU, over packed sequences: y[t][c] =
@@ -269,7 +271,8 @@ void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, int64_t 
  * the parts. Where the parts' bf16 bases lie in one block (rows of one length ldw, each part's
  * after the one before, then their LoRAs' A [R, in]) and their dy in one buffer (each part's
  * columns after the one before) whose rows have room for R more, the backward writes g = scale
- * dy B there and runs dx = [dy | g] [W; A] as one product. */
+ * dy B there and runs dx = [dy | g] [W; A] as one product; where, in such a block, their y lie in
+ * one buffer the same way and x's rows hold u, the forward is one product too. */
 typedef struct {
     void *y;            /* forward: the output, of type yt; accumulate: y += (fp32 y only) */
     cuda_dtype yt;

@@ -8,20 +8,18 @@
 // enough that instruction count shows. Past x < -87 the sum overflows and sigmoid is 0.
 static __device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
 
-template <int V> __global__ void swiglu_fwd_kernel(bf16 *m, const bf16 *g, const bf16 *u, int64_t n) {
+// m [rows, I] compact, gate and up in rows ldg long; V divides I
+template <int V>
+__global__ void swiglu_fwd_kernel(bf16 *m, const bf16 *g, const bf16 *u, int64_t ldg, int64_t rows, int64_t I) {
     int64_t stride = (int64_t)gridDim.x * blockDim.x, i0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    int64_t nv = n / V;
-    for (int64_t i = i0; i < nv; i += stride) {
+    for (int64_t i = i0; i < rows * I / V; i += stride) {
+        int64_t e = i * V, t = e / I, o = t * ldg + (e - t * I);
         float a[V], b[V];
-        ldv<V>(a, g + i * V);
-        ldv<V>(b, u + i * V);
+        ldv<V>(a, g + o);
+        ldv<V>(b, u + o);
 #pragma unroll
         for (int k = 0; k < V; k++) a[k] = a[k] * sigmoid_f(a[k]) * b[k];
-        stv<V>(m + i * V, a);
-    }
-    for (int64_t i = nv * V + i0; i < n; i += stride) {
-        float a = ld(g + i);
-        st(m + i, a * sigmoid_f(a) * ld(u + i));
+        stv<V>(m + e, a);
     }
 }
 
@@ -32,17 +30,17 @@ static __device__ __forceinline__ void swiglu_grad(float &dg, float &du, float d
     du = d * g * s;
 }
 
-// [rows, I], dg and du in rows ldd long; V divides I; dm fp32 or bf16
+// [rows, I], dg and du in rows ldd long, g and u in rows ldg long; V divides I; dm fp32 or bf16
 template <int V, typename DM>
 __global__ void swiglu_bwd_kernel(bf16 *dg, bf16 *du, int64_t ldd, const DM *dm, const bf16 *g, const bf16 *u,
-                                  int64_t rows, int64_t I) {
+                                  int64_t ldg, int64_t rows, int64_t I) {
     int64_t stride = (int64_t)gridDim.x * blockDim.x, i0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     int64_t nv = rows * I / V;
     for (int64_t i = i0; i < nv; i += stride) {
-        int64_t e = i * V, t = e / I, o = t * ldd + (e - t * I);
+        int64_t e = i * V, t = e / I, o = t * ldd + (e - t * I), og = t * ldg + (e - t * I);
         float a[V], b[V], d[V];
-        ldv<V>(a, g + e);
-        ldv<V>(b, u + e);
+        ldv<V>(a, g + og);
+        ldv<V>(b, u + og);
         ldv<V>(d, dm + e);
 #pragma unroll
         for (int k = 0; k < V; k++) swiglu_grad(a[k], b[k], d[k], a[k], b[k]);
@@ -51,34 +49,37 @@ __global__ void swiglu_bwd_kernel(bf16 *dg, bf16 *du, int64_t ldd, const DM *dm,
     }
 }
 
-extern "C" void swiglu_forward_cuda(dt_bf16 *m, const dt_bf16 *gate, const dt_bf16 *up, int64_t n) {
+extern "C" void swiglu_forward_cuda(dt_bf16 *m, const dt_bf16 *gate, const dt_bf16 *up, int64_t ldg, int64_t rows,
+                                    int64_t I) {
+    int64_t n = rows * I;
     if (n <= 0) return;
     bf16 *mb = (bf16 *)m;
     const bf16 *gb = (const bf16 *)gate, *ub = (const bf16 *)up;
     if (aligned_to(m, 16) && aligned_to(gate, 16) && aligned_to(up, 16))
-        swiglu_fwd_kernel<8><<<cuda_blocks(n / 8 + 1, 256), 256, 0, cuda_stream()>>>(mb, gb, ub, n);
+        swiglu_fwd_kernel<8><<<cuda_blocks(n / 8 + 1, 256), 256, 0, cuda_stream()>>>(mb, gb, ub, ldg, rows, I);
     else
-        swiglu_fwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(mb, gb, ub, n);
+        swiglu_fwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(mb, gb, ub, ldg, rows, I);
 }
 
 template <typename DM>
-static void swiglu_backward(bf16 *dg, bf16 *du, int64_t ldd, const DM *dm, const bf16 *g, const bf16 *u, int64_t rows,
-                            int64_t I) {
+static void swiglu_backward(bf16 *dg, bf16 *du, int64_t ldd, const DM *dm, const bf16 *g, const bf16 *u, int64_t ldg,
+                            int64_t rows, int64_t I) {
     int64_t n = rows * I;
-    if (I % 8 == 0 && ldd % 8 == 0 && aligned_to(dg, 16) && aligned_to(du, 16) && aligned_to(g, 16) &&
+    if (I % 8 == 0 && ldd % 8 == 0 && ldg % 8 == 0 && aligned_to(dg, 16) && aligned_to(du, 16) && aligned_to(g, 16) &&
         aligned_to(u, 16) && aligned_to(dm, 16))
-        swiglu_bwd_kernel<8><<<cuda_blocks(n / 8 + 1, 256), 256, 0, cuda_stream()>>>(dg, du, ldd, dm, g, u, rows, I);
+        swiglu_bwd_kernel<8><<<cuda_blocks(n / 8 + 1, 256), 256, 0, cuda_stream()>>>(dg, du, ldd, dm, g, u, ldg, rows,
+                                                                                     I);
     else
-        swiglu_bwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(dg, du, ldd, dm, g, u, rows, I);
+        swiglu_bwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(dg, du, ldd, dm, g, u, ldg, rows, I);
 }
 
 extern "C" void swiglu_backward_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, const void *dm, cuda_dtype dmt,
-                                     const dt_bf16 *gate, const dt_bf16 *up, int64_t rows, int64_t I) {
+                                     const dt_bf16 *gate, const dt_bf16 *up, int64_t ldg, int64_t rows, int64_t I) {
     if (rows <= 0 || I <= 0) return;
     bf16 *dgb = (bf16 *)dgate, *dub = (bf16 *)dup;
     const bf16 *gb = (const bf16 *)gate, *ub = (const bf16 *)up;
-    if (dmt == CUDA_BF16) swiglu_backward(dgb, dub, ldd, (const bf16 *)dm, gb, ub, rows, I);
-    else swiglu_backward(dgb, dub, ldd, (const float *)dm, gb, ub, rows, I);
+    if (dmt == CUDA_BF16) swiglu_backward(dgb, dub, ldd, (const bf16 *)dm, gb, ub, ldg, rows, I);
+    else swiglu_backward(dgb, dub, ldd, (const float *)dm, gb, ub, ldg, rows, I);
 }
 
 // dm + g A, with g [rows, r] and A [r, I], then the backward as swiglu_bwd_kernel: LoRA's part of
@@ -90,7 +91,7 @@ constexpr int LW_THREADS = 128, LW_COLS = 8 * LW_THREADS, LW_ROWS = 32, LW_MAX_R
 template <typename DM>
 __global__ void __launch_bounds__(LW_THREADS)
     swiglu_bwd_lora_kernel(bf16 *dg, bf16 *du, int64_t ldd, const DM *dm, const bf16 *gate, const bf16 *up,
-                           int64_t rows, int64_t I, const bf16 *g, const bf16 *A, int r) {
+                           int64_t ldg, int64_t rows, int64_t I, const bf16 *g, const bf16 *A, int r) {
     extern __shared__ float4 lw_smem[];
     bf16 *As = reinterpret_cast<bf16 *>(lw_smem);             // [r][LW_COLS]
     float *gs = reinterpret_cast<float *>(As + r * LW_COLS);  // [LW_ROWS][r]
@@ -118,8 +119,8 @@ __global__ void __launch_bounds__(LW_THREADS)
 #pragma unroll
             for (int k = 0; k < 8; k++) d[k] = fmaf(gj, w[k], d[k]);
         }
-        ldv<8>(a, gate + o);
-        ldv<8>(b, up + o);
+        ldv<8>(a, gate + (t0 + i) * ldg + c);
+        ldv<8>(b, up + (t0 + i) * ldg + c);
 #pragma unroll
         for (int k = 0; k < 8; k++) swiglu_grad(a[k], b[k], d[k], a[k], b[k]);
         stv<8>(dg + (t0 + i) * ldd + c, a);
@@ -129,33 +130,35 @@ __global__ void __launch_bounds__(LW_THREADS)
 
 template <typename DM>
 static void launch_bwd_lora(bf16 *dg, bf16 *du, int64_t ldd, const DM *dm, const bf16 *gate, const bf16 *up,
-                            int64_t rows, int64_t I, const bf16 *g, const bf16 *A, int r) {
+                            int64_t ldg, int64_t rows, int64_t I, const bf16 *g, const bf16 *A, int r) {
     size_t smem = sizeof(bf16) * r * LW_COLS + sizeof(float) * LW_ROWS * r;
     cudaFuncSetAttribute(swiglu_bwd_lora_kernel<DM>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     dim3 grid((unsigned)((I + LW_COLS - 1) / LW_COLS), (unsigned)((rows + LW_ROWS - 1) / LW_ROWS));
-    swiglu_bwd_lora_kernel<DM><<<grid, LW_THREADS, smem, cuda_stream()>>>(dg, du, ldd, dm, gate, up, rows, I, g, A, r);
+    swiglu_bwd_lora_kernel<DM><<<grid, LW_THREADS, smem, cuda_stream()>>>(dg, du, ldd, dm, gate, up, ldg, rows, I, g,
+                                                                          A, r);
 }
 
 extern "C" void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t ldd, void *dm, cuda_dtype dmt,
-                                          const dt_bf16 *gate, const dt_bf16 *up, int64_t rows, int64_t I,
+                                          const dt_bf16 *gate, const dt_bf16 *up, int64_t ldg, int64_t rows, int64_t I,
                                           const dt_bf16 *g, const dt_bf16 *A, int r) {
     if (rows <= 0 || I <= 0) return;
-    bool fused = g && r > 0 && r <= LW_MAX_RANK && I % 8 == 0 && ldd % 8 == 0 && aligned_to(dgate, 16) &&
+    bool fused = g && r > 0 && r <= LW_MAX_RANK && I % 8 == 0 && ldd % 8 == 0 && ldg % 8 == 0 &&
+                 aligned_to(dgate, 16) &&
                  aligned_to(dup, 16) && aligned_to(gate, 16) && aligned_to(up, 16) && aligned_to(dm, 16) &&
                  aligned_to(A, 16);
     bf16 *dgb = (bf16 *)dgate, *dub = (bf16 *)dup;
     const bf16 *gb = (const bf16 *)gate, *ub = (const bf16 *)up, *g16 = (const bf16 *)g, *A16 = (const bf16 *)A;
     if (fused && dmt == CUDA_BF16) {
-        launch_bwd_lora(dgb, dub, ldd, (const bf16 *)dm, gb, ub, rows, I, g16, A16, r);
+        launch_bwd_lora(dgb, dub, ldd, (const bf16 *)dm, gb, ub, ldg, rows, I, g16, A16, r);
         return;
     }
     if (fused) {
-        launch_bwd_lora(dgb, dub, ldd, (const float *)dm, gb, ub, rows, I, g16, A16, r);
+        launch_bwd_lora(dgb, dub, ldd, (const float *)dm, gb, ub, ldg, rows, I, g16, A16, r);
         return;
     }
     // otherwise the LoRA part by a product into dm, then the plain backward
     if (g && r > 0)
         cuda_gemm(false, false, (int)rows, (int)I, r, 1.f, g, r, 0, A, I, 0, 1.f, dm,
                   dmt == CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F, I, 0, 1);
-    swiglu_backward_cuda(dgate, dup, ldd, dm, dmt, gate, up, rows, I);
+    swiglu_backward_cuda(dgate, dup, ldd, dm, dmt, gate, up, ldg, rows, I);
 }

@@ -288,6 +288,31 @@ static void member_forward(const cuda_linear_part *m, const bf16 *x, int64_t ldx
             "linear forward");
 }
 
+// Whether the group's forward can run as one product (linear_group_forward_cuda): every member's
+// bf16 base in one block (rows of one length, each member's after the one before), every y in one
+// buffer (each member's columns after the one before, one type), and each LoRA's u in x's rows
+// where its B's columns are; *K: the columns of x's rows the product reads.
+static bool one_forward(const cuda_linear_part *p, int n, const bf16 *x, int64_t ldx, const bf16 *u, int64_t ldu,
+                        int64_t *K) {
+    const cuda_linear *l0 = p[0].l;
+    int64_t ld = part_ld(&p[0]), cols = 0, esz = p[0].yt == CUDA_BF16 ? 2 : 4;
+    if (n < 2 || l0->ldw <= 0 || ldu != ldx) return false;
+    *K = l0->in;
+    for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
+        const cuda_linear *l = p[i].l;
+        if (l->out <= 0 || l->wq.bits > 0 || l->ldw != l0->ldw || l->in != l0->in || part_ld(&p[i]) != ld ||
+            p[i].yt != p[0].yt || p[i].accumulate != p[0].accumulate || l->W != l0->W + cols * l0->ldw ||
+            (const char *)p[i].y != (const char *)p[0].y + cols * esz)
+            return false;
+        if (has_lora(l)) {
+            if (l->bcol <= 0 || u + c != x + l->bcol) return false;
+            *K = l->bcol + l->rank > *K ? l->bcol + l->rank : *K;
+        }
+        cols += l->out;
+    }
+    return ld >= cols;
+}
+
 extern "C" void linear_group_forward_cuda(const cuda_linear_part *p, int n, const dt_bf16 *x_, int64_t ldx, int64_t T,
                                           void *scratch, dt_bf16 *u_, int64_t ldu) {
     if (T <= 0 || n <= 0) return;
@@ -312,6 +337,17 @@ extern "C" void linear_group_forward_cuda(const cuda_linear_part *p, int n, cons
             gemm_rm(false, true, T, l->rank, l->in, l->scale, xa, lda, (const bf16 *)l->A, a_ld(l), 0.f, u + c,
                     CUDA_R_16BF, ldu, "lora down");
         }
+    }
+    int64_t K;
+    if (one_forward(p, n, x, ldx, u, ldu, &K)) {
+        // [y_1 .. y_n] = [x | u] [W_1 | 0 | B_1 ..; ..; W_n | .. B_n]^T: the block's zeros keep each
+        // member's rows off the other LoRAs' u
+        int64_t cols = 0;
+        for (int i = 0; i < n; i++) cols += p[i].l->out;
+        gemm_rm(false, true, T, cols, K, 1.f, x, ldx, (const bf16 *)p[0].l->W, p[0].l->ldw,
+                p[0].accumulate ? 1.f : 0.f, p[0].y, p[0].yt == CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F, part_ld(&p[0]),
+                "linear forward (one for the group)");
+        return;
     }
     for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++)
         if (p[i].l->out > 0) member_forward(&p[i], x, ldx, T, u + c, ldu);

@@ -730,8 +730,8 @@ static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, const qwe
     o.mlp_off = k.off;
     a->xn2 = carve(&k, B2 * ld_xn2);
     a->h_mid = carve(&k, B4 * d->H);
-    a->gate = carve(&k, B2 * d->I);
-    a->up = carve(&k, B2 * d->I);
+    a->gate = carve(&k, B2 * 2 * d->I);  /* gate and up side by side: rows of 2 I (the MLP's one product) */
+    a->up = a->gate ? a->gate + d->I : NULL;
     a->m = carve(&k, B2 * d->I);
     o.bytes = k.off;
     k.off = o.mlp_off;
@@ -1048,9 +1048,10 @@ static void layer_forward(qwen35_cuda *g, int l, const call *k, const float *h_i
     if (h_out && keep_mid) cuda_copy_f32(a->h_mid, h_out, N * H);
     PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn2, g->ld_xn2, res, L->post_norm, N, (int)H, eps));
     PROF("fwd.mlp", {
-        cuda_linear_part p[] = {{a->gate, CUDA_BF16, 0, NULL, &L->mlp_gate, 0}, {a->up, CUDA_BF16, 0, NULL, &L->mlp_up, 0}};
+        cuda_linear_part p[] = {{a->gate, CUDA_BF16, 0, NULL, &L->mlp_gate, 2 * I},
+                                {a->up, CUDA_BF16, 0, NULL, &L->mlp_up, 2 * I}};
         linear_group_forward_cuda(p, 2, a->xn2, g->ld_xn2, N, s, a->xn2 + H, g->ld_xn2);
-        swiglu_forward_cuda(a->m, a->gate, a->up, N * I);
+        swiglu_forward_cuda(a->m, a->gate, a->up, 2 * I, N, I);
         if (h_out) linear_forward_cuda(h_out, CUDA_F32, 1, a->m, &L->mlp_down, N, s, u_down_of(g, l));
     });
 }
@@ -1146,8 +1147,8 @@ static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_
             const dt_bf16 *g_down =
                 linear_backward_defer_lora_cuda(G->dm, dmt, G->dy_bf + t0 * G->ld_dy, G->ld_dy, a->m + t0 * I, &down,
                                                 n, s, u_down ? u_down + t0 * down.rank : NULL);
-            swiglu_backward_lora_cuda(G->dgate, G->dup, G->ld_dgu, G->dm, dmt, a->gate + t0 * I, a->up + t0 * I, n, I,
-                                      g_down, down.A, down.rank);
+            swiglu_backward_lora_cuda(G->dgate, G->dup, G->ld_dgu, G->dm, dmt, a->gate + t0 * 2 * I,
+                                      a->up + t0 * 2 * I, 2 * I, n, I, g_down, down.A, down.rank);
             /* dgate and dup side by side, with room for g: one product for dxn2 (linear_group_backward_cuda) */
             cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dgate, &gate, G->ld_dgu},
                                     {NULL, CUDA_F32, 0, G->dup, &up, G->ld_dgu}};

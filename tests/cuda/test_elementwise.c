@@ -330,14 +330,14 @@ static void test_swiglu(int64_t n, int off) {
     dt_bf16 *d_g = test_dev_bf16(g, n), *d_u = test_dev_bf16(u, n), *d_m = test_dev_bf16(dm, n),
             *d_dg = test_dev_bf16(dm, n), *d_du = test_dev_bf16(dm, n);
     float *d_dm = test_dev_f32(dm, n);
-    swiglu_forward_cuda(d_m + off, d_g + off, d_u + off, m);
+    swiglu_forward_cuda(d_m + off, d_g + off, d_u + off, m, 1, m);
     snprintf(name, sizeof name, "swiglu_forward n=%lld off=%d", (long long)m, off);
     if (!test_cuda_ok(name)) {
         float *h = test_host_bf16(d_m, n);
         test_expect_close(name, h + off, mc + off, m, 1e-2);
         free(h);
     }
-    swiglu_backward_cuda(d_dg + off, d_du + off, m, d_dm + off, CUDA_F32, d_g + off, d_u + off, 1, m);
+    swiglu_backward_cuda(d_dg + off, d_du + off, m, d_dm + off, CUDA_F32, d_g + off, d_u + off, m, 1, m);
     snprintf(name, sizeof name, "swiglu_backward dgate n=%lld off=%d", (long long)m, off);
     if (!test_cuda_ok(name)) {
         float *h = test_host_bf16(d_dg, n);
@@ -354,8 +354,8 @@ static void test_swiglu(int64_t n, int off) {
 
 /* swiglu_backward_lora_cuda: the gradient dm + g A (the down projection's LoRA part), against
  * the CPU's swiglu_backward of that sum; the fused kernel (I a multiple of 8, r <= 32), and the
- * product-then-backward path otherwise; g NULL: dm alone. joined: dgate and dup side by side in
- * rows of 2 I + 16, and dm bf16, as the model's MLP backward keeps them. */
+ * product-then-backward path otherwise; g NULL: dm alone. joined: gate and up side by side in rows
+ * of 2 I, dgate and dup in rows of 2 I + 16, and dm bf16, as the model's MLP keeps them. */
 static void test_swiglu_lora(int64_t rows, int64_t I, int r, int with_g, int joined) {
     char name[128];
     int64_t n = rows * I, ldd = joined ? 2 * I + 16 : I;
@@ -368,13 +368,20 @@ static void test_swiglu_lora(int64_t rows, int64_t I, int r, int with_g, int joi
             for (int64_t i = 0; i < I; i++) sum[t * I + i] += g[t * r + j] * A[j * I + i];
     swiglu_backward(dgc, duc, sum, gt, u, n);
     float *junk = test_rvec(rows * 2 * ldd, 1.0f);
-    dt_bf16 *d_gt = test_dev_bf16(gt, n), *d_u = test_dev_bf16(u, n), *d_out = test_dev_bf16(junk, rows * 2 * ldd),
+    int64_t ldg = joined ? 2 * I : I;
+    float *gu = zeros(rows * 2 * I);  /* joined: [gate | up] rows; else gate's rows then up's */
+    for (int64_t t = 0; t < rows; t++) {
+        memcpy(gu + t * ldg, gt + t * I, sizeof(float) * I);
+        memcpy(gu + (joined ? t * ldg + I : n + t * I), u + t * I, sizeof(float) * I);
+    }
+    dt_bf16 *d_gu = test_dev_bf16(gu, rows * 2 * I), *d_out = test_dev_bf16(junk, rows * 2 * ldd),
             *d_g = test_dev_bf16(g, rows * r), *d_A = test_dev_bf16(A, (int64_t)r * I);
+    dt_bf16 *d_gt = d_gu, *d_u = joined ? d_gu + I : d_gu + n;
     dt_bf16 *d_dg = d_out, *d_du = joined ? d_out + I : d_out + rows * ldd;
     float *d_dm = test_dev_f32(dm, n);
     void *d_dm16 = joined ? (void *)test_dev_bf16(dm, n) : NULL;
     swiglu_backward_lora_cuda(d_dg, d_du, ldd, joined ? d_dm16 : (void *)d_dm, joined ? CUDA_BF16 : CUDA_F32, d_gt,
-                              d_u, rows, I, with_g ? d_g : NULL, d_A, r);
+                              d_u, ldg, rows, I, with_g ? d_g : NULL, d_A, r);
     cuda_free(d_dm16);
     snprintf(name, sizeof name, "swiglu_backward_lora %lldx%lld r%d%s%s dgate", (long long)rows, (long long)I, r,
              with_g ? "" : " g=NULL", joined ? " joined" : "");
@@ -390,8 +397,8 @@ static void test_swiglu_lora(int64_t rows, int64_t I, int r, int with_g, int joi
         test_expect_close(name, hu, duc, n, 1e-2);
         free(h), free(hg), free(hu);
     }
-    free(junk);
-    cuda_free(d_gt), cuda_free(d_u), cuda_free(d_out), cuda_free(d_g), cuda_free(d_A), cuda_free(d_dm);
+    free(junk), free(gu);
+    cuda_free(d_gu), cuda_free(d_out), cuda_free(d_g), cuda_free(d_A), cuda_free(d_dm);
     free(gt), free(u), free(dm), free(g), free(A), free(sum), free(dgc), free(duc);
 }
 
@@ -554,12 +561,12 @@ static void timing(void) {
          qk_norm_rope_backward_cuda(b3, nkv * hd, hd, f2, b1, w, pos, N, nkv, hd, rot, 1e7, 1e-6f));
     TIME("attn_gate_fwd 4096x8x256", N * nh * hd * 6, attn_gate_forward_cuda(b3, nh * hd, b1, b2, N, nh, hd));
     TIME("attn_gate_bwd 4096x8x256", N * nh * hd * 12, attn_gate_backward_cuda(b3, b4, f2, b1, b2, N, nh, hd));
-    TIME("swiglu_fwd 4096x3584", N * I * 6, swiglu_forward_cuda(b3, b1, b2, N * I));
-    TIME("swiglu_bwd 4096x3584", N * I * 12, swiglu_backward_cuda(b3, b4, I, f2, CUDA_F32, b1, b2, N, I));
+    TIME("swiglu_fwd 4096x3584", N * I * 6, swiglu_forward_cuda(b3, b1, b2, I, N, I));
+    TIME("swiglu_bwd 4096x3584", N * I * 12, swiglu_backward_cuda(b3, b4, I, f2, CUDA_F32, b1, b2, I, N, I));
     TIME("swiglu_bwd_lora 4096x3584 r16", N * I * 12,
-         swiglu_backward_lora_cuda(b3, b4, I, f2, CUDA_F32, b1, b2, N, I, b1, b2, 16));
+         swiglu_backward_lora_cuda(b3, b4, I, f2, CUDA_F32, b1, b2, I, N, I, b1, b2, 16));
     TIME("swiglu_bwd_lora 4096x3584 r32", N * I * 12,
-         swiglu_backward_lora_cuda(b3, b4, I, f2, CUDA_F32, b1, b2, N, I, b1, b2, 32));
+         swiglu_backward_lora_cuda(b3, b4, I, f2, CUDA_F32, b1, b2, I, N, I, b1, b2, 32));
     TIME("conv1d_silu_fwd 4096x6144", big * 4, conv1d_silu_forward_cuda(b3, b1, w, pos, N, C, K));
     TIME("conv1d_silu_bwd 4096x6144", big * 8, conv1d_silu_backward_cuda(b3, f2, b1, w, pos, N, C, K));
     TIME("deltanet_conv_fwd 4096x6144", big * 4,

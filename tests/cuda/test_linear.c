@@ -122,8 +122,8 @@ done:
  * member otherwise. mode: U_NONE, the backward recomputes u; U_KEPT, the forward keeps it [T, R]
  * for the backward; U_IN_X, as the model: x's rows hold u after in columns, and the bases lie in
  * one block with their B and A (cuda_linear_part), copied in by linear_wide_copy_cuda;
- * U_IN_X_JOINED, the same with every dy in one buffer with room for g (the backward as one
- * product where nothing drops out). */
+ * U_IN_X_JOINED, the same with every y and every dy in one buffer each, dy's with room for g (the
+ * forward and the backward as one product each where nothing drops out). */
 enum { U_NONE, U_KEPT, U_IN_X, U_IN_X_JOINED };
 static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ranks, int n, float scale_last,
                       float dropout, int mode) {
@@ -204,7 +204,12 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         d_dB[i] = test_dev_f32(dB0[i], out * (r ? r : 1));
         ok = ok && (in_x || d_W[i]) && d_B[i] && (joined || d_dy[i]) && d_y[i] && d_dB[i];
     }
-    if (joined) d_dyj = test_dev_bf16(dyj, T * ldy), ok = ok && d_dyj;
+    dt_bf16 *d_yj = NULL;
+    if (joined) {
+        float *garb = test_rvec_bf16(T * (S + 8), 1.f);
+        d_dyj = test_dev_bf16(dyj, T * ldy), d_yj = test_dev_bf16(garb, T * (S + 8)), ok = ok && d_dyj && d_yj;
+        free(garb);
+    }
     if (in_x) d_blk = test_dev_bf16(blk, (S + R) * ldw), ok = ok && d_blk;  /* B and A columns still zero */
     for (int i = 0, c = 0, row = 0, k = 0; ok && i < n; row += (int)outs[i], c += ranks[i], i++) {
         int r = ranks[i];
@@ -224,6 +229,7 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
             if (r) l[i].bcol = in + c, l[i].B = d_W[i] + in + c, l[i].A = d_blk + (S + c) * ldw, l[i].ld_a = ldw;
         }
         parts[i] = (cuda_linear_part){d_y[i], CUDA_BF16, 0, d_dy[i], &l[i], 0};  /* y compact */
+        if (joined) parts[i].y = d_yj + row, parts[i].ld = S + 8;
     }
     snprintf(name, sizeof name, "linear_group %s: device buffers", tag);
     if (!ok) {
@@ -243,6 +249,13 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         for (int i = 0; test_cuda_ok(name) == 0 && i < n; i++) {
             char n2[300];
             float *y = test_host_bf16(d_y[i], T * outs[i]);
+            if (joined) {  /* member i's columns of the joined y */
+                float *yj = test_host_bf16(d_yj, T * (S + 8));
+                int64_t col = 0;
+                for (int j = 0; j < i; j++) col += outs[j];
+                for (int64_t t = 0; t < T; t++) memcpy(y + t * outs[i], yj + t * (S + 8) + col, sizeof(float) * outs[i]);
+                free(yj);
+            }
             snprintf(n2, sizeof n2, "%s: y%d", name, i);
             test_expect_close(n2, y, y_cpu[i], T * outs[i], 1e-2);
             free(y);
@@ -267,7 +280,7 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         cuda_free(d_B[i]), cuda_free(d_y[i]), cuda_free(d_dB[i]);
     }
     cuda_free(d_x), cuda_free(d_A), cuda_free(d_dA), cuda_free(d_dx), cuda_free(scratch), cuda_free(d_blk);
-    cuda_free(d_dyj);
+    cuda_free(d_dyj), cuda_free(d_yj);
     if (mode == U_KEPT) cuda_free(d_u);
     free(x), free(xp), free(A), free(dA0), free(dx_cpu), free(dA_cpu), free(garbage), free(blk), free(src), free(dyj);
 }
