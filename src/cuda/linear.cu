@@ -409,6 +409,35 @@ static bool concat_backward(const cuda_linear_part *p, int n, int R) {
     return ld >= cols + R && a0->A == l0->W + cols * l0->ldw && a_ld(a0) == l0->ldw;
 }
 
+// The stacked LoRAs' backward but their part of dx: dB += dy^T u per member (u: the forward's, or
+// recomputed at once), g = scale dy B into g's columns (rows ldg long) where dA or dx want it, then
+// every member's dA += g^T x in one product on the stacked dA.
+static void stacked_lora_backward(const cuda_linear_part *p, int n, int R, const bf16 *x, int64_t ldx, int64_t T,
+                                  lora_scratch s, const bf16 *u, int64_t ldu, bf16 *g, int64_t ldg, bool want_dx) {
+    const cuda_linear *l0 = first_lora(p, n);
+    int64_t in = l0->in;
+    bool want_db = false, want_g = want_dx || l0->dA;
+    for (int i = 0; i < n; i++) want_db |= has_lora(p[i].l) && p[i].l->dB;
+    if (want_db && !u) {  // every member's u at once, as the forward made them
+        gemm_rm(false, true, T, R, in, l0->scale, x, ldx, (const bf16 *)l0->A, a_ld(l0), 0.f, s.u, CUDA_R_16BF, R,
+                "lora down (stacked, recompute)");
+        u = s.u;
+        ldu = R;
+    }
+    for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
+        const cuda_linear *l = p[i].l;
+        if (!has_lora(l)) continue;
+        const bf16 *dy = (const bf16 *)p[i].dy;
+        int64_t ldy = part_ld(&p[i]);
+        if (l->dB) gemm_rm(true, false, l->out, l->rank, T, 1.f, dy, ldy, u + c, ldu, 1.f, l->dB, CUDA_R_32F,
+                           l->rank, "lora dB");
+        if (want_g)
+            gemm_rm(false, false, T, l->rank, l->out, l->scale, dy, ldy, (const bf16 *)l->B, b_ld(l), 0.f, g + c,
+                    CUDA_R_16BF, ldg, "lora dy B");
+    }
+    if (l0->dA) gemm_rm(true, false, R, in, T, 1.f, g, ldg, x, ldx, 1.f, l0->dA, CUDA_R_32F, in, "lora dA (stacked)");
+}
+
 extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda_linear_part *p, int n,
                                            const dt_bf16 *x_, int64_t ldx, int64_t T, void *scratch,
                                            const dt_bf16 *u_, int64_t ldu) {
@@ -420,32 +449,13 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
     bool acc = accumulate != 0;  // dx's, until something has been written to it
     if (concat_backward(p, n, R)) {
         // dx (+)= [dy_1 .. dy_n | g] [W_1; ..; W_n; A]: the members' base products and the LoRAs'
-        // part of dx as one product, g = scale dy B written into dy's rows after the members'
-        const cuda_linear *l0 = p[0].l, *a0 = first_lora(p, n);
-        int64_t in = l0->in, ldy = part_ld(&p[0]), cols = 0;
+        // part of dx as one product, g written into dy's rows after the members'
+        const cuda_linear *l0 = p[0].l;
+        int64_t ldy = part_ld(&p[0]), cols = 0;
         for (int i = 0; i < n; i++) cols += p[i].l->out;
-        bf16 *g = (bf16 *)p[0].dy + cols;
-        bool want_db = false;
-        for (int i = 0; i < n; i++) want_db |= has_lora(p[i].l) && p[i].l->dB;
-        if (want_db && !u) {
-            gemm_rm(false, true, T, R, in, a0->scale, x, ldx, (const bf16 *)a0->A, a_ld(a0), 0.f, s.u, CUDA_R_16BF,
-                    R, "lora down (stacked, recompute)");
-            u = s.u;
-            ldu = R;
-        }
-        for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
-            const cuda_linear *l = p[i].l;
-            if (!has_lora(l)) continue;
-            const bf16 *dy = (const bf16 *)p[i].dy;
-            if (l->dB) gemm_rm(true, false, l->out, l->rank, T, 1.f, dy, ldy, u + c, ldu, 1.f, l->dB, CUDA_R_32F,
-                               l->rank, "lora dB");
-            gemm_rm(false, false, T, l->rank, l->out, l->scale, dy, ldy, (const bf16 *)l->B, b_ld(l), 0.f, g + c,
-                    CUDA_R_16BF, ldy, "lora dy B");
-        }
-        if (a0->dA) gemm_rm(true, false, R, in, T, 1.f, g, ldy, x, ldx, 1.f, a0->dA, CUDA_R_32F, in,
-                            "lora dA (stacked)");
-        if (dx) gemm_rm(false, false, T, in, cols + R, 1.f, (const bf16 *)p[0].dy, ldy, (const bf16 *)l0->W, l0->ldw,
-                        acc ? 1.f : 0.f, dx, CUDA_R_32F, in, "linear backward (with the LoRAs)");
+        stacked_lora_backward(p, n, R, x, ldx, T, s, u, ldu, (bf16 *)p[0].dy + cols, ldy, dx != NULL);
+        if (dx) gemm_rm(false, false, T, l0->in, cols + R, 1.f, (const bf16 *)p[0].dy, ldy, (const bf16 *)l0->W,
+                        l0->ldw, acc ? 1.f : 0.f, dx, CUDA_R_32F, l0->in, "linear backward (with the LoRAs)");
         return;
     }
     // LoRA's part of dx first, so that the base products below add onto it in their epilogue
@@ -453,33 +463,10 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
     // needs no zeroing pass
     if (stacked(p, n, true)) {
         const cuda_linear *l0 = first_lora(p, n);
-        int64_t in = l0->in;
-        bool want_db = false, want_da = l0->dA != NULL;
-        for (int i = 0; i < n; i++) want_db |= has_lora(p[i].l) && p[i].l->dB;
-        if (want_db && !u) {  // every member's u at once, as the forward made them
-            gemm_rm(false, true, T, R, in, l0->scale, x, ldx, (const bf16 *)l0->A, a_ld(l0), 0.f, s.u, CUDA_R_16BF,
-                    R, "lora down (stacked, recompute)");
-            u = s.u;
-            ldu = R;
-        }
-        // per member: dB += dy^T u and its columns of g = scale dy B
-        for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
-            const cuda_linear *l = p[i].l;
-            if (!has_lora(l)) continue;
-            const bf16 *dy = (const bf16 *)p[i].dy;
-            int64_t ldy = part_ld(&p[i]);
-            if (l->dB) gemm_rm(true, false, l->out, l->rank, T, 1.f, dy, ldy, u + c, ldu, 1.f, l->dB, CUDA_R_32F,
-                               l->rank, "lora dB");
-            if (want_da || dx)
-                gemm_rm(false, false, T, l->rank, l->out, l->scale, dy, ldy, (const bf16 *)l->B, b_ld(l), 0.f,
-                        s.g + c, CUDA_R_16BF, R, "lora dy B");
-        }
-        // then all members' dA and their part of dx in one product each, on the stacked A
-        if (want_da) gemm_rm(true, false, R, in, T, 1.f, s.g, R, x, ldx, 1.f, l0->dA, CUDA_R_32F, in,
-                             "lora dA (stacked)");
+        stacked_lora_backward(p, n, R, x, ldx, T, s, u, ldu, s.g, R, dx != NULL);
         if (dx) {
-            gemm_rm(false, false, T, in, R, 1.f, s.g, R, (const bf16 *)l0->A, a_ld(l0), acc ? 1.f : 0.f, dx,
-                    CUDA_R_32F, in, "lora dx (stacked)");
+            gemm_rm(false, false, T, l0->in, R, 1.f, s.g, R, (const bf16 *)l0->A, a_ld(l0), acc ? 1.f : 0.f, dx,
+                    CUDA_R_32F, l0->in, "lora dx (stacked)");
             acc = true;
         }
     } else {

@@ -95,6 +95,23 @@ static void test_embedding(int64_t V, int H, int64_t T) {
 
 /* ---- norm.cu ---- */
 
+/* Rows of ld bf16 on the device, junk in every column (*junk: the same on the host), for an op that
+ * writes rows of fewer columns with room after (a group's input and the LoRAs' u after it). */
+static dt_bf16 *junk_rows(int64_t rows, int64_t ld, float **junk) {
+    *junk = test_rvec_bf16(rows * ld, 1.0f);
+    return test_dev_bf16(*junk, rows * ld);
+}
+
+/* d's rows hold want [rows, cols] in their first cols, and the junk after them untouched. */
+static void expect_rows_with_room(const char *name, const dt_bf16 *d, const float *junk, const float *want,
+                                  int64_t rows, int64_t cols, int64_t ld) {
+    if (test_cuda_ok(name)) return;
+    float *got = test_host_bf16(d, rows * ld), *all = test_copy(junk, rows * ld);
+    for (int64_t r = 0; r < rows; r++) memcpy(all + r * ld, want + r * cols, sizeof(float) * cols);
+    test_expect_close(name, got, all, rows * ld, 1e-2);
+    free(got), free(all);
+}
+
 static void test_rmsnorm1p(int64_t rows, int D) {
     char name[96];
     int64_t n = rows * D;
@@ -114,19 +131,13 @@ static void test_rmsnorm1p(int64_t rows, int D) {
     }
     /* into rows longer than D (a group's input, with its LoRAs' u after D): the rest untouched */
     int64_t ld = D + 20;
-    float *pad = test_rvec(rows * ld, 1.0f);
-    test_round_bf16(pad, rows * ld);
-    dt_bf16 *d_yp = test_dev_bf16(pad, rows * ld);
+    float *junk;
+    dt_bf16 *d_yp = junk_rows(rows, ld, &junk);
     rmsnorm1p_forward_cuda(d_yp, ld, d_x, d_w, rows, D, eps);
     snprintf(name, sizeof name, "rmsnorm1p_forward rows=%lld D=%d into rows of %lld", (long long)rows, D, (long long)ld);
-    if (!test_cuda_ok(name)) {
-        float *g = test_host_bf16(d_yp, rows * ld), *want = test_copy(pad, rows * ld);
-        for (int64_t r = 0; r < rows; r++) memcpy(want + r * ld, y + r * D, sizeof(float) * D);
-        test_expect_close(name, g, want, rows * ld, 1e-2);
-        free(g), free(want);
-    }
+    expect_rows_with_room(name, d_yp, junk, y, rows, D, ld);
     cuda_free(d_yp);
-    free(pad);
+    free(junk);
     /* the same from a separate dx_in, into a dx of garbage, and from none (dx_in NULL: the
      * gradient alone) */
     float *d_in = test_dev_f32(dx0, n), *d_out = test_dev_f32(dy, n), *d_alone = test_dev_f32(dy, n);
@@ -178,19 +189,14 @@ static void test_rmsnorm_gated(int64_t rows, int D) {
      * (the output projection's u): the room untouched */
     int heads = rows % 16 == 0 ? 16 : 1;
     int64_t T = rows / heads, ld = (int64_t)heads * D + 12;
-    float *pad = test_rvec_bf16(T * ld, 1.0f), *want = test_copy(pad, T * ld);
-    for (int64_t t = 0; t < T; t++) memcpy(want + t * ld, y + t * heads * D, sizeof(float) * heads * D);
-    dt_bf16 *d_yp = test_dev_bf16(pad, T * ld);
+    float *junk;
+    dt_bf16 *d_yp = junk_rows(T, ld, &junk);
     rmsnorm_gated_forward_cuda(d_yp, heads, ld, d_x, d_z, d_w, rows, D, eps);
     snprintf(name, sizeof name, "rmsnorm_gated_forward rows=%lld D=%d as %d heads, into rows of %lld", (long long)rows,
              D, heads, (long long)ld);
-    if (!test_cuda_ok(name)) {
-        float *g = test_host_bf16(d_yp, T * ld);
-        test_expect_close(name, g, want, T * ld, 1e-2);
-        free(g);
-    }
+    expect_rows_with_room(name, d_yp, junk, y, T, (int64_t)heads * D, ld);
     cuda_free(d_yp);
-    free(pad), free(want);
+    free(junk);
     rmsnorm_gated_backward_cuda(d_dx, d_dz, d_dy, d_x, d_z, d_w, rows, D, eps);
     snprintf(name, sizeof name, "rmsnorm_gated_backward dx rows=%lld D=%d", (long long)rows, D);
     if (!test_cuda_ok(name)) {
@@ -283,18 +289,13 @@ static void test_attn_gate(int64_t N, int nh, int hd) {
     }
     /* into rows with room after (the output projection's u): the room untouched */
     int64_t ld = (int64_t)nh * hd + 16;
-    float *pad = test_rvec_bf16(N * ld, 1.0f), *want = test_copy(pad, N * ld);
-    for (int64_t t = 0; t < N; t++) memcpy(want + t * ld, y + t * nh * hd, sizeof(float) * nh * hd);
-    dt_bf16 *d_yp = test_dev_bf16(pad, N * ld);
+    float *junk;
+    dt_bf16 *d_yp = junk_rows(N, ld, &junk);
     attn_gate_forward_cuda(d_yp, ld, d_x, d_qg, N, nh, hd);
     snprintf(name, sizeof name, "attn_gate_forward %s into rows of %lld", what, (long long)ld);
-    if (!test_cuda_ok(name)) {
-        float *g = test_host_bf16(d_yp, N * ld);
-        test_expect_close(name, g, want, N * ld, 1e-2);
-        free(g);
-    }
+    expect_rows_with_room(name, d_yp, junk, y, N, (int64_t)nh * hd, ld);
     cuda_free(d_yp);
-    free(pad), free(want);
+    free(junk);
     attn_gate_backward_cuda(d_dx, d_dqg, d_dy, d_x, d_qg, N, nh, hd);
     snprintf(name, sizeof name, "attn_gate_backward dx %s", what);
     if (!test_cuda_ok(name)) {
