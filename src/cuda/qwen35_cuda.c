@@ -15,12 +15,15 @@
 #include "deltatune/mem.h"
 #include "deltatune/quant.h"
 
+/* A layer's groups of linears that read one input (group_linears); all but the last may go into a block */
+enum { N_GROUPS = 6, BLOCK_GROUPS = 5 };
+
 typedef struct {
     cuda_linear mlp_gate, mlp_up, mlp_down;
     cuda_linear lin_qkv, lin_z, lin_b, lin_a, lin_out;
     cuda_linear att_q, att_k, att_v, att_o;
     float *input_norm, *post_norm, *conv, *dt_bias, *a_log, *lin_norm, *q_norm, *k_norm;
-    void *blocks[5];  /* the groups' blocks of bases (make_block); their linears' W point into them */
+    void *blocks[BLOCK_GROUPS];  /* the groups' blocks of bases (make_block): their W point into them */
 } gpu_layer;
 
 /* One LoRA of the host model. Its device arrays live at off_a (A) and off_b (B) in the contiguous
@@ -54,8 +57,8 @@ typedef struct {
 
 /* The groups of products that read one input (the mixer's in-projections, the DeltaNet's four or
  * attention's three; the MLP's gate and up) keep their LoRAs' u in that input's rows after its H
- * columns (the group's R = the sum of its ranks, at most GROUP_MAX ranks): the wide bases' products
- * read [x | u] (bind_loras). The MLP's down projection's u is kept from the forward, every layer's
+ * columns (the group's R = the sum of its ranks, at most GROUP_MAX ranks): the products of the bases
+ * in blocks read [x | u] (make_block). The MLP's down projection's u is kept from the forward, every layer's
  * (u_down): the recompute for the backward skips that projection. */
 enum { GROUP_MAX = 4 };
 
@@ -103,7 +106,7 @@ struct qwen35_cuda {
     gpu_lora *loras;
     int n_loras;
     int64_t lora_params;        /* P: every A and B */
-    int64_t bf16_params;        /* those with their bf16 copy in lora_bf16: all but the wide bases' B */
+    int64_t bf16_params;        /* those with their bf16 copy in lora_bf16: all but the blocks' LoRAs' */
     dt_bf16 *lora_bf16;         /* [bf16_params] the copies the products read */
     float *lora_grad;           /* [P] fp32 gradients, accumulated */
     float *stage;               /* host [P] for transfers */
@@ -349,7 +352,7 @@ void qwen35_cuda_free(qwen35_cuda *g) {
 #define FREE(name) if (!G->name.ldw) cuda_free((void *)G->name.W); free_quantized(&G->name.wq);
         LAYER_LINEARS(FREE)
 #undef FREE
-        for (int b = 0; b < 5; b++) cuda_free(G->blocks[b]);
+        for (int b = 0; b < BLOCK_GROUPS; b++) cuda_free(G->blocks[b]);
         float *v[] = {G->input_norm, G->post_norm, G->conv, G->dt_bias, G->a_log, G->lin_norm, G->q_norm, G->k_norm};
         for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) cuda_free(v[i]);
     }
@@ -370,7 +373,6 @@ void qwen35_cuda_free(qwen35_cuda *g) {
  * A is read by swiglu_backward_lora_cuda). The backward of the MLP's and of the output projections
  * gets its dy side by side with room for g (layer_backward): their blocks' rows are of one length,
  * for the one product over [dy | g] (cuda_linear_part); the others' as long as each needs. */
-enum { N_GROUPS = 6, BLOCK_GROUPS = 5 };
 static const int group_size[N_GROUPS] = {4, 3, 2, 1, 1, 1};
 static const bool group_joined[N_GROUPS] = {false, false, true, true, true, false};
 
