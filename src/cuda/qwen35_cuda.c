@@ -518,8 +518,8 @@ static int bind_loras(qwen35_cuda *g, const qwen35_model *m) {
 }
 
 /* The bf16 copies of every A and B from the host values in stage (gather): lora_bf16's, then the
- * wide bases' from the fp32 tail, which tail holds on the device already (the masters) or, NULL,
- * goes up through a buffer of its own. */
+ * blocks' from the fp32 tail, which tail holds on the device already (the masters) or, NULL, goes
+ * up through a buffer of its own. */
 static int upload_bf16_copies(qwen35_cuda *g, const float *tail) {
     dt_from_f32(g->stage16, DT_BF16, g->stage, (size_t)g->bf16_params);
     if (cuda_upload(g->lora_bf16, g->stage16, sizeof(dt_bf16) * (size_t)g->bf16_params)) return -1;
@@ -531,7 +531,7 @@ static int upload_bf16_copies(qwen35_cuda *g, const float *tail) {
         return -1;
     }
     copy_wide(g, tail ? tail : buf);
-    int rc = cuda_check("copying B into the wide bases");
+    int rc = cuda_check("copying A and B into the blocks of bases");
     cuda_free(buf);
     return rc;
 }
