@@ -77,13 +77,13 @@ void rmsnorm1p_forward_cuda(dt_bf16 *y, int64_t ldy, const float *x, const float
  * ld_bf long. */
 void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, int64_t ld_bf, const float *dx_in, const float *dy,
                              const float *x, const float *w, int64_t rows, int D, float eps);
-/* y (bf16) = w * x / rms(x) * silu(z) over rows of D; x, z bf16, w fp32 [D]. y's rows are a token's
- * heads (rows of x: token row / heads, head row % heads), each token's ldy long. */
-void rmsnorm_gated_forward_cuda(dt_bf16 *y, int heads, int64_t ldy, const dt_bf16 *x, const dt_bf16 *z,
+/* y (bf16) = w * x / rms(x) * silu(z) over rows of D; x, z bf16, w fp32 [D]. y's and z's rows are
+ * a token's heads (rows of x: token row / heads, head row % heads), each token's ldy / ldz long. */
+void rmsnorm_gated_forward_cuda(dt_bf16 *y, int heads, int64_t ldy, const dt_bf16 *x, const dt_bf16 *z, int64_t ldz,
                                 const float *w, int64_t rows, int D, float eps);
-/* dx (fp32) and dz (bf16) overwritten, given dy (fp32). */
-void rmsnorm_gated_backward_cuda(float *dx, dt_bf16 *dz, const float *dy, const dt_bf16 *x, const dt_bf16 *z,
-                                 const float *w, int64_t rows, int D, float eps);
+/* dx (fp32) and dz (bf16, a token's heads in rows lddz long, as z's ldz) overwritten, given dy (fp32). */
+void rmsnorm_gated_backward_cuda(float *dx, dt_bf16 *dz, int64_t lddz, int heads, const float *dy, const dt_bf16 *x,
+                                 const dt_bf16 *z, int64_t ldz, const float *w, int64_t rows, int D, float eps);
 
 /* ---- qk_rope.cu: the gated attention's elementwise parts ---- */
 /* Per head: y = rope(rmsnorm1p(x, w)) on the first rot_dim dims (half-split), over N tokens
@@ -154,12 +154,13 @@ void deltanet_qk_l2norm_forward_cuda(dt_bf16 *qkv, const dt_bf16 *conv, int64_t 
 /* dconv (fp32 [N, conv_dim], overwritten) given dqkv (fp32, same layout); dconv may be dqkv. */
 void deltanet_qk_l2norm_backward_cuda(float *dconv, const float *dqkv, const dt_bf16 *conv, int64_t N,
                                       int n_k_heads, int dk, int64_t conv_dim, float q_scale, float eps);
-/* beta = sigmoid(b), g = -exp(a_log) softplus(a + dt_bias): fp32 [N, Hv] from bf16 b, a. */
-void deltanet_gates_forward_cuda(float *beta, float *g, const dt_bf16 *b, const dt_bf16 *a, const float *a_log,
-                                 const float *dt_bias, int64_t N, int Hv);
-/* db, da (bf16, overwritten) given dbeta, dg (fp32). */
-void deltanet_gates_backward_cuda(dt_bf16 *db, dt_bf16 *da, const float *dbeta, const float *dg, const dt_bf16 *b,
-                                  const dt_bf16 *a, const float *a_log, const float *dt_bias, int64_t N, int Hv);
+/* beta = sigmoid(b), g = -exp(a_log) softplus(a + dt_bias): fp32 [N, Hv] from bf16 b, a (rows ld long). */
+void deltanet_gates_forward_cuda(float *beta, float *g, const dt_bf16 *b, const dt_bf16 *a, int64_t ld,
+                                 const float *a_log, const float *dt_bias, int64_t N, int Hv);
+/* db, da (bf16, rows ld long, overwritten) given dbeta, dg (fp32) and the forward's beta, g: the
+ * derivatives come from those, so b and a need not be kept. */
+void deltanet_gates_backward_cuda(dt_bf16 *db, dt_bf16 *da, int64_t ld, const float *dbeta, const float *dg,
+                                  const float *beta, const float *g, const float *a_log, int64_t N, int Hv);
 /* The gated delta rule over packed sequences (in chunks of 32 tokens on tensor cores; with
  * DT_DELTANET=recurrent token by token): sequence s holds tokens
  * [seq_starts[s], seq_starts[s + 1]) (seq_starts on the device, n_seqs + 1 entries; no sequence

@@ -103,41 +103,45 @@ static __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f
 // torch's softplus: linear above 20
 static __device__ __forceinline__ float softplusf_(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-__global__ void gates_fwd_kernel(float *beta, float *g, const bf16 *b, const bf16 *a, const float *a_log,
-                                 const float *dt_bias, int64_t n, int Hv) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        int h = (int)(i % Hv);
-        beta[i] = sigmoidf_(ld(b + i));
-        g[i] = -expf(a_log[h]) * softplusf_(ld(a + i) + dt_bias[h]);
-    }
-}
-
-__global__ void gates_bwd_kernel(bf16 *db, bf16 *da, const float *dbeta, const float *dg, const bf16 *b, const bf16 *a,
+__global__ void gates_fwd_kernel(float *beta, float *g, const bf16 *b, const bf16 *a, int64_t ldba,
                                  const float *a_log, const float *dt_bias, int64_t n, int Hv) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         int h = (int)(i % Hv);
-        float s = sigmoidf_(ld(b + i)), x = ld(a + i) + dt_bias[h];
-        st(db + i, dbeta[i] * s * (1.0f - s));
-        st(da + i, dg[i] * -expf(a_log[h]) * (x > 20.0f ? 1.0f : sigmoidf_(x)));
+        int64_t e = i / Hv * ldba + h;
+        beta[i] = sigmoidf_(ld(b + e));
+        g[i] = -expf(a_log[h]) * softplusf_(ld(a + e) + dt_bias[h]);
     }
 }
 
-extern "C" void deltanet_gates_forward_cuda(float *beta, float *g, const dt_bf16 *b, const dt_bf16 *a,
+// From the forward's outputs: beta' = beta (1 - beta); g = -exp(a_log) softplus(x), so
+// softplus(x) = -g / exp(a_log) and softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)) (1 past the
+// linear part's threshold, as the forward's, within fp32 rounding).
+__global__ void gates_bwd_kernel(bf16 *db, bf16 *da, int64_t ldba, const float *dbeta, const float *dg,
+                                 const float *beta, const float *g, const float *a_log, int64_t n, int Hv) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        int h = (int)(i % Hv);
+        int64_t e = i / Hv * ldba + h;
+        float s = beta[i], ea = expf(a_log[h]), sp = -g[i] / ea;
+        st(db + e, dbeta[i] * s * (1.0f - s));
+        st(da + e, dg[i] * -ea * (sp > 20.0f ? 1.0f : -expm1f(-sp)));
+    }
+}
+
+extern "C" void deltanet_gates_forward_cuda(float *beta, float *g, const dt_bf16 *b, const dt_bf16 *a, int64_t ldba,
                                             const float *a_log, const float *dt_bias, int64_t N, int Hv) {
     int64_t n = N * Hv;
     if (n <= 0) return;
-    gates_fwd_kernel<<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(beta, g, (const bf16 *)b, (const bf16 *)a,
+    gates_fwd_kernel<<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(beta, g, (const bf16 *)b, (const bf16 *)a, ldba,
                                                                      a_log, dt_bias, n, Hv);
 }
 
-extern "C" void deltanet_gates_backward_cuda(dt_bf16 *db, dt_bf16 *da, const float *dbeta, const float *dg,
-                                             const dt_bf16 *b, const dt_bf16 *a, const float *a_log,
-                                             const float *dt_bias, int64_t N, int Hv) {
+extern "C" void deltanet_gates_backward_cuda(dt_bf16 *db, dt_bf16 *da, int64_t ldba, const float *dbeta,
+                                             const float *dg, const float *beta, const float *g, const float *a_log,
+                                             int64_t N, int Hv) {
     int64_t n = N * Hv;
     if (n <= 0) return;
-    gates_bwd_kernel<<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>((bf16 *)db, (bf16 *)da, dbeta, dg,
-                                                                     (const bf16 *)b, (const bf16 *)a, a_log,
-                                                                     dt_bias, n, Hv);
+    gates_bwd_kernel<<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>((bf16 *)db, (bf16 *)da, ldba, dbeta, dg, beta,
+                                                                     g, a_log, n, Hv);
 }
 
 // ---------------------------------------------------------------- the gated delta rule

@@ -288,29 +288,42 @@ static void member_forward(const cuda_linear_part *m, const bf16 *x, int64_t ldx
             "linear forward");
 }
 
-// Whether the group's forward can run as one product (linear_group_forward_cuda): every member's
-// bf16 base in one block (rows of one length, each member's after the one before), every y in one
-// buffer (each member's columns after the one before, one type), and each LoRA's u in x's rows
-// where its B's columns are; *K: the columns of x's rows the product reads.
-static bool one_forward(const cuda_linear_part *p, int n, const bf16 *x, int64_t ldx, const bf16 *u, int64_t ldu,
-                        int64_t *K) {
-    const cuda_linear *l0 = p[0].l;
-    int64_t ld = part_ld(&p[0]), cols = 0, esz = p[0].yt == CUDA_BF16 ? 2 : 4;
-    if (n < 2 || l0->ldw <= 0 || ldu != ldx) return false;
-    *K = l0->in;
-    for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
+// The group's trailing run of members whose forward is one product (linear_group_forward_cuda):
+// their bf16 bases in one block (rows of one length, each member's after the one before), their y
+// in one buffer (each member's columns after the one before, one type) and each LoRA's u in x's
+// rows where its B's columns are. Returns the run's first member (n: no run of two or more);
+// *K: the columns of x's rows the product reads, *cols: the run's outputs.
+static int forward_run(const cuda_linear_part *p, int n, const bf16 *x, int64_t ldx, const bf16 *u, int64_t ldu,
+                       int64_t *K, int64_t *cols) {
+    if (ldu != ldx) return n;
+    int first = n;
+    for (int i = n - 1; i >= 0; i--) {
         const cuda_linear *l = p[i].l;
-        if (l->out <= 0 || l->wq.bits > 0 || l->ldw != l0->ldw || l->in != l0->in || part_ld(&p[i]) != ld ||
-            p[i].yt != p[0].yt || p[i].accumulate != p[0].accumulate || l->W != l0->W + cols * l0->ldw ||
-            (const char *)p[i].y != (const char *)p[0].y + cols * esz)
-            return false;
+        if (l->out <= 0 || l->wq.bits > 0 || l->ldw <= 0 || (has_lora(l) && l->bcol <= 0)) break;
+        if (i < n - 1) {  // right before member i + 1, in the block and in y
+            const cuda_linear_part *q = &p[i + 1];
+            int64_t esz = p[i].yt == CUDA_BF16 ? 2 : 4;
+            if (l->ldw != q->l->ldw || l->in != q->l->in || part_ld(&p[i]) != part_ld(q) || p[i].yt != q->yt ||
+                p[i].accumulate != q->accumulate || q->l->W != l->W + l->out * l->ldw ||
+                (const char *)q->y != (const char *)p[i].y + l->out * esz)
+                break;
+        }
+        first = i;
+    }
+    if (n - first < 2) return n;
+    int64_t c = 0;  // u's column of each LoRA: after those of all the members before it
+    for (int i = 0; i < first; i++) c += lora_rank(p[i].l);
+    *K = p[first].l->in;
+    *cols = 0;
+    for (int i = first; i < n; c += lora_rank(p[i].l), i++) {
+        const cuda_linear *l = p[i].l;
         if (has_lora(l)) {
-            if (l->bcol <= 0 || u + c != x + l->bcol) return false;
+            if (u + c != x + l->bcol) return n;
             *K = l->bcol + l->rank > *K ? l->bcol + l->rank : *K;
         }
-        cols += l->out;
+        *cols += l->out;
     }
-    return ld >= cols;
+    return part_ld(&p[first]) >= *cols ? first : n;
 }
 
 extern "C" void linear_group_forward_cuda(const cuda_linear_part *p, int n, const dt_bf16 *x_, int64_t ldx, int64_t T,
@@ -338,19 +351,17 @@ extern "C" void linear_group_forward_cuda(const cuda_linear_part *p, int n, cons
                     CUDA_R_16BF, ldu, "lora down");
         }
     }
-    int64_t K;
-    if (one_forward(p, n, x, ldx, u, ldu, &K)) {
-        // [y_1 .. y_n] = [x | u] [W_1 | 0 | B_1 ..; ..; W_n | .. B_n]^T: the block's zeros keep each
-        // member's rows off the other LoRAs' u
-        int64_t cols = 0;
-        for (int i = 0; i < n; i++) cols += p[i].l->out;
-        gemm_rm(false, true, T, cols, K, 1.f, x, ldx, (const bf16 *)p[0].l->W, p[0].l->ldw,
-                p[0].accumulate ? 1.f : 0.f, p[0].y, p[0].yt == CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F, part_ld(&p[0]),
-                "linear forward (one for the group)");
-        return;
-    }
-    for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++)
+    int64_t K = 0, cols = 0;
+    int run = forward_run(p, n, x, ldx, u, ldu, &K, &cols);
+    for (int i = 0, c = 0; i < run; c += lora_rank(p[i].l), i++)
         if (p[i].l->out > 0) member_forward(&p[i], x, ldx, T, u + c, ldu);
+    if (run < n) {
+        // [y_run .. y_n] = [x | u] [W_run | 0 | B_run ..; ..; W_n | .. B_n]^T: the block's zeros keep
+        // each member's rows off the other LoRAs' u
+        const cuda_linear_part *r = &p[run];
+        gemm_rm(false, true, T, cols, K, 1.f, x, ldx, (const bf16 *)r->l->W, r->l->ldw, r->accumulate ? 1.f : 0.f,
+                r->y, r->yt == CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F, part_ld(r), "linear forward (one for the run)");
+    }
 }
 
 extern "C" void linear_forward_cuda(void *y, cuda_dtype yt, int accumulate, const dt_bf16 *x, const cuda_linear *l,
@@ -390,23 +401,29 @@ static bool member_lora_backward(float *dx, bool acc, const bf16 *dy, int64_t ld
     return true;
 }
 
-// Whether the group's backward can run as one product over [dy | g] (linear_group_backward_cuda):
-// every member's bf16 base in one block (rows of one length, each member's right after the one
-// before, then the stacked A), every dy in one buffer with the members' columns side by side and
-// room after them for the LoRAs' g, and the LoRAs stacked (stacked, one allowed).
-static bool concat_backward(const cuda_linear_part *p, int n, int R) {
-    const cuda_linear *l0 = p[0].l;
-    int64_t ld = part_ld(&p[0]), cols = 0;
-    if (R <= 0 || !stacked(p, n, true, true) || l0->ldw <= 0) return false;
-    for (int i = 0; i < n; i++) {
+// The group's trailing run of members whose backward, with the LoRAs' part of dx, is one product
+// over [dy | g] (linear_group_backward_cuda): their bf16 bases in one block (rows of one length,
+// each member's right after the one before, then the group's stacked A), their dy in one buffer
+// (each member's columns after the one before) whose rows have room after them for the group's g,
+// and the group's LoRAs stacked (stacked, one allowed). Returns the run's first member (n: none);
+// *cols: the run's dy columns.
+static int backward_run(const cuda_linear_part *p, int n, int R, int64_t *cols) {
+    const cuda_linear *last = p[n - 1].l, *a0 = first_lora(p, n);
+    if (R <= 0 || !stacked(p, n, true, true) || last->ldw <= 0 || last->wq.bits > 0 || last->out <= 0 ||
+        a0->A != last->W + last->out * last->ldw || a_ld(a0) != last->ldw)
+        return n;
+    int first = n - 1;
+    *cols = last->out;
+    for (int i = n - 2; i >= 0; i--) {
         const cuda_linear *l = p[i].l;
-        if (l->out <= 0 || l->wq.bits > 0 || l->ldw != l0->ldw || l->in != l0->in || part_ld(&p[i]) != ld ||
-            l->W != l0->W + cols * l0->ldw || p[i].dy != p[0].dy + cols)
-            return false;
-        cols += l->out;
+        const cuda_linear_part *q = &p[i + 1];
+        if (l->out <= 0 || l->wq.bits > 0 || l->ldw != last->ldw || l->in != last->in ||
+            part_ld(&p[i]) != part_ld(q) || q->l->W != l->W + l->out * l->ldw || q->dy != p[i].dy + l->out)
+            break;
+        first = i;
+        *cols += l->out;
     }
-    const cuda_linear *a0 = first_lora(p, n);
-    return ld >= cols + R && a0->A == l0->W + cols * l0->ldw && a_ld(a0) == l0->ldw;
+    return part_ld(&p[first]) >= *cols + R ? first : n;
 }
 
 // The stacked LoRAs' backward but their part of dx: dB += dy^T u per member (u: the forward's, or
@@ -447,15 +464,24 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
     int R = group_rank(p, n);
     lora_scratch s = carve(scratch, T, R);
     bool acc = accumulate != 0;  // dx's, until something has been written to it
-    if (concat_backward(p, n, R)) {
-        // dx (+)= [dy_1 .. dy_n | g] [W_1; ..; W_n; A]: the members' base products and the LoRAs'
-        // part of dx as one product, g written into dy's rows after the members'
-        const cuda_linear *l0 = p[0].l;
-        int64_t ldy = part_ld(&p[0]), cols = 0;
-        for (int i = 0; i < n; i++) cols += p[i].l->out;
-        stacked_lora_backward(p, n, R, x, ldx, T, s, u, ldu, (bf16 *)p[0].dy + cols, ldy, dx != NULL);
-        if (dx) gemm_rm(false, false, T, l0->in, cols + R, 1.f, (const bf16 *)p[0].dy, ldy, (const bf16 *)l0->W,
-                        l0->ldw, acc ? 1.f : 0.f, dx, CUDA_R_32F, l0->in, "linear backward (with the LoRAs)");
+    int64_t cols = 0;
+    int run = backward_run(p, n, R, &cols);
+    if (run < n) {
+        // dx (+)= [dy_run .. dy_n | g] [W_run; ..; W_n; A] after the members before the run: their
+        // base products, the LoRAs' part of dx and the run's as one product, g written into the
+        // run's dy rows after its members'
+        const cuda_linear_part *r = &p[run];
+        stacked_lora_backward(p, n, R, x, ldx, T, s, u, ldu, (bf16 *)r->dy + cols, part_ld(r), dx != NULL);
+        for (int i = 0; dx && i < run; i++) {
+            const cuda_linear *l = p[i].l;
+            if (l->out <= 0) continue;
+            gemm_rm(false, false, T, l->in, l->out, 1.f, (const bf16 *)p[i].dy, part_ld(&p[i]), base_weight(l),
+                    base_ld(l), acc ? 1.f : 0.f, dx, CUDA_R_32F, l->in, "linear backward");
+            acc = true;
+        }
+        if (dx) gemm_rm(false, false, T, r->l->in, cols + R, 1.f, (const bf16 *)r->dy, part_ld(r),
+                        (const bf16 *)r->l->W, r->l->ldw, acc ? 1.f : 0.f, dx, CUDA_R_32F, r->l->in,
+                        "linear backward (with the LoRAs)");
         return;
     }
     // LoRA's part of dx first, so that the base products below add onto it in their epilogue

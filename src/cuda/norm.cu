@@ -128,14 +128,14 @@ __global__ void __launch_bounds__(NORM_THREADS)
 // y = w x r silu(z)
 template <int G, int V, int NC>
 __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_gated_fwd_kernel(bf16 *y, int heads, int64_t ldy,
-                                                                         const bf16 *x, const bf16 *z,
+                                                                         const bf16 *x, const bf16 *z, int64_t ldz,
                                                                          const float *w, int64_t rows, int D,
                                                                          float eps) {
     constexpr int NR = NC > 0 ? NC : 1;
     int64_t row = (int64_t)blockIdx.x * (NORM_THREADS / G) + threadIdx.x / G;
     int lane = threadIdx.x % G;
     bool live = row < rows;
-    const bf16 *xr = x + row * D, *zr = z + row * D;
+    const bf16 *xr = x + row * D, *zr = z + row / heads * ldz + row % heads * D;
     float a[NR][V], zz[NR][V], b[NR][V], s[1] = {0};
     if (live) ROW_CHUNKS {
             ldv<V>(a[SLOT], xr + i);
@@ -158,13 +158,13 @@ __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_gated_fwd_kernel(bf16 *y
 // dz = dy w n silu'(z); dx = r (dn - n mean(n dn)), n = x r, dn = dy w silu(z); both overwritten
 template <int G, int V, int NC>
 __global__ void __launch_bounds__(NORM_THREADS)
-    rmsnorm_gated_bwd_kernel(float *dx, bf16 *dz, const float *dy, const bf16 *x, const bf16 *z, const float *w,
-                             int64_t rows, int D, float eps) {
+    rmsnorm_gated_bwd_kernel(float *dx, bf16 *dz, int64_t lddz, int heads, const float *dy, const bf16 *x,
+                             const bf16 *z, int64_t ldz, const float *w, int64_t rows, int D, float eps) {
     constexpr int NR = NC > 0 ? NC : 1;
     int64_t row = (int64_t)blockIdx.x * (NORM_THREADS / G) + threadIdx.x / G;
     int lane = threadIdx.x % G;
     bool live = row < rows;
-    const bf16 *xr = x + row * D, *zr = z + row * D;
+    const bf16 *xr = x + row * D, *zr = z + row / heads * ldz + row % heads * D;
     const float *dyr = dy + row * D;
     float a[NR][V], zz[NR][V], g[NR][V], b[NR][V];
     float s[2] = {0, 0};  // sum x^2, sum x dn
@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(NORM_THREADS)
             ox[k] = r * gw * z1 * sg - a[SLOT][k] * cc;
         }
         stv<V>(dx + row * D + i, ox);
-        stv<V>(dz + row * D + i, oz);
+        stv<V>(dz + row / heads * lddz + row % heads * D + i, oz);
     }
 }
 
@@ -251,24 +251,26 @@ extern "C" void rmsnorm1p_backward_cuda(float *dx, dt_bf16 *dx_bf, int64_t ld_bf
 }
 
 extern "C" void rmsnorm_gated_forward_cuda(dt_bf16 *y, int heads, int64_t ldy, const dt_bf16 *x, const dt_bf16 *z,
-                                           const float *w, int64_t rows, int D, float eps) {
+                                           int64_t ldz, const float *w, int64_t rows, int D, float eps) {
     if (rows <= 0 || D <= 0) return;
     bf16 *yb = (bf16 *)y;
     const bf16 *xb = (const bf16 *)x, *zb = (const bf16 *)z;
-    if (D % 4 == 0 && ldy % 4 == 0 && aligned_to(x, 8) && aligned_to(z, 8) && aligned_to(y, 8) && aligned_to(w, 16))
-        NORM_LAUNCH(rmsnorm_gated_fwd_kernel, 4, rows, D, yb, heads, ldy, xb, zb, w, rows, D, eps);
+    if (D % 4 == 0 && ldy % 4 == 0 && ldz % 4 == 0 && aligned_to(x, 8) && aligned_to(z, 8) && aligned_to(y, 8) &&
+        aligned_to(w, 16))
+        NORM_LAUNCH(rmsnorm_gated_fwd_kernel, 4, rows, D, yb, heads, ldy, xb, zb, ldz, w, rows, D, eps);
     else
-        NORM_LAUNCH(rmsnorm_gated_fwd_kernel, 1, rows, D, yb, heads, ldy, xb, zb, w, rows, D, eps);
+        NORM_LAUNCH(rmsnorm_gated_fwd_kernel, 1, rows, D, yb, heads, ldy, xb, zb, ldz, w, rows, D, eps);
 }
 
-extern "C" void rmsnorm_gated_backward_cuda(float *dx, dt_bf16 *dz, const float *dy, const dt_bf16 *x,
-                                            const dt_bf16 *z, const float *w, int64_t rows, int D, float eps) {
+extern "C" void rmsnorm_gated_backward_cuda(float *dx, dt_bf16 *dz, int64_t lddz, int heads, const float *dy,
+                                            const dt_bf16 *x, const dt_bf16 *z, int64_t ldz, const float *w,
+                                            int64_t rows, int D, float eps) {
     if (rows <= 0 || D <= 0) return;
     bf16 *dzb = (bf16 *)dz;
     const bf16 *xb = (const bf16 *)x, *zb = (const bf16 *)z;
-    if (D % 4 == 0 && aligned_to(x, 8) && aligned_to(z, 8) && aligned_to(dz, 8) && aligned_to(w, 16) &&
-        aligned_to(dx, 16) && aligned_to(dy, 16))
-        NORM_LAUNCH(rmsnorm_gated_bwd_kernel, 4, rows, D, dx, dzb, dy, xb, zb, w, rows, D, eps);
+    if (D % 4 == 0 && ldz % 4 == 0 && lddz % 4 == 0 && aligned_to(x, 8) && aligned_to(z, 8) && aligned_to(dz, 8) &&
+        aligned_to(w, 16) && aligned_to(dx, 16) && aligned_to(dy, 16))
+        NORM_LAUNCH(rmsnorm_gated_bwd_kernel, 4, rows, D, dx, dzb, lddz, heads, dy, xb, zb, ldz, w, rows, D, eps);
     else
-        NORM_LAUNCH(rmsnorm_gated_bwd_kernel, 1, rows, D, dx, dzb, dy, xb, zb, w, rows, D, eps);
+        NORM_LAUNCH(rmsnorm_gated_bwd_kernel, 1, rows, D, dx, dzb, lddz, heads, dy, xb, zb, ldz, w, rows, D, eps);
 }

@@ -46,9 +46,9 @@ typedef struct {
     dt_bf16 *xn1, *xn2;  /* the groups' input, rows ld_xn1 / ld_xn2 long: H, then the group's LoRAs' u */
     dt_bf16 *gate, *up, *m;
     float *h_mid;
-    dt_bf16 *mixed, *conv, *qkv, *z, *o_raw, *o_norm, *b, *a;  /* o_norm, att_g: the output projections'
-                                                                   input, rows ld_onorm / ld_attg long,
-                                                                   then its LoRA's u */
+    dt_bf16 *mixed, *conv, *qkv, *o_raw, *o_norm;  /* o_norm, att_g: the output projections' input, rows
+                                                      ld_onorm / ld_attg long, then its LoRA's u */
+    dt_bf16 *z, *b, *a;  /* side by side in rows ld_zba long: one product's (the in-projections' tail) */
     float *beta, *g;
     dt_bf16 *qg, *q, *k_pre, *k, *v, *att, *att_g;
     float *lse;
@@ -76,7 +76,9 @@ typedef struct {
     int64_t ld_dgu;
     /* Gated DeltaNet */
     float *do_norm, *do_raw, *dqkv, *dbeta, *dg;
-    dt_bf16 *dz, *dmixed, *db, *da;
+    dt_bf16 *dmixed;
+    dt_bf16 *dz, *db, *da;  /* side by side in rows ld_dz long, with room after for the group's g */
+    int64_t ld_dz;
     /* attention */
     float *datt_g, *dq, *dk, *dv;
     dt_bf16 *datt, *dqg, *dk_pre, *dv_bf;
@@ -119,6 +121,7 @@ struct qwen35_cuda {
     int u_rank;                 /* the largest LoRA rank when the workspace was made */
     int64_t ld_xn1, ld_xn2;     /* the rows of the acts' xn1, xn2: H and room for the group's u */
     int64_t ld_onorm, ld_attg;  /* ... of o_norm and att_g: vd or qd and room for u */
+    int64_t ld_zba;             /* ... of z, b and a side by side */
     cuda_wide_copy *wide;       /* device [n_wide]: the blocks' A and B copies from P's tail (bind_loras) */
     int n_wide;
     int64_t wide_rows;          /* the most rows of one */
@@ -398,19 +401,22 @@ static bool blockable(cuda_linear **lin, const dt_linear **host, int n) {
 /* The group's bases (n linears, their LoRAs s[0 .. n_lora)) moved into one block (cuda_linear):
  * each linear's rows [W | 0 | its B] with B in the columns of its u in the group's input (after
  * in, in the group's order), rounded up to whole 16 bytes, then the LoRAs' A [R, in]; with joined,
- * every row, A's too, as long as the longest (cuda_linear_part). Each linear's W, A, B point
+ * every row, A's too, as long as the longest (cuda_linear_part). Otherwise a linear without a
+ * LoRA takes the row length of the one before it, and A's rows the last one's, so that the
+ * group's tail runs as one product (the DeltaNet's z, b and a). Each linear's W, A, B point
  * there; the bf16 copies of A and B come in by the table's entries t (copy_wide). */
 static int make_block(void **block, cuda_linear **lin, int n, gpu_lora *s, int n_lora, bool joined,
                       int64_t bf16_params, cuda_wide_copy *t, int *nt, int64_t *max_rows) {
     int64_t in = lin[0]->in, R = 0, elems = 0, ld[4];
     for (int k = 0; k < n_lora; k++) R += s[k].host->rank;
-    int64_t ld_all = (in + R + 7) / 8 * 8, ld_a = joined ? ld_all : in;
+    int64_t ld_all = (in + R + 7) / 8 * 8;
     for (int i = 0, k = 0, c = 0; i < n; i++) {
         bool has = k < n_lora && s[k].lin == lin[i];
-        ld[i] = joined ? ld_all : has ? (in + c + s[k].host->rank + 7) / 8 * 8 : in;
+        ld[i] = joined ? ld_all : has ? (in + c + s[k].host->rank + 7) / 8 * 8 : i > 0 ? ld[i - 1] : in;
         if (has) c += s[k++].host->rank;
         elems += lin[i]->out * ld[i];
     }
+    int64_t ld_a = ld[n - 1];
     size_t bytes = sizeof(dt_bf16) * (size_t)(elems + R * ld_a);
     dt_bf16 *b;
     if (cuda_alloc((void **)&b, bytes) || cuda_zero(b, bytes)) return -1;
@@ -710,12 +716,12 @@ static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, const qwe
     carver mix = k;  /* the mixers share what follows */
     a->mixed = carve(&k, B2 * d->cd);
     a->qkv = carve(&k, B2 * d->cd);
-    a->b = carve(&k, B2 * d->Hv);
-    a->a = carve(&k, B2 * d->Hv);
     a->beta = carve(&k, B4 * d->Hv);
     a->g = carve(&k, B4 * d->Hv);
     o.out_off = k.off;
-    a->z = carve(&k, B2 * d->vd);
+    a->z = carve(&k, B2 * g->ld_zba);  /* b and a are read by the gates' forward only */
+    a->b = a->z ? a->z + d->vd : NULL;
+    a->a = a->b ? a->b + d->Hv : NULL;
     a->o_raw = carve(&k, B2 * d->vd);
     a->o_norm = carve(&k, B2 * g->ld_onorm);
     size_t gdn_end = k.off;
@@ -743,7 +749,7 @@ static acts_offsets acts_layout(gpu_acts *a, const dims *d, int64_t N, const qwe
 }
 
 static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, int64_t mlp_rows, int64_t ld_dgu, int64_t ld_dy,
-                           char *base) {
+                           int64_t ld_dz, char *base) {
     carver k = {base, 0};
     size_t B2 = 2 * (size_t)N, B4 = 4 * (size_t)N;
     g->dh_mid = carve(&k, B4 * d->H);
@@ -764,13 +770,14 @@ static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, int64_t mlp_r
     char *early = carve(&k, max_sz(B4 * d->vd, B2 * d->cd));
     g->do_raw = (float *)early;
     g->dmixed = (dt_bf16 *)early;
-    g->dz = carve(&k, B2 * d->vd);
+    g->ld_dz = ld_dz;
+    g->dz = carve(&k, B2 * ld_dz);
+    g->db = g->dz ? g->dz + d->vd : NULL;
+    g->da = g->db ? g->db + d->Hv : NULL;
     g->dqkv = carve(&k, B4 * max_sz(d->cd, d->vd));
     g->do_norm = g->dqkv;
     g->dbeta = carve(&k, B4 * d->Hv);
     g->dg = carve(&k, B4 * d->Hv);
-    g->db = carve(&k, B2 * d->Hv);
-    g->da = carve(&k, B2 * d->Hv);
     end = k.off > end ? k.off : end;
     k = shared;
     g->datt_g = carve(&k, B4 * d->qd);
@@ -787,14 +794,14 @@ static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, int64_t mlp_r
 /* The most tokens (all N, or a multiple of 128) whose MLP backward fits in the grads' shared
  * part that the mixers need anyway: the MLP's backward then runs that many at a time.
  * $DT_CUDA_MLP_ROWS sets it (for the tests). */
-static int64_t mlp_rows_for(const dims *d, int64_t N, int64_t ld_dgu) {
+static int64_t mlp_rows_for(const dims *d, int64_t N, int64_t ld_dgu, int64_t ld_dz) {
     const char *e = getenv("DT_CUDA_MLP_ROWS");  /* tests: pieces of this many tokens */
     if (e && atoll(e) > 0) return atoll(e) < N ? atoll(e) : N;
     gpu_grads tmp;
-    size_t mixers = grads_layout(&tmp, d, N, 0, ld_dgu, d->H, NULL);
-    if (grads_layout(&tmp, d, N, N, ld_dgu, d->H, NULL) <= mixers) return N;
+    size_t mixers = grads_layout(&tmp, d, N, 0, ld_dgu, d->H, ld_dz, NULL);
+    if (grads_layout(&tmp, d, N, N, ld_dgu, d->H, ld_dz, NULL) <= mixers) return N;
     int64_t r = N / 128 * 128;
-    while (r > 128 && grads_layout(&tmp, d, N, r, ld_dgu, d->H, NULL) > mixers) r -= 128;
+    while (r > 128 && grads_layout(&tmp, d, N, r, ld_dgu, d->H, ld_dz, NULL) > mixers) r -= 128;
     return r > 0 ? r : N;
 }
 
@@ -865,6 +872,7 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     g->ld_xn2 = (H + 2 * rank + 7) / 8 * 8;
     g->ld_onorm = (d.vd + rank + 7) / 8 * 8;
     g->ld_attg = (d.qd + rank + 7) / 8 * 8;
+    g->ld_zba = (d.vd + 2 * d.Hv + 7) / 8 * 8;
     acts_offsets o = acts_layout(&g->acts[0], &d, N, g, NULL);
     int rc = 0;
     if (n_acts == 1) {  /* acts[0], then scratch */
@@ -901,10 +909,11 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
     if (rc == 0 && training) {
         rc = cuda_alloc((void **)&g->dh, sizeof(float) * (size_t)(N * H));
         int64_t ld_dgu = (2 * d.I + 2 * rank + 7) / 8 * 8, ld_dy = (H + rank + 7) / 8 * 8;
-        g->mlp_rows = mlp_rows_for(&d, N, ld_dgu);
-        size_t bytes = grads_layout(&g->grads, &d, N, g->mlp_rows, ld_dgu, ld_dy, NULL);
+        int64_t ld_dz = (g->ld_zba + GROUP_MAX * rank + 7) / 8 * 8;
+        g->mlp_rows = mlp_rows_for(&d, N, ld_dgu, ld_dz);
+        size_t bytes = grads_layout(&g->grads, &d, N, g->mlp_rows, ld_dgu, ld_dy, ld_dz, NULL);
         if (rc == 0) rc = cuda_alloc(&g->grads.block, bytes);
-        if (rc == 0) grads_layout(&g->grads, &d, N, g->mlp_rows, ld_dgu, ld_dy, g->grads.block);
+        if (rc == 0) grads_layout(&g->grads, &d, N, g->mlp_rows, ld_dgu, ld_dy, ld_dz, g->grads.block);
         g->hf = (dt_bf16 *)g->grads.dxn1;  /* dead while the LM head runs */
     } else if (rc == 0) {
         rc = cuda_alloc((void **)&g->hf_block, sizeof(dt_bf16) * (size_t)(N * H));
@@ -977,22 +986,22 @@ static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const cal
     void *s = g->scratch;
     PROF("fwd.gdn.in_proj", {
         cuda_linear_part p[] = {{a->mixed, CUDA_BF16, 0, NULL, &L->lin_qkv, 0},
-                                {a->z, CUDA_BF16, 0, NULL, &L->lin_z, 0},
-                                {a->b, CUDA_BF16, 0, NULL, &L->lin_b, 0},
-                                {a->a, CUDA_BF16, 0, NULL, &L->lin_a, 0}};
+                                {a->z, CUDA_BF16, 0, NULL, &L->lin_z, g->ld_zba},
+                                {a->b, CUDA_BF16, 0, NULL, &L->lin_b, g->ld_zba},
+                                {a->a, CUDA_BF16, 0, NULL, &L->lin_a, g->ld_zba}};
         linear_group_forward_cuda(p, 4, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
     PROF("fwd.gdn.conv_norm_gates", {
         deltanet_conv_forward_cuda(a->qkv, a->mixed, L->conv, g->pos, N, c->conv_kernel, c->lin_n_k_heads,
                                    c->lin_k_head_dim, d.cd, 1.0f / sqrtf((float)c->lin_k_head_dim), 1e-6f, a->conv);
-        deltanet_gates_forward_cuda(a->beta, a->g, a->b, a->a, L->a_log, L->dt_bias, N, (int)d.Hv);
+        deltanet_gates_forward_cuda(a->beta, a->g, a->b, a->a, g->ld_zba, L->a_log, L->dt_bias, N, (int)d.Hv);
     });
     cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};
     PROF("fwd.gdn.recurrence",
          deltanet_forward_cuda(a->o_raw, a->qkv, a->beta, a->g, g->seq_starts, k->n_seqs, k->max_len, dd, g->big));
     PROF("fwd.gdn.out", {
-        rmsnorm_gated_forward_cuda(a->o_norm, (int)d.Hv, g->ld_onorm, a->o_raw, a->z, L->lin_norm, N * d.Hv,
-                                   c->lin_v_head_dim, (float)c->rms_eps);
+        rmsnorm_gated_forward_cuda(a->o_norm, (int)d.Hv, g->ld_onorm, a->o_raw, a->z, g->ld_zba, L->lin_norm,
+                                   N * d.Hv, c->lin_v_head_dim, (float)c->rms_eps);
         /* the output projection adds onto the residual: the add for free (where res is h_mid, in
          * the MLP part, which `big` covered until now, h_in is copied there only now) */
         if (res != h_in) cuda_copy_f32(res, h_in, N * d.H);
@@ -1069,14 +1078,14 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
     PROF("bwd.gdn.out", {
         cuda_linear_part p = {NULL, CUDA_F32, 0, G->dy_bf, &L->lin_out, G->ld_dy};
         linear_group_backward_cuda(G->do_norm, 0, &p, 1, a->o_norm, g->ld_onorm, N, s, a->o_norm + d.vd, g->ld_onorm);
-        rmsnorm_gated_backward_cuda(G->do_raw, G->dz, G->do_norm, a->o_raw, a->z, L->lin_norm, N * d.Hv,
-                                    c->lin_v_head_dim, (float)c->rms_eps);
+        rmsnorm_gated_backward_cuda(G->do_raw, G->dz, G->ld_dz, (int)d.Hv, G->do_norm, a->o_raw, a->z, g->ld_zba,
+                                    L->lin_norm, N * d.Hv, c->lin_v_head_dim, (float)c->rms_eps);
     });
     cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};
     PROF("bwd.gdn.recurrence", deltanet_backward_cuda(G->dqkv, G->dbeta, G->dg, G->do_raw, a->qkv, a->beta, a->g,
                                                       g->seq_starts, k->n_seqs, k->max_len, dd, g->big_bwd));
     PROF("bwd.gdn.conv_norm_gates", {
-        deltanet_gates_backward_cuda(G->db, G->da, G->dbeta, G->dg, a->b, a->a, L->a_log, L->dt_bias, N, (int)d.Hv);
+        deltanet_gates_backward_cuda(G->db, G->da, G->ld_dz, G->dbeta, G->dg, a->beta, a->g, L->a_log, N, (int)d.Hv);
         /* the conv output, not kept (see acts_layout), is recomputed from mixed; where the three
          * ops run apart, it goes where qkv, now dead, was */
         deltanet_conv_backward_cuda(G->dmixed, G->dqkv, a->mixed, L->conv, g->pos, N, c->conv_kernel,
@@ -1084,10 +1093,11 @@ static void deltanet_mixer_backward(qwen35_cuda *g, const gpu_layer *L, const ca
                                     1e-6f, a->qkv);
     });
     PROF("bwd.gdn.in_proj", {
+        /* dz, db, da side by side with room for g: the tail's one product (linear_group_backward_cuda) */
         cuda_linear_part p[] = {{NULL, CUDA_F32, 0, G->dmixed, &L->lin_qkv, 0},
-                                {NULL, CUDA_F32, 0, G->dz, &L->lin_z, 0},
-                                {NULL, CUDA_F32, 0, G->db, &L->lin_b, 0},
-                                {NULL, CUDA_F32, 0, G->da, &L->lin_a, 0}};
+                                {NULL, CUDA_F32, 0, G->dz, &L->lin_z, G->ld_dz},
+                                {NULL, CUDA_F32, 0, G->db, &L->lin_b, G->ld_dz},
+                                {NULL, CUDA_F32, 0, G->da, &L->lin_a, G->ld_dz}};
         linear_group_backward_cuda(G->dxn1, 0, p, 4, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
 }

@@ -178,26 +178,34 @@ static void test_rmsnorm_gated(int64_t rows, int D) {
     dt_bf16 *d_x = test_dev_bf16(x, n), *d_z = test_dev_bf16(z, n), *d_y = test_dev_bf16(dy, n),
             *d_dz = test_dev_bf16(dy, n);
     float *d_w = test_dev_f32(w, D), *d_dy = test_dev_f32(dy, n), *d_dx = test_dev_f32(dy, n);
-    rmsnorm_gated_forward_cuda(d_y, 1, D, d_x, d_z, d_w, rows, D, eps);
+    rmsnorm_gated_forward_cuda(d_y, 1, D, d_x, d_z, D, d_w, rows, D, eps);
     snprintf(name, sizeof name, "rmsnorm_gated_forward rows=%lld D=%d", (long long)rows, D);
     if (!test_cuda_ok(name)) {
         float *g = test_host_bf16(d_y, n);
         test_expect_close(name, g, y, n, 1e-2);
         free(g);
     }
-    /* rows as a token's heads (rows / heads tokens when it divides), tokens' rows with room after
-     * (the output projection's u): the room untouched */
+    /* rows as a token's heads (rows / heads tokens when it divides), tokens' rows with room after:
+     * y's (the output projection's u), z's (b and a) and dz's (db, da and g); the room untouched */
     int heads = rows % 16 == 0 ? 16 : 1;
-    int64_t T = rows / heads, ld = (int64_t)heads * D + 12;
-    float *junk;
-    dt_bf16 *d_yp = junk_rows(T, ld, &junk);
-    rmsnorm_gated_forward_cuda(d_yp, heads, ld, d_x, d_z, d_w, rows, D, eps);
-    snprintf(name, sizeof name, "rmsnorm_gated_forward rows=%lld D=%d as %d heads, into rows of %lld", (long long)rows,
-             D, heads, (long long)ld);
-    expect_rows_with_room(name, d_yp, junk, y, T, (int64_t)heads * D, ld);
+    int64_t T = rows / heads, HD = (int64_t)heads * D, ld = HD + 12, ldz = HD + 20;
+    float *junk, *zs = test_rvec_bf16(T * ldz, 1.0f);
+    for (int64_t t = 0; t < T; t++) memcpy(zs + t * ldz, z + t * HD, sizeof(float) * HD);
+    dt_bf16 *d_yp = junk_rows(T, ld, &junk), *d_zs = test_dev_bf16(zs, T * ldz);
+    rmsnorm_gated_forward_cuda(d_yp, heads, ld, d_x, d_zs, ldz, d_w, rows, D, eps);
+    snprintf(name, sizeof name, "rmsnorm_gated_forward rows=%lld D=%d as %d heads, z and y in rows of %lld, %lld",
+             (long long)rows, D, heads, (long long)ldz, (long long)ld);
+    expect_rows_with_room(name, d_yp, junk, y, T, HD, ld);
     cuda_free(d_yp);
     free(junk);
-    rmsnorm_gated_backward_cuda(d_dx, d_dz, d_dy, d_x, d_z, d_w, rows, D, eps);
+    d_yp = junk_rows(T, ld, &junk);
+    rmsnorm_gated_backward_cuda(d_dx, d_yp, ld, heads, d_dy, d_x, d_zs, ldz, d_w, rows, D, eps);
+    snprintf(name, sizeof name, "rmsnorm_gated_backward dz rows=%lld D=%d as %d heads, z and dz in rows of %lld, %lld",
+             (long long)rows, D, heads, (long long)ldz, (long long)ld);
+    expect_rows_with_room(name, d_yp, junk, dzc, T, HD, ld);
+    cuda_free(d_yp), cuda_free(d_zs);
+    free(junk), free(zs);
+    rmsnorm_gated_backward_cuda(d_dx, d_dz, D, 1, d_dy, d_x, d_z, D, d_w, rows, D, eps);
     snprintf(name, sizeof name, "rmsnorm_gated_backward dx rows=%lld D=%d", (long long)rows, D);
     if (!test_cuda_ok(name)) {
         float *g = test_host_f32(d_dx, n);
@@ -549,9 +557,10 @@ static void timing(void) {
     TIME("embedding 4096x1024", N * H * 6, embedding_forward_cuda(f3, ids, N, E, H));
     TIME("rmsnorm1p_fwd 4096x1024", N * H * 6, rmsnorm1p_forward_cuda(b3, H, f1, w, N, H, 1e-6f));
     TIME("rmsnorm1p_bwd 4096x1024", N * H * 16, rmsnorm1p_backward_cuda(f3, NULL, H, f3, f2, f1, w, N, H, 1e-6f));
-    TIME("rmsnorm_gated_fwd 65536x128", N * Hv * dv * 6, rmsnorm_gated_forward_cuda(b3, 1, dv, b1, b2, w, N * Hv, dv, 1e-6f));
+    TIME("rmsnorm_gated_fwd 65536x128", N * Hv * dv * 6,
+         rmsnorm_gated_forward_cuda(b3, 1, dv, b1, b2, dv, w, N * Hv, dv, 1e-6f));
     TIME("rmsnorm_gated_bwd 65536x128", N * Hv * dv * 14,
-         rmsnorm_gated_backward_cuda(f3, b3, f2, b1, b2, w, N * Hv, dv, 1e-6f));
+         rmsnorm_gated_backward_cuda(f3, b3, dv, 1, f2, b1, b2, dv, w, N * Hv, dv, 1e-6f));
     TIME("qk_norm_rope_fwd q 4096x8x256", N * nh * hd * 4,
          qk_norm_rope_forward_cuda(b3, b1, 2 * nh * hd, 2 * hd, w, pos, N, nh, hd, rot, 1e7, 1e-6f));
     TIME("qk_norm_rope_bwd q 4096x8x256", N * nh * hd * 8,

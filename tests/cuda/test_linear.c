@@ -123,27 +123,34 @@ done:
  * for the backward; U_IN_X, as the model: x's rows hold u after in columns, and the bases lie in
  * one block with their B and A (cuda_linear_part), copied in by linear_wide_copy_cuda;
  * U_IN_X_JOINED, the same with every y and every dy in one buffer each, dy's with room for g (the
- * forward and the backward as one product each where nothing drops out). */
-enum { U_NONE, U_KEPT, U_IN_X, U_IN_X_JOINED };
+ * forward and the backward as one product each where nothing drops out); U_IN_X_TAIL, as the
+ * model's DeltaNet in-projections: the first member's rows as long as its LoRA needs and its y, dy
+ * on their own, the others joined so (their forward one product, their backward one with g). */
+enum { U_NONE, U_KEPT, U_IN_X, U_IN_X_JOINED, U_IN_X_TAIL };
 static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ranks, int n, float scale_last,
                       float dropout, int mode) {
     enum { MAXN = 4 };
-    static const char *modes[] = {"", " u kept", " u in x, block", " u in x, block, dy joined"};
+    static const char *modes[] = {"", " u kept", " u in x, block", " u in x, block, dy joined",
+                                  " u in x, block, the tail joined"};
     char tag[160], name[256];
     int R = 0, last = -1;
     int64_t S = 0;  /* the members' outputs */
     for (int i = 0; i < n; i++) R += ranks[i], last = ranks[i] ? i : last, S += outs[i];
     snprintf(tag, sizeof tag, "group of %d T%lld in %lld R%d p%g%s%s", n, (long long)T, (long long)in, R, dropout,
              scale_last != 2.0f ? " scales differ" : "", modes[mode]);
-    bool in_x = mode >= U_IN_X, joined = mode == U_IN_X_JOINED;
+    bool in_x = mode >= U_IN_X, tail = mode == U_IN_X_TAIL, joined = mode == U_IN_X_JOINED || tail;
     float *x = test_rvec_bf16(T * in, 1.f), *A = test_rvec_bf16((int64_t)R * in, 1.f / sqrtf((float)in));
     /* in_x: x's rows padded past in + R (garbage there, which u overwrites or nothing reads) */
     int64_t ldx = in_x ? (in + R + 7) / 8 * 8 + 8 : in, ldw = in_x ? (in + R + 7) / 8 * 8 : in;
-    int64_t ldy = joined ? (S + R + 7) / 8 * 8 + 8 : 0;
+    int64_t S0 = tail ? outs[0] : 0, SJ = S - S0;  /* the joined members' outputs, from member 1 with tail */
+    int64_t ldy = joined ? (SJ + R + 7) / 8 * 8 + 8 : 0;
+    int64_t ldm[MAXN], off[MAXN + 1] = {0};  /* each member's rows in the block, and where they start */
+    for (int i = 0; i < n; i++)
+        ldm[i] = tail && i == 0 ? (in + ranks[0] + 7) / 8 * 8 : ldw, off[i + 1] = off[i] + outs[i] * ldm[i];
     float *xp = test_rvec_bf16(T * ldx, 1.f);
     for (int64_t t = 0; t < T; t++) memcpy(xp + t * ldx, x + t * in, sizeof(float) * in);
     /* the block: the members' rows [W | 0], then R rows of A's room; A and B copied in from src */
-    float *blk = calloc((size_t)((S + R) * ldw), sizeof(float));
+    float *blk = calloc((size_t)(off[n] + R * ldw), sizeof(float));
     float *src = malloc(sizeof(float) * (size_t)(R * in + S * (R > 0 ? R : 1) + 1));
     memcpy(src, A, sizeof(float) * R * in);
     int64_t src_n = R * in;
@@ -184,10 +191,10 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         linear_forward(y_cpu[i], x, &L, T);
         linear_backward(dx_cpu, dy[i], x, &L, T);
         if (in_x) {
-            for (int64_t j = 0; j < out; j++) memcpy(blk + (row + j) * ldw, W[i] + j * in, sizeof(float) * in);
+            for (int64_t j = 0; j < out; j++) memcpy(blk + off[i] + j * ldm[i], W[i] + j * in, sizeof(float) * in);
             if (r) {
                 memcpy(src + src_n, B[i], sizeof(float) * out * r);
-                copies[n_copies++] = (cuda_wide_copy){src_n, NULL, out, ldw, r};  /* dst: once d_blk is known */
+                copies[n_copies++] = (cuda_wide_copy){src_n, NULL, out, ldm[i], r};  /* dst: once d_blk is known */
                 copies[n_copies++] = (cuda_wide_copy){(int64_t)c * in, NULL, r, ldw, (int)in};
                 src_n += out * r;
                 copy_rows = out > copy_rows ? out : copy_rows;
@@ -195,41 +202,44 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         } else {
             d_W[i] = test_dev_bf16(W[i], out * in);
         }
-        if (joined)
-            for (int64_t t = 0; t < T; t++) memcpy(dyj + t * ldy + row, dy[i] + t * out, sizeof(float) * out);
-        else
+        bool own = !joined || (tail && i == 0);  /* y, dy on their own */
+        if (own)
             d_dy[i] = test_dev_bf16(dy[i], T * out);
+        else
+            for (int64_t t = 0; t < T; t++) memcpy(dyj + t * ldy + row - S0, dy[i] + t * out, sizeof(float) * out);
         d_B[i] = test_dev_bf16(B[i], out * (r ? r : 1));
         d_y[i] = test_dev_bf16(dy[i], T * out);  /* garbage: the forward overwrites it */
         d_dB[i] = test_dev_f32(dB0[i], out * (r ? r : 1));
-        ok = ok && (in_x || d_W[i]) && d_B[i] && (joined || d_dy[i]) && d_y[i] && d_dB[i];
+        ok = ok && (in_x || d_W[i]) && d_B[i] && (!own || d_dy[i]) && d_y[i] && d_dB[i];
     }
     dt_bf16 *d_yj = NULL;
     if (joined) {
-        float *garb = test_rvec_bf16(T * (S + 8), 1.f);
-        d_dyj = test_dev_bf16(dyj, T * ldy), d_yj = test_dev_bf16(garb, T * (S + 8)), ok = ok && d_dyj && d_yj;
+        float *garb = test_rvec_bf16(T * (SJ + 8), 1.f);
+        d_dyj = test_dev_bf16(dyj, T * ldy), d_yj = test_dev_bf16(garb, T * (SJ + 8)), ok = ok && d_dyj && d_yj;
         free(garb);
     }
-    if (in_x) d_blk = test_dev_bf16(blk, (S + R) * ldw), ok = ok && d_blk;  /* B and A columns still zero */
+    if (in_x) d_blk = test_dev_bf16(blk, off[n] + R * ldw), ok = ok && d_blk;  /* B and A columns still zero */
     for (int i = 0, c = 0, row = 0, k = 0; ok && i < n; row += (int)outs[i], c += ranks[i], i++) {
         int r = ranks[i];
+        bool own = !joined || (tail && i == 0);
         if (in_x) {
-            d_W[i] = d_blk + row * ldw;
+            d_W[i] = d_blk + off[i];
             if (r) {
                 copies[k++].dst = d_W[i] + in + c;
-                copies[k++].dst = d_blk + (S + c) * ldw;
+                copies[k++].dst = d_blk + off[n] + c * ldw;
             }
         }
-        if (joined) d_dy[i] = d_dyj + row;
+        if (!own) d_dy[i] = d_dyj + row - S0;
         l[i] = (cuda_linear){.W = d_W[i], .in = in, .out = outs[i], .rank = r, .scale = lo[i].scale,
                              .dropout = dropout, .dropout_seed = lo[i].dropout_seed, .A = r ? d_A + c * in : NULL,
                              .B = r ? d_B[i] : NULL, .dA = r ? d_dA + c * in : NULL, .dB = r ? d_dB[i] : NULL};
         if (in_x) {
-            l[i].ldw = ldw;
-            if (r) l[i].bcol = in + c, l[i].B = d_W[i] + in + c, l[i].A = d_blk + (S + c) * ldw, l[i].ld_a = ldw;
+            l[i].ldw = ldm[i];
+            if (r)
+                l[i].bcol = in + c, l[i].B = d_W[i] + in + c, l[i].A = d_blk + off[n] + c * ldw, l[i].ld_a = ldw;
         }
         parts[i] = (cuda_linear_part){d_y[i], CUDA_BF16, 0, d_dy[i], &l[i], 0};  /* y compact */
-        if (joined) parts[i].y = d_yj + row, parts[i].ld = S + 8;
+        if (!own) parts[i].y = d_yj + row - S0, parts[i].ld = SJ + 8;
     }
     snprintf(name, sizeof name, "linear_group %s: device buffers", tag);
     if (!ok) {
@@ -249,18 +259,19 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         for (int i = 0; test_cuda_ok(name) == 0 && i < n; i++) {
             char n2[300];
             float *y = test_host_bf16(d_y[i], T * outs[i]);
-            if (joined) {  /* member i's columns of the joined y */
-                float *yj = test_host_bf16(d_yj, T * (S + 8));
-                int64_t col = 0;
+            if (joined && !(tail && i == 0)) {  /* member i's columns of the joined y */
+                float *yj = test_host_bf16(d_yj, T * (SJ + 8));
+                int64_t col = -S0;
                 for (int j = 0; j < i; j++) col += outs[j];
-                for (int64_t t = 0; t < T; t++) memcpy(y + t * outs[i], yj + t * (S + 8) + col, sizeof(float) * outs[i]);
+                for (int64_t t = 0; t < T; t++)
+                    memcpy(y + t * outs[i], yj + t * (SJ + 8) + col, sizeof(float) * outs[i]);
                 free(yj);
             }
             snprintf(n2, sizeof n2, "%s: y%d", name, i);
             test_expect_close(n2, y, y_cpu[i], T * outs[i], 1e-2);
             free(y);
         }
-        for (int i = 0; i < n; i++) parts[i].ld = joined ? ldy : 0;  /* dy's rows */
+        for (int i = 0; i < n; i++) parts[i].ld = joined && !(tail && i == 0) ? ldy : 0;  /* dy's rows */
         linear_group_backward_cuda(d_dx, 0, parts, n, d_x, ldx, T, scratch, d_u, ldu);
         snprintf(name, sizeof name, "linear_group_backward %s", tag);
         if (test_cuda_ok(name) == 0) {
@@ -276,7 +287,7 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
     for (int i = 0; i < n; i++) {
         free(W[i]), free(B[i]), free(dy[i]), free(y_cpu[i]), free(dB0[i]), free(dB_cpu[i]);
         if (!in_x) cuda_free(d_W[i]);
-        if (!joined) cuda_free(d_dy[i]);
+        if (!joined || (tail && i == 0)) cuda_free(d_dy[i]);
         cuda_free(d_B[i]), cuda_free(d_y[i]), cuda_free(d_dB[i]);
     }
     cuda_free(d_x), cuda_free(d_A), cuda_free(d_dA), cuda_free(d_dx), cuda_free(scratch), cuda_free(d_blk);
@@ -491,6 +502,10 @@ void cuda_tests_linear(void) {
     static const int rgdn[] = {16, 16, 0, 0};
     run_group(4096, 1024, gdn, rgdn, 4, 2.0f, 0.f, U_KEPT);
     run_group(4096, 1024, gdn, rgdn, 4, 2.0f, 0.f, U_IN_X);
+    run_group(4096, 1024, gdn, rgdn, 4, 2.0f, 0.f, U_IN_X_TAIL);  /* as the model lays them out */
+    run_group(37, 72, outs4, r4, 4, 2.0f, 0.f, U_IN_X_TAIL);
+    run_group(37, 72, outs4, r4b, 4, 2.0f, 0.f, U_IN_X_TAIL);  /* no LoRA first: rows of in */
+    run_group(37, 72, outs4, r4, 4, 2.0f, 0.1f, U_IN_X_TAIL);  /* dropout: the products one by one */
     static const int64_t mlp[] = {3584, 3584};  /* and its MLP's gate and up, as the model runs them */
     static const int rmlp[] = {16, 16};
     run_group(4096, 1024, mlp, rmlp, 2, 2.0f, 0.f, U_IN_X_JOINED);
