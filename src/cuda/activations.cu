@@ -109,22 +109,31 @@ __global__ void __launch_bounds__(LW_THREADS)
     __syncthreads();
     int64_t c = c0 + 8 * threadIdx.x;
     if (c >= I) return;
-    for (int i = 0; i < LW_ROWS && t0 + i < rows; i++) {
-        int64_t o = (t0 + i) * I + c;
-        float a[8], b[8], d[8];
-        ldv<8>(d, dm + o);
+    // each row's three loads issued a row ahead: a row's wait for memory overlaps the one before's work
+    int n = (int)min((int64_t)LW_ROWS, rows - t0);
+    float a[8], b[8], d[8], an[8], bn[8], dn[8];
+    ldv<8>(d, dm + t0 * I + c);
+    ldv<8>(a, gate + t0 * ldg + c);
+    ldv<8>(b, up + t0 * ldg + c);
+    for (int i = 0; i < n; i++) {
+        int64_t t = t0 + i;
+        if (i + 1 < n) {
+            ldv<8>(dn, dm + (t + 1) * I + c);
+            ldv<8>(an, gate + (t + 1) * ldg + c);
+            ldv<8>(bn, up + (t + 1) * ldg + c);
+        }
         for (int j = 0; j < r; j++) {
             float gj = gs[i * r + j], w[8];
             ldv<8>(w, As + j * LW_COLS + 8 * threadIdx.x);
 #pragma unroll
             for (int k = 0; k < 8; k++) d[k] = fmaf(gj, w[k], d[k]);
         }
-        ldv<8>(a, gate + (t0 + i) * ldg + c);
-        ldv<8>(b, up + (t0 + i) * ldg + c);
 #pragma unroll
         for (int k = 0; k < 8; k++) swiglu_grad(a[k], b[k], d[k], a[k], b[k]);
-        stv<8>(dg + (t0 + i) * ldd + c, a);
-        stv<8>(du + (t0 + i) * ldd + c, b);
+        stv<8>(dg + t * ldd + c, a);
+        stv<8>(du + t * ldd + c, b);
+#pragma unroll
+        for (int k = 0; k < 8; k++) a[k] = an[k], b[k] = bn[k], d[k] = dn[k];
     }
 }
 

@@ -426,6 +426,35 @@ static int backward_run(const cuda_linear_part *p, int n, int R, int64_t *cols) 
     return part_ld(&p[first]) >= *cols + R ? first : n;
 }
 
+// Whether every member has a LoRA of one shape, each dy and dB right after the one before (and so
+// each u, g in its columns): their dB products as one batched product.
+static bool db_batched(const cuda_linear_part *p, int n) {
+    if (n < 2) return false;
+    for (int i = 0; i < n; i++) {
+        const cuda_linear *l = p[i].l, *l0 = p[0].l;
+        if (!has_lora(l) || !l->dB || l->out != l0->out || l->rank != l0->rank || part_ld(&p[i]) != part_ld(&p[0]) ||
+            p[i].dy != p[0].dy + i * l0->out || l->dB != l0->dB + i * l0->out * l0->rank)
+            return false;
+    }
+    return true;
+}
+
+// Whether every LoRA's B is in the block's rows at its u's column (bcol), all the members' dy side
+// by side and their bases one after another in the block: then the block's columns from the first
+// LoRA's bcol on, over all the members' rows, are the LoRAs' B side by side, zeros elsewhere, and
+// g = scale [dy_1 .. dy_n] [those columns] is one product.
+static bool g_in_block(const cuda_linear_part *p, int n, const cuda_linear *l0) {
+    for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
+        const cuda_linear *l = p[i].l;
+        if (l->out <= 0 || l->wq.bits > 0 || l->ldw <= 0 || l->ldw != p[0].l->ldw ||
+            part_ld(&p[i]) != part_ld(&p[0]) || (has_lora(l) && (l->bcol <= 0 || l->bcol != l0->bcol + c)))
+            return false;
+        if (i > 0 && (l->W != p[i - 1].l->W + p[i - 1].l->out * l->ldw || p[i].dy != p[i - 1].dy + p[i - 1].l->out))
+            return false;
+    }
+    return true;
+}
+
 // The stacked LoRAs' backward but their part of dx: dB += dy^T u per member (u: the forward's, or
 // recomputed at once), g = scale dy B into g's columns (rows ldg long) where dA or dx want it, then
 // every member's dA += g^T x in one product on the stacked dA.
@@ -441,14 +470,27 @@ static void stacked_lora_backward(const cuda_linear_part *p, int n, int R, const
         u = s.u;
         ldu = R;
     }
+    bool db_one = db_batched(p, n), g_one = want_g && g_in_block(p, n, l0);
+    if (db_one) {
+        const cuda_linear *m = p[0].l;
+        cuda_gemm(true, false, (int)m->out, m->rank, (int)T, 1.f, p[0].dy, part_ld(&p[0]), m->out, u, ldu, m->rank,
+                  1.f, m->dB, CUDA_R_32F, m->rank, m->out * m->rank, n);
+    }
+    if (g_one) {
+        int64_t cols = 0;
+        for (int i = 0; i < n; i++) cols += p[i].l->out;
+        gemm_rm(false, false, T, R, cols, l0->scale, (const bf16 *)p[0].dy, part_ld(&p[0]),
+                (const bf16 *)p[0].l->W + l0->bcol, p[0].l->ldw, 0.f, g, CUDA_R_16BF, ldg, "lora dy B (one)");
+    }
     for (int i = 0, c = 0; i < n; c += lora_rank(p[i].l), i++) {
         const cuda_linear *l = p[i].l;
         if (!has_lora(l)) continue;
         const bf16 *dy = (const bf16 *)p[i].dy;
         int64_t ldy = part_ld(&p[i]);
-        if (l->dB) gemm_rm(true, false, l->out, l->rank, T, 1.f, dy, ldy, u + c, ldu, 1.f, l->dB, CUDA_R_32F,
-                           l->rank, "lora dB");
-        if (want_g)
+        if (l->dB && !db_one)
+            gemm_rm(true, false, l->out, l->rank, T, 1.f, dy, ldy, u + c, ldu, 1.f, l->dB, CUDA_R_32F, l->rank,
+                    "lora dB");
+        if (want_g && !g_one)
             gemm_rm(false, false, T, l->rank, l->out, l->scale, dy, ldy, (const bf16 *)l->B, b_ld(l), 0.f, g + c,
                     CUDA_R_16BF, ldg, "lora dy B");
     }

@@ -162,7 +162,7 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
     float *W[MAXN], *B[MAXN], *dy[MAXN], *y_cpu[MAXN], *dB0[MAXN], *dB_cpu[MAXN];
     dt_lora lo[MAXN];
     dt_bf16 *d_W[MAXN] = {0}, *d_B[MAXN], *d_dy[MAXN] = {0}, *d_y[MAXN];
-    float *d_dB[MAXN];
+    float *d_dB[MAXN], *d_dB_all = NULL;  /* the dB one after another, as the model's LoRA arrays */
     cuda_linear l[MAXN];
     cuda_linear_part parts[MAXN];
     dt_bf16 *d_x = test_dev_bf16(xp, T * ldx), *d_A = test_dev_bf16(A, (int64_t)R * in), *d_blk = NULL;
@@ -175,6 +175,10 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
     bool ok = d_x && d_A && d_dA && d_dx && (mode != U_KEPT || d_u) &&
               cuda_alloc(&scratch, linear_scratch_bytes_cuda(T, in, R, dropout > 0)) == 0;
     float *dyj = joined ? test_rvec_bf16(T * ldy, 1.f) : NULL;  /* garbage past the members' columns */
+    int64_t db_n = 0;
+    for (int i = 0; i < n; i++) db_n += outs[i] * (ranks[i] ? ranks[i] : 1);
+    ok = ok && cuda_alloc((void **)&d_dB_all, sizeof(float) * db_n) == 0;
+    int64_t db_off = 0;
     for (int i = 0, c = 0, row = 0; i < n; row += (int)outs[i], c += ranks[i], i++) {
         int64_t out = outs[i];
         int r = ranks[i];
@@ -209,8 +213,9 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
             for (int64_t t = 0; t < T; t++) memcpy(dyj + t * ldy + row - S0, dy[i] + t * out, sizeof(float) * out);
         d_B[i] = test_dev_bf16(B[i], out * (r ? r : 1));
         d_y[i] = test_dev_bf16(dy[i], T * out);  /* garbage: the forward overwrites it */
-        d_dB[i] = test_dev_f32(dB0[i], out * (r ? r : 1));
-        ok = ok && (in_x || d_W[i]) && d_B[i] && (!own || d_dy[i]) && d_y[i] && d_dB[i];
+        d_dB[i] = d_dB_all ? d_dB_all + db_off : NULL, db_off += out * (r ? r : 1);
+        ok = ok && (in_x || d_W[i]) && d_B[i] && (!own || d_dy[i]) && d_y[i] && d_dB[i] &&
+             cuda_upload(d_dB[i], dB0[i], sizeof(float) * out * (r ? r : 1)) == 0;
     }
     dt_bf16 *d_yj = NULL;
     if (joined) {
@@ -288,10 +293,10 @@ static void run_group(int64_t T, int64_t in, const int64_t *outs, const int *ran
         free(W[i]), free(B[i]), free(dy[i]), free(y_cpu[i]), free(dB0[i]), free(dB_cpu[i]);
         if (!in_x) cuda_free(d_W[i]);
         if (!joined || (tail && i == 0)) cuda_free(d_dy[i]);
-        cuda_free(d_B[i]), cuda_free(d_y[i]), cuda_free(d_dB[i]);
+        cuda_free(d_B[i]), cuda_free(d_y[i]);
     }
     cuda_free(d_x), cuda_free(d_A), cuda_free(d_dA), cuda_free(d_dx), cuda_free(scratch), cuda_free(d_blk);
-    cuda_free(d_dyj), cuda_free(d_yj);
+    cuda_free(d_dyj), cuda_free(d_yj), cuda_free(d_dB_all);
     if (mode == U_KEPT) cuda_free(d_u);
     free(x), free(xp), free(A), free(dA0), free(dx_cpu), free(dA_cpu), free(garbage), free(blk), free(src), free(dyj);
 }
@@ -506,6 +511,9 @@ void cuda_tests_linear(void) {
     run_group(37, 72, outs4, r4, 4, 2.0f, 0.f, U_IN_X_TAIL);
     run_group(37, 72, outs4, r4b, 4, 2.0f, 0.f, U_IN_X_TAIL);  /* no LoRA first: rows of in */
     run_group(37, 72, outs4, r4, 4, 2.0f, 0.1f, U_IN_X_TAIL);  /* dropout: the products one by one */
+    static const int64_t outs2e[] = {40, 40};  /* one shape: the dB products batched */
+    run_group(100, 72, outs2e, r2, 2, 2.0f, 0.f, U_IN_X_JOINED);
+    run_group(100, 72, outs2e, r2, 2, 2.0f, 0.f, U_KEPT);
     static const int64_t mlp[] = {3584, 3584};  /* and its MLP's gate and up, as the model runs them */
     static const int rmlp[] = {16, 16};
     run_group(4096, 1024, mlp, rmlp, 2, 2.0f, 0.f, U_IN_X_JOINED);
