@@ -269,11 +269,12 @@ void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, int64_t 
  * ldx long; u (forward: written, may be NULL; backward: the forward's, or NULL to recompute it)
  * bf16 [T, R] with rows ldu long, each LoRA's u in its columns, in the parts' order: u = x + in
  * with ldu = ldx keeps it in x's rows, where wide bases find it. The backward's dx is the sum over
- * the parts. Where the parts' bf16 bases lie in one block (rows of one length ldw, each part's
- * after the one before, then their LoRAs' A [R, in]) and their dy in one buffer (each part's
+ * the parts. Where the last parts' bf16 bases lie in one block (rows of one length ldw, each part's
+ * after the one before, then the group's LoRAs' A [R, in]) and their dy in one buffer (each part's
  * columns after the one before) whose rows have room for R more, the backward writes g = scale
- * dy B there and runs dx = [dy | g] [W; A] as one product; where, in such a block, their y lie in
- * one buffer the same way and x's rows hold u, the forward is one product too. */
+ * dy B there and runs dx (+)= [dy | g] [W; A] for them as one product, after the parts before
+ * them; where, in such a block, their y lie in one buffer the same way and x's rows hold u, their
+ * forward is one product too. */
 typedef struct {
     void *y;            /* forward: the output, of type yt; accumulate: y += (fp32 y only) */
     cuda_dtype yt;

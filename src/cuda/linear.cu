@@ -497,6 +497,18 @@ static void stacked_lora_backward(const cuda_linear_part *p, int n, int R, const
     if (l0->dA) gemm_rm(true, false, R, in, T, 1.f, g, ldg, x, ldx, 1.f, l0->dA, CUDA_R_32F, in, "lora dA (stacked)");
 }
 
+// dx (+)= dy W, member by member (dx NULL: nothing); returns whether dx has been written.
+static bool bases_backward(float *dx, bool acc, const cuda_linear_part *p, int n, int64_t T) {
+    for (int i = 0; dx && i < n; i++) {
+        const cuda_linear *l = p[i].l;
+        if (l->out <= 0) continue;
+        gemm_rm(false, false, T, l->in, l->out, 1.f, (const bf16 *)p[i].dy, part_ld(&p[i]), base_weight(l),
+                base_ld(l), acc ? 1.f : 0.f, dx, CUDA_R_32F, l->in, "linear backward");
+        acc = true;
+    }
+    return acc;
+}
+
 extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda_linear_part *p, int n,
                                            const dt_bf16 *x_, int64_t ldx, int64_t T, void *scratch,
                                            const dt_bf16 *u_, int64_t ldu) {
@@ -514,13 +526,7 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
         // run's dy rows after its members'
         const cuda_linear_part *r = &p[run];
         stacked_lora_backward(p, n, R, x, ldx, T, s, u, ldu, (bf16 *)r->dy + cols, part_ld(r), dx != NULL);
-        for (int i = 0; dx && i < run; i++) {
-            const cuda_linear *l = p[i].l;
-            if (l->out <= 0) continue;
-            gemm_rm(false, false, T, l->in, l->out, 1.f, (const bf16 *)p[i].dy, part_ld(&p[i]), base_weight(l),
-                    base_ld(l), acc ? 1.f : 0.f, dx, CUDA_R_32F, l->in, "linear backward");
-            acc = true;
-        }
+        acc = bases_backward(dx, acc, p, run, T);
         if (dx) gemm_rm(false, false, T, r->l->in, cols + R, 1.f, (const bf16 *)r->dy, part_ld(r),
                         (const bf16 *)r->l->W, r->l->ldw, acc ? 1.f : 0.f, dx, CUDA_R_32F, r->l->in,
                         "linear backward (with the LoRAs)");
@@ -545,14 +551,7 @@ extern "C" void linear_group_backward_cuda(float *dx, int accumulate, const cuda
                 acc = true;
         }
     }
-    // dx (+)= dy W, member by member
-    for (int i = 0; dx && i < n; i++) {
-        const cuda_linear *l = p[i].l;
-        if (l->out <= 0) continue;
-        gemm_rm(false, false, T, l->in, l->out, 1.f, (const bf16 *)p[i].dy, part_ld(&p[i]), base_weight(l),
-                base_ld(l), acc ? 1.f : 0.f, dx, CUDA_R_32F, l->in, "linear backward");
-        acc = true;
-    }
+    bases_backward(dx, acc, p, n, T);
 }
 
 extern "C" void linear_backward_cuda(float *dx, int accumulate, const dt_bf16 *dy, int64_t ldy, const dt_bf16 *x,
