@@ -82,6 +82,8 @@ typedef struct {
     /* attention */
     float *datt_g, *dq, *dk, *dv;
     dt_bf16 *datt, *dqg, *dk_pre, *dv_bf;
+    void *shared;        /* the region the MLP's and the mixers' buffers share: free until the layers' backward */
+    size_t shared_bytes;
     void *block;
 } gpu_grads;
 
@@ -146,6 +148,11 @@ struct qwen35_cuda {
      * allocation of their own (scratch_block). */
     void *scratch, *big, *big_bwd, *scratch_block;
     size_t scratch_bytes, big_bytes, big_bwd_bytes;
+    /* The training step's LM head: in the grads' shared region where that holds the LM head's
+     * scratch (then the last layer's activations outlive it and that layer needs no recompute),
+     * else big_bwd */
+    void *lm_scratch;
+    size_t lm_scratch_bytes;
     int32_t *ids, *pos, *targets, *seq_starts;   /* device */
     double *loss;               /* device */
     int32_t *pos_host, *targets_host, *starts_host;
@@ -327,8 +334,8 @@ static void free_workspace(qwen35_cuda *g) {
     g->h32 = g->dh = NULL;
     g->hs = g->u_down = NULL;
     g->hf = g->hf_block = NULL;
-    g->scratch = g->big = g->big_bwd = g->scratch_block = NULL;
-    g->scratch_bytes = g->big_bytes = g->big_bwd_bytes = 0;
+    g->scratch = g->big = g->big_bwd = g->scratch_block = g->lm_scratch = NULL;
+    g->scratch_bytes = g->big_bytes = g->big_bwd_bytes = g->lm_scratch_bytes = 0;
     g->ids = g->pos = g->targets = g->seq_starts = NULL;
     g->loss = NULL;
     free(g->pos_host);
@@ -788,7 +795,10 @@ static size_t grads_layout(gpu_grads *g, const dims *d, int64_t N, int64_t mlp_r
     g->dv = carve(&k, B4 * d->kvd);
     g->dk_pre = carve(&k, B2 * d->kvd);
     g->dv_bf = carve(&k, B2 * d->kvd);
-    return k.off > end ? k.off : end;
+    end = k.off > end ? k.off : end;
+    g->shared = base ? base + shared.off : NULL;
+    g->shared_bytes = end - shared.off;
+    return end;
 }
 
 /* The most tokens (all N, or a multiple of 128) whose MLP backward fits in the grads' shared
@@ -829,17 +839,21 @@ static size_t scratch_linear(const qwen35_cuda *g, int64_t N) {
 
 static size_t minus(size_t a, size_t b) { return a > b ? a - b : 0; }
 
+/* The LM head's scratch for N tokens: its chunks of tokens against the whole vocabulary. */
+static size_t lm_head_need(const qwen35_cuda *g, const qwen35_model *m, int64_t N) {
+    int64_t ce = m->ce_chunk <= 0 || m->ce_chunk >= N ? N : m->ce_chunk;
+    return lmhead_ce_scratch_bytes_cuda(ce, g->cfg.vocab_size, g->cfg.hidden_size);
+}
+
 /* Bytes of `scratch` for N tokens (sequences up to T), given the dead activations before it that
  * `big` (mlp bytes) and `big_bwd` (out bytes) also cover (both 0: scratch alone). */
 static size_t scratch_need(const qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, int64_t n_seqs,
                            size_t mlp, size_t out) {
     const qwen35_config *c = &g->cfg;
     cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};
-    int64_t ce = m->ce_chunk <= 0 || m->ce_chunk >= N ? N : m->ce_chunk;
     size_t fwd = max_sz(deltanet_forward_scratch_bytes_cuda((int)n_seqs, (int)T, dd),
                         attention_scratch_bytes_cuda((int)T, c->n_heads, c->n_kv_heads, c->head_dim));
-    size_t bwd = max_sz(deltanet_scratch_bytes_cuda((int)n_seqs, (int)T, dd),
-                        lmhead_ce_scratch_bytes_cuda(ce, c->vocab_size, c->hidden_size));
+    size_t bwd = max_sz(deltanet_scratch_bytes_cuda((int)n_seqs, (int)T, dd), lm_head_need(g, m, N));
     return max_sz(scratch_linear(g, N), max_sz(minus(fwd, mlp), minus(bwd, out)));
 }
 
@@ -898,6 +912,7 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
             if (rc == 0) acts_layout(&g->acts[i], &d, N, g, g->acts[i].block), g->n_acts++;
         }
     }
+    g->lm_scratch = g->big_bwd, g->lm_scratch_bytes = g->big_bwd_bytes;
     if (rc == 0) rc = cuda_alloc((void **)&g->h32, sizeof(float) * (size_t)(N * H));
     if (rc == 0 && training)
         rc = cuda_alloc((void **)&g->hs, sizeof(dt_bf16) * (size_t)((c->n_layers - 1) * N * H + 1));
@@ -915,6 +930,8 @@ static int reserve(qwen35_cuda *g, const qwen35_model *m, int64_t N, int64_t T, 
         if (rc == 0) rc = cuda_alloc(&g->grads.block, bytes);
         if (rc == 0) grads_layout(&g->grads, &d, N, g->mlp_rows, ld_dgu, ld_dy, ld_dz, g->grads.block);
         g->hf = (dt_bf16 *)g->grads.dxn1;  /* dead while the LM head runs */
+        if (rc == 0 && n_acts == 1 && g->grads.shared_bytes >= lm_head_need(g, m, N))
+            g->lm_scratch = g->grads.shared, g->lm_scratch_bytes = g->grads.shared_bytes;
     } else if (rc == 0) {
         rc = cuda_alloc((void **)&g->hf_block, sizeof(dt_bf16) * (size_t)(N * H));
         g->hf = g->hf_block;
@@ -1188,13 +1205,13 @@ static void embed(qwen35_cuda *g, float *out, int64_t N) {
 }
 
 /* The loss of the final-normed g->hf into g->loss; dh (when not NULL) += its gradient. */
-static int lm_head_loss(qwen35_cuda *g, float *dh, int64_t N, float grad_scale) {
+static int lm_head_loss(qwen35_cuda *g, float *dh, int64_t N, float grad_scale, void *scratch, size_t bytes) {
     const qwen35_config *c = &g->cfg;
     if (g->lm_head_q.bits)
         return lmhead_ce_q_cuda(g->loss, dh, g->hf, g->targets, N, &g->lm_head_q, g->wbuf,
-                                g->wbuf_elems / c->hidden_size, grad_scale, g->big_bwd, g->big_bwd_bytes);
+                                g->wbuf_elems / c->hidden_size, grad_scale, scratch, bytes);
     return lmhead_ce_cuda(g->loss, dh, g->hf, g->targets, N, g->lm_head, c->vocab_size, c->hidden_size, grad_scale,
-                          g->big_bwd, g->big_bwd_bytes);
+                          scratch, bytes);
 }
 
 static int finish(qwen35_cuda *g, double *loss_sum, const char *what) {
@@ -1218,7 +1235,8 @@ int qwen35_cuda_eval_loss(qwen35_cuda *g, const qwen35_model *m, const qwen35_ba
     embed(g, g->h32, N);
     for (int l = 0; l < c->n_layers; l++) layer_forward(g, l, &k, g->h32, g->h32, &g->acts[0], false);
     rmsnorm1p_forward_cuda(g->hf, H, g->h32, g->final_norm, N, (int)H, (float)c->rms_eps);
-    if (lm_head_loss(g, NULL, N, 1.0f) || finish(g, loss_sum, "the evaluation")) return -1;
+    if (lm_head_loss(g, NULL, N, 1.0f, g->big_bwd, g->big_bwd_bytes) || finish(g, loss_sum, "the evaluation"))
+        return -1;
     *n_targets = count;
     return 0;
 }
@@ -1232,28 +1250,32 @@ static int step_launches(qwen35_cuda *g, const call *k, bool grad_checkpoint, fl
     float eps = (float)c->rms_eps;
     int rc = 0;
     cuda_prof_push("step");
+    /* with checkpointing, the last layer's activations kept where the LM head leaves them alone */
+    bool keep_last = grad_checkpoint && g->lm_scratch != g->big_bwd;
     /* forward: the residual stream in fp32, each layer's input also kept in bf16 */
     float *h = g->h32;
     PROF("fwd.embed", embed(g, h, N));
     for (int l = 0; l < n_layers; l++) {
         if (l > 0) cuda_f32_to_bf16(g->hs + (l - 1) * NH, h, NH);
-        layer_forward(g, l, k, h, h, &g->acts[grad_checkpoint ? 0 : l], !grad_checkpoint);
+        layer_forward(g, l, k, h, h, &g->acts[grad_checkpoint ? 0 : l],
+                      !grad_checkpoint || (keep_last && l == n_layers - 1));
     }
     PROF("lm_head_ce", {
         rmsnorm1p_forward_cuda(g->hf, H, h, g->final_norm, N, (int)H, eps);
         float *dhf = g->grads.dh_mid;  /* the LM head's gradient; the grads are free until the layers' */
         cuda_zero(dhf, sizeof(float) * NH);
-        rc = lm_head_loss(g, dhf, N, grad_scale);
+        rc = lm_head_loss(g, dhf, N, grad_scale, g->lm_scratch, g->lm_scratch_bytes);
         rmsnorm1p_backward_cuda(g->dh, g->grads.dy_bf, g->grads.ld_dy, NULL, dhf, h, g->final_norm, N, (int)H, eps);
     });
     /* backward, layer by layer, from each layer's kept input (in the buffer of the last output, no
-     * longer needed); with checkpointing the layer is first recomputed from it */
+     * longer needed); with checkpointing the layer is first recomputed from it, but the last where
+     * its forward's activations were kept */
     float *h_in = h;
     for (int l = n_layers - 1; l >= 0; l--) {
         gpu_acts *a = &g->acts[grad_checkpoint ? 0 : l];
         if (l > 0) cuda_bf16_to_f32(h_in, g->hs + (l - 1) * NH, NH);
         else embed(g, h_in, N);
-        if (grad_checkpoint) {
+        if (grad_checkpoint && !(keep_last && l == n_layers - 1)) {
             cuda_prof_push("recompute");
             layer_forward(g, l, k, h_in, NULL, a, true);
             cuda_prof_pop();
