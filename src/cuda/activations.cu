@@ -55,7 +55,7 @@ extern "C" void swiglu_forward_cuda(dt_bf16 *m, const dt_bf16 *gate, const dt_bf
     if (n <= 0) return;
     bf16 *mb = (bf16 *)m;
     const bf16 *gb = (const bf16 *)gate, *ub = (const bf16 *)up;
-    if (aligned_to(m, 16) && aligned_to(gate, 16) && aligned_to(up, 16))
+    if (I % 8 == 0 && ldg % 8 == 0 && aligned_to(m, 16) && aligned_to(gate, 16) && aligned_to(up, 16))
         swiglu_fwd_kernel<8><<<cuda_blocks(n / 8 + 1, 256), 256, 0, cuda_stream()>>>(mb, gb, ub, ldg, rows, I);
     else
         swiglu_fwd_kernel<1><<<cuda_blocks(n, 256), 256, 0, cuda_stream()>>>(mb, gb, ub, ldg, rows, I);
@@ -152,17 +152,13 @@ extern "C" void swiglu_backward_lora_cuda(dt_bf16 *dgate, dt_bf16 *dup, int64_t 
                                           const dt_bf16 *g, const dt_bf16 *A, int r) {
     if (rows <= 0 || I <= 0) return;
     bool fused = g && r > 0 && r <= LW_MAX_RANK && I % 8 == 0 && ldd % 8 == 0 && ldg % 8 == 0 &&
-                 aligned_to(dgate, 16) &&
-                 aligned_to(dup, 16) && aligned_to(gate, 16) && aligned_to(up, 16) && aligned_to(dm, 16) &&
-                 aligned_to(A, 16);
+                 aligned_to(dgate, 16) && aligned_to(dup, 16) && aligned_to(gate, 16) && aligned_to(up, 16) &&
+                 aligned_to(dm, 16) && aligned_to(A, 16);
     bf16 *dgb = (bf16 *)dgate, *dub = (bf16 *)dup;
     const bf16 *gb = (const bf16 *)gate, *ub = (const bf16 *)up, *g16 = (const bf16 *)g, *A16 = (const bf16 *)A;
-    if (fused && dmt == CUDA_BF16) {
-        launch_bwd_lora(dgb, dub, ldd, (const bf16 *)dm, gb, ub, ldg, rows, I, g16, A16, r);
-        return;
-    }
     if (fused) {
-        launch_bwd_lora(dgb, dub, ldd, (const float *)dm, gb, ub, ldg, rows, I, g16, A16, r);
+        if (dmt == CUDA_BF16) launch_bwd_lora(dgb, dub, ldd, (const bf16 *)dm, gb, ub, ldg, rows, I, g16, A16, r);
+        else launch_bwd_lora(dgb, dub, ldd, (const float *)dm, gb, ub, ldg, rows, I, g16, A16, r);
         return;
     }
     // otherwise the LoRA part by a product into dm, then the plain backward

@@ -538,10 +538,9 @@ __global__ void dg_suffix_kernel(float *dg, const int32_t *seq_starts, int Hv) {
     }
 }
 
-// Zeroes what the backward accumulates into: the q/k columns of dqkv and dbeta, dg, over the
-// N = seq_starts[n_seqs] tokens (N lives on the device).
-// dq and dk (dqkv's first qk_cols columns of each row) and dbeta, dg zeroed for the passes that
-// add into them; V4: rows and columns in whole float4 (16-byte stores, no 64-bit division per float)
+// Zeroes what the backward's passes add into: dq and dk (dqkv's first qk_cols columns of each row)
+// and dbeta, dg, over the N = seq_starts[n_seqs] tokens (N lives on the device). V4: rows and
+// columns in whole float4 (16-byte stores, no 64-bit division per float).
 template <bool V4>
 __global__ void dn_zero_kernel(float *dqkv, float *dbeta, float *dg, const int32_t *seq_starts, int n_seqs,
                                int64_t conv_dim, int64_t qk_cols, int Hv) {

@@ -87,8 +87,8 @@ __device__ __forceinline__ void load_or_zero(float *v, const float *p, int64_t i
 // dxb (when not NULL) = dx as bf16
 template <int G, int V, int NC>
 __global__ void __launch_bounds__(NORM_THREADS)
-    rmsnorm1p_bwd_kernel(float *dx, bf16 *dxb, int64_t ldb, const float *res, const float *dy, const float *x, const float *w,
-                         int64_t rows, int D, float eps) {
+    rmsnorm1p_bwd_kernel(float *dx, bf16 *dxb, int64_t ldb, const float *res, const float *dy, const float *x,
+                         const float *w, int64_t rows, int D, float eps) {
     constexpr int NR = NC > 0 ? NC : 1;
     int64_t row = (int64_t)blockIdx.x * (NORM_THREADS / G) + threadIdx.x / G;
     int lane = threadIdx.x % G;

@@ -4,8 +4,8 @@
 
 namespace {
 
-__global__ void adamw_kernel(float *p, float *g, float *m, float *v, bf16 *p16, int64_t n16, int64_t n, double decay, double b1,
-                             double b2, double step_size, double bc2_sqrt, double eps, float grad_mul) {
+__global__ void adamw_kernel(float *p, float *g, float *m, float *v, bf16 *p16, int64_t n16, int64_t n, double decay,
+                             double b1, double b2, double step_size, double bc2_sqrt, double eps, float grad_mul) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float gf = grad_mul == 1.0f ? g[i] : g[i] * grad_mul;  // clipping scales the fp32 gradient first
         double gi = gf;

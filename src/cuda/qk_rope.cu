@@ -342,9 +342,9 @@ extern "C" void qk_norm_rope_backward_cuda(dt_bf16 *dx, int64_t row_stride, int 
             dxb, row_stride, head_stride, dy, xb, w, pos, N, n_heads, hd, rot_dim, theta, eps, rf);
 }
 
-// Element e of head-row r (r = t nh + h) is x[r hd + e]; its gate is qg[r 2 hd + hd + e].
+// Element e of head-row r (r = t nh + h) is x[r hd + e]; its gate is qg[r 2 hd + hd + e]. y's rows
+// (of d = nh hd) are ldy long.
 template <int V>
-// y's rows (of d = nh hd) ldy long
 __global__ void attn_gate_fwd_kernel(bf16 *y, int64_t ldy, const bf16 *x, const bf16 *qg, int64_t n, int64_t d,
                                      int hd) {
     int64_t stride = (int64_t)gridDim.x * blockDim.x;

@@ -455,7 +455,9 @@ static int make_block(void **block, cuda_linear **lin, int n, gpu_lora *s, int n
 }
 
 /* The blocks' copies of A and B, from the fp32 values of the LoRA arrays' tail (element bf16_params on). */
-static void copy_wide(qwen35_cuda *g, const float *tail) { linear_wide_copy_cuda(g->wide, g->n_wide, g->wide_rows, tail); }
+static void copy_wide(qwen35_cuda *g, const float *tail) {
+    linear_wide_copy_cuda(g->wide, g->n_wide, g->wide_rows, tail);
+}
 
 /* Finds every attached LoRA of m once and lays them out in the contiguous arrays: layer by layer,
  * the linears that read one input as a group, the A of the group's LoRAs then their B; the groups
@@ -1185,8 +1187,8 @@ static void layer_backward(qwen35_cuda *g, int l, const call *k, const float *h_
             linear_group_backward_cuda(G->dxn2, 0, p, 2, xn2, g->ld_xn2, n, s, xn2 + H, g->ld_xn2);
         });
         PROF("bwd.norms", {
-            rmsnorm1p_backward_cuda(G->dh_mid + t0 * H, G->dy_bf + t0 * G->ld_dy, G->ld_dy, dh + t0 * H, G->dxn2, a->h_mid + t0 * H,
-                                    L->post_norm, n, (int)H, eps);
+            rmsnorm1p_backward_cuda(G->dh_mid + t0 * H, G->dy_bf + t0 * G->ld_dy, G->ld_dy, dh + t0 * H, G->dxn2,
+                                    a->h_mid + t0 * H, L->post_norm, n, (int)H, eps);
         });
     }
     if (c->layer_is_full[l]) attention_mixer_backward(g, L, k, a, G);

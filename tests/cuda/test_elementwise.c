@@ -329,9 +329,10 @@ static void test_attn_gate(int64_t N, int nh, int hd) {
 
 /* ---- activations.cu ---- */
 
-static void test_swiglu(int64_t n, int off) {
+/* n - off values as rows of I (I divides n - off); off shifts the pointers off 16 bytes */
+static void test_swiglu(int64_t n, int off, int64_t I) {
     char name[96];
-    int64_t m = n - off;
+    int64_t m = n - off, rows = m / I;
     float *g = test_rvec_bf16(n, 4.0f), *u = test_rvec_bf16(n, 2.0f), *dm = test_rvec(n, 1.0f);
     float *mc = zeros(n), *dgc = zeros(n), *duc = zeros(n);
     swiglu_forward(mc + off, g + off, u + off, m);
@@ -339,21 +340,21 @@ static void test_swiglu(int64_t n, int off) {
     dt_bf16 *d_g = test_dev_bf16(g, n), *d_u = test_dev_bf16(u, n), *d_m = test_dev_bf16(dm, n),
             *d_dg = test_dev_bf16(dm, n), *d_du = test_dev_bf16(dm, n);
     float *d_dm = test_dev_f32(dm, n);
-    swiglu_forward_cuda(d_m + off, d_g + off, d_u + off, m, 1, m);
-    snprintf(name, sizeof name, "swiglu_forward n=%lld off=%d", (long long)m, off);
+    swiglu_forward_cuda(d_m + off, d_g + off, d_u + off, I, rows, I);
+    snprintf(name, sizeof name, "swiglu_forward %lldx%lld off=%d", (long long)rows, (long long)I, off);
     if (!test_cuda_ok(name)) {
         float *h = test_host_bf16(d_m, n);
         test_expect_close(name, h + off, mc + off, m, 1e-2);
         free(h);
     }
-    swiglu_backward_cuda(d_dg + off, d_du + off, m, d_dm + off, CUDA_F32, d_g + off, d_u + off, m, 1, m);
-    snprintf(name, sizeof name, "swiglu_backward dgate n=%lld off=%d", (long long)m, off);
+    swiglu_backward_cuda(d_dg + off, d_du + off, I, d_dm + off, CUDA_F32, d_g + off, d_u + off, I, rows, I);
+    snprintf(name, sizeof name, "swiglu_backward dgate %lldx%lld off=%d", (long long)rows, (long long)I, off);
     if (!test_cuda_ok(name)) {
         float *h = test_host_bf16(d_dg, n);
         test_expect_close(name, h + off, dgc + off, m, 1e-2);
         free(h);
         h = test_host_bf16(d_du, n);
-        snprintf(name, sizeof name, "swiglu_backward dup n=%lld off=%d", (long long)m, off);
+        snprintf(name, sizeof name, "swiglu_backward dup %lldx%lld off=%d", (long long)rows, (long long)I, off);
         test_expect_close(name, h + off, duc + off, m, 1e-2);
         free(h);
     }
@@ -611,8 +612,9 @@ void cuda_tests_elementwise(void) {
     test_attn_gate(4096, 8, 256);
     test_attn_gate(5, 3, 6);
 
-    test_swiglu(4096 * 3584, 0);
-    test_swiglu(1001, 1);
+    test_swiglu(4096 * 3584, 0, 3584);
+    test_swiglu(1001, 1, 1000);
+    test_swiglu(27 * 37, 0, 37); /* aligned, rows of 37: the 8-wide path must not take it */
     test_swiglu_lora(37, 72, 8, 1, 0);
     test_swiglu_lora(100, 1032, 16, 1, 0);  /* a partial block of columns, several of rows */
     test_swiglu_lora(100, 1032, 16, 1, 1);
