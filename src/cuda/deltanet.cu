@@ -710,6 +710,7 @@ struct ck_args {
     int64_t conv_dim;
     int Hk, Hv, dk, dv, group, dkp, dvp, cps, n_slots;
     bool qk_vec, y_vec, x_vec;
+    bool tf32_wp;       // the forward's prep: W and P stored rounded to tf32, as its walk uses them
     float *W, *Ut, *P, *G;
     float *Wr, *DDt;    // the reverse pass's: (I + A^T)^-1 diag(lambda) K, (I + A^T)^-1 P^T dout
     const float *dout;
@@ -737,6 +738,7 @@ static __device__ __forceinline__ void load_beta(float *dst, const float *beta, 
 // bits: sm_90 has no instruction for that conversion, and its emulation took a quarter of the
 // walks' instructions.
 static __device__ __forceinline__ uint32_t tf32(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
+static __device__ __forceinline__ float tf32f(float x) { return __uint_as_float(tf32(x)); }
 // x's tf32 head (truncated) and the tf32 head of the rest: x = hi + lo to about 2^-20 of x, in three
 // instructions; the lost bits are far below what 3xTF32 keeps
 static __device__ __forceinline__ void split_tf32(float x, uint32_t &hi, uint32_t &lo) {
@@ -789,6 +791,10 @@ static __device__ __forceinline__ frag_b split_b(float b0, float b1) {
         else f.h[e] = tf32(v[e]), f.l[e] = 0u;
     }
     return f;
+}
+// an A fragment already rounded to tf32 (the forward's W and P, rounded by the prep): its bits
+static __device__ __forceinline__ frag_a tf32_a(float a0, float a1, float a2, float a3) {
+    return {{__float_as_uint(a0), __float_as_uint(a1), __float_as_uint(a2), __float_as_uint(a3)}, {0u, 0u, 0u, 0u}};
 }
 template <bool X3>
 static __device__ __forceinline__ void mma_ss(float *c, const frag_a &a, const frag_b &b) {
@@ -913,7 +919,7 @@ __global__ void __launch_bounds__(PNT, REV ? 2 : 4) dn_prep_kernel(ck_args a) {
             int t = mt * 16 + gq + (e >> 1) * 8, sI = nt * 8 + 2 * tq + (e & 1);
             float dec = sI <= t && t < n ? expf(Gs[t] - Gs[sI]) : 0.0f;
             As[t * LA + sI] = sI < t ? Bs[t] * dec * accA[e] : 0.0f;
-            if (!REV) Pg[t * CC + sI] = dec * accP[e];
+            if (!REV) Pg[t * CC + sI] = a.tf32_wp ? tf32f(dec * accP[e]) : dec * accP[e];
             Ps[t * LA + sI] = dec * accP[e];
         }
     }
@@ -939,7 +945,7 @@ __global__ void __launch_bounds__(PNT, REV ? 2 : 4) dn_prep_kernel(ck_args a) {
         if (isk) {
             float *Wg = a.W + sb * CC * DKP + j;
 #pragma unroll
-            for (int t = 0; t < CC; t++) Wg[t * DKP] = x[t];
+            for (int t = 0; t < CC; t++) Wg[t * DKP] = a.tf32_wp ? tf32f(x[t]) : x[t];
         } else {
             float *Ug = a.Ut + sb * CC * a.dvp + jv;
 #pragma unroll
@@ -1108,7 +1114,10 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
             for (int i = 0; i < DT; i++) {
                 int r16 = (tw + TW * i) / NTC * 16 + gq;
                 const float *w = wb + r16 * L::LW + k0 + tq;
-                mma_ss<X3>(accU[i][p], split_a<X3>(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4]), sf);
+                mma_ss<X3>(accU[i][p],
+                           MODE == CK_FWD ? tf32_a(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4])
+                                          : split_a<X3>(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4]),
+                           sf);
                 if (MODE == CK_FWD) {
                     const bf16 *q = qb + r16 * L::LQ + k0 + tq;
                     mma_es<X3>(accO[i][p], bf_bits(q), bf_bits(q + 8 * L::LQ), bf_bits(q + 4),
@@ -1160,8 +1169,9 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                     for (int k0 = 0; k0 < CC; k0 += 8) {
                         if (k0 >= m16 + 16) break;  // P is lower triangular
                         const float *p = pb + (m16 + gq) * L::LP + k0 + tq;
-                        mma_ff<X3>(accO[i][0], p[0], p[8 * L::LP], p[4], p[8 * L::LP + 4],
-                                   Uc[(k0 + tq) * L::LU + dn * 8 + gq], Uc[(k0 + tq + 4) * L::LU + dn * 8 + gq]);
+                        mma_ss<X3>(accO[i][0], tf32_a(p[0], p[8 * L::LP], p[4], p[8 * L::LP + 4]),
+                                   split_b<X3>(Uc[(k0 + tq) * L::LU + dn * 8 + gq],
+                                               Uc[(k0 + tq + 4) * L::LU + dn * 8 + gq]));
                     }
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
@@ -1791,6 +1801,7 @@ bool chunked_forward(bf16 *o, const dn_args &r, int n_seqs, int max_len, void *s
     float *base = (float *)scratch;
     if (!base) return false;
     ck_bind(a, base);
+    a.tf32_wp = true;
     cuda_prof_push("deltanet_fwd_prep");
     ck_prep_any(a);
     cuda_prof_pop();
