@@ -640,8 +640,9 @@ constexpr int PNT = 256;  // threads of the prep kernel
 // to an SM, measured 5% slower: the walks are bound by instructions.) The walks take 16 warps where
 // dk is 128: with one block an SM, 8 hide too little of the products' dependent chains. Per layer,
 // 8 -> 16 warps: forward 202 -> 194 us at 0.8B, 348 -> 287 at 4B; F1 391 -> 378 and 538 -> 494; F2
-// 271 -> 252 and 390 -> 357; the reverse pass (dn_rev_kernel, the same split) 447 -> 425 at 0.8B
-// (at 4B, in blocks of 64 columns, its second state buffer would not fit: 8 warps). (16 warps all
+// 271 -> 252 and 390 -> 357; the reverse pass (dn_rev_kernel, the same split) 447 -> 425 at 0.8B,
+// 772 -> 670 at 4B (whose blocks of 64 columns fit the second state buffer with rows padded by 4
+// floats instead of 8). (16 warps all
 // making X, each with fewer of its column tiles, measured up to 11% slower than 8: its operands
 // split by twice as many warps.)
 template <int DKP, int CW, int NW>
@@ -1338,7 +1339,8 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
 // dd and the state in 3xTF32 (dg sums v . dv), dk1 (M1, M2 and its products) in tf32 unless XK.
 template <int DKP, int CW>
 struct rv_layout {
-    static constexpr int LW = DKP + 4, LQ = DKP + 8, LK = DKP + 16, LP = CC + 4, LU = CW + 8, LS = CW + 8;
+    // the state's rows padded by 4 floats where blocks are 64 columns wide: its second buffer fits
+    static constexpr int LW = DKP + 4, LQ = DKP + 8, LK = DKP + 16, LP = CC + 4, LU = CW + 8, LS = CW + (CW == 64 ? 4 : 8);
     static constexpr size_t W = 0, Q = W + 2 * 4 * CC * LW, K = Q + 2 * 2 * CC * LQ, D = K + 2 * 2 * CC * LK,
                             G = D + 2 * 4 * CC * LU, B = G + 2 * 4 * CC, DO = B + 2 * 4 * CC, U = DO + 2 * 4 * CC * LU,
                             R = U + 2 * 4 * CC * LU, Ds = R + 4 * DKP * LS, DDs = Ds + 4 * CC * LU,
@@ -1653,6 +1655,7 @@ __global__ void __launch_bounds__(NW * 32) dn_rev_kernel(ck_args a) {
 template <int DKP, bool XK, int CW, int NW>
 void ck_rev(const ck_args &a, int n_seqs) {
     using L = rv_layout<DKP, CW>;
+    static_assert(L::bytes2 <= 227 * 1024 || NW != 16, "the reverse pass's two state buffers exceed shared memory");
     size_t bytes = NW == 16 ? L::bytes2 : L::bytes;
     static bool attr_set = false;
     if (!attr_set) {
@@ -1716,11 +1719,14 @@ void ck_walk_any(const ck_args &a, int n_seqs) {
     else ck_walk<128, MODE, X3, 32, 8>(a, n_seqs);
 }
 
-// the reverse pass (dk <= 128); 16 warps where its second state buffer fits (blocks of 32 columns)
+// the reverse pass (dk <= 128), in warps as the other walks
 template <bool XK>
 void ck_rev_any(const ck_args &a, int n_seqs) {
     if (a.dkp == 64) ck_rev<64, XK, 32, 8>(a, n_seqs);
-    else if (walk_cols(a, n_seqs) == 64) ck_rev<128, XK, 64, 8>(a, n_seqs);
+    else if (walk_cols(a, n_seqs) == 64) {
+        if (walk_16_warps(a)) ck_rev<128, XK, 64, 16>(a, n_seqs);
+        else ck_rev<128, XK, 64, 8>(a, n_seqs);
+    }
     else if (walk_16_warps(a)) ck_rev<128, XK, 32, 16>(a, n_seqs);
     else ck_rev<128, XK, 32, 8>(a, n_seqs);
 }
