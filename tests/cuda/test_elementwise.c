@@ -619,6 +619,7 @@ void cuda_tests_elementwise(void) {
     test_swiglu_lora(100, 1032, 16, 1, 0);  /* a partial block of columns, several of rows */
     test_swiglu_lora(100, 1032, 16, 1, 1);
     test_swiglu_lora(100, 1032, 24, 1, 0);
+    test_swiglu_lora(100003, 72, 16, 1, 1);  /* runs of rows (one wave of blocks) past 32, the last partial */
     test_swiglu_lora(37, 70, 8, 1, 0);      /* I not a multiple of 8: product, then the plain backward */
     test_swiglu_lora(37, 70, 8, 1, 1);
     test_swiglu_lora(64, 136, 40, 1, 0);    /* rank above 32: the same */
