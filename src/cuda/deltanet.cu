@@ -642,9 +642,8 @@ constexpr int PNT = 256;  // threads of the prep kernel
 // 8 -> 16 warps: forward 202 -> 194 us at 0.8B, 348 -> 287 at 4B; F1 391 -> 378 and 538 -> 494; F2
 // 271 -> 252 and 390 -> 357; the reverse pass (dn_rev_kernel, the same split) 447 -> 425 at 0.8B,
 // 772 -> 670 at 4B (whose blocks of 64 columns fit the second state buffer with rows padded by 4
-// floats instead of 8). (16 warps all
-// making X, each with fewer of its column tiles, measured up to 11% slower than 8: its operands
-// split by twice as many warps.)
+// floats instead of 8). (16 warps all making X, each with fewer of its column tiles, measured up to
+// 11% slower than 8: its operands split by twice as many warps.)
 template <int DKP, int CW, int NW>
 struct walk_warps {
     static constexpr int NTC = CW / 8, NDT = 2 * NTC, KS = NW > NDT ? NW / NDT : 1, DT = NDT * KS / NW,
@@ -1340,7 +1339,8 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
 template <int DKP, int CW>
 struct rv_layout {
     // the state's rows padded by 4 floats where blocks are 64 columns wide: its second buffer fits
-    static constexpr int LW = DKP + 4, LQ = DKP + 8, LK = DKP + 16, LP = CC + 4, LU = CW + 8, LS = CW + (CW == 64 ? 4 : 8);
+    static constexpr int LW = DKP + 4, LQ = DKP + 8, LK = DKP + 16, LP = CC + 4, LU = CW + 8,
+                         LS = CW + (CW == 64 ? 4 : 8);
     static constexpr size_t W = 0, Q = W + 2 * 4 * CC * LW, K = Q + 2 * 2 * CC * LQ, D = K + 2 * 2 * CC * LK,
                             G = D + 2 * 4 * CC * LU, B = G + 2 * 4 * CC, DO = B + 2 * 4 * CC, U = DO + 2 * 4 * CC * LU,
                             R = U + 2 * 4 * CC * LU, Ds = R + 4 * DKP * LS, DDs = Ds + 4 * CC * LU,
