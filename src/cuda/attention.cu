@@ -380,11 +380,12 @@ void flash_forward(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf
 //
 // FlashAttention-2's backward for the same head dims: a block of 8 warps owns one tile of 64 keys
 // for one query head, keeps that tile's dK and dV in registers and walks the query tiles from the
-// diagonal down. Per query tile: S = Q K^T and dP = dO V^T recomputed (a warp: 16 query rows by 32
-// keys), P = exp(scale S - lse) and dS = scale P (dP - D), D = rowsum(dO o O) (attn_delta), both
-// into shared memory in bf16; then dV += P^T dO and dK += dS^T Q (a warp: 16 keys by half the head
-// dim), and dQ's part dS K (16 query rows by half the head dim) added into dq by fp32 atomics,
-// where the key tiles of a query row meet. dK and dV sum over the kv head's query heads: added
+// diagonal down, the next tile's Q and dO loading into a second buffer meanwhile. Per query tile:
+// S = Q K^T and dP = dO V^T recomputed (a warp: 16 query rows by 32 keys), P = exp(scale S - lse)
+// and dS = scale P (dP - D), D = rowsum(dO o O) (attn_delta), both into shared memory in bf16;
+// then dV += P^T dO and dK += dS^T Q (a warp: 16 keys by half the head dim), and dQ's part dS K
+// (16 query rows by half the head dim) added into dq by fp32 atomics, where the key tiles of a
+// query row meet. dK and dV sum over the kv head's query heads: added
 // the same way at the end. No score reaches global memory, and of the masked upper triangle only
 // the diagonal tiles are computed (the cuBLAS path computes its query blocks' whole rectangles):
 // at 0.8B's shape (2 x 2048 tokens, 8 heads of 256) 0.61 ms against that path's 0.75.
@@ -406,14 +407,25 @@ __global__ void attn_delta(float *D, long long drow, const bf16 *out, const bf16
     }
 }
 
+// lse (log2 units) and D of query rows [row0, row0 + kFT) of head h into LD[0 .. kFT), LD[kFT ..),
+// zero past n, by the block's first 2 kFT threads
+__device__ __forceinline__ void load_lse_delta(float *LD, const float *lse, const float *Dr, long long start,
+                                               int row0, int n, int nh, int h) {
+    int x = threadIdx.x, r = row0 + (x & (kFT - 1));
+    bool ok = r < n;
+    if (x < kFT) cp_async4z(LD + x, lse + ((ok ? start + r : start) * nh + h), ok);
+    else if (x < 2 * kFT) cp_async4z(LD + x, Dr + (ok ? (long long)r * nh : 0), ok);
+}
+
 template <int HD>
 __global__ void __launch_bounds__(kBT, 1)
     flash_bwd_kernel(float *dq, float *dk, float *dv, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout,
                      const float *lse, const float *delta, seq_table seqs, int nh, int nkv, float scale) {
     constexpr int ND = HD / 16;  // 8-wide column tiles in half the head dim
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16 *Ks = (bf16 *)smem_raw, *Vs = Ks + kFT * HD, *Qs = Vs + kFT * HD, *dOs = Qs + kFT * HD;
-    bf16 *Ps = dOs + kFT * HD, *dSs = Ps + kFT * kFT;  // [query][key], swizzled as [kFT][kFT] tiles
+    bf16 *Ks = (bf16 *)smem_raw, *Vs = Ks + kFT * HD, *Qb = Vs + kFT * HD, *dOb = Qb + 2 * kFT * HD;  // Q, dO: 2 each
+    bf16 *Ps = dOb + 2 * kFT * HD, *dSs = Ps + kFT * kFT;  // [query][key], swizzled as [kFT][kFT] tiles
+    float *LDb = (float *)(dSs + kFT * kFT);                // per buffer: the tile's rows' lse (log2 units), D
     int sh = blockIdx.x, s = sh / nh, h = sh % nh, kt = blockIdx.y;  // the longest walks first
     int len = seqs.len[s], j0 = kt * kFT;
     if (j0 >= len) return;
@@ -429,8 +441,10 @@ __global__ void __launch_bounds__(kBT, 1)
 
     load_tile<HD, kBT>(Ks, kh, kvld, j0, len);
     load_tile<HD, kBT>(Vs, vh, kvld, j0, len);
-    load_tile<HD, kBT>(Qs, qh, qld, j0, len);
-    load_tile<HD, kBT>(dOs, doh, qld, j0, len);
+    const float *Dr = delta + (long long)seqs.drow[s] * nh + h;
+    load_tile<HD, kBT>(Qb, qh, qld, j0, len);
+    load_tile<HD, kBT>(dOb, doh, qld, j0, len);
+    load_lse_delta(LDb, lse, Dr, start, j0, len, nh, h);
     cp_async_commit();
 
     float dka[ND][4], dva[ND][4];
@@ -440,9 +454,17 @@ __global__ void __launch_bounds__(kBT, 1)
         for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.f;
 
     for (int it = kt; it < n_q; it++) {
-        int i0 = it * kFT;
+        int i0 = it * kFT, buf = (it - kt) & 1;
+        bf16 *Qs = Qb + buf * kFT * HD, *dOs = dOb + buf * kFT * HD;
+        const float *LD = LDb + buf * 2 * kFT;
         cp_async_wait_all();
-        __syncthreads();  // Q_i, dO_i in; every warp done with the last tile's dS
+        __syncthreads();  // tile i in; every warp done with the last tile's P, dS and its buffers
+        if (it + 1 < n_q) {
+            load_tile<HD, kBT>(Qb + (buf ^ 1) * kFT * HD, qh, qld, i0 + kFT, len);
+            load_tile<HD, kBT>(dOb + (buf ^ 1) * kFT * HD, doh, qld, i0 + kFT, len);
+            load_lse_delta(LDb + (buf ^ 1) * 2 * kFT, lse, Dr, start, i0 + kFT, len, nh, h);
+        }
+        cp_async_commit();
         float sc[4][4], dp[4][4];
 #pragma unroll
         for (int n = 0; n < 4; n++)
@@ -465,10 +487,7 @@ __global__ void __launch_bounds__(kBT, 1)
         }
         // P and dS of rows r0, r1 (zero past the diagonal and past the sequence), in bf16
         int r0 = i0 + wr + g, r1 = r0 + 8;
-        float L0 = r0 < len ? lse[(start + r0) * nh + h] * l2e : 0.f;
-        float L1 = r1 < len ? lse[(start + r1) * nh + h] * l2e : 0.f;
-        const float *Dr = delta + (long long)seqs.drow[s] * nh + h;
-        float D0 = r0 < len ? Dr[(long long)r0 * nh] : 0.f, D1 = r1 < len ? Dr[(long long)r1 * nh] : 0.f;
+        float L0 = LD[wr + g] * l2e, L1 = LD[wr + g + 8] * l2e, D0 = LD[kFT + wr + g], D1 = LD[kFT + wr + g + 8];
 #pragma unroll
         for (int n = 0; n < 4; n++) {
             int key = j0 + wc + 8 * n + 2 * t;
@@ -504,12 +523,6 @@ __global__ void __launch_bounds__(kBT, 1)
                 mma_bf16_x2(&dka[2 * p], as, bq);
             }
         }
-        __syncthreads();  // every warp done with Q_i and dO_i: the next tile's load over them
-        if (it + 1 < n_q) {
-            load_tile<HD, kBT>(Qs, qh, qld, i0 + kFT, len);
-            load_tile<HD, kBT>(dOs, doh, qld, i0 + kFT, len);
-        }
-        cp_async_commit();
         // dQ's part of this key tile: dS K, added into dq
         float dqa[ND][4];
 #pragma unroll
@@ -548,7 +561,7 @@ template <int HD>
 void flash_backward(float *dq, float *dk, float *dv, const bf16 *dout, const bf16 *out, const float *lse,
                     const bf16 *q, const bf16 *k, const bf16 *v, const int *seq_starts, const int *seq_lens,
                     int n_seqs, int nh, int nkv, float scale, float *delta) {
-    size_t smem = (4 * (size_t)kFT * HD + 2 * kFT * kFT) * sizeof(bf16);
+    size_t smem = (6 * (size_t)kFT * HD + 2 * kFT * kFT) * sizeof(bf16) + 2 * 2 * kFT * sizeof(float);
     static bool attr;
     if (!attr) {
         cudaFuncSetAttribute(flash_bwd_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);

@@ -721,13 +721,6 @@ struct ck_args {
     float *dqkv, *dg;   // CK_F1: dq, q . dq; CK_F2: dk
 };
 
-// one float (the gates' beta: a column of [N, Hv], no wider copy lines up)
-static __device__ __forceinline__ void cp_async4z(void *smem, const void *gmem, bool ok) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    int bytes = ok ? 4 : 0;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-
 // beta of tokens [t0, t0 + n) of value head h into dst[CC], zero past n
 static __device__ __forceinline__ void load_beta(float *dst, const float *beta, int64_t t0, int n, int Hv, int h) {
     int t = threadIdx.x - 32;  // the second warp: the first is busy with other lines
