@@ -618,7 +618,9 @@ dn_args make_args(const dt_bf16 *qkv, const float *beta, const float *g, const i
 // The backward's forward passes have the same form: with y = do (F1) or dkv (F2),
 //   S_t do_t          = gamma_t S0 do_t + sum_{s <= t} e^{G_t - G_s} (delta_s . do_t) k_s,
 //   alpha_t S_{t-1} dkv_t = gamma_t S0 dkv_t + sum_{s < t} e^{G_t - G_s} (delta_s . dkv_t) k_s,
-// i.e. X = diag(gamma) Y S0^T + M K with M = mask * decay * (Y D^T).
+// i.e. X = diag(gamma) Y S0^T + M K with M = mask * decay * (Y D^T). F1 keeps D (as u = D / beta,
+// which R reads too) and F2 takes it from there, so that F2's one chain from chunk to chunk is the
+// state's update, whose increment K^T diag(decay) D no longer waits on the state.
 // dn_prep_kernel builds W, Ut, P, G for every chunk at once (forward substitution in fp32);
 // dn_chunk_kernel walks the chunks of one (sequence, value head, 32 value columns) with the
 // state in registers, its products on tensor cores (tf32 in, fp32 accumulate): only the
@@ -717,7 +719,7 @@ struct ck_args {
     float *dkv, *dbeta; // the reverse pass's outputs
     bf16 *o;            // CK_FWD
     const float *y;     // CK_F1: dout, CK_F2: dkv ([N, Hv, dv])
-    float *u;           // CK_F1: u = delta / beta, [N, Hv, dv]
+    float *u;           // CK_F1 writes u = delta / beta, [N, Hv, dv]; R and CK_F2 read it
     float *dqkv, *dg;   // CK_F1: dq, q . dq; CK_F2: dk
 };
 
@@ -991,6 +993,20 @@ size_t prep_bytes(int dvp, bool rev) {
     return 2 * 2 * CC * (DKP + 8) + 4 * (2 * CC * (CC + 1) + 3 * CC) + (size_t)(rev ? 4 : 2) * CC * (dvp + 8);
 }
 
+// [CC][CW] columns col0.. of an fp32 [N, Hv, dv] array into dst (stride LU), zero past n / dv
+template <int LU, int CW, int NT>
+static __device__ __forceinline__ void load_cols(float *dst, const float *src, int64_t vstride, int n, int col0, int dv,
+                                                 bool vec) {
+    for (int e = threadIdx.x; e < CC * CW / 4; e += NT) {
+        int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
+        bool ok = t < n && col0 + i < dv;
+        if (vec) cp_async16z(dst + t * LU + i, src + (ok ? t * vstride + i : 0), ok);
+        else
+#pragma unroll
+            for (int x = 0; x < 4; x++) dst[t * LU + i + x] = t < n && col0 + i + x < dv ? src[t * vstride + i + x] : 0.0f;
+    }
+}
+
 // Shared-memory strides (elements), chosen so the fragment loads hit 32 distinct banks.
 template <int DKP, int CW>
 struct ck_layout {
@@ -1040,37 +1056,30 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                     *Gg = a.G + sb * CC;
         float *wd = Wb + buf * CC * L::LW, *pd = Pb + buf * CC * L::LP, *ud = Ub + buf * CC * L::LU,
               *gd = Gb + buf * CC;
-        for (int e = tid; e < CC * DKP / 4; e += NT) {
-            int t = e / (DKP / 4), i = (e % (DKP / 4)) * 4;
-            cp_async16(wd + t * L::LW + i, Wg + t * DKP + i);
-        }
+        if (MODE != CK_F2)  // F2's D is F1's
+            for (int e = tid; e < CC * DKP / 4; e += NT) {
+                int t = e / (DKP / 4), i = (e % (DKP / 4)) * 4;
+                cp_async16(wd + t * L::LW + i, Wg + t * DKP + i);
+            }
         if (MODE == CK_FWD) {  // only the output needs P
             for (int e = tid; e < CC * CC / 4; e += NT) {
                 int t = e / (CC / 4), i = (e % (CC / 4)) * 4;
                 cp_async16(pd + t * L::LP + i, Pg + t * CC + i);
             }
         }
-        for (int e = tid; e < CC * CW / 4; e += NT) {
-            int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
-            cp_async16(ud + t * L::LU + i, Ug + t * a.dvp + i);
-        }
-        if (tid < CC / 4) cp_async16(gd + tid * 4, Gg + tid * 4);
-        if (MODE == CK_F1) load_beta(Bb + buf * CC, a.beta, t0, n, a.Hv, h);
-        load_qk<DKP, L::LQ, L::LK, NT>(Qb + buf * CC * L::LQ, Kb + buf * CC * L::LK, a.qkv, a.conv_dim, kcol, hcol,
-                                       t0, n, a.dk, a.qk_vec);
-        if (MODE != CK_FWD) {
-            float *yd = Yb + buf * CC * L::LU;
-            const float *yg = a.y + t0 * vstride + (int64_t)h * a.dv + cb * CW;
+        int64_t vo = t0 * vstride + (int64_t)h * a.dv + cb * CW;
+        if (MODE == CK_F2) load_cols<L::LU, CW, NT>(ud, a.u + vo, vstride, n, cb * CW, a.dv, a.y_vec);
+        else
             for (int e = tid; e < CC * CW / 4; e += NT) {
                 int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
-                bool ok = t < n && cb * CW + i < a.dv;
-                if (a.y_vec) cp_async16z(yd + t * L::LU + i, yg + (ok ? t * vstride + i : 0), ok);
-                else
-#pragma unroll
-                    for (int x = 0; x < 4; x++)
-                        yd[t * L::LU + i + x] = t < n && cb * CW + i + x < a.dv ? yg[t * vstride + i + x] : 0.0f;
+                cp_async16(ud + t * L::LU + i, Ug + t * a.dvp + i);
             }
-        }
+        if (tid < CC / 4) cp_async16(gd + tid * 4, Gg + tid * 4);
+        if (MODE != CK_FWD) load_beta(Bb + buf * CC, a.beta, t0, n, a.Hv, h);
+        load_qk<DKP, L::LQ, L::LK, NT>(Qb + buf * CC * L::LQ, Kb + buf * CC * L::LK, a.qkv, a.conv_dim, kcol, hcol,
+                                       t0, n, a.dk, a.qk_vec);
+        if (MODE != CK_FWD)
+            load_cols<L::LU, CW, NT>(Yb + buf * CC * L::LU, a.y + vo, vstride, n, cb * CW, a.dv, a.y_vec);
         cp_async_commit();
     };
 
@@ -1095,26 +1104,30 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
         float *Snext = buf ? Ss : S2;
 
         // D = Ut - W S0 (and Q S0 for the output) for this warp's DT tiles, all of column tile dn,
-        // over its KS-th part of k: S's fragment is split once for them; two chains each
+        // over its KS-th part of k: S's fragment is split once for them; two chains each. F2's D is
+        // beta u, from F1.
         constexpr int TW = NW / KS, KR = DKP / KS;
+        constexpr bool OWN_D = MODE != CK_F2;
         int tw = warp % TW, ks = warp / TW, dn = tw % NTC;
         float accU[DT][2][4] = {}, accO[DT][2][4] = {};
+        if constexpr (OWN_D) {
 #pragma unroll 4
-        for (int k0 = ks * KR; k0 < ks * KR + KR; k0 += 8) {
-            int p = (k0 >> 3) & 1;
-            frag_b sf = split_b<X3>(S0[(k0 + tq) * L::LS + dn * 8 + gq], S0[(k0 + tq + 4) * L::LS + dn * 8 + gq]);
+            for (int k0 = ks * KR; k0 < ks * KR + KR; k0 += 8) {
+                int p = (k0 >> 3) & 1;
+                frag_b sf = split_b<X3>(S0[(k0 + tq) * L::LS + dn * 8 + gq], S0[(k0 + tq + 4) * L::LS + dn * 8 + gq]);
 #pragma unroll
-            for (int i = 0; i < DT; i++) {
-                int r16 = (tw + TW * i) / NTC * 16 + gq;
-                const float *w = wb + r16 * L::LW + k0 + tq;
-                mma_ss<X3>(accU[i][p],
-                           MODE == CK_FWD ? tf32_a(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4])
-                                          : split_a<X3>(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4]),
-                           sf);
-                if (MODE == CK_FWD) {
-                    const bf16 *q = qb + r16 * L::LQ + k0 + tq;
-                    mma_es<X3>(accO[i][p], bf_bits(q), bf_bits(q + 8 * L::LQ), bf_bits(q + 4),
-                               bf_bits(q + 8 * L::LQ + 4), sf);
+                for (int i = 0; i < DT; i++) {
+                    int r16 = (tw + TW * i) / NTC * 16 + gq;
+                    const float *w = wb + r16 * L::LW + k0 + tq;
+                    mma_ss<X3>(accU[i][p],
+                               MODE == CK_FWD ? tf32_a(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4])
+                                              : split_a<X3>(w[0], w[8 * L::LW], w[4], w[8 * L::LW + 4]),
+                               sf);
+                    if (MODE == CK_FWD) {
+                        const bf16 *q = qb + r16 * L::LQ + k0 + tq;
+                        mma_es<X3>(accO[i][p], bf_bits(q), bf_bits(q + 8 * L::LQ), bf_bits(q + 4),
+                                   bf_bits(q + 8 * L::LQ + 4), sf);
+                    }
                 }
             }
         }
@@ -1125,7 +1138,7 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                 accU[i][0][e] += accU[i][1][e];
                 accO[i][0][e] += accO[i][1][e];
             }
-        if (KS > 1) {  // the second warp's parts in Uc (O's in Uk), free until the epilogue
+        if (KS > 1 && OWN_D) {  // the second warp's parts in Uc (O's in Uk), free until the epilogue
             if (ks == 1) leave_part<DT, NTC, L::LU>(Uc, accU, MODE == CK_FWD ? Uk : nullptr, accO, tw, TW, dn, lane);
             __syncthreads();
         }
@@ -1136,11 +1149,11 @@ __global__ void __launch_bounds__(NW * 32) dn_chunk_kernel(ck_args a) {
                 for (int e = 0; e < 4; e++) {
                     int r = (tw + TW * i) / NTC * 16 + gq + (e >> 1) * 8, col = dn * 8 + 2 * tq + (e & 1);
                     float su = accU[i][0][e], so = accO[i][0][e];
-                    if (KS > 1) {
+                    if (KS > 1 && OWN_D) {
                         su += Uc[r * L::LU + col];
                         if (MODE == CK_FWD) so += Uk[r * L::LU + col];
                     }
-                    float d = r < n ? ub[r * L::LU + col] - su : 0.0f;
+                    float d = r >= n ? 0.0f : OWN_D ? ub[r * L::LU + col] - su : bb[r] * ub[r * L::LU + col];
                     Uc[r * L::LU + col] = d;
                     Uk[r * L::LU + col] = r < n ? d * expf(glast - gb[r]) : 0.0f;
                     if (MODE == CK_FWD) accO[i][0][e] = so * expf(gb[r]);
@@ -1344,19 +1357,6 @@ struct rv_layout {
                             bytes2 = R2 + 4 * DKP * LS;  // with a second state buffer (16 warps)
 };
 
-// [CC][CW] columns col0.. of an fp32 [N, Hv, dv] array into dst (stride LU), zero past n / dv
-template <int LU, int CW, int NT>
-static __device__ __forceinline__ void load_cols(float *dst, const float *src, int64_t vstride, int n, int col0, int dv,
-                                                 bool vec) {
-    for (int e = threadIdx.x; e < CC * CW / 4; e += NT) {
-        int t = e / (CW / 4), i = (e % (CW / 4)) * 4;
-        bool ok = t < n && col0 + i < dv;
-        if (vec) cp_async16z(dst + t * LU + i, src + (ok ? t * vstride + i : 0), ok);
-        else
-#pragma unroll
-            for (int x = 0; x < 4; x++) dst[t * LU + i + x] = t < n && col0 + i + x < dv ? src[t * vstride + i + x] : 0.0f;
-    }
-}
 
 template <int DKP, bool XK, int CW, int NW>
 __global__ void __launch_bounds__(NW * 32) dn_rev_kernel(ck_args a) {
