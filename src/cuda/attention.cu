@@ -385,10 +385,10 @@ void flash_forward(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf
 // and dS = scale P (dP - D), D = rowsum(dO o O) (attn_delta), both into shared memory in bf16;
 // then dV += P^T dO and dK += dS^T Q (a warp: 16 keys by half the head dim), and dQ's part dS K
 // (16 query rows by half the head dim) added into dq by fp32 atomics, where the key tiles of a
-// query row meet. dK and dV sum over the kv head's query heads: added
-// the same way at the end. No score reaches global memory, and of the masked upper triangle only
-// the diagonal tiles are computed (the cuBLAS path computes its query blocks' whole rectangles):
-// at 0.8B's shape (2 x 2048 tokens, 8 heads of 256) 0.61 ms against that path's 0.75.
+// query row meet. dK and dV sum over the kv head's query heads: added the same way at the end. No
+// score reaches global memory, and of the masked upper triangle only the diagonal tiles are
+// computed (the cuBLAS path computes its query blocks' whole rectangles): at 0.8B's shape (2 x 2048
+// tokens, 8 heads of 256) 0.61 ms against that path's 0.75.
 const int kBT = 256;  // threads of the backward
 
 // D[drow + t - t0, h] = dO[t, h, :] . O[t, h, :] for the tokens t of [t0, t0 + n), a warp per
@@ -407,8 +407,8 @@ __global__ void attn_delta(float *D, long long drow, const bf16 *out, const bf16
     }
 }
 
-// lse (log2 units) and D of query rows [row0, row0 + kFT) of head h into LD[0 .. kFT), LD[kFT ..),
-// zero past n, by the block's first 2 kFT threads
+// lse and D of query rows [row0, row0 + kFT) of head h into LD[0 .. kFT), LD[kFT ..), zero past n,
+// by the block's first 2 kFT threads
 __device__ __forceinline__ void load_lse_delta(float *LD, const float *lse, const float *Dr, long long start,
                                                int row0, int n, int nh, int h) {
     int x = threadIdx.x, r = row0 + (x & (kFT - 1));
@@ -425,7 +425,7 @@ __global__ void __launch_bounds__(kBT, 1)
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Ks = (bf16 *)smem_raw, *Vs = Ks + kFT * HD, *Qb = Vs + kFT * HD, *dOb = Qb + 2 * kFT * HD;  // Q, dO: 2 each
     bf16 *Ps = dOb + 2 * kFT * HD, *dSs = Ps + kFT * kFT;  // [query][key], swizzled as [kFT][kFT] tiles
-    float *LDb = (float *)(dSs + kFT * kFT);                // per buffer: the tile's rows' lse (log2 units), D
+    float *LDb = (float *)(dSs + kFT * kFT);                // per buffer: the tile's rows' lse, then D
     int sh = blockIdx.x, s = sh / nh, h = sh % nh, kt = blockIdx.y;  // the longest walks first
     int len = seqs.len[s], j0 = kt * kFT;
     if (j0 >= len) return;

@@ -1357,7 +1357,6 @@ struct rv_layout {
                             bytes2 = R2 + 4 * DKP * LS;  // with a second state buffer (16 warps)
 };
 
-
 template <int DKP, bool XK, int CW, int NW>
 __global__ void __launch_bounds__(NW * 32) dn_rev_kernel(ck_args a) {
     using L = rv_layout<DKP, CW>;
