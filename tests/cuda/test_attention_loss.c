@@ -324,6 +324,7 @@ void cuda_tests_attention_loss(void) {
         int odd[3] = {5, 17, 290};
         attn_case("odd_hd20_g1", odd, 3, 2, 2, 20, 0);
         attn_case("odd_hd64_g3", odd, 3, 6, 2, 64, 0);
+        attn_case("odd_hd128_g2", odd, 3, 4, 2, 128, 0);  /* the fused kernels at head dim 128 */
 
         loss_case("v32000_train", 300, 32000, 1024, 128, 1);
         loss_case("v32000_eval", 300, 32000, 1024, 128, 0);
