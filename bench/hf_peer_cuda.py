@@ -6,6 +6,7 @@ the bench needs (the card's measured bf16 matmul rate, the model FLOPs per token
     python3 bench/hf_peer_cuda.py env
     python3 bench/hf_peer_cuda.py matmul
     python3 bench/hf_peer_cuda.py peer --model DIR --data FILE.jsonl [--steps 8] [--batch-size 2] [--liger]
+    python3 bench/hf_peer_cuda.py generate --model DIR --prompt-ids LIST [--new 128]
     python3 bench/hf_peer_cuda.py table --card NAME --matmul FILE --command CMD [--results FILE.md]
                                         --case PRESET MODEL_DIR DT_LOG DT_ERR HF_JSON ...
 
@@ -311,6 +312,31 @@ def cmd_table(a):
             f.write("\n" + text)
 
 
+def cmd_generate(a):
+    """transformers' model.generate on the same checkpoint and prompt ids (bench/generate_cuda.sh):
+    greedy, exactly a.new tokens, after a warm-up run; the prefill timed alone as one forward."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, device_map="cuda",
+                                                              local_files_only=True)
+    ids = torch.tensor([[int(x) for x in a.prompt_ids.split(",")]], device="cuda")
+    kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False)
+    with torch.no_grad():
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        t0 = time.time()
+        model(ids)
+        torch.cuda.synchronize()
+        t1 = time.time()
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        t2 = time.time()
+    prefill, total = t1 - t0, t2 - t1
+    print(json.dumps({"prefill_tok_s": ids.shape[1] / prefill, "decode_tok_s": a.new / max(total - prefill, 1e-9),
+                      "gdn": "fla" if have("fla") else "torch"}))
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -322,6 +348,10 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--liger", action="store_true", help="Liger's fused linear cross-entropy, if installed")
+    p = sub.add_parser("generate")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt-ids", required=True)
+    p.add_argument("--new", type=int, default=128)
     t = sub.add_parser("table")
     t.add_argument("--card", required=True)
     t.add_argument("--matmul", required=True)
@@ -331,7 +361,7 @@ def main():
     t.add_argument("--case", nargs=5, action="append", required=True,
                    metavar=("PRESET", "MODEL_DIR", "DT_LOG", "DT_ERR", "HF_JSON"))
     a = ap.parse_args()
-    {"env": cmd_env, "matmul": cmd_matmul, "peer": cmd_peer, "table": cmd_table}[a.cmd](a)
+    {"env": cmd_env, "matmul": cmd_matmul, "peer": cmd_peer, "generate": cmd_generate, "table": cmd_table}[a.cmd](a)
 
 
 if __name__ == "__main__":

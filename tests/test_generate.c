@@ -35,14 +35,14 @@ TEST(generate_greedy_matches_transformers) {
         int n = (int)json_array_size(prompt), n_new = (int)json_array_size(want);
         int32_t *ids = malloc(sizeof(int32_t) * n);
         for (int i = 0; i < n; i++) ids[i] = (int32_t)json_integer_value(json_array_get(prompt, i));
-        qwen35_state st;
-        CHECK_OK(qwen35_state_init(&st, &ck.cfg, n + n_new));
+        decoder dec;
+        CHECK_OK(decoder_init(&dec, &m, NULL, n + n_new));
         gen_opts o = {.max_new_tokens = n_new};  /* temperature 0: greedy; no stop ids */
         dt_ids out = {0};
         gen_stats stats;
-        int rc = generate(&m, &st, ids, n, &o, &out, NULL, NULL, &stats);
+        int rc = generate(&dec, ids, n, &o, &out, NULL, NULL, &stats);
         free(ids);
-        qwen35_state_free(&st);
+        decoder_free(&dec);
         CHECK_OK(rc);
         CHECKF(out.n == n_new, "case %zu: %d tokens, expected %d", ci, out.n, n_new);
         for (int i = 0; i < n_new; i++) {

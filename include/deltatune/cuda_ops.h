@@ -171,6 +171,11 @@ void deltanet_forward_cuda(dt_bf16 *o, const dt_bf16 *qkv, const float *beta, co
                            const int32_t *seq_starts, int n_seqs, int max_len, cuda_deltanet_dims d, void *scratch);
 /* Scratch of the forward (the chunked form's per-chunk matrices; NULL falls back to the slower
  * token-by-token kernel), and of the backward (which is at least the forward's). */
+/* Decoding: the recurrent form over n tokens of one sequence (seq_starts, device: {0, n}),
+ * starting from state (fp32 [n_v_heads, dk, dv], as qwen35_state's) and leaving the state after
+ * the last token there. */
+void deltanet_forward_state_cuda(dt_bf16 *o, const dt_bf16 *qkv, const float *beta, const float *g,
+                                 const int32_t *seq_starts, float *state, cuda_deltanet_dims d);
 size_t deltanet_forward_scratch_bytes_cuda(int n_seqs, int max_len, cuda_deltanet_dims d);
 size_t deltanet_scratch_bytes_cuda(int n_seqs, int max_len, cuda_deltanet_dims d);
 /* dqkv (fp32 [N, conv_dim]), dbeta, dg (fp32 [N, Hv]) overwritten, given dout (fp32
@@ -195,6 +200,11 @@ void attention_backward_cuda(float *dq, float *dk, float *dv, const dt_bf16 *dou
                              const float *lse, const dt_bf16 *q, const dt_bf16 *k, const dt_bf16 *v,
                              const int *seq_starts, const int *seq_lens, int n_seqs, int nh, int nkv, int hd,
                              float scale, void *scratch);
+/* Decoding: out (bf16 [n, nh * hd]) of the queries q (bf16 [n, nh * hd]) at positions past ..
+ * past + n - 1 of one sequence, each against the cached keys and values (bf16 [., nkv * hd])
+ * up to its own position. hd <= 256. */
+void attention_decode_cuda(dt_bf16 *out, const dt_bf16 *q, const dt_bf16 *k_cache, const dt_bf16 *v_cache,
+                           int64_t n, int64_t past, int nh, int nkv, int hd, float scale);
 
 /* ---- quant.cu: products through MLX affine-quantized weights (quant.h) ---- */
 /* A quantized weight on the device, as the checkpoint holds it: rows of cols values, packed LSB

@@ -48,6 +48,13 @@ int64_t qwen35_cuda_graph_launches(const qwen35_cuda *g);
 /* As qwen35_eval_loss. */
 int qwen35_cuda_eval_loss(qwen35_cuda *g, const qwen35_model *m, const qwen35_batch *b, double *loss_sum,
                           int64_t *n_targets);
+/* Incremental decoding of one sequence, as qwen35_forward_cached, with the caches on the device:
+ * qwen35_cuda_decode_init makes them for max_len tokens; qwen35_cuda_forward_cached runs n more
+ * tokens after the n_past it holds (n_past 0 starts a new sequence) and downloads the last one's
+ * logits [vocab]. */
+int qwen35_cuda_decode_init(qwen35_cuda *g, int64_t max_len);
+int qwen35_cuda_forward_cached(qwen35_cuda *g, const qwen35_model *m, int64_t n_past, const int32_t *ids, int n,
+                               float *logits);
 /* Device bytes: the weights, and the most allocated at once since create (or the last reset). */
 void qwen35_cuda_memory(const qwen35_cuda *g, int64_t *weight_bytes, int64_t *peak_bytes);
 void qwen35_cuda_reset_peak(qwen35_cuda *g);

@@ -8,6 +8,7 @@
 #include <jansson.h>
 
 #include "cli/args.h"
+#include "cli/device.h"
 #include "cli/gen_session.h"
 #include "deltatune/error.h"
 
@@ -19,7 +20,7 @@
     "from turn to turn, so only the new part of the conversation is read."
 
 typedef struct {
-    const char *model, *adapter, *system;
+    const char *model, *adapter, *system, *device;
     bool enable_thinking;
     int max_new, top_k, seed, context;
     double temperature, top_p;
@@ -37,7 +38,8 @@ static bool extends(const dt_ids *seen, const dt_ids *ids, int64_t n_past) {
     return n_past == 0 || memcmp(seen->v, ids->v, sizeof(int32_t) * n_past) == 0;
 }
 
-static int turn(gen_session *s, const chat_opts *o, json_t *history, qwen35_state *st, dt_ids *seen) {
+static int turn(gen_session *s, const chat_opts *o, json_t *history, decoder *dec, dt_ids *seen) {
+    const qwen35_state *st = &dec->st;
     char *text = NULL;
     size_t len;
     dt_ids ids = {0}, out = {0};
@@ -48,7 +50,7 @@ static int turn(gen_session *s, const chat_opts *o, json_t *history, qwen35_stat
         rc = dt_err("the conversation (%d tokens) and a reply would pass --context %lld; /reset to start over", ids.n,
                     (long long)st->max_len);
     if (rc == 0 && !extends(seen, &ids, st->n_past)) {  /* the template rewrote history: read it all again */
-        qwen35_state_reset(st);
+        decoder_reset(dec);
         seen->n = 0;
     }
     text_stream ts = {.tok = chat_tokenizer(s->chat), .f = stdout, .stop = s->stop, .n_stop = s->n_stop};
@@ -57,7 +59,7 @@ static int turn(gen_session *s, const chat_opts *o, json_t *history, qwen35_stat
         gen_opts g = {.max_new_tokens = o->max_new, .sampling = {o->temperature, o->top_k, o->top_p},
                       .seed = (uint64_t)o->seed + (uint64_t)seen->n, .stop_ids = s->stop, .n_stop = s->n_stop,
                       .cancel = &interrupted};
-        rc = generate(&s->m, st, ids.v, ids.n, &g, &out, text_stream_token, &ts, &stats);
+        rc = generate(dec, ids.v, ids.n, &g, &out, text_stream_token, &ts, &stats);
         printf("\n");
     }
     if (rc == 0) {  /* what the state has read: the prompt and every reply token but the last */
@@ -82,15 +84,18 @@ static json_t *new_history(const chat_opts *o) {
 
 static int run(const chat_opts *o) {
     gen_session s;
-    qwen35_state st = {0};
+    decoder dec = {0};
+    qwen35_cuda *gpu = NULL;
     dt_ids seen = {0};
     json_t *history = NULL;
     int rc = gen_session_open(&s, o->model, o->adapter);
     if (rc == 0 && !s.chat) rc = dt_err("%s has no tokenizer.json: chat needs the tokenizer and its template", o->model);
-    if (rc == 0) rc = qwen35_state_init(&st, &s.ck.cfg, o->context);
+    if (rc == 0) rc = cli_open_device(o->device, &s.m, &gpu);
+    if (rc == 0) rc = decoder_init(&dec, &s.m, gpu, o->context);
     if (rc) {
+        decoder_free(&dec);
+        qwen35_cuda_free(gpu);
         gen_session_close(&s);
-        qwen35_state_free(&st);
         return cli_fail(CMD, EXIT_RUNTIME);
     }
     /* no SA_RESTART: Ctrl-C at the prompt interrupts the read, and the loop ends cleanly */
@@ -111,14 +116,14 @@ static int run(const chat_opts *o) {
         if (!strcmp(line, "/reset")) {
             json_decref(history);
             history = new_history(o);
-            qwen35_state_reset(&st);
+            decoder_reset(&dec);
             seen.n = 0;
             fprintf(stderr, "chat: conversation cleared\n");
             continue;
         }
         if (!line[0]) continue;
         json_array_append_new(history, json_pack("{s:s, s:s}", "role", "user", "content", line));
-        if (turn(&s, o, history, &st, &seen)) {
+        if (turn(&s, o, history, &dec, &seen)) {
             fprintf(stderr, "deltatune chat: %s\n", dt_errmsg());
             json_array_remove(history, json_array_size(history) - 1);
         }
@@ -127,13 +132,14 @@ static int run(const chat_opts *o) {
     sigaction(SIGINT, &old, NULL);
     json_decref(history);
     dt_ids_free(&seen);
-    qwen35_state_free(&st);
+    decoder_free(&dec);
+    qwen35_cuda_free(gpu);
     gen_session_close(&s);
     return EXIT_OK;
 }
 
 int cmd_chat(int argc, char **argv) {
-    chat_opts o = {.max_new = 512, .top_p = 1.0, .context = 8192};
+    chat_opts o = {.max_new = 512, .top_p = 1.0, .context = 8192, .device = device_default()};
     arg_spec specs[] = {
         ARG_STR_REQ("model", &o.model, "DIR", "model folder (with tokenizer.json and a chat template)"),
         ARG_STR("adapter", &o.adapter, "DIR", "PEFT LoRA adapter to apply"),
@@ -145,6 +151,7 @@ int cmd_chat(int argc, char **argv) {
         ARG_FLOAT_RANGE("top-p", &o.top_p, 0, 1, "P", "nucleus sampling: smallest set with this probability"),
         ARG_INT_RANGE("top-k", &o.top_k, 0, 1 << 24, "N", "sample among the k most likely (0: all)"),
         ARG_INT_RANGE("seed", &o.seed, 0, 2147483647, "N", "sampling seed"),
+        ARG_CHOICE("device", &o.device, device_names, DEVICE_HELP),
     };
     int rc = args_parse_command(specs, (int)(sizeof specs / sizeof specs[0]), argc, argv, CMD, SUMMARY);
     if (rc >= 0) return rc;

@@ -7,6 +7,7 @@
 #include <jansson.h>
 
 #include "cli/args.h"
+#include "cli/device.h"
 #include "cli/gen_session.h"
 #include "deltatune/error.h"
 
@@ -18,7 +19,7 @@
     "--json the last line is {\"ids\": [...], \"text\": \"...\"}. Prefill and decode speed go to stderr."
 
 typedef struct {
-    const char *model, *adapter, *prompt, *prompt_ids, *system;
+    const char *model, *adapter, *prompt, *prompt_ids, *system, *device;
     bool enable_thinking, raw, json;
     int max_new, top_k, seed;
     int quantize, group_size;  /* bits (0: as stored) */
@@ -65,21 +66,23 @@ static int prompt_ids(const gen_session *s, const generate_opts *o, dt_ids *ids)
 static int run(const generate_opts *o) {
     gen_session s;
     dt_ids ids = {0}, out = {0};
-    qwen35_state st = {0};
+    decoder dec = {0};
+    qwen35_cuda *gpu = NULL;
     int rc = gen_session_open_quantized(&s, o->model, o->adapter, o->quantize, o->group_size, CMD);
     if (rc == 0) rc = prompt_ids(&s, o, &ids);
     int ctx = s.ck.cfg.max_position_embeddings, max_new = o->max_new;
     if (rc == 0 && ids.n >= ctx)
         rc = dt_err("the prompt is %d tokens; the model's context is %d", ids.n, ctx);
     if (rc == 0 && ids.n + max_new > ctx) max_new = ctx - ids.n;
-    if (rc == 0) rc = qwen35_state_init(&st, &s.ck.cfg, ids.n + max_new);
+    if (rc == 0) rc = cli_open_device(o->device, &s.m, &gpu);
+    if (rc == 0) rc = decoder_init(&dec, &s.m, gpu, ids.n + max_new);
     text_stream ts = {.tok = s.chat ? chat_tokenizer(s.chat) : NULL, .f = stdout, .stop = s.stop, .n_stop = s.n_stop};
     gen_stats stats = {0};
     if (rc == 0) {
         gen_opts g = {.max_new_tokens = max_new, .sampling = {o->temperature, o->top_k, o->top_p},
                       .seed = (uint64_t)o->seed, .stop_ids = s.stop, .n_stop = s.n_stop, .cancel = &interrupted};
         signal(SIGINT, on_signal);
-        rc = generate(&s.m, &st, ids.v, ids.n, &g, &out, text_stream_token, &ts, &stats);
+        rc = generate(&dec, ids.v, ids.n, &g, &out, text_stream_token, &ts, &stats);
         signal(SIGINT, SIG_DFL);
         printf("\n");
     }
@@ -104,13 +107,14 @@ static int run(const generate_opts *o) {
     dt_ids_free(&ts.ids);
     dt_ids_free(&ids);
     dt_ids_free(&out);
-    qwen35_state_free(&st);
+    decoder_free(&dec);
+    qwen35_cuda_free(gpu);
     gen_session_close(&s);
     return rc == 0 ? EXIT_OK : cli_fail(CMD, EXIT_RUNTIME);
 }
 
 int cmd_generate(int argc, char **argv) {
-    generate_opts o = {.max_new = 256, .top_p = 1.0, .group_size = 64};
+    generate_opts o = {.max_new = 256, .top_p = 1.0, .group_size = 64, .device = device_default()};
     arg_spec specs[] = {
         ARG_STR_REQ("model", &o.model, "DIR", "model folder"),
         ARG_STR("adapter", &o.adapter, "DIR", "PEFT LoRA adapter to apply"),
@@ -126,6 +130,7 @@ int cmd_generate(int argc, char **argv) {
         ARG_INT_RANGE("seed", &o.seed, 0, 2147483647, "N", "sampling seed"),
         ARG_FLAG("json", &o.json, "end with one JSON line: {\"ids\", \"text\"}"),
         ARG_QUANTIZE(&o.quantize, &o.group_size),
+        ARG_CHOICE("device", &o.device, device_names, DEVICE_HELP),
     };
     int rc = args_parse_command(specs, (int)(sizeof specs / sizeof specs[0]), argc, argv, CMD, SUMMARY);
     if (rc >= 0) return rc;

@@ -705,3 +705,65 @@ extern "C" void attention_backward_cuda(float *dq, float *dk, float *dv, const d
         }
     }
 }
+
+// ---------------------------------------------------------------- decoding
+
+namespace {
+
+constexpr int kDecThreads = 128;  // keys a tile; head dims up to 2 * kDecThreads
+
+// One block per (query, head): query t (position past + t) against the cached keys 0 .. past + t,
+// a tile of keys at a time with a running max and sum (the online softmax), the output summed
+// in registers (each thread two of the head's dims).
+__global__ void __launch_bounds__(kDecThreads)
+    attention_decode_kernel(bf16 *out, const bf16 *q, const bf16 *kc, const bf16 *vc, int64_t past, int nh, int nkv,
+                            int hd, float scale) {
+    __shared__ float qs[2 * kDecThreads], p[kDecThreads];
+    int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    int64_t qd = (int64_t)nh * hd, kvd = (int64_t)nkv * hd, hoff = (int64_t)(h / (nh / nkv)) * hd;
+    for (int d = tid; d < hd; d += kDecThreads) qs[d] = __bfloat162float(q[t * qd + (int64_t)h * hd + d]);
+    __syncthreads();
+    int64_t n_keys = past + t + 1;
+    float m = -INFINITY, l = 0.f, acc[2] = {0.f, 0.f};
+    for (int64_t j0 = 0; j0 < n_keys; j0 += kDecThreads) {
+        int64_t j = j0 + tid;
+        float s = -INFINITY, one = 0.f;
+        if (j < n_keys) {
+            const bf16 *kr = kc + j * kvd + hoff;
+            float dot = 0.f;
+            for (int d = 0; d < hd; d++) dot = fmaf(qs[d], __bfloat162float(kr[d]), dot);
+            s = dot * scale;
+            one = 1.f;
+        }
+        float tm = s, ts = one;  // the tile's max and sum of exp(s - max)
+        block_max_sum<kDecThreads>(tm, ts);
+        float mn = fmaxf(m, tm), corr = __expf(m - mn);  // m = -inf at first: corr 0, acc and l are 0
+        p[tid] = j < n_keys ? __expf(s - mn) : 0.f;
+        l = l * corr + ts * __expf(tm - mn);
+        m = mn;
+        __syncthreads();
+        int nj = (int)(n_keys - j0 < kDecThreads ? n_keys - j0 : kDecThreads);
+        for (int i = 0; i < 2; i++) {
+            int d = tid + i * kDecThreads;
+            if (d >= hd) break;
+            const bf16 *vr = vc + j0 * kvd + hoff + d;
+            float a = acc[i] * corr;
+            for (int jj = 0; jj < nj; jj++) a = fmaf(p[jj], __bfloat162float(vr[jj * kvd]), a);
+            acc[i] = a;
+        }
+        __syncthreads();  // p is rewritten by the next tile
+    }
+    for (int i = 0; i < 2; i++) {
+        int d = tid + i * kDecThreads;
+        if (d < hd) out[t * qd + (int64_t)h * hd + d] = __float2bfloat16(acc[i] / l);
+    }
+}
+
+}  // namespace
+
+extern "C" void attention_decode_cuda(dt_bf16 *out, const dt_bf16 *q, const dt_bf16 *k_cache, const dt_bf16 *v_cache,
+                                      int64_t n, int64_t past, int nh, int nkv, int hd, float scale) {
+    if (n <= 0 || hd > 2 * kDecThreads) return;
+    attention_decode_kernel<<<dim3((unsigned)n, (unsigned)nh), kDecThreads, 0, cuda_stream()>>>(
+        (bf16 *)out, (const bf16 *)q, (const bf16 *)k_cache, (const bf16 *)v_cache, past, nh, nkv, hd, scale);
+}

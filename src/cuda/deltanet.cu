@@ -166,6 +166,7 @@ struct dn_args {
     int Hk, Hv, dk, dv, group;
     bool qk_vec;        // q/k rows 16-byte aligned: copied with cp.async
     bf16 *o;            // K_FWD
+    float *state;       // K_FWD, decoding: [Hv, dk, dv], the start state, then the end state (NULL: zero)
     const float *dout;  // K_F1, K_R
     float *u, *dkv;     // scratch [N, Hv, dv]
     float *dqkv, *dbeta, *dg;
@@ -335,6 +336,15 @@ __global__ void __launch_bounds__(NT) dn_kernel(dn_args a) {
     for (int x = 0; x < CPL; x++)
 #pragma unroll
         for (int r = 0; r < RPL; r++) S[x][r] = 0.0f;
+    if (KIND == K_FWD && a.state) {  // decoding: go on from the held state (one sequence)
+#pragma unroll
+        for (int x = 0; x < CPL; x++)
+#pragma unroll
+            for (int r = 0; r < RPL; r++) {
+                int row = row_of(r, rg), col = cb * CW + c + x;
+                if (row < a.dk && col < a.dv) S[x][r] = a.state[((int64_t)h * a.dk + row) * a.dv + col];
+            }
+    }
 
     col_loader<KIND> L;
     auto chunk_of = [&](int ci) { return KIND == K_R ? n_chunks - 1 - ci : ci; };
@@ -514,6 +524,15 @@ __global__ void __launch_bounds__(NT) dn_kernel(dn_args a) {
                 if (e < TC * G && tt < n && (lane & (SW - 1)) == 0) atomicAdd(a.dg + (t0 + tt) * a.Hv + h, dot4);
             }
         }
+    }
+    if (KIND == K_FWD && a.state) {
+#pragma unroll
+        for (int x = 0; x < CPL; x++)
+#pragma unroll
+            for (int r = 0; r < RPL; r++) {
+                int row = row_of(r, rg), col = cb * CW + c + x;
+                if (row < a.dk && col < a.dv) a.state[((int64_t)h * a.dk + row) * a.dv + col] = S[x][r];
+            }
     }
 }
 
@@ -1819,6 +1838,15 @@ extern "C" void deltanet_forward_cuda(dt_bf16 *o, const dt_bf16 *qkv, const floa
     a.o = (bf16 *)o;
     if (!use_recurrent() && chunked_forward(a.o, a, n_seqs, max_len, scratch)) return;
     launch<K_FWD>(a, n_seqs);
+}
+
+extern "C" void deltanet_forward_state_cuda(dt_bf16 *o, const dt_bf16 *qkv, const float *beta, const float *g,
+                                            const int32_t *seq_starts, float *state, cuda_deltanet_dims d) {
+    if (d.dk > 256) return;
+    dn_args a = make_args(qkv, beta, g, seq_starts, d);
+    a.o = (bf16 *)o;
+    a.state = state;
+    launch<K_FWD>(a, 1);
 }
 
 extern "C" size_t deltanet_forward_scratch_bytes_cuda(int n_seqs, int max_len, cuda_deltanet_dims d) {

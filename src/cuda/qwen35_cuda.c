@@ -98,6 +98,19 @@ typedef struct {
     int *lens;  /* [n_seqs]; owned where the key is kept */
 } step_key;
 
+/* Incremental decoding of one sequence (qwen35_cuda_forward_cached): qwen35_state's caches on the
+ * device. */
+typedef struct {
+    int64_t max_len;
+    dt_bf16 **k, **v;       /* per attention layer: [max_len, kvd], the keys after norm and RoPE */
+    dt_bf16 **conv_hist;    /* per DeltaNet layer: [K - 1, cd], the last in-projected rows */
+    float **state;          /* per DeltaNet layer: [Hv, dk, dv] */
+    size_t recurrent_bytes; /* conv_hist and state lie first in block: what a new sequence clears */
+    int32_t *conv_pos;      /* [DECODE_PIECE + K - 1]: 0, 1, ..: the conv over the held rows and the new */
+    float *logits;          /* [vocab] */
+    void *block;
+} gpu_decode;
+
 struct qwen35_cuda {
     qwen35_config cfg;
     dt_bf16 *embed, *lm_head;   /* NULL where quantized: */
@@ -164,6 +177,7 @@ struct qwen35_cuda {
     int64_t graph_launches;
     step_key graph_key, last_key;
     bool graphs_failed;
+    gpu_decode dec;
 };
 
 /* Variadic: a braced statement may hold commas (an initialiser list) */
@@ -346,9 +360,19 @@ static void free_workspace(qwen35_cuda *g) {
     g->cap_tokens = g->cap_seq = g->cap_seqs = 0;
 }
 
+static void decode_free(gpu_decode *s) {
+    cuda_free(s->block);
+    free(s->k);
+    free(s->v);
+    free(s->conv_hist);
+    free(s->state);
+    memset(s, 0, sizeof *s);
+}
+
 void qwen35_cuda_free(qwen35_cuda *g) {
     if (!g) return;
     free_workspace(g);
+    decode_free(&g->dec);
     free(g->graph_key.lens);
     free(g->last_key.lens);
     if (g->lm_head != g->embed) cuda_free(g->lm_head);
@@ -993,31 +1017,45 @@ static dt_bf16 *u_down_of(const qwen35_cuda *g, int l) {
 typedef struct {
     int64_t N;
     int n_seqs, max_len;
+    bool decode;   /* one sequence going on from the decoding caches (g->dec), from position past */
+    int64_t past;
 } call;
 
 /* The mixers: their output projection adds onto res, which holds h_in (res may be h_in itself) or
  * gets a copy of it. */
-static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, const float *h_in, float *res,
-                                   gpu_acts *a) {
+static void deltanet_mixer_forward(qwen35_cuda *g, int l, const call *k, const float *h_in, float *res, gpu_acts *a) {
     const qwen35_config *c = &g->cfg;
+    const gpu_layer *L = &g->layers[l];
     dims d = dims_of(c);
     int64_t N = k->N;
     void *s = g->scratch;
+    /* decoding: the conv reads the held rows, copied in before this call's (the workspace has
+     * room for them), and those it leaves are held for the next call */
+    int64_t held = k->decode ? c->conv_kernel - 1 : 0;
+    dt_bf16 *mixed = a->mixed + held * d.cd, *qkv = a->qkv + held * d.cd;
+    size_t held_bytes = sizeof(dt_bf16) * (size_t)(held * d.cd);
+    if (held) cuda_copy_rows(a->mixed, held_bytes, g->dec.conv_hist[l], held_bytes, held_bytes, 1);
     PROF("fwd.gdn.in_proj", {
-        cuda_linear_part p[] = {{a->mixed, CUDA_BF16, 0, NULL, &L->lin_qkv, 0},
+        cuda_linear_part p[] = {{mixed, CUDA_BF16, 0, NULL, &L->lin_qkv, 0},
                                 {a->z, CUDA_BF16, 0, NULL, &L->lin_z, g->ld_zba},
                                 {a->b, CUDA_BF16, 0, NULL, &L->lin_b, g->ld_zba},
                                 {a->a, CUDA_BF16, 0, NULL, &L->lin_a, g->ld_zba}};
         linear_group_forward_cuda(p, 4, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
     PROF("fwd.gdn.conv_norm_gates", {
-        deltanet_conv_forward_cuda(a->qkv, a->mixed, L->conv, g->pos, N, c->conv_kernel, c->lin_n_k_heads,
-                                   c->lin_k_head_dim, d.cd, 1.0f / sqrtf((float)c->lin_k_head_dim), 1e-6f, a->conv);
+        deltanet_conv_forward_cuda(a->qkv, a->mixed, L->conv, held ? g->dec.conv_pos : g->pos, N + held,
+                                   c->conv_kernel, c->lin_n_k_heads, c->lin_k_head_dim, d.cd,
+                                   1.0f / sqrtf((float)c->lin_k_head_dim), 1e-6f, a->conv);
+        if (held) cuda_copy_rows(g->dec.conv_hist[l], held_bytes, a->mixed + N * d.cd, held_bytes, held_bytes, 1);
         deltanet_gates_forward_cuda(a->beta, a->g, a->b, a->a, g->ld_zba, L->a_log, L->dt_bias, N, (int)d.Hv);
     });
     cuda_deltanet_dims dd = {c->lin_n_k_heads, c->lin_n_v_heads, c->lin_k_head_dim, c->lin_v_head_dim};
-    PROF("fwd.gdn.recurrence",
-         deltanet_forward_cuda(a->o_raw, a->qkv, a->beta, a->g, g->seq_starts, k->n_seqs, k->max_len, dd, g->big));
+    if (k->decode)
+        PROF("fwd.gdn.recurrence",
+             deltanet_forward_state_cuda(a->o_raw, qkv, a->beta, a->g, g->seq_starts, g->dec.state[l], dd));
+    else
+        PROF("fwd.gdn.recurrence",
+             deltanet_forward_cuda(a->o_raw, qkv, a->beta, a->g, g->seq_starts, k->n_seqs, k->max_len, dd, g->big));
     PROF("fwd.gdn.out", {
         rmsnorm_gated_forward_cuda(a->o_norm, (int)d.Hv, g->ld_onorm, a->o_raw, a->z, g->ld_zba, L->lin_norm,
                                    N * d.Hv, c->lin_v_head_dim, (float)c->rms_eps);
@@ -1029,28 +1067,36 @@ static void deltanet_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const cal
     });
 }
 
-static void attention_mixer_forward(qwen35_cuda *g, const gpu_layer *L, const call *k, const float *h_in, float *res,
+static void attention_mixer_forward(qwen35_cuda *g, int l, const call *k, const float *h_in, float *res,
                                     gpu_acts *a) {
     const qwen35_config *c = &g->cfg;
+    const gpu_layer *L = &g->layers[l];
     dims d = dims_of(c);
     int64_t N = k->N;
     int hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
+    /* decoding: this call's keys and values go straight into the caches, after the held ones */
+    dt_bf16 *kk = k->decode ? g->dec.k[l] + k->past * d.kvd : a->k, *vv = k->decode ? g->dec.v[l] + k->past * d.kvd : a->v;
     PROF("fwd.attn.in_proj", {
         cuda_linear_part p[] = {{a->qg, CUDA_BF16, 0, NULL, &L->att_q, 0},
                                 {a->k_pre, CUDA_BF16, 0, NULL, &L->att_k, 0},
-                                {a->v, CUDA_BF16, 0, NULL, &L->att_v, 0}};
+                                {vv, CUDA_BF16, 0, NULL, &L->att_v, 0}};
         linear_group_forward_cuda(p, 3, a->xn1, g->ld_xn1, N, s, a->xn1 + d.H, g->ld_xn1);
     });
     PROF("fwd.attn.qk_norm_rope", {
         qk_norm_rope_forward_cuda(a->q, a->qg, 2 * d.qd, 2 * hd, L->q_norm, g->pos, N, nh, hd, c->rotary_dim,
                                   c->rope_theta, eps);
-        qk_norm_rope_forward_cuda(a->k, a->k_pre, d.kvd, hd, L->k_norm, g->pos, N, nkv, hd, c->rotary_dim,
+        qk_norm_rope_forward_cuda(kk, a->k_pre, d.kvd, hd, L->k_norm, g->pos, N, nkv, hd, c->rotary_dim,
                                   c->rope_theta, eps);
     });
-    PROF("fwd.attn.core", attention_forward_cuda(a->att, a->lse, a->q, a->k, a->v, g->starts_host, g->lens_host,
-                                                 k->n_seqs, nh, nkv, hd, 1.0f / sqrtf((float)hd), g->big));
+    float scale = 1.0f / sqrtf((float)hd);
+    if (k->decode)
+        PROF("fwd.attn.core",
+             attention_decode_cuda(a->att, a->q, g->dec.k[l], g->dec.v[l], N, k->past, nh, nkv, hd, scale));
+    else
+        PROF("fwd.attn.core", attention_forward_cuda(a->att, a->lse, a->q, a->k, a->v, g->starts_host, g->lens_host,
+                                                     k->n_seqs, nh, nkv, hd, scale, g->big));
     PROF("fwd.attn.out", {
         attn_gate_forward_cuda(a->att_g, g->ld_attg, a->att, a->qg, N, nh, hd);
         if (res != h_in) cuda_copy_f32(res, h_in, N * d.H);  /* as in the DeltaNet mixer */
@@ -1073,8 +1119,8 @@ static void layer_forward(qwen35_cuda *g, int l, const call *k, const float *h_i
     /* the residual stream through the layer: h_out itself, in place, or h_mid */
     float *res = h_out ? h_out : a->h_mid;
     PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn1, g->ld_xn1, h_in, L->input_norm, N, (int)H, eps));
-    if (c->layer_is_full[l]) attention_mixer_forward(g, L, k, h_in, res, a);
-    else deltanet_mixer_forward(g, L, k, h_in, res, a);
+    if (c->layer_is_full[l]) attention_mixer_forward(g, l, k, h_in, res, a);
+    else deltanet_mixer_forward(g, l, k, h_in, res, a);
     if (h_out && keep_mid) cuda_copy_f32(a->h_mid, h_out, N * H);
     PROF("fwd.norms", rmsnorm1p_forward_cuda(a->xn2, g->ld_xn2, res, L->post_norm, N, (int)H, eps));
     PROF("fwd.mlp", {
@@ -1231,7 +1277,7 @@ int qwen35_cuda_eval_loss(qwen35_cuda *g, const qwen35_model *m, const qwen35_ba
     if (prepare(g, m, b, 1, false, &count)) return -1;
     refresh_loras(g, false);
     const qwen35_config *c = &g->cfg;
-    call k = {b->n_tokens, b->n_seqs, 0};
+    call k = {.N = b->n_tokens, .n_seqs = b->n_seqs};
     for (int s = 0; s < b->n_seqs; s++) k.max_len = b->seq_lens[s] > k.max_len ? b->seq_lens[s] : k.max_len;
     int64_t N = k.N, H = c->hidden_size;
     embed(g, g->h32, N);
@@ -1240,6 +1286,111 @@ int qwen35_cuda_eval_loss(qwen35_cuda *g, const qwen35_model *m, const qwen35_ba
     if (lm_head_loss(g, NULL, N, 1.0f, g->big_bwd, g->big_bwd_bytes) || finish(g, loss_sum, "the evaluation"))
         return -1;
     *n_targets = count;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- incremental decoding */
+
+enum { DECODE_PIECE = 512 };  /* tokens a pass at most: a long prompt goes in pieces (the workspace's size) */
+
+/* The decoding caches in one allocation (base NULL: only counted), the recurrent parts first. */
+static size_t decode_layout(const qwen35_config *c, gpu_decode *s, char *base) {
+    dims d = dims_of(c);
+    int K = c->conv_kernel;
+    carver k = {base, 0};
+    for (int l = 0; l < c->n_layers; l++) {
+        if (c->layer_is_full[l]) continue;
+        s->conv_hist[l] = carve(&k, sizeof(dt_bf16) * (size_t)((K - 1) * d.cd));
+        s->state[l] = carve(&k, sizeof(float) * (size_t)(d.vd * c->lin_k_head_dim));
+    }
+    s->recurrent_bytes = k.off;
+    for (int l = 0; l < c->n_layers; l++) {
+        if (!c->layer_is_full[l]) continue;
+        s->k[l] = carve(&k, sizeof(dt_bf16) * (size_t)(s->max_len * d.kvd));
+        s->v[l] = carve(&k, sizeof(dt_bf16) * (size_t)(s->max_len * d.kvd));
+    }
+    s->conv_pos = carve(&k, sizeof(int32_t) * (size_t)(DECODE_PIECE + K - 1));
+    s->logits = carve(&k, sizeof(float) * (size_t)c->vocab_size);
+    return k.off;
+}
+
+int qwen35_cuda_decode_init(qwen35_cuda *g, int64_t max_len) {
+    const qwen35_config *c = &g->cfg;
+    gpu_decode *s = &g->dec;
+    decode_free(s);
+    if (max_len < 1) return dt_err("a decoding cache needs room for a token, not %lld", (long long)max_len);
+    size_t L = (size_t)c->n_layers;
+    s->max_len = max_len;
+    s->k = calloc(L, sizeof *s->k);
+    s->v = calloc(L, sizeof *s->v);
+    s->conv_hist = calloc(L, sizeof *s->conv_hist);
+    s->state = calloc(L, sizeof *s->state);
+    int rc = s->k && s->v && s->conv_hist && s->state ? 0 : dt_err("out of memory");
+    size_t bytes = decode_layout(c, s, NULL);
+    if (rc == 0) rc = cuda_alloc(&s->block, bytes);
+    int n_pos = DECODE_PIECE + c->conv_kernel - 1;
+    int32_t *pos = rc == 0 ? malloc(sizeof(int32_t) * (size_t)n_pos) : NULL;
+    if (rc == 0 && !pos) rc = dt_err("out of memory");
+    if (rc == 0) {
+        decode_layout(c, s, s->block);
+        for (int i = 0; i < n_pos; i++) pos[i] = i;
+        rc = cuda_upload(s->conv_pos, pos, sizeof(int32_t) * (size_t)n_pos);
+    }
+    free(pos);
+    if (rc) {
+        decode_free(s);
+        return dt_err_wrap("a decoding cache of %lld tokens on %s", (long long)max_len, cuda_device_name());
+    }
+    return 0;
+}
+
+/* logits (device fp32 [V]) of the one final-normed row in g->hf; a quantized head a slice of
+ * rows at a time, dequantized into wbuf. */
+static void lm_head_logits(qwen35_cuda *g, float *logits) {
+    int64_t V = g->cfg.vocab_size, H = g->cfg.hidden_size;
+    int64_t rows = g->lm_head_q.bits ? g->wbuf_elems / H : V;
+    for (int64_t r0 = 0; r0 < V; r0 += rows) {
+        int64_t nr = V - r0 < rows ? V - r0 : rows;
+        if (g->lm_head_q.bits) dequantize_rows_cuda(g->wbuf, &g->lm_head_q, r0, nr);
+        cuda_linear head = {.W = g->lm_head_q.bits ? g->wbuf : g->lm_head + r0 * H, .in = H, .out = nr};
+        linear_forward_cuda(logits + r0, CUDA_F32, 0, g->hf, &head, 1, g->scratch, NULL);
+    }
+}
+
+int qwen35_cuda_forward_cached(qwen35_cuda *g, const qwen35_model *m, int64_t n_past, const int32_t *ids, int n,
+                               float *logits) {
+    const qwen35_config *c = &g->cfg;
+    gpu_decode *s = &g->dec;
+    if (!s->block) return dt_err("no decoding cache on the GPU (qwen35_cuda_decode_init)");
+    if (n <= 0) return dt_err("no tokens to run");
+    if (n_past < 0 || n_past + n > s->max_len)
+        return dt_err("%lld tokens exceed the decoding cache of %lld", (long long)(n_past + n), (long long)s->max_len);
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= c->vocab_size)
+            return dt_err("token %d of %d is %d, outside the vocabulary [0, %d)", i, n, ids[i], c->vocab_size);
+    if (!g->loras && qwen35_cuda_sync_lora(g, m)) return -1;
+    int64_t rows = DECODE_PIECE + c->conv_kernel - 1;  /* a piece and the conv's held rows */
+    if (reserve(g, m, rows, rows, 1, 1, false)) return -1;
+    refresh_loras(g, false);
+    if (n_past == 0) cuda_zero(s->block, s->recurrent_bytes);
+    int64_t H = c->hidden_size, last = 0;
+    for (int i0 = 0; i0 < n; i0 += DECODE_PIECE) {
+        int np = n - i0 < DECODE_PIECE ? n - i0 : DECODE_PIECE;
+        int32_t starts[2] = {0, np};
+        for (int t = 0; t < np; t++) g->pos_host[t] = (int32_t)(n_past + i0 + t);
+        if (cuda_upload(g->ids, ids + i0, sizeof(int32_t) * (size_t)np) ||
+            cuda_upload(g->pos, g->pos_host, sizeof(int32_t) * (size_t)np) ||
+            cuda_upload(g->seq_starts, starts, sizeof starts))
+            return dt_err_wrap("decoding on %s", cuda_device_name());
+        call k = {.N = np, .n_seqs = 1, .max_len = np, .decode = true, .past = n_past + i0};
+        embed(g, g->h32, np);
+        for (int l = 0; l < c->n_layers; l++) layer_forward(g, l, &k, g->h32, g->h32, &g->acts[0], false);
+        last = np - 1;
+    }
+    rmsnorm1p_forward_cuda(g->hf, H, g->h32 + last * H, g->final_norm, 1, (int)H, (float)c->rms_eps);
+    lm_head_logits(g, s->logits);
+    if (cuda_download(logits, s->logits, sizeof(float) * (size_t)c->vocab_size) || cuda_check("decoding"))
+        return dt_err_wrap("decoding on %s", cuda_device_name());
     return 0;
 }
 
@@ -1359,7 +1510,7 @@ int qwen35_cuda_forward_backward(qwen35_cuda *g, const qwen35_model *m, const qw
     int64_t count = 0;
     if (prepare(g, m, b, grad_checkpoint ? 1 : g->cfg.n_layers, true, &count)) return -1;
     refresh_loras(g, true);
-    call k = {b->n_tokens, b->n_seqs, 0};
+    call k = {.N = b->n_tokens, .n_seqs = b->n_seqs};
     for (int s = 0; s < b->n_seqs; s++) k.max_len = b->seq_lens[s] > k.max_len ? b->seq_lens[s] : k.max_len;
     if (launch_step(g, &k, grad_checkpoint, (float)grad_scale) || finish(g, loss_sum, "the training step")) return -1;
     if (!g->lora_master) {  /* the optimiser is on the host: it needs the gradients there */

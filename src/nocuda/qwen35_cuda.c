@@ -32,6 +32,11 @@ int qwen35_cuda_grad_norm(qwen35_cuda *g, double *norm) { return no_cuda(); }
 int qwen35_cuda_adamw(qwen35_cuda *g, int64_t step, double lr, const adamw_config *c, double grad_mul) {
     return no_cuda();
 }
+int qwen35_cuda_decode_init(qwen35_cuda *g, int64_t max_len) { return no_cuda(); }
+int qwen35_cuda_forward_cached(qwen35_cuda *g, const qwen35_model *m, int64_t n_past, const int32_t *ids, int n,
+                               float *logits) {
+    return no_cuda();
+}
 void qwen35_cuda_memory(const qwen35_cuda *g, int64_t *weight_bytes, int64_t *peak_bytes) {
     *weight_bytes = *peak_bytes = 0;
 }
