@@ -1077,7 +1077,8 @@ static void attention_mixer_forward(qwen35_cuda *g, int l, const call *k, const 
     float eps = (float)c->rms_eps;
     void *s = g->scratch;
     /* decoding: this call's keys and values go straight into the caches, after the held ones */
-    dt_bf16 *kk = k->decode ? g->dec.k[l] + k->past * d.kvd : a->k, *vv = k->decode ? g->dec.v[l] + k->past * d.kvd : a->v;
+    dt_bf16 *kk = k->decode ? g->dec.k[l] + k->past * d.kvd : a->k;
+    dt_bf16 *vv = k->decode ? g->dec.v[l] + k->past * d.kvd : a->v;
     PROF("fwd.attn.in_proj", {
         cuda_linear_part p[] = {{a->qg, CUDA_BF16, 0, NULL, &L->att_q, 0},
                                 {a->k_pre, CUDA_BF16, 0, NULL, &L->att_k, 0},

@@ -53,8 +53,8 @@ static void mid_config(qwen35_config *c) {
     }
 }
 
-/* The head sizes of tests/fixtures/text_tied (DeltaNet 16, attention 32, rotary 8, GQA 2) on the
- * same trunk: the kernels' small-head paths. */
+/* The head sizes of tests/fixtures/text_tied (DeltaNet 16, attention 32, rotary 8, GQA 2) on a
+ * trunk 64 wide: the kernels' small-head paths. */
 static void small_heads_config(qwen35_config *c) {
     mid_config(c);
     c->hidden_size = 64;
@@ -580,7 +580,10 @@ static void test_golden_generate(void) {
             steps++;
             if (pick == t) continue;
             if (want[t] - want[pick] <= GOLDEN_LOGITS_TOL * top) ties++;
-            else wrong++, printf("     case %zu (adapter %d): token %d is %d, transformers %d\n", ci, with_adapter, i, pick, t);
+            else {
+                wrong++;
+                printf("     case %zu (adapter %d): token %d is %d, transformers %d\n", ci, with_adapter, i, pick, t);
+            }
         }
         cases += rc == 0;
         free(ids);
