@@ -14,10 +14,12 @@ echo "| preset | deltatune prefill tok/s | deltatune decode tok/s | transformers
 echo "|---|---|---|---|---|"
 for p in $presets; do
     "$build/deltatune" init-model --preset "$p" --out "$tmp/$p" --seed 1 --dtype bf16 --layout text --force >/dev/null
+    # a failed run still gets its row ("failed"), the error in dt.err
     "$build/deltatune" generate --model "$tmp/$p" --prompt-ids "$ids" --max-new-tokens 128 --device cuda \
-        >/dev/null 2>"$tmp/dt.err"
+        >/dev/null 2>"$tmp/dt.err" || tail -1 "$tmp/dt.err" >&2
     # "generate: prefill 200 tokens at X tok/s, decode 128 tokens at Y tok/s"
-    read -r dp dd < <(sed -n 's/^generate: prefill [0-9]* tokens at \([0-9.]*\) tok\/s, decode [0-9]* tokens at \([0-9.]*\) tok\/s.*/\1 \2/p' "$tmp/dt.err")
+    dp= dd=
+    read -r dp dd < <(sed -n 's/^generate: prefill [0-9]* tokens at \([0-9.]*\) tok\/s, decode [0-9]* tokens at \([0-9.]*\) tok\/s.*/\1 \2/p' "$tmp/dt.err") || true
     hf=$(python3 "$here/hf_peer_cuda.py" generate --model "$tmp/$p" --prompt-ids "$ids" --new 128 2>/dev/null | tail -1)
     hp=$(python3 -c "import json,sys; print('%.1f' % json.loads(sys.argv[1])['prefill_tok_s'])" "$hf" 2>/dev/null || echo "failed")
     hd=$(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print('%.1f (%s DeltaNet)' % (d['decode_tok_s'], d['gdn']))" "$hf" 2>/dev/null || echo "failed")

@@ -24,7 +24,10 @@ void decoder_free(decoder *d) {
 
 int decoder_forward(decoder *d, const int32_t *ids, int n, float *logits) {
     if (!d->gpu) return qwen35_forward_cached(d->m, &d->st, ids, n, logits, true);
-    if (qwen35_cuda_forward_cached(d->gpu, d->m, d->st.n_past, ids, n, logits)) return -1;
+    if (qwen35_cuda_forward_cached(d->gpu, d->m, d->st.n_past, ids, n, logits)) {
+        d->st.n_past = 0;  /* the device's caches may hold part of the failed run: read everything again */
+        return -1;
+    }
     d->st.n_past += n;
     return 0;
 }
